@@ -1,0 +1,3 @@
+from cellmorph.cli import main
+
+main()

@@ -1,0 +1,71 @@
+"""The paper's augmentations as batched tensor ops (any device): 8 dihedral transforms,
+per-channel intensity jitter, 3x3 blur and Gaussian noise. Inputs are float B x C x H x W in [0, 1].
+No per-sample Python: every random choice is a tensor drawn for the whole batch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from cellmorph.config import AugmentConfig
+
+
+def dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Transform number k in 0..7: rotate by k % 4 quarter turns, then mirror if k >= 4."""
+    y = torch.rot90(x, k % 4, dims=(-2, -1))
+    return torch.flip(y, dims=(-1,)) if k >= 4 else y
+
+
+def random_dihedral(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    square = x.shape[-1] == x.shape[-2]
+    choices = 8 if square else 4  # on non-square images only the flips and 180 degrees keep the shape
+    k = torch.randint(0, choices, (x.shape[0],), device=x.device, generator=generator)
+    if not square:
+        k = torch.tensor([0, 2, 4, 6], device=x.device)[k]
+    out = torch.empty_like(x)
+    for t in range(8):
+        mask = k == t
+        if mask.any():
+            out[mask] = dihedral(x[mask], t)
+    return out
+
+
+def channel_jitter(x: torch.Tensor, scale: float, shift: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    b, c = x.shape[:2]
+    u = torch.rand((2, b, c, 1, 1), device=x.device, generator=generator, dtype=x.dtype) * 2 - 1
+    return x * (1 + scale * u[0]) + shift * u[1]
+
+
+_BLUR = torch.tensor([1.0, 2.0, 1.0])
+
+
+def blur3x3(x: torch.Tensor) -> torch.Tensor:
+    c = x.shape[1]
+    k1 = _BLUR.to(device=x.device, dtype=x.dtype)
+    kernel = (torch.outer(k1, k1) / 16).expand(c, 1, 3, 3)
+    return F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), kernel, groups=c)
+
+
+def random_blur(x: torch.Tensor, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    if p <= 0:
+        return x
+    mask = torch.rand((x.shape[0], 1, 1, 1), device=x.device, generator=generator) < p
+    return torch.where(mask, blur3x3(x), x)
+
+
+def gaussian_noise(x: torch.Tensor, max_std: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    if max_std <= 0:
+        return x
+    std = torch.rand((x.shape[0], 1, 1, 1), device=x.device, generator=generator, dtype=x.dtype) * max_std
+    return x + std * torch.randn(x.shape, device=x.device, generator=generator, dtype=x.dtype)
+
+
+def augment(x: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator | None = None) -> torch.Tensor:
+    if cfg.dihedral:
+        x = random_dihedral(x, generator)
+    if cfg.jitter_scale > 0 or cfg.jitter_shift > 0:
+        x = channel_jitter(x, cfg.jitter_scale, cfg.jitter_shift, generator)
+    x = random_blur(x, cfg.blur_p, generator)
+    x = gaussian_noise(x, cfg.noise_std, generator)
+    return x.clamp_(0, 1)

@@ -1,0 +1,89 @@
+"""Command line: thin. Parses, loads the config, calls one function, prints."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from cellmorph.errors import CellmorphError
+from cellmorph.progress import console
+
+app = typer.Typer(
+    help="cellmorph: classify cellular morphological changes in microscopy images by transfer learning.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+DATA_HELP = "Data folder holding the datasets (default: $CELLMORPH_DATA)."
+
+
+@app.command()
+def run(
+    config: Path = typer.Argument(..., help="Experiment config (TOML), e.g. configs/quickstart.toml."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder (default: runs/<config name>). Rerun with the same folder to resume."),
+    data: Optional[Path] = typer.Option(None, "--data", "-d", help=DATA_HELP),
+) -> None:
+    """Run an experiment: cross-validate, aggregate to treatments, write a run folder."""
+    from cellmorph.config import load_config
+    from cellmorph.experiment import run_experiment
+
+    cfg = load_config(config)
+    out = out or Path("runs") / config.stem
+    m = run_experiment(cfg, out, data)
+    p = m["protocol"]
+    console.print(
+        f"[bold green]{cfg.name}[/]: treatment accuracy ({p}) {m[f'treatment_accuracy_{p}']:.1%} "
+        f"({m['treatments_correct']}/{m['treatments_total']}), image accuracy {m[f'image_accuracy_{p}']:.1%} "
+        f"({m['images_correct']}/{m['images_total']}), {m['n_folds']} folds, seed {cfg.seed}"
+    )
+    console.print(f"run folder: {out} (metrics.json, predictions.parquet, confusion.png, report.html)")
+
+
+@app.command()
+def datasets() -> None:
+    """List the datasets cellmorph knows."""
+    from cellmorph.datasets import available
+
+    t = Table("name", "description")
+    for name, desc in sorted(available().items()):
+        t.add_row(name, desc)
+    console.print(t)
+
+
+@app.command()
+def download(
+    name: str = typer.Argument(..., help="Dataset to fetch (bbbc021-subset)."),
+    data: Optional[Path] = typer.Option(None, "--data", "-d", help=DATA_HELP),
+) -> None:
+    """Download a dataset from its public source into the data folder, checking every file's SHA-256."""
+    import os
+
+    from cellmorph.datasets.bbbc021 import DOWNLOADERS
+
+    if name not in DOWNLOADERS:
+        raise CellmorphError(f"no downloader for '{name}'. Downloadable: {', '.join(DOWNLOADERS)}.")
+    folder = data or os.environ.get("CELLMORPH_DATA")
+    if not folder:
+        raise CellmorphError("say where to put the data: --data DIR or CELLMORPH_DATA=DIR.")
+    path = DOWNLOADERS[name](Path(folder))
+    console.print(f"{name}: {path} (checksums verified)")
+
+
+def main() -> None:
+    try:
+        app()
+    except CellmorphError as err:
+        console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        console.print("interrupted; rerun the same command to resume")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

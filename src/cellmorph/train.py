@@ -1,0 +1,160 @@
+"""The one training loop (fine-tuning) and batched inference, on CPU or CUDA.
+
+The uint8 images are moved to the device once; batches are indexed, converted, augmented,
+resized and normalised there. On CUDA: bf16 autocast and channels_last.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cellmorph.augment import augment, dihedral
+from cellmorph.config import FinetuneConfig
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+@dataclass
+class InputSpec:
+    """How uint8 store images become network input."""
+
+    size: int  # square input size (0 = keep)
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    normalize: str = "imagenet"  # or "raw": 0-255 values as the paper's code fed them
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """Float [0, 1] B x C x H x W -> network input."""
+        if self.size and x.shape[-1] != self.size:
+            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False)
+        if self.normalize == "raw":
+            return x * 255.0
+        c = x.shape[1]
+        mean = torch.tensor(self.mean[:c], device=x.device, dtype=x.dtype).view(1, c, 1, 1)
+        std = torch.tensor(self.std[:c], device=x.device, dtype=x.dtype).view(1, c, 1, 1)
+        return (x - mean) / std
+
+
+@dataclass
+class History:
+    epoch: list[int] = field(default_factory=list)
+    loss: list[float] = field(default_factory=list)
+    train_accuracy: list[float] = field(default_factory=list)
+    images_per_s: list[float] = field(default_factory=list)
+
+
+def class_weights(labels: np.ndarray, n_classes: int) -> torch.Tensor:
+    """Balanced weights n / (k * count); a class absent from training gets weight 0."""
+    counts = np.bincount(labels, minlength=n_classes).astype(np.float64)
+    present = counts > 0
+    w = np.zeros(n_classes)
+    w[present] = counts.sum() / (present.sum() * counts[present])
+    return torch.tensor(w, dtype=torch.float32)
+
+
+def make_optimizer(model: nn.Module, cfg: FinetuneConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def fit(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: np.ndarray,
+    n_classes: int,
+    cfg: FinetuneConfig,
+    spec: InputSpec,
+    device: torch.device,
+    seed: int,
+    on_step=None,
+) -> History:
+    """Fine-tune every layer of `model` on uint8 `images` (N x C x H x W, any device)."""
+    import time
+
+    gen = torch.Generator(device=device).manual_seed(seed)
+    model.to(device).train()
+    cuda = device.type == "cuda"
+    if cuda:
+        model.to(memory_format=torch.channels_last)
+        torch.backends.cudnn.benchmark = True
+    x_all = images.to(device, non_blocking=True)
+    y_all = torch.as_tensor(labels, dtype=torch.long, device=device)
+    weight = class_weights(labels, n_classes).to(device) if cfg.class_weights else None
+    opt = make_optimizer(model, cfg)
+    n = len(y_all)
+    steps_per_epoch = max(1, math.ceil(n / cfg.batch_size))
+    total = cfg.epochs * steps_per_epoch
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total) if cfg.schedule == "cosine" else None
+    hist = History()
+    for epoch in range(1, cfg.epochs + 1):
+        t0 = time.perf_counter()
+        perm = torch.randperm(n, device=device, generator=gen)
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), device=device, dtype=torch.long)
+        for s in range(steps_per_epoch):
+            idx = perm[s * cfg.batch_size : (s + 1) * cfg.batch_size]
+            x = augment(x_all[idx].float().div_(255), cfg.augment, gen)
+            x = spec(x)
+            if cuda:
+                x = x.contiguous(memory_format=torch.channels_last)
+            y = y_all[idx]
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cuda and cfg.amp):
+                logits = model(x)
+            loss = F.cross_entropy(logits.float(), y, weight=weight)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if sched is not None:
+                sched.step()
+            loss_sum += loss.detach() * len(y)
+            correct += (logits.argmax(1) == y).sum()
+            if on_step is not None:
+                on_step()
+        hist.epoch.append(epoch)
+        hist.loss.append(float(loss_sum) / n)
+        hist.train_accuracy.append(float(correct) / n)
+        hist.images_per_s.append(n / (time.perf_counter() - t0))
+    return hist
+
+
+@torch.no_grad()
+def forward_batches(model: nn.Module, images: torch.Tensor, spec: InputSpec, device: torch.device, batch_size: int, tta: bool = False, on_batch=None) -> torch.Tensor:
+    """Outputs of `model` for uint8 images (mean over the 8 dihedral transforms when tta), on CPU, float32."""
+    model.to(device).eval()
+    cuda = device.type == "cuda"
+    if cuda:
+        model.to(memory_format=torch.channels_last)
+    outs = []
+    for s in range(0, len(images), batch_size):
+        x = spec(images[s : s + batch_size].to(device).float().div_(255))
+        views = [dihedral(x, k) for k in range(8)] if tta else [x]
+        acc = None
+        for v in views:
+            if cuda:
+                v = v.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cuda):
+                out = model(v).float()
+            acc = out if acc is None else acc + out
+        outs.append((acc / len(views)).cpu())
+        if on_batch is not None:
+            on_batch(len(x))
+    return torch.cat(outs)
+
+
+def predict_proba(model: nn.Module, images: torch.Tensor, spec: InputSpec, device: torch.device, batch_size: int = 64) -> np.ndarray:
+    logits = forward_batches(model, images, spec, device, batch_size)
+    return logits.softmax(dim=1).numpy()
