@@ -35,7 +35,7 @@ from cellmorph.errors import CellmorphError
 from cellmorph.features import extract_features, logistic_head
 from cellmorph.io import check_writable, write_json, write_parquet, write_text
 from cellmorph.metrics import compute_metrics
-from cellmorph.models import create_model, default_input_size, normalization
+from cellmorph.models import check_model_config, create_model, default_input_size, normalization
 from cellmorph.progress import console, make_progress
 from cellmorph.splits import PROTOCOLS, Fold
 from cellmorph.store import Store, build_store
@@ -69,7 +69,6 @@ def environment(cfg: ExperimentConfig, device: torch.device) -> dict:
 
 
 def _claim_run_folder(out: Path, cfg: ExperimentConfig) -> None:
-    check_writable(out)
     resolved = dump_toml(cfg) + "\n"
     cfg_path = out / "config.toml"
     if cfg_path.is_file():
@@ -80,6 +79,8 @@ def _claim_run_folder(out: Path, cfg: ExperimentConfig) -> None:
             )
     else:
         write_text(cfg_path, resolved)
+    for stray in out.rglob(".*.tmp-*"):  # left by a killed run mid-write; never a finished file
+        stray.unlink(missing_ok=True)
 
 
 def run_experiment(cfg: ExperimentConfig, out: str | Path, data_dir: str | Path | None = None) -> dict:
@@ -87,11 +88,13 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path, data_dir: str | Path 
     out = Path(out)
     # Validate everything the user controls before writing anything.
     table = load_dataset(cfg.dataset.name, data_dir, label=cfg.dataset.label, **cfg.dataset.options)
+    check_model_config(cfg.model.name, cfg.model.init)
     device = pick_device(cfg.device)
+    check_writable(out)
+    store = build_store(table, cfg.dataset.image_size)  # decodes every image: a bad file stops us here
     _claim_run_folder(out, cfg)
     write_json(out / "environment.json", environment(cfg, device))
 
-    store = build_store(table, cfg.dataset.image_size)
     folds = PROTOCOLS[cfg.evaluation.protocol](store.index)
     if cfg.evaluation.max_folds:
         folds = folds[: cfg.evaluation.max_folds]

@@ -35,11 +35,21 @@ OFFLINE_PACKAGES = {
 }
 
 
-def create_model(name: str, init: str = "imagenet", num_classes: int = 0, in_chans: int = 3, drop_rate: float = 0.0) -> nn.Module:
-    """A timm model with `num_classes` outputs (0 = the pooled-feature backbone)."""
+def check_model_config(name: str, init: str) -> None:
+    """Fail early, before any work, on an unknown architecture or an init that is neither a word nor a file."""
     if not timm.is_model(name):
         close = timm.list_models(f"*{name.split('_')[0]}*")[:8]
         raise CellmorphError(f"unknown model '{name}' (config field model.name). timm names look like: {', '.join(close) or 'resnet50, inception_v3'}.")
+    if init not in ("imagenet", "xavier", "random") and not Path(init).expanduser().is_file():
+        raise CellmorphError(
+            f"model.init = '{init}': not 'imagenet', 'xavier' or 'random', and no weights file at {Path(init).expanduser()}. "
+            "Give one of the three words or the path of a .pth/.safetensors file."
+        )
+
+
+def create_model(name: str, init: str = "imagenet", num_classes: int = 0, in_chans: int = 3, drop_rate: float = 0.0) -> nn.Module:
+    """A timm model with `num_classes` outputs (0 = the pooled-feature backbone)."""
+    check_model_config(name, init)
     if init == "imagenet":
         model = _imagenet_model(name, in_chans=in_chans, drop_rate=drop_rate)
         if num_classes != model.num_classes:
@@ -51,13 +61,7 @@ def create_model(name: str, init: str = "imagenet", num_classes: int = 0, in_cha
     if init == "xavier":
         xavier_init_(model)
         return model
-    path = Path(init).expanduser()
-    if not path.is_file():
-        raise CellmorphError(
-            f"model.init = '{init}': not 'imagenet', 'xavier' or 'random', and no weights file at {path}. "
-            "Give one of the three words or the path of a .pth/.safetensors file."
-        )
-    load_weights_file(model, path)
+    load_weights_file(model, Path(init).expanduser())
     return model
 
 

@@ -16,12 +16,19 @@ from torch import nn
 
 from cellmorph.augment import augment, dihedral
 from cellmorph.config import FinetuneConfig
+from cellmorph.errors import CellmorphError
 
 
 def pick_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise CellmorphError(f"device = '{name}' is not a device name; use 'auto', 'cpu' or 'cuda'.") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CellmorphError(f"device = '{name}' but no CUDA GPU is available here; use device = 'auto' or 'cpu'.")
+    return device
 
 
 @dataclass
