@@ -28,12 +28,13 @@ def main() -> None:
     ap.add_argument("config")
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     ap.add_argument("--data", default=None)
+    ap.add_argument("--out", default=None, help="Keep the run folder here (default: a temporary folder).")
     a = ap.parse_args()
     cfg = load_config(a.config, a.overrides)
     build_store(load_dataset(cfg.dataset.name, a.data, label=cfg.dataset.label, **cfg.dataset.options), cfg.dataset.image_size)
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        m = run_experiment(cfg, Path(tmp) / "run", a.data)
+        m = run_experiment(cfg, Path(a.out or Path(tmp) / "run"), a.data)
         wall = time.perf_counter() - t0
     p = m["protocol"]
     print(
