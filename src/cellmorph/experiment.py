@@ -34,12 +34,12 @@ from cellmorph.datasets import load_dataset
 from cellmorph.errors import CellmorphError
 from cellmorph.features import extract_features, logistic_head
 from cellmorph.io import check_writable, write_json, write_parquet, write_text
-from cellmorph.metrics import compute_metrics
-from cellmorph.models import check_model_config, create_model, default_input_size, normalization
+from cellmorph.metrics import compute_metrics, has_treatments
+from cellmorph.models import check_model_config, create_model, default_input_size
 from cellmorph.progress import console, make_progress
-from cellmorph.splits import PROTOCOLS, Fold
+from cellmorph.splits import PROTOCOL_DESCRIPTIONS, PROTOCOLS, Fold
 from cellmorph.store import Store, build_store
-from cellmorph.train import InputSpec, fit, pick_device, predict_proba
+from cellmorph.train import fit, make_input_spec, pick_device, predict_proba
 
 
 def environment(cfg: ExperimentConfig, device: torch.device) -> dict:
@@ -132,9 +132,8 @@ def _fold_dir(out: Path, i: int) -> Path:
 def _finetune_fold(cfg: ExperimentConfig, store: Store, y: np.ndarray, n_classes: int, fold: Fold, device, seed: int, progress):
     torch.manual_seed(seed)
     model = create_model(cfg.model.name, cfg.model.init, num_classes=n_classes, in_chans=store.images.shape[1], drop_rate=cfg.model.drop_rate)
-    mean, std = normalization(model)
-    spec = InputSpec(size=cfg.model.input_size or default_input_size(cfg.model.name), mean=mean, std=std, normalize=cfg.finetune.normalize)
     images = torch.from_numpy(np.asarray(store.images))
+    spec = make_input_spec(model, cfg.model.input_size or default_input_size(cfg.model.name), cfg.finetune.normalize, images[fold.train])
     ft = cfg.finetune
     steps = ft.epochs * -(-len(fold.train) // ft.batch_size)
     task = progress.add_task(f"  training on {len(fold.train)} images", total=steps)
@@ -168,7 +167,7 @@ def _finish(out: Path, cfg: ExperimentConfig, folds: list[Fold], classes: list[s
     metrics = {
         "experiment": cfg.name,
         "protocol": protocol,
-        "protocol_description": "leave-one-compound-out: each fold holds out every image of one compound",
+        "protocol_description": PROTOCOL_DESCRIPTIONS[protocol],
         "dataset": cfg.dataset.name,
         "model": cfg.model.name,
         "init": cfg.model.init,
@@ -180,9 +179,12 @@ def _finish(out: Path, cfg: ExperimentConfig, folds: list[Fold], classes: list[s
         "aggregation": "median over fields of a well, then median over replicate wells; argmax",
         "seconds_in_folds_this_invocation": round(fold_seconds, 2),
     }
-    treat = to_treatments(pred, label)
-    with_csv = out / "treatments.csv"
-    write_text(with_csv, treat.to_csv(index=False))
+    treat = None
+    if has_treatments(pred):
+        treat = to_treatments(pred, label)
+        write_text(out / "treatments.csv", treat.to_csv(index=False))
+    else:  # e.g. nucleus patches: no compounds, one prediction per row is the unit scored
+        metrics["aggregation"] = "none: one prediction per row (no compounds to aggregate over)"
     write_confusion_png(out / "confusion.png", pred, treat, classes, label, title=f"{cfg.name}: {cfg.model.name} ({cfg.mode}), {protocol}")
     write_report(out / "report.html", metrics, cfg)
     write_json(out / "metrics.json", metrics)

@@ -52,7 +52,9 @@ def read_centres(mat_path: Path) -> np.ndarray:
 
 
 @register("crchisto", "CRCHistoPhenotypes nuclei in H&E (22,444 labelled; 3 classes, 20,405 without 'others'); 32x32 patches")
-def load_crchisto(data_dir: Path, label: str = LABEL, patch_size: int = 32, include_others: bool = False) -> ImageTable:
+def load_crchisto(data_dir: Path, label: str = LABEL, patch_size: int = 32, include_others: bool = False, max_images: int = 0) -> ImageTable:
+    """Options (dataset.options): patch_size (pixels, default 32), include_others (the miscellaneous
+    class, default false), max_images (only img1..imgN, 0 = all 100; for smoke tests)."""
     root = Path(data_dir) / DATA_DIR
     if not root.is_dir() and (Path(data_dir) / "img1").is_dir():
         root = Path(data_dir)  # the data folder is the dataset folder itself
@@ -66,6 +68,8 @@ def load_crchisto(data_dir: Path, label: str = LABEL, patch_size: int = 32, incl
             f"{root}: no imgN/ folders found. Point --data/CELLMORPH_DATA at the folder holding {DATA_DIR}/ "
             "(CRCHistoPhenotypes_2016_04_28 from the University of Warwick TIA lab, images as imgN/imgN.png)."
         )
+    if max_images:
+        folders = folders[:max_images]
     classes = CLASSES + ((OTHERS,) if include_others else ())
     parts = []
     for folder in folders:
