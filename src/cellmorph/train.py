@@ -154,7 +154,9 @@ def fit(
     weight = class_weights(labels, n_classes).to(device) if cfg.class_weights else None
     opt = make_optimizer(model, cfg)
     n = len(y_all)
-    steps_per_epoch = max(1, math.ceil(n / cfg.batch_size))
+    # A trailing batch of one sample is dropped: batch norm cannot train on it.
+    steps_per_epoch = max(1, n // cfg.batch_size + (n % cfg.batch_size > 1))
+    seen = min(n, steps_per_epoch * cfg.batch_size)
     total = cfg.epochs * steps_per_epoch
     sched = make_scheduler(opt, cfg, total)
     hist = History()
@@ -185,9 +187,9 @@ def fit(
             if on_iteration is not None:
                 on_iteration((epoch - 1) * steps_per_epoch + s + 1, model)
         hist.epoch.append(epoch)
-        hist.loss.append(float(loss_sum) / n)
-        hist.train_accuracy.append(float(correct) / n)
-        hist.images_per_s.append(n / (time.perf_counter() - t0))
+        hist.loss.append(float(loss_sum) / seen)
+        hist.train_accuracy.append(float(correct) / seen)
+        hist.images_per_s.append(seen / (time.perf_counter() - t0))
     return hist
 
 
