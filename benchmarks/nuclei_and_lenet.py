@@ -52,7 +52,7 @@ from cellmorph.train import fit, make_input_spec, pick_device, predict_proba  # 
 NO_AUGMENT = AugmentConfig(dihedral=False, jitter_scale=0.0, jitter_shift=0.0, blur_p=0.0, noise_std=0.0)
 
 
-def nuclei_runs(quick: bool) -> list[dict]:
+def nuclei_runs(quick: bool, all_runs: bool = False) -> list[dict]:
     """(split, label, arch, init, recipe overrides) for each nuclei run, most important first."""
     big = {"batch_size": 50}  # the paper's batch for its large models
     runs = [
@@ -69,11 +69,11 @@ def nuclei_runs(quick: bool) -> list[dict]:
         {"split": "random", "run": "transfer-tuned", "arch": "tf_efficientnet_lite0", "init": "imagenet", "input": 96, "ft": tuned},
         {"split": "image-grouped", "run": "transfer-tuned", "arch": "tf_efficientnet_lite0", "init": "imagenet", "input": 96, "ft": tuned},
     ]
-    if quick:  # a CPU smoke: transfer on the random split, scratch on the grouped one
+    if quick and not all_runs:  # a CPU smoke: transfer on the random split, scratch on the grouped one
         runs = [runs[0], runs[3]]  # random/transfer, image-grouped/scratch
         for r in runs:
             r["input"] = 32
-            r["ft"] = {**r["ft"], "epochs": 1, "batch_size": 50}
+            r["ft"] = {**r["ft"], "batch_size": 50}
     return runs
 
 
@@ -100,8 +100,8 @@ def curve_plot(path: Path, curves: list[dict], split: str) -> None:
 def run_nuclei(args, device, results: dict, save) -> None:
     base = load_config(REPO / "configs" / "nuclei-transfer.toml")
     options = dict(base.dataset.options)
-    if args.quick:
-        options["max_images"] = 2
+    if args.max_images:
+        options["max_images"] = args.max_images
     table = load_dataset("crchisto", args.data, label=base.dataset.label, **options)
     store = build_store(table)
     classes = table.classes
@@ -117,11 +117,11 @@ def run_nuclei(args, device, results: dict, save) -> None:
         "recipe": base.finetune.model_dump(mode="json"),
         "runs": [],
     }
-    for spec in nuclei_runs(args.quick):
+    for spec in nuclei_runs(args.quick, args.all_runs):
         if args.archs and spec["arch"] not in args.archs:
             continue
         fold = folds[spec["split"]]
-        ft = base.finetune.model_copy(update={"augment": NO_AUGMENT, "head_lr_mult": 1.0, **spec["ft"]})
+        ft = base.finetune.model_copy(update={"augment": NO_AUGMENT, "head_lr_mult": 1.0, **spec["ft"], **({"epochs": args.epochs} if args.epochs else {})})
         torch.manual_seed(args.seed)
         model = create_model(spec["arch"], spec["init"], num_classes=len(classes), in_chans=images.shape[1])
         input_spec = make_input_spec(model, spec["input"], ft.normalize, images[fold.train])
@@ -152,6 +152,8 @@ def run_nuclei(args, device, results: dict, save) -> None:
             "init": spec["init"],
             "input_size": spec["input"],
             "seed": args.seed,
+            "epochs": ft.epochs,
+            "batch_size": ft.batch_size,
             "recipe_overrides": {k: (v.model_dump() if hasattr(v, "model_dump") else v) for k, v in spec["ft"].items()},
             "iterations": curve_it,
             "test_accuracy": curve_acc,
@@ -227,8 +229,14 @@ def main(argv=None) -> dict:
     ap.add_argument("--archs", default="", help="only these nuclei architectures (comma-separated); default all")
     ap.add_argument("--curve-points", type=int, default=25, help="test-accuracy evaluations per nuclei run")
     ap.add_argument("--no-lenet-loco-variants", dest="lenet_loco_variants", action="store_false", help="LOCO for the base LeNet only")
-    ap.add_argument("--quick", action="store_true", help="CPU smoke: 2 H&E images, 1 epoch, small inputs, 1 LOCO fold")
+    ap.add_argument("--quick", action="store_true", help="CPU smoke: 2 H&E images, 1 epoch, small inputs, 1 LOCO fold, 2 nuclei runs")
+    ap.add_argument("--all-runs", action="store_true", help="with --quick: every nuclei run at its full input size (a CPU check of the full list)")
+    ap.add_argument("--max-images", type=int, default=0, help="nuclei from the first N H&E images only (0 = all 100; --quick: 2)")
+    ap.add_argument("--epochs", type=int, default=0, help="override every nuclei run's epochs (0 = the recipe's; --quick: 1)")
     args = ap.parse_args(argv)
+    if args.quick:
+        args.max_images = args.max_images or 2
+        args.epochs = args.epochs or 1
     args.archs = [a for a in args.archs.split(",") if a]
     if args.quick:
         args.curve_points = min(args.curve_points, 3)
