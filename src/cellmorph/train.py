@@ -6,7 +6,6 @@ resized and normalised there. On CUDA: bf16 autocast and channels_last.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
