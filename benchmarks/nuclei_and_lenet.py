@@ -161,10 +161,10 @@ def run_nuclei(args, device, results: dict, save) -> None:
             "test_correct": int((pred == test_y).sum()),
             "n_test": len(test_y),
             "n_train": len(fold.train),
-            "per_class_accuracy": {c: float((pred[test_y == i] == i).mean()) for i, c in enumerate(classes)},
+            "per_class_accuracy": {c: float((pred[test_y == i] == i).mean()) for i, c in enumerate(classes) if (test_y == i).any()},
             "final_train_loss": hist.loss[-1],
             "train_seconds_with_curve_evals": round(train_s, 1),
-            "train_images_per_s_last_epoch": round(hist.images_per_s[-1], 1),
+            "train_images_per_s_last_epoch_with_curve_evals": round(hist.images_per_s[-1], 1),
         }
         results["nuclei"]["runs"].append(row)
         print(f"nuclei {row['split']:>13} {row['run']:>14} {row['arch']:>22}: test accuracy {row['final_test_accuracy']:.2%} ({row['test_correct']}/{row['n_test']}), {train_s:.0f} s", flush=True)
