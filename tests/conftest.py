@@ -43,3 +43,16 @@ def subset_table(data_dir):
     from cellmorph.datasets import load_dataset
 
     return load_dataset("bbbc021-subset", data_dir)
+
+
+@pytest.fixture(scope="session")
+def crchisto_table(data_dir):
+    """The real CRCHistoPhenotypes nuclei (3 classes), or a skip/fail with the reason like data_dir."""
+    from cellmorph.datasets import load_dataset
+
+    if not (data_dir / "crchistophenotypes" / "img1" / "img1.png").is_file():
+        msg = f"CRCHistoPhenotypes not found under {data_dir}/crchistophenotypes"
+        if os.environ.get("CELLMORPH_REQUIRE_DATA") == "1":
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return load_dataset("crchisto", data_dir, label="Metadata_Label")

@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import torch
 
 from cellmorph.augment import augment, blur3x3, channel_jitter, dihedral, gaussian_noise, random_dihedral
@@ -89,3 +90,51 @@ def test_normalize_is_mean_std():
     x = torch.rand(2, 2, 3, 3)
     ref = (x - torch.tensor([0.2, 0.4]).view(1, 2, 1, 1)) / torch.tensor([0.5, 0.25]).view(1, 2, 1, 1)
     assert torch.allclose(spec(x), ref, atol=1e-6)
+
+
+def _tiny():
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 2))
+
+
+def test_layer_lr_multipliers_and_inv_schedule():
+    from cellmorph.train import make_optimizer, make_scheduler
+
+    model = _tiny()
+    cfg = FinetuneConfig(lr=0.001, head_lr_mult=10.0, backbone_lr_mult=1.0, schedule="inv", inv_gamma=0.001, inv_power=0.75)
+    opt = make_optimizer(model, cfg)
+    groups = {g["name"]: g for g in opt.param_groups}
+    assert groups["head"]["lr"] == pytest.approx(0.01) and groups["backbone"]["lr"] == pytest.approx(0.001)
+    assert {id(p) for p in groups["head"]["params"]} == {id(model[3].weight), id(model[3].bias)}
+    sched = make_scheduler(opt, cfg, total_steps=100)
+    for _ in range(1000):
+        opt.step()
+        sched.step()
+    # Caffe "inv": base * (1 + gamma * iter) ^ -power, per group
+    assert groups["backbone"]["lr"] == pytest.approx(0.001 * (1 + 0.001 * 1000) ** -0.75)
+    assert groups["head"]["lr"] == pytest.approx(0.01 * 2**-0.75)
+    assert len(make_optimizer(model, FinetuneConfig()).param_groups) == 1  # defaults: today's behaviour
+
+
+def test_mean_subtraction_uses_training_images():
+    from cellmorph.train import channel_mean, make_input_spec
+
+    images = torch.zeros(4, 3, 2, 2, dtype=torch.uint8)
+    images[:, 0] = 255
+    images[:, 1] = 51
+    assert channel_mean(images) == pytest.approx((1.0, 0.2, 0.0))
+    spec = make_input_spec(_tiny(), 0, "mean", images)
+    out = spec(images.float() / 255)
+    assert torch.allclose(out, torch.zeros_like(out), atol=1e-6)  # the mean image maps to zero
+
+
+def test_iteration_hook_and_one_sample_tail():
+    from cellmorph.models import create_model as cm
+
+    seen = []
+    images = torch.randint(0, 255, (11, 3, 16, 16), dtype=torch.uint8)
+    labels = np.arange(11) % 2
+    cfg = FinetuneConfig(epochs=2, batch_size=5, optimizer="sgd", lr=0.01, augment=AugmentConfig(dihedral=False, blur_p=0.0))
+    model = cm("tf_efficientnet_lite0", "random", num_classes=2)  # batch norm: a batch of 1 would fail
+    spec = InputSpec(size=32, mean=(0.5,) * 3, std=(0.25,) * 3)
+    fit(model, images, labels, 2, cfg, spec, torch.device("cpu"), seed=0, on_iteration=lambda it, m: seen.append((it, m.training)))
+    assert seen == [(i, True) for i in range(1, 5)]  # 11 = 5 + 5 + (1 dropped), two epochs

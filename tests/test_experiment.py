@@ -93,3 +93,47 @@ def test_finetune_smoke_real_images(data_dir, tmp_path):
     assert m["images_total"] == len(pred) == (pred.Metadata_Compound.isin(["AZ-A", "AZ-C"])).sum()
     for name in ("metrics.json", "confusion.png", "report.html", "treatments.csv"):
         assert (out / name).is_file()
+
+
+def test_nuclei_run_folder_real(crchisto_table, data_dir, tmp_path):
+    """A tiny nucleus run through the runner: no compounds, so per-nucleus accuracy and no treatments."""
+    cfg = load_config(REPO / "configs" / "nuclei-transfer.toml")
+    cfg = cfg.model_copy(
+        update={
+            "device": "cpu",
+            "dataset": cfg.dataset.model_copy(update={"options": {"patch_size": 32, "max_images": 4}}),
+            "model": cfg.model.model_copy(update={"name": "lenet", "init": "xavier"}),
+            "finetune": cfg.finetune.model_copy(update={"epochs": 1}),
+            "evaluation": cfg.evaluation.model_copy(update={"protocol": "image-grouped"}),
+        }
+    )
+    out = tmp_path / "nuclei"
+    m = run_experiment(cfg, out, data_dir)
+    first4 = crchisto_table.df[crchisto_table.df.Metadata_ImageNumber <= 4]
+    assert m["protocol"] == "image-grouped" and m["n_folds"] == 1 and m["classes"] == sorted(first4.Metadata_Label.unique())
+    assert 0 <= m["image_accuracy_image-grouped"] <= 1 and not any(k.startswith("treatment") for k in m)
+    assert m["aggregation"].startswith("none")
+    pred = pd.read_parquet(out / "predictions.parquet")
+    fold = json.loads((out / "folds" / "00" / "fold.json").read_text())
+    assert len(pred) == m["images_total"] == fold["n_test"] and fold["n_train"] + fold["n_test"] == len(first4)
+    assert pred.Metadata_Image.nunique() == 1  # one whole image held out of the 4
+    assert not (out / "treatments.csv").exists()
+    assert (out / "confusion.png").is_file() and "no compounds" in (out / "report.html").read_text()
+
+
+def test_lenet_lab_holdout_real(data_dir, tmp_path):
+    """The lab's config (shrunk: 1 epoch, 64 px) on the 75/25 validation split."""
+    cfg = load_config(REPO / "configs" / "lenet-lab.toml")
+    cfg = cfg.model_copy(
+        update={
+            "device": "cpu",
+            "dataset": cfg.dataset.model_copy(update={"image_size": 64}),
+            "model": cfg.model.model_copy(update={"input_size": 64}),
+            "finetune": cfg.finetune.model_copy(update={"epochs": 1}),
+        }
+    )
+    m = run_experiment(cfg, tmp_path / "lenet", data_dir)
+    assert m["protocol"] == "holdout-25" and m["images_total"] == 165 and m["model"] == "lenet"
+    assert "treatment_accuracy_holdout-25" in m and m["treatments_total"] > 40  # validation fields cover most treatments
+    hist = json.loads((tmp_path / "lenet" / "folds" / "00" / "history.json").read_text())
+    assert hist["epoch"] == [1] and hist["loss"][0] > 0

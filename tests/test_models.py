@@ -92,3 +92,28 @@ def test_unknown_model_and_bad_init():
         create_model("resnet5O", "xavier")
     with pytest.raises(CellmorphError, match="model.init = 'imagnet'"):
         create_model("resnet18", "imagnet")
+
+
+@pytest.mark.parametrize("name", ["alexnet", "googlenet", "vgg16"])
+def test_paper_architectures_from_scratch(name):
+    """Bayramoglu & Heikkilae's networks (torchvision AlexNet/GoogLeNet, timm VGG16) through the one factory."""
+    from cellmorph.models import classifier_module
+
+    model = create_model(name, "xavier", num_classes=3).train()
+    out = model(torch.rand(2, 3, 64 if name == "alexnet" else 32, 64 if name == "alexnet" else 32))  # AlexNet needs >= 63 px
+    assert out.shape == (2, 3)
+    head = classifier_module(model)
+    assert isinstance(head, torch.nn.Linear) and head.out_features == 3
+    assert float(head.bias.abs().sum()) == 0.0  # xavier: zero biases
+    if name != "vgg16":  # (138 M parameters: one VGG16 per test is enough on a CPU)
+        feats = create_model(name, "random", num_classes=0).eval()(torch.rand(1, 3, 64, 64))
+        assert feats.shape == (1, {"alexnet": 4096, "googlenet": 1024}[name])
+
+
+def test_torchvision_imagenet_needs_a_source(monkeypatch, tmp_path):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    monkeypatch.delenv("CELLMORPH_ALLOW_DOWNLOAD", raising=False)
+    with pytest.raises(CellmorphError, match="no ImageNet weights for 'alexnet'.*torch hub cache"):
+        create_model("alexnet", "imagenet", num_classes=3)
+    with pytest.raises(CellmorphError, match="no ImageNet weights"):
+        create_model("lenet", "imagenet", num_classes=3)

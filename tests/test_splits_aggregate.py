@@ -90,3 +90,55 @@ def test_lcbo_on_real_subset(subset_table):
         week_mates = set(df.Metadata_Compound[df.Metadata_Batch.isin(df.Metadata_Batch.iloc[f.test])]) - {f.name}
         assert (len(f.train) < len(loco[f.name].train)) == bool(week_mates)
         assert len(f.train) <= len(loco[f.name].train)
+
+
+def test_paper_random_split_real(crchisto_table):
+    from cellmorph.splits import PROTOCOLS
+
+    (fold,) = PROTOCOLS["random"](crchisto_table.df)
+    assert (len(fold.train), len(fold.test)) == (17004, 3401)  # Bayramoglu & Heikkilae's sizes
+    assert len(np.union1d(fold.train, fold.test)) == 20405 and not len(np.intersect1d(fold.train, fold.test))
+    (again,) = PROTOCOLS["random"](crchisto_table.df)
+    assert np.array_equal(again.test, fold.test)  # seeded: the same split every run
+    # nuclei of one image land on both sides: the leak the grouped split removes
+    df = crchisto_table.df
+    assert len(set(df.Metadata_Image.iloc[fold.train]) & set(df.Metadata_Image.iloc[fold.test])) > 50
+
+
+def test_image_grouped_split_real(crchisto_table):
+    from cellmorph.splits import PROTOCOLS
+
+    df = crchisto_table.df
+    (fold,) = PROTOCOLS["image-grouped"](df)
+    assert set(df.Metadata_Image.iloc[fold.train]).isdisjoint(df.Metadata_Image.iloc[fold.test])
+    assert len(fold.train) + len(fold.test) == 20405
+    assert abs(len(fold.test) - 3401) < 150  # about the paper's test fraction, in whole images
+    assert set(df.Metadata_Label.iloc[fold.test]) == {"epithelial", "fibroblast", "inflammatory"}
+
+
+def test_holdout_25_real(subset_table):
+    from cellmorph.splits import PROTOCOLS
+
+    (fold,) = PROTOCOLS["holdout-25"](subset_table.df)
+    assert (len(fold.train), len(fold.test)) == (495, 165)
+
+
+def test_group_split_checks():
+    from cellmorph.splits import group_split, random_split
+
+    df = pd.DataFrame({"g": list("aaabbbcccddd")})
+    (f,) = group_split(df, "g", test_fraction=0.25, seed=1)
+    assert len(f.test) == 3 and df.g.iloc[f.test].nunique() == 1
+    with pytest.raises(ValueError):
+        group_split(pd.DataFrame({"g": list("aaa")}), "g", 0.5)
+    with pytest.raises(ValueError):
+        random_split(df, test_fraction=0.0)
+
+
+def test_metrics_without_compounds():
+    # nuclei: no compounds, no wells: per-row and per-class accuracy only, no treatment keys
+    pred = pd.DataFrame({"Metadata_Label": list("AABB"), "prob_A": [0.9, 0.2, 0.1, 0.3], "prob_B": [0.1, 0.8, 0.9, 0.7]})
+    m = compute_metrics(pred, "random", "Metadata_Label")
+    assert m["image_accuracy_random"] == 0.75 and m["images_total"] == 4
+    assert m["per_class_accuracy"] == {"A": 0.5, "B": 1.0}
+    assert not any(k.startswith("treatment") for k in m) and "misclassified_treatments" not in m

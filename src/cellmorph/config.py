@@ -63,10 +63,19 @@ class FinetuneConfig(_Strict):
     lr: float = Field(1e-3, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
-    schedule: Literal["constant", "cosine"] = "constant"
+    # "inv": Caffe's lr = lr * (1 + inv_gamma * iteration) ** -inv_power (Bayramoglu & Heikkilae 2016).
+    schedule: Literal["constant", "cosine", "inv"] = "constant"
+    inv_gamma: float = Field(0.001, ge=0)
+    inv_power: float = Field(0.75, ge=0)
+    # Learning-rate multipliers per layer group (Caffe's lr_mult): the new output layer (head) and
+    # every other, copied layer (backbone). E.g. 10 and 1: the new head learns 10x faster.
+    head_lr_mult: float = Field(1.0, ge=0)
+    backbone_lr_mult: float = Field(1.0, ge=0)
     class_weights: bool = True
-    # "imagenet": the model's own mean/std; "raw": 0-255 pixels as the paper's code fed them.
-    normalize: Literal["imagenet", "raw"] = "imagenet"
+    # "imagenet": the model's own mean/std; "raw": 0-255 pixels as the paper's code fed them;
+    # "mean": the training images' per-channel mean intensity is subtracted instead of the model's mean
+    # (Caffe's mean subtraction), then divided by the model's std.
+    normalize: Literal["imagenet", "raw", "mean"] = "imagenet"
     amp: bool = True
     # torch.compile the model (CUDA; the first epoch pays the compile time).
     compile: bool = False
@@ -79,8 +88,9 @@ class FinetuneConfig(_Strict):
 
 class EvaluationConfig(_Strict):
     # "loco": leave-one-compound-out; "lcbo": leave-compound-and-batch-out (the test compound and
-    # every image of its batch/week are held out of training).
-    protocol: Literal["loco", "lcbo"] = "loco"
+    # every image of its batch/week are held out of training); "random", "image-grouped",
+    # "holdout-25": fixed splits (see splits.py).
+    protocol: Literal["loco", "lcbo", "random", "image-grouped", "holdout-25"] = "loco"
     # Run only the first N folds (0 = all); for smoke tests and CI.
     max_folds: int = Field(0, ge=0)
 

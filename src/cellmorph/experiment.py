@@ -35,12 +35,12 @@ from cellmorph.datasets import load_dataset
 from cellmorph.errors import CellmorphError
 from cellmorph.features import extract_features, logistic_head
 from cellmorph.io import atomic_path, check_writable, write_json, write_npy, write_parquet, write_text
-from cellmorph.metrics import compute_metrics
-from cellmorph.models import check_model_config, create_model, default_input_size, normalization
+from cellmorph.metrics import compute_metrics, has_treatments
+from cellmorph.models import check_model_config, create_model, default_input_size
 from cellmorph.progress import console, make_progress
 from cellmorph.splits import PROTOCOL_DESCRIPTIONS, PROTOCOLS, Fold, lcbo_excluded
 from cellmorph.store import Store, build_store
-from cellmorph.train import InputSpec, fit, pick_device, predict_proba
+from cellmorph.train import InputSpec, fit, make_input_spec, pick_device, predict_proba
 
 
 def environment(cfg: ExperimentConfig, device: torch.device) -> dict:
@@ -145,15 +145,15 @@ def _finetune_fold(cfg: ExperimentConfig, images: torch.Tensor, y: np.ndarray, n
     """Train a fresh model on the fold's training images (uint8, on the device) and score its test images."""
     torch.manual_seed(seed)
     model = create_model(cfg.model.name, cfg.model.init, num_classes=n_classes, in_chans=images.shape[1], drop_rate=cfg.model.drop_rate)
-    mean, std = normalization(model)
-    spec = InputSpec(size=cfg.model.input_size or default_input_size(cfg.model.name), mean=mean, std=std, normalize_mode=cfg.finetune.normalize)
+    train_idx = torch.as_tensor(fold.train, device=images.device)
+    spec = make_input_spec(model, cfg.model.input_size or default_input_size(cfg.model.name), cfg.finetune.normalize, images[train_idx])
     ft = cfg.finetune
-    steps = ft.epochs * -(-len(fold.train) // ft.batch_size)
+    steps = ft.epochs * max(1, len(fold.train) // ft.batch_size)
     task = progress.add_task(f"  training on {len(fold.train)} images", total=steps)
     test_images = images[torch.as_tensor(fold.test, device=images.device)]
     epoch_probs = []
     on_epoch = (lambda epoch: epoch_probs.append(predict_proba(model, test_images, spec, device, batch_size=max(ft.batch_size, 64)))) if ft.eval_every_epoch else None
-    hist = fit(model, images[torch.as_tensor(fold.train, device=images.device)], y[fold.train], n_classes, ft, spec, device, seed, on_step=lambda: progress.advance(task), on_epoch=on_epoch)
+    hist = fit(model, images[train_idx], y[fold.train], n_classes, ft, spec, device, seed, on_step=lambda: progress.advance(task), on_epoch=on_epoch)
     progress.remove_task(task)
     probs = epoch_probs[-1] if epoch_probs else predict_proba(model, test_images, spec, device, batch_size=max(ft.batch_size, 64))
     return probs, hist.__dict__, (np.stack(epoch_probs).astype(np.float32) if epoch_probs else None), model
@@ -197,9 +197,12 @@ def _finish(out: Path, cfg: ExperimentConfig, folds: list[Fold], classes: list[s
         "aggregation": "median over fields of a well, then median over replicate wells; argmax",
         "seconds_in_folds_this_invocation": round(fold_seconds, 2),
     }
-    treat = to_treatments(pred, label)
-    with_csv = out / "treatments.csv"
-    write_text(with_csv, treat.to_csv(index=False))
+    treat = None
+    if has_treatments(pred):
+        treat = to_treatments(pred, label)
+        write_text(out / "treatments.csv", treat.to_csv(index=False))
+    else:  # e.g. nucleus patches: no compounds, one prediction per row is the unit scored
+        metrics["aggregation"] = "none: one prediction per row (no compounds to aggregate over)"
     write_confusion_png(out / "confusion.png", pred, treat, classes, label, title=f"{cfg.name}: {cfg.model.name} ({cfg.mode}), {protocol}")
     write_report(out / "report.html", metrics, cfg)
     write_json(out / "metrics.json", metrics)
@@ -214,7 +217,8 @@ def _epoch_curve(out: Path, folds: list[Fold], pred: pd.DataFrame, classes: list
         p = pred.copy()
         p[[f"prob_{c}" for c in classes]] = np.concatenate([f[e] for f in per_fold])
         m = compute_metrics(p, protocol, label)
-        curve.append({"epoch": e + 1, f"treatment_accuracy_{protocol}": m[f"treatment_accuracy_{protocol}"], f"image_accuracy_{protocol}": m[f"image_accuracy_{protocol}"]})
+        keys = (f"treatment_accuracy_{protocol}", f"image_accuracy_{protocol}")
+        curve.append({"epoch": e + 1, **{k: m[k] for k in keys if k in m}})
     return curve
 
 

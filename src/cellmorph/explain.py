@@ -168,9 +168,9 @@ def explain_run(cfg, weights, out, data_dir=None, layers: list[str] | None = Non
 
     from cellmorph.datasets import load_dataset
     from cellmorph.io import check_writable
-    from cellmorph.models import create_model, default_input_size, normalization
+    from cellmorph.models import create_model, default_input_size
     from cellmorph.store import build_store
-    from cellmorph.train import pick_device
+    from cellmorph.train import make_input_spec, pick_device
 
     out = check_writable(Path(out))
     weights = Path(weights)
@@ -183,9 +183,8 @@ def explain_run(cfg, weights, out, data_dir=None, layers: list[str] | None = Non
     c = store.images.shape[1]
     before = create_model(cfg.model.name, cfg.model.init, num_classes=len(classes), in_chans=c).to(device)
     after = create_model(cfg.model.name, str(weights), num_classes=len(classes), in_chans=c).to(device)
-    mean, std = normalization(after)
     size = cfg.model.input_size or default_input_size(cfg.model.name)
-    spec = InputSpec(size=size, mean=mean, std=std, normalize_mode=cfg.finetune.normalize)
+    spec = make_input_spec(after, size, cfg.finetune.normalize, torch.from_numpy(np.asarray(store.images)))
     layers = layers or default_layers(after)
     filters = filters or [0, 1, 2, 3, 4, 5]
     init_label = "ImageNet" if cfg.model.init == "imagenet" else cfg.model.init

@@ -13,26 +13,45 @@ def image_predictions(pred: pd.DataFrame) -> np.ndarray:
     return np.array([probs[i].removeprefix("prob_") for i in pred[probs].to_numpy().argmax(axis=1)])
 
 
+def has_treatments(pred: pd.DataFrame) -> bool:
+    """Whether the rows carry compounds and concentrations, so treatment-level aggregation applies."""
+    return {"Metadata_Compound", "Metadata_Concentration", "Metadata_Plate", "Metadata_Well"} <= set(pred.columns)
+
+
 def compute_metrics(pred: pd.DataFrame, protocol: str, label: str = "Metadata_MoA") -> dict:
-    """`{treatment,image}_accuracy_<protocol>` with the counts they rest on."""
+    """`{treatment,image}_accuracy_<protocol>` with the counts they rest on.
+
+    Without compounds (e.g. nucleus patches) there is no treatment level: only the per-row
+    (`image_accuracy_<protocol>`: one row = one image or patch) and per-class accuracies."""
     img_pred = image_predictions(pred)
     img_true = pred[label].astype(str).to_numpy()
-    treat = to_treatments(pred, label)
-    t_correct = int((treat["predicted"] == treat[label].astype(str)).sum())
     i_correct = int((img_pred == img_true).sum())
-    return {
-        f"treatment_accuracy_{protocol}": t_correct / len(treat),
-        "treatments_correct": t_correct,
-        "treatments_total": int(len(treat)),
-        f"image_accuracy_{protocol}": i_correct / len(pred),
-        "images_correct": i_correct,
-        "images_total": int(len(pred)),
-        "misclassified_treatments": [
+    out = {}
+    if has_treatments(pred):
+        treat = to_treatments(pred, label)
+        t_correct = int((treat["predicted"] == treat[label].astype(str)).sum())
+        out.update(
+            {
+                f"treatment_accuracy_{protocol}": t_correct / len(treat),
+                "treatments_correct": t_correct,
+                "treatments_total": int(len(treat)),
+            }
+        )
+    out.update(
+        {
+            f"image_accuracy_{protocol}": i_correct / len(pred),
+            "images_correct": i_correct,
+            "images_total": int(len(pred)),
+            "per_class_accuracy": {c: float((img_pred[img_true == c] == c).mean()) for c in sorted(set(img_true))},
+        }
+    )
+    if has_treatments(pred):
+        out["misclassified_treatments"] = [
             {"compound": r.Metadata_Compound, "concentration": float(r.Metadata_Concentration), "true": r[label], "predicted": r.predicted}
             for _, r in treat.iterrows()
             if r["predicted"] != str(r[label])
-        ],
-    }
+        ]
+    return out
 
 
 def confusion(true: list[str] | np.ndarray, predicted: list[str] | np.ndarray, classes: list[str]) -> np.ndarray:

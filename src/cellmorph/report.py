@@ -31,10 +31,15 @@ def _panel(ax, m, classes, title):
 
 
 def write_confusion_png(path: Path, pred: pd.DataFrame, treatments: pd.DataFrame, classes: list[str], label: str, title: str) -> None:
-    """Two confusion matrices side by side: treatments (aggregated) and images."""
-    fig, axes = plt.subplots(1, 2, figsize=(13, 6), constrained_layout=True)
-    _panel(axes[0], confusion(treatments[label], treatments["predicted"], classes), classes, "treatments")
-    _panel(axes[1], confusion(pred[label], image_predictions(pred), classes), classes, "images")
+    """Two confusion matrices side by side: treatments (aggregated) and images; images only when
+    `treatments` is None (a table without compounds)."""
+    if treatments is None:
+        fig, ax = plt.subplots(1, 1, figsize=(7, 6), constrained_layout=True)
+        _panel(ax, confusion(pred[label], image_predictions(pred), classes), classes, "images")
+    else:
+        fig, axes = plt.subplots(1, 2, figsize=(13, 6), constrained_layout=True)
+        _panel(axes[0], confusion(treatments[label], treatments["predicted"], classes), classes, "treatments")
+        _panel(axes[1], confusion(pred[label], image_predictions(pred), classes), classes, "images")
     fig.suptitle(title)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
@@ -44,7 +49,9 @@ def write_confusion_png(path: Path, pred: pd.DataFrame, treatments: pd.DataFrame
 def write_report(path: Path, metrics: dict, cfg: ExperimentConfig) -> None:
     p = metrics["protocol"]
     rows = [
-        (f"treatment accuracy ({p})", f"{metrics[f'treatment_accuracy_{p}']:.1%} ({metrics['treatments_correct']}/{metrics['treatments_total']})"),
+        (f"treatment accuracy ({p})", f"{metrics[f'treatment_accuracy_{p}']:.1%} ({metrics['treatments_correct']}/{metrics['treatments_total']})")
+    ] if f"treatment_accuracy_{p}" in metrics else []
+    rows += [
         (f"image accuracy ({p})", f"{metrics[f'image_accuracy_{p}']:.1%} ({metrics['images_correct']}/{metrics['images_total']})"),
         ("folds", str(metrics["n_folds"])),
         ("model", f"{metrics['model']} (init {metrics['init']}, {metrics['mode']})"),
@@ -52,8 +59,8 @@ def write_report(path: Path, metrics: dict, cfg: ExperimentConfig) -> None:
     ]
     wrong = "".join(
         f"<li>{html.escape(w['compound'])} @ {w['concentration']}: true {html.escape(w['true'])}, predicted {html.escape(w['predicted'])}</li>"
-        for w in metrics["misclassified_treatments"]
-    ) or "<li>none</li>"
+        for w in metrics.get("misclassified_treatments", [])
+    ) or ("<li>none</li>" if "misclassified_treatments" in metrics else "<li>no treatments in this dataset (no compounds)</li>")
     body = f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(cfg.name)}</title>
 <style>body{{font-family:sans-serif;max-width:60em;margin:2em auto}}td{{padding:2px 12px}}pre{{background:#f4f4f4;padding:1em}}</style></head>
 <body><h1>{html.escape(cfg.name)}</h1>

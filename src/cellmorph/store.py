@@ -2,6 +2,10 @@
 
 Built once per (dataset files, image size) and reused by every run: the key hashes every image
 path with its size and modification time, so an edited file rebuilds the store.
+
+A table of patches (`ImageTable.patch_size > 0`, e.g. nuclei in datasets/crchisto.py) stores one
+patch per row instead of one whole image: each source image is decoded once and every patch centred
+on its rows' (Metadata_Center_X, Metadata_Center_Y) is cut from it, mirror-padded at the borders.
 """
 
 from __future__ import annotations
@@ -43,7 +47,10 @@ class Store:
 
 def store_key(table: ImageTable, image_size: int) -> str:
     h = hashlib.sha256()
-    h.update(json.dumps({"v": STORE_VERSION, "dataset": table.name, "size": image_size}).encode())
+    h.update(json.dumps({"v": STORE_VERSION, "dataset": table.name, "size": image_size, "patch": table.patch_size}).encode())
+    if table.patch_size:
+        centres = table.df[["Metadata_Center_X", "Metadata_Center_Y"]].to_numpy(dtype=np.int64)
+        h.update(np.ascontiguousarray(centres).tobytes())
     for col in table.path_columns:
         for p in table.df[col]:
             try:
@@ -61,6 +68,11 @@ def build_store(table: ImageTable, image_size: int = 0, cache: Path | None = Non
     images_path, index_path = folder / "images.npy", folder / "index.parquet"
     if images_path.is_file() and index_path.is_file():
         return Store(np.load(images_path), pd.read_parquet(index_path), key)
+    if table.patch_size:
+        images = _cut_all_patches(table, image_size, workers or min(8, os.cpu_count() or 1))
+        write_npy(images_path, images)
+        write_parquet(index_path, table.df.copy())
+        return Store(images, table.df.copy(), key)
 
     paths = table.df[table.path_columns].astype(str).values.tolist()
     workers = workers or min(8, os.cpu_count() or 1)
@@ -81,3 +93,53 @@ def build_store(table: ImageTable, image_size: int = 0, cache: Path | None = Non
     write_npy(images_path, images)
     write_parquet(index_path, index)
     return Store(images, index, key)
+
+
+def cut_patches(image: np.ndarray, cx: np.ndarray, cy: np.ndarray, size: int) -> np.ndarray:
+    """Patches of `size` x `size` from a C x H x W image, one per 0-based centre (cx[i], cy[i]).
+
+    The centre pixel lands at index size // 2 in both axes; the image is mirror-padded (reflect)
+    so patches at the border are whole.
+    """
+    c, h, w = image.shape
+    if len(cx) and (cx.min() < 0 or cy.min() < 0 or cx.max() >= w or cy.max() >= h):
+        raise ValueError(f"patch centre outside the {w} x {h} image")
+    half = size // 2
+    padded = np.pad(image, ((0, 0), (half, size - half), (half, size - half)), mode="reflect")
+    windows = np.lib.stride_tricks.sliding_window_view(padded, (size, size), axis=(1, 2))  # C x H' x W' x size x size
+    return np.ascontiguousarray(windows[:, cy, cx].transpose(1, 0, 2, 3))  # N x C x size x size
+
+
+def _cut_all_patches(table: ImageTable, image_size: int, workers: int) -> np.ndarray:
+    """Decode each source image once, cut its rows' patches; N x C x P x P uint8 in table order."""
+    from cellmorph.preprocess import resize_uint8
+
+    df = table.df
+    size = table.patch_size
+    groups = list(df.groupby(table.path_columns, sort=False).indices.items())
+
+    def work(item):
+        paths, rows = item
+        paths = [paths] if isinstance(paths, str) else list(paths)
+        image = load_field(paths, 0)
+        cx = df["Metadata_Center_X"].to_numpy()[rows]
+        cy = df["Metadata_Center_Y"].to_numpy()[rows]
+        _, h, w = image.shape
+        if len(rows) and (cx.min() < 0 or cy.min() < 0 or cx.max() >= w or cy.max() >= h):
+            raise CellmorphError(f"{paths[0]}: a patch centre lies outside the {w} x {h} image ({table.source}).")
+        patches = cut_patches(image, cx, cy, size)
+        if image_size and image_size != size:
+            patches = np.stack([resize_uint8(p.transpose(1, 2, 0), image_size).transpose(2, 0, 1) for p in patches])
+        return rows, patches
+
+    out = None
+    with make_progress() as progress, ThreadPoolExecutor(workers) as pool:
+        task = progress.add_task(f"cutting {table.name} patches", total=len(df))
+        for rows, patches in pool.map(work, groups):
+            if out is None:
+                out = np.empty((len(df), *patches.shape[1:]), dtype=np.uint8)
+            elif patches.shape[1:] != out.shape[1:]:
+                raise CellmorphError(f"patches of {df.iloc[rows[0]][table.path_columns[0]]} have {patches.shape[1]} channels; the first image had {out.shape[1]}.")
+            out[rows] = patches
+            progress.advance(task, len(rows))
+    return out

@@ -6,7 +6,6 @@ resized and normalised there. On CUDA: bf16 autocast and channels_last.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 
@@ -39,7 +38,9 @@ class InputSpec:
     size: int  # square input size (0 = keep)
     mean: tuple[float, ...]
     std: tuple[float, ...]
-    normalize_mode: str = "imagenet"  # or "raw": 0-255 values as the paper's code fed them
+    # "imagenet": (x - mean) / std with the model's own mean/std; "raw": 0-255 values as the paper's
+    # code fed them; "mean": the same formula with `mean` = the training images' mean intensity.
+    normalize_mode: str = "imagenet"
 
     def resize_uint8(self, images: torch.Tensor, chunk: int = 256) -> torch.Tensor:
         """Resize a whole uint8 stack to the input size once (on its device), instead of every batch."""
@@ -84,13 +85,58 @@ def class_weights(labels: np.ndarray, n_classes: int) -> torch.Tensor:
     return torch.tensor(w, dtype=torch.float32)
 
 
-def make_optimizer(model: nn.Module, cfg: FinetuneConfig) -> torch.optim.Optimizer:
+def channel_mean(images: torch.Tensor, chunk: int = 4096) -> tuple[float, ...]:
+    """Per-channel mean intensity of uint8 N x C x H x W images, on the 0-1 scale."""
+    total = torch.zeros(images.shape[1], dtype=torch.float64)
+    for s in range(0, len(images), chunk):
+        total += images[s : s + chunk].to(torch.float64).sum(dim=(0, 2, 3)).cpu()
+    return tuple((total / (len(images) * images.shape[2] * images.shape[3] * 255.0)).tolist())
+
+
+def make_input_spec(model: nn.Module, size: int, normalize: str, train_images: torch.Tensor) -> InputSpec:
+    """The InputSpec for fine-tuning `model`: its pretrained mean/std; with normalize = "mean", the
+    training images' per-channel mean intensity is subtracted instead of the ImageNet mean (Caffe's
+    mean subtraction), and the model's std keeps the input on the scale its weights expect."""
+    from cellmorph.models import normalization
+
+    mean, std = normalization(model)
+    if normalize == "mean":
+        mean = channel_mean(train_images)
+    return InputSpec(size=size, mean=mean, std=std, normalize_mode=normalize)
+
+
+def param_groups(model: nn.Module, cfg: FinetuneConfig) -> list[dict]:
+    """Caffe-style per-layer learning rates: the new head at lr * head_lr_mult, the copied layers at
+    lr * backbone_lr_mult. One group when both multipliers are 1."""
     params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.head_lr_mult == 1.0 and cfg.backbone_lr_mult == 1.0:
+        return [{"params": params, "lr": cfg.lr}]
+    from cellmorph.models import classifier_module
+
+    head_ids = {id(p) for p in classifier_module(model).parameters()}
+    head = [p for p in params if id(p) in head_ids]
+    body = [p for p in params if id(p) not in head_ids]
+    groups = [{"params": body, "lr": cfg.lr * cfg.backbone_lr_mult, "name": "backbone"}, {"params": head, "lr": cfg.lr * cfg.head_lr_mult, "name": "head"}]
+    return [g for g in groups if g["params"]]
+
+
+def make_optimizer(model: nn.Module, cfg: FinetuneConfig) -> torch.optim.Optimizer:
+    params = param_groups(model, cfg)
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def make_scheduler(opt: torch.optim.Optimizer, cfg: FinetuneConfig, total_steps: int):
+    """Per-iteration schedule: cosine to 0 over the run, Caffe's "inv", or none (constant)."""
+    if cfg.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total_steps)
+    if cfg.schedule == "inv":
+        g, p = cfg.inv_gamma, cfg.inv_power
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda it: (1.0 + g * it) ** (-p))
+    return None
 
 
 def fit(
@@ -104,12 +150,14 @@ def fit(
     seed: int,
     on_step=None,
     on_epoch=None,
+    on_iteration=None,
 ) -> History:
     """Fine-tune every layer of `model` on uint8 `images` (N x C x H x W, any device).
 
     The images go to the device once and are resized there once; each step indexes a batch,
     converts, augments and normalises it on the device. `on_epoch(epoch)` runs after each epoch
-    (e.g. to score the test fold for accuracy-vs-epoch curves).
+    (e.g. to score the test fold for accuracy-vs-epoch curves); `on_iteration(iteration, model)` after
+    every optimizer step (iterations count from 1; it must leave the model in train mode).
     """
     gen = torch.Generator(device=device).manual_seed(seed)
     model.to(device).train()
@@ -124,10 +172,11 @@ def fit(
     opt = make_optimizer(model, cfg)
     n = len(y_all)
     # Whole batches only (a fresh permutation each epoch, so every image is seen over the epochs):
-    # one input shape for the whole run, so cuDNN autotunes once.
+    # one input shape for the whole run, so cuDNN autotunes once; and never a one-sample batch,
+    # which batch norm cannot train on.
     batch = min(cfg.batch_size, n)
     steps_per_epoch = n // batch
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs * steps_per_epoch) if cfg.schedule == "cosine" else None
+    sched = make_scheduler(opt, cfg, cfg.epochs * steps_per_epoch)
     epoch_loss, epoch_correct, epoch_seconds = [], [], []
     for epoch in range(1, cfg.epochs + 1):
         model.train()
@@ -153,6 +202,8 @@ def fit(
             correct += (logits.argmax(1) == y).sum()
             if on_step is not None:
                 on_step()
+            if on_iteration is not None:
+                on_iteration((epoch - 1) * steps_per_epoch + s + 1, model)
         epoch_loss.append(loss_sum)
         epoch_correct.append(correct)
         epoch_seconds.append(timer.stop())

@@ -27,6 +27,12 @@ class ImageTable:
     name: str
     label: str = "Metadata_MoA"
     source: str = "<table>"
+    # The columns every row must fill. Drug screens need plate/well/compound/concentration; a table
+    # of nucleus patches (datasets/crchisto.py) needs its image and centre columns instead.
+    required: tuple[str, ...] = REQUIRED
+    # > 0: each row is a patch_size x patch_size patch centred on (Metadata_Center_X, Metadata_Center_Y)
+    # (0-based pixel column and row) of its image, not the whole image (see store.py).
+    patch_size: int = 0
 
     def __post_init__(self) -> None:
         self.df = self.df.reset_index(drop=True)
@@ -49,10 +55,10 @@ class ImageTable:
         return len(self.df)
 
     def validate(self) -> None:
-        missing = [c for c in (*REQUIRED, self.label) if c not in self.df.columns]
+        missing = [c for c in (*self.required, self.label) if c not in self.df.columns]
         if missing:
             raise CellmorphError(
-                f"{self.source}: missing column(s) {missing}. The table needs {list(REQUIRED)} and the "
+                f"{self.source}: missing column(s) {missing}. The table needs {list(self.required)} and the "
                 f"label column '{self.label}' (present: {list(self.df.columns)}). Add or rename the columns."
             )
         if not self.path_columns:
@@ -62,7 +68,7 @@ class ImageTable:
             )
         if len(self.df) == 0:
             raise CellmorphError(f"{self.source}: the table has no rows.")
-        for col in (*REQUIRED, self.label, *self.path_columns):
+        for col in (*self.required, self.label, *self.path_columns):
             bad = self.df[col].isna()
             if bad.any():
                 rows = list(self.df.index[bad][:5])
@@ -78,6 +84,12 @@ class ImageTable:
                         f"{self.source}: image file {p} (column {col}) does not exist. "
                         "Check the data folder (--data or CELLMORPH_DATA) and the table's paths."
                     )
+
+    @property
+    def has_treatments(self) -> bool:
+        """Whether rows carry compounds and concentrations (a drug screen), so that treatment-level
+        aggregation means something."""
+        return {"Metadata_Compound", "Metadata_Concentration"} <= set(self.df.columns)
 
     def treatment_keys(self) -> pd.Series:
         """'compound@concentration' per row: the unit the paper scores."""
