@@ -260,7 +260,7 @@ def prepare_bbbc021(
     except BaseException:
         writer.abort()
         raise
-    return recipe
+    return load_recipe(out)
 
 
 # --- translocation (BBBC013, BBBC014) --------------------------------------------------------------------------
@@ -328,7 +328,7 @@ def prepare_translocation(name: str, data_dir: Path, out: Path, workers: int | N
     except BaseException:
         writer.abort()
         raise
-    return recipe
+    return load_recipe(out)
 
 
 def prepare(name: str, data_dir: Path, out: Path, **kw) -> dict:

@@ -37,6 +37,8 @@ def read_image(path: str | Path) -> np.ndarray:
             f"{path}: cannot decode image ({type(err).__name__}: {err}). The file is corrupt or truncated; "
             "replace it (re-download or re-export) or remove its row from the table."
         ) from None
+    if arr.size == 0:
+        raise CellmorphError(f"{path}: cannot decode image (no pixels). The file is corrupt or truncated; replace it (re-download).")
     if arr.ndim == 2:
         arr = arr[:, :, None]
     if arr.ndim != 3:
