@@ -88,8 +88,12 @@ def fit(
     device: torch.device,
     seed: int,
     on_step=None,
+    on_epoch=None,
 ) -> History:
-    """Fine-tune every layer of `model` on uint8 `images` (N x C x H x W, any device)."""
+    """Fine-tune every layer of `model` on uint8 `images` (N x C x H x W, any device).
+
+    on_epoch(epoch), when given, runs after each epoch (e.g. to evaluate); fit puts the model back in
+    training mode afterwards."""
     import time
 
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -135,6 +139,9 @@ def fit(
         hist.loss.append(float(loss_sum) / n)
         hist.train_accuracy.append(float(correct) / n)
         hist.images_per_s.append(n / (time.perf_counter() - t0))
+        if on_epoch is not None:
+            on_epoch(epoch)
+            model.train()
     return hist
 
 
