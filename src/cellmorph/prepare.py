@@ -277,8 +277,10 @@ def _resize_plane(plane: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.clip(np.rint(out), info.min, info.max).astype(plane.dtype)
 
 
-def translocation_crops(field: np.ndarray, grid: tuple[int, int] = (4, 4), resize: tuple[int, int] | None = None) -> list[np.ndarray]:
+def translocation_crops(field: np.ndarray, grid: tuple[int, int] = (4, 4), resize: tuple[int, int] | str | None = None) -> list[np.ndarray]:
     """2 x H x W raw field (reporter, nuclei) -> 16 uint8 crops of (0, reporter, nuclei)."""
+    if resize == "square":  # BBBC014: 1360 x 1024 -> 1024 x 1024, as the paper
+        resize = (field.shape[1], field.shape[1])
     if resize is not None:
         field = np.stack([_resize_plane(p, resize) for p in field])
     img = anscombe_minmax_uint8(field)
@@ -292,7 +294,7 @@ def prepare_translocation(name: str, data_dir: Path, out: Path, workers: int | N
     table = load_dataset(name, data_dir)
     df = table.df
     channels = [c.removeprefix("Image_Path_") for c in table.path_columns]
-    resize = (1024, 1024) if name == "bbbc014" else None
+    resize = "square" if name == "bbbc014" else None
     grid = (4, 4)
 
     def work(ps):
@@ -321,7 +323,7 @@ def prepare_translocation(name: str, data_dir: Path, out: Path, workers: int | N
             "dataset": name,
             "channels": ["zero", *channels],
             "preprocessing": "2 channels + a zero channel; Anscombe 2*sqrt(x+3/8); per-field min-max to 0-255 (both channels), "
-            "truncated to uint8; 4x4 = 16 crops" + ("; fields first area-resized to 1024x1024" if resize else ""),
+            "truncated to uint8; 4x4 = 16 crops" + ("; fields first area-resized to square (1360x1024 -> 1024x1024)" if resize else ""),
             "label_column": table.label,
         }
         writer.finish(recipe)

@@ -297,7 +297,8 @@ def plot_dose_response(path: Path, wells: pd.DataFrame, dose: dict, title: str) 
         if "x50" in fit:
             xs = np.linspace(x.min(), x.max(), 200)
             ax.plot(xs, logistic4(xs, fit["bottom"], fit["top"], fit["x50"], fit["hill"]), color=color)
-            ax.axvline(fit["x50"], color=color, ls=":", lw=1)
+            if x.min() <= fit["x50"] <= x.max():
+                ax.axvline(fit["x50"], color=color, ls=":", lw=1)
     ax.set_xlabel(info["x_axis"])
     ax.set_ylabel("predicted P(translocated), per well")
     ax.set_title(title, fontsize=9)
