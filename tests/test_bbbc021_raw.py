@@ -136,3 +136,22 @@ def test_cli_prepare_then_train_reads_it(raw_plate, monkeypatch, capsys):
         main()
     text = " ".join(capsys.readouterr().err.split())
     assert e.value.code == 2 and "cannot decode image" in text and "Traceback" not in text
+
+
+def test_run_experiment_on_prepared_store(tmp_path):
+    """`cellmorph run` with dataset.name = "prepared": the store from `prepare` feeds the LOCO experiment unchanged."""
+    from cellmorph.config import parse_config
+    from cellmorph.experiment import run_experiment
+
+    treatments = {"D03": ("taxol", 3.0, "Microtubule stabilizers"), "D05": ("docetaxel", 1.0, "Microtubule stabilizers"),
+                  "E05": ("AZ138", 1.0, "Eg5 inhibitors"), "E07": ("ispinesib", 0.3, "Eg5 inhibitors")}
+    image, moa = write_bbbc021_plate(tmp_path / "bbbc021-raw", "Week1_00001", treatments=treatments, sites=1, shape=(32, 40))
+    write_bbbc021_metadata(tmp_path / "bbbc021-metadata", image, moa)
+    rec = prepare_bbbc021(tmp_path, tmp_path / "prep", workers=1)
+    cfg = parse_config({"name": "raw-smoke", "mode": "frozen", "device": "cpu",
+                        "dataset": {"name": "prepared", "options": {"path": "prep"}},
+                        "model": {"name": "tf_efficientnet_lite0", "init": "imagenet", "input_size": 32}})
+    m = run_experiment(cfg, tmp_path / "run", tmp_path)
+    assert m["n_folds"] == 4 and m["images_total"] == rec["n_images"] == 16 and m["treatments_total"] == 4
+    pred = pd.read_parquet(tmp_path / "run" / "predictions.parquet")
+    assert set(pred.Metadata_Crop) == {1, 2, 3, 4} and set(pred.Metadata_Plate) == {"Week1_00001"}
