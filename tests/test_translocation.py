@@ -32,7 +32,8 @@ def test_bbbc013_table_labels_and_folds(data_dir):
     assert df.groupby("Metadata_Fold").Metadata_Row.agg(lambda s: "".join(sorted(set(s)))).tolist() == ["ABCD", "EFGH"]
 
 
-def test_bbbc013_preprocessing_matches_formula(data_dir, tmp_path):
+def test_bbbc013_preprocessing_matches_formula(data_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
     t = load_dataset("bbbc013", data_dir)
     row = t.df.iloc[40]
     gfp = np.asarray(Image.open(row.Image_Path_GFP))
@@ -43,7 +44,12 @@ def test_bbbc013_preprocessing_matches_formula(data_dir, tmp_path):
     ref = ((a - a.min()) * 255.0 / (a.max() - a.min())).astype(np.uint8)
     assert len(crops) == 16 and crops[0].shape == (3, 160, 160)
     assert np.array_equal(crops[5][1:], ref[:, 160:320, 160:320]) and not crops[5][0].any()  # row 2, column 2
-    prepare_translocation("bbbc013", data_dir, tmp_path / "b13")
+    from cellmorph.cli import main
+
+    sys.argv = ["cellmorph", "prepare", "bbbc013", "--data", str(data_dir), "--out", str(tmp_path / "b13")]
+    with pytest.raises(SystemExit) as e:
+        main()
+    assert e.value.code in (0, None)
     s = open_prepared(tmp_path / "b13")
     assert s.images.shape == (96 * 16, 3, 160, 160)
     i = np.flatnonzero((s.index.Metadata_Well == row.Metadata_Well) & (s.index.Metadata_Crop == 6))[0]

@@ -149,7 +149,7 @@ def _chunks(items: list, size: int):
         yield items[i : i + size]
 
 
-def plate_stats(paths: list[list[str]], channels: list[str], pool: ThreadPoolExecutor, on_field=None, levels: int = 65536):
+def plate_stats(paths: list[list[str]], channels: list[str], pool: ThreadPoolExecutor, workers: int, on_field=None, levels: int = 65536):
     """Per channel (mean, std) of the Anscombe-transformed pixels of the given (DMSO) fields: exact, streaming."""
 
     def hist(ps):
@@ -157,7 +157,7 @@ def plate_stats(paths: list[list[str]], channels: list[str], pool: ThreadPoolExe
         return np.stack([pixel_histogram(field[c], levels) for c in range(field.shape[0])])
 
     total = None
-    for chunk in _chunks(paths, 4 * pool._max_workers):
+    for chunk in _chunks(paths, 4 * workers):  # at most 4 fields per worker in flight
         for h in pool.map(hist, chunk):
             total = h if total is None else total + h
             if on_field:
@@ -212,7 +212,7 @@ def prepare_bbbc021(
             for plate, pf in fields.groupby("Metadata_Plate", sort=True):
                 progress.update(task, description=f"{plate}: DMSO statistics")
                 dmso = pf[pf["Metadata_Role"] == "dmso"]
-                stats = plate_stats(dmso[path_cols].values.tolist(), channels, pool, lambda: progress.advance(task))
+                stats = plate_stats(dmso[path_cols].values.tolist(), channels, pool, workers, lambda: progress.advance(task))
                 for ch, (m, s) in zip(channels, stats):
                     if not s > 0:
                         raise CellmorphError(f"plate {plate}: the DMSO fields' {ch} channel is constant (std 0); check those files.")
@@ -337,8 +337,7 @@ def prepare(name: str, data_dir: Path, out: Path, **kw) -> dict:
     if name == "bbbc021":
         return prepare_bbbc021(data_dir, out, **kw)
     if name in ("bbbc013", "bbbc014"):
-        kw.pop("images_root", None), kw.pop("plates", None), kw.pop("image_size", None)
-        return prepare_translocation(name, data_dir, out, **kw)
+        return prepare_translocation(name, data_dir, out, workers=kw.get("workers"))
     raise CellmorphError(f"cannot prepare '{name}'; preparable: {', '.join(PREPARABLE)}.")
 
 
