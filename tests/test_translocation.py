@@ -116,8 +116,19 @@ def test_z_prime_formula():
     assert z_prime([0.5, 0.6], [0.4, 0.55]) < 0
 
 
-def test_replicate_script_cpu_tiny(data_dir, tmp_path, capsys):
-    sys.path.insert(0, str(REPO / "benchmarks"))
+@pytest.fixture
+def one_thread():
+    """One torch thread: on a shared 2-core machine, oversubscribed OpenMP threads make tiny models ~10x slower."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_replicate_script_cpu_tiny(data_dir, tmp_path, capsys, monkeypatch, one_thread):
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
     import translocation_replicates as script
 
     args = ["--data", str(data_dir), "--out", str(tmp_path / "run"), "--replicates", "1", "--epochs", "1",

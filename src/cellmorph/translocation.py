@@ -95,9 +95,33 @@ class Settings:
     crops_per_well: int = 16
 
 
+_TEMPLATES: dict[tuple[str, str], torch.nn.Module] = {}
+
+
+def fresh_model(name: str, setting: str, seed: int) -> torch.nn.Module:
+    """A new 2-class model: ImageNet weights (loaded once, then copied) with a new head, or Xavier from scratch.
+
+    The random parts (the head; all weights when scratch) are drawn from `seed`.
+    """
+    import copy
+
+    from cellmorph.models import create_model, xavier_init_
+
+    key = (name, setting)
+    if key not in _TEMPLATES:
+        _TEMPLATES[key] = create_model(name, SETTINGS[setting], num_classes=2)
+    model = copy.deepcopy(_TEMPLATES[key])
+    torch.manual_seed(seed)
+    if setting == "pretrained":
+        model.reset_classifier(2)
+    else:
+        xavier_init_(model)
+    return model
+
+
 def run_replicate(store_images: torch.Tensor, index: pd.DataFrame, setting: str, replicate: int, s: Settings, device: torch.device, seed: int = 0) -> dict:
     """Both folds of one replicate in one setting; returns per-epoch well probabilities and accuracies."""
-    from cellmorph.models import create_model, normalization
+    from cellmorph.models import normalization
     from cellmorph.train import InputSpec, fit, predict_proba
 
     y = labels_of(index)
@@ -107,8 +131,7 @@ def run_replicate(store_images: torch.Tensor, index: pd.DataFrame, setting: str,
     t0 = time.perf_counter()
     for k, fold in enumerate(two_folds(index)):
         fold_seed = seed * 1_000_003 + replicate * 101 + k * 7 + (0 if setting == "pretrained" else 50)
-        torch.manual_seed(fold_seed)
-        model = create_model(s.model, SETTINGS[setting], num_classes=2)
+        model = fresh_model(s.model, setting, fold_seed)
         mean, std = normalization(model)
         spec = InputSpec(size=s.input_size, mean=mean, std=std, normalize="imagenet")
         test_images = store_images[torch.as_tensor(fold.test, device=store_images.device)]
