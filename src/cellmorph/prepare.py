@@ -98,26 +98,33 @@ def _shrink_npy(path: Path, n: int) -> None:
 
 
 class StoreWriter:
-    """Writes a prepared store: crops appended to a memory-mapped images.npy (sized for the most crops there can
-    be, cut to the crops kept), their metadata rows to index.parquet, the recipe to prepared.json (last)."""
+    """Writes a prepared store: crops appended to images.npy (its header sized for the most crops there can be,
+    cut to the crops kept at the end), their metadata rows to index.parquet, the recipe to prepared.json (last).
+
+    Crops are appended with plain writes, not a memory map, so finished crops leave the process's memory.
+    """
 
     def __init__(self, folder: Path, capacity: int, image_shape: tuple[int, ...]):
         self.folder = check_writable(folder)
         for name in ("prepared.json", "index.parquet", "images.npy"):  # a half-replaced store must not look whole
             (self.folder / name).unlink(missing_ok=True)
+        self.shape = tuple(image_shape)
         self._ctx = atomic_path(self.folder / "images.npy")
         self._tmp = self._ctx.__enter__()
-        self.images = np.lib.format.open_memmap(self._tmp, mode="w+", dtype=np.uint8, shape=(max(capacity, 1), *image_shape))
+        self._file = open(self._tmp, "wb")
+        header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False, "shape": (capacity, *self.shape)}
+        np.lib.format.write_array_header_1_0(self._file, header)
         self.rows: list[dict] = []
 
     def add(self, image: np.ndarray, row: dict) -> None:
-        self.images[len(self.rows)] = image
+        if image.shape != self.shape or image.dtype != np.uint8:
+            raise ValueError(f"crop of shape {image.shape} {image.dtype}, store holds {self.shape} uint8")
+        self._file.write(np.ascontiguousarray(image).tobytes())
         self.rows.append(row)
 
     def finish(self, recipe: dict) -> pd.DataFrame:
-        self.images.flush()
-        shape = self.images.shape
-        del self.images
+        self._file.close()
+        shape = (len(self.rows), *self.shape)
         _shrink_npy(self._tmp, len(self.rows))
         self._ctx.__exit__(None, None, None)  # rename onto images.npy
         index = pd.DataFrame(self.rows)
@@ -133,8 +140,7 @@ class StoreWriter:
         return index
 
     def abort(self) -> None:
-        if hasattr(self, "images"):
-            del self.images
+        self._file.close()
         try:
             self._ctx.__exit__(RuntimeError, RuntimeError("aborted"), None)
         except RuntimeError:
