@@ -8,7 +8,7 @@ from tests.conftest import REPO
 
 
 def test_every_shipped_config_loads():
-    paths = sorted((REPO / "configs").glob("*.toml"))
+    paths = sorted((REPO / "configs").rglob("*.toml"))
     assert paths, "no configs shipped"
     for p in paths:
         load_config(p)

@@ -66,3 +66,24 @@ def test_loco_on_real_subset(subset_table):
     for f in folds:
         held = set(subset_table.df.Metadata_MoA.iloc[f.test])
         assert held <= set(subset_table.df.Metadata_MoA.iloc[f.train])
+
+
+def test_lcbo_on_real_subset(subset_table):
+    from cellmorph.splits import leave_compound_and_batch_out, lcbo_excluded
+
+    df = subset_table.df
+    folds = leave_compound_and_batch_out(df)
+    excluded = lcbo_excluded(df)
+    # Both cholesterol-lowering compounds come from Week9 only: holding out that week leaves that MoA
+    # no training image, so those two compounds cannot be scored.
+    assert sorted(e["compound"] for e in excluded) == ["mevinolin/lovastatin", "simvastatin"]
+    assert all(e["Metadata_MoA"] == ["Cholesterol-lowering"] for e in excluded)
+    assert len(folds) == 16
+    for f in folds:
+        test_batches = set(df.Metadata_Batch.iloc[f.test])
+        assert test_batches.isdisjoint(df.Metadata_Batch.iloc[f.train])
+        assert f.name not in set(df.Metadata_Compound.iloc[f.train])
+        assert set(df.Metadata_MoA.iloc[f.test]) <= set(df.Metadata_MoA.iloc[f.train])
+    # LCBO trains on fewer images than LOCO for the same compound
+    loco = {f.name: f for f in leave_one_compound_out(df)}
+    assert all(len(f.train) < len(loco[f.name].train) for f in folds)

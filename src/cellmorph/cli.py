@@ -27,12 +27,13 @@ def run(
     config: Path = typer.Argument(..., help="Experiment config (TOML), e.g. configs/quickstart.toml."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder (default: runs/<config name>). Rerun with the same folder to resume."),
     data: Optional[Path] = typer.Option(None, "--data", "-d", help=DATA_HELP),
+    set_: list[str] = typer.Option([], "--set", help="Override a config field, e.g. --set seed=1 --set evaluation.protocol=lcbo."),
 ) -> None:
     """Run an experiment: cross-validate, aggregate to treatments, write a run folder."""
     from cellmorph.config import load_config
     from cellmorph.experiment import run_experiment
 
-    cfg = load_config(config)
+    cfg = load_config(config, set_)
     out = out or Path("runs") / config.stem
     m = run_experiment(cfg, out, data)
     p = m["protocol"]
@@ -42,6 +43,43 @@ def run(
         f"({m['images_correct']}/{m['images_total']}), {m['n_folds']} folds, seed {cfg.seed}"
     )
     console.print(f"run folder: {out} (metrics.json, predictions.parquet, confusion.png, report.html)")
+
+
+@app.command()
+def summarize(
+    runs: list[Path] = typer.Argument(..., help="Run folders to compare (replicate seeds of one setting are pooled)."),
+    out: Path = typer.Option(Path("runs/summary"), "--out", "-o", help="Folder for summary.csv, summary.md and curves.png."),
+) -> None:
+    """Table of final accuracies (mean +- SEM over seeds) and accuracy-vs-epoch curves across runs."""
+    from cellmorph.summary import summarize_runs
+
+    table = summarize_runs(runs, out)
+    console.print(table.to_string(index=False))
+    console.print(f"written: {out}/summary.csv, summary.md, curves.png")
+
+
+@app.command()
+def explain(
+    config: Path = typer.Argument(..., help="The config the weights were trained with."),
+    weights: Path = typer.Option(..., "--weights", "-w", help="Fine-tuned weights, e.g. runs/NAME/folds/00/model.pt (finetune.save_models = true)."),
+    out: Path = typer.Option(Path("runs/explain"), "--out", "-o", help="Folder for activation_maximization.png and gradcam.png."),
+    data: Optional[Path] = typer.Option(None, "--data", "-d", help=DATA_HELP),
+    layer: list[str] = typer.Option([], "--layer", help="Layer (module name) to visualise; repeat for several. Default: the model's feature stages."),
+    filters: str = typer.Option("0,1,2,3,4,5", "--filters", help="Comma-separated filter indices."),
+    images: int = typer.Option(8, "--images", help="Held-out images for Grad-CAM."),
+    steps: int = typer.Option(128, "--steps", help="Gradient-ascent steps for activation maximisation."),
+) -> None:
+    """Look inside: activation maximisation (before vs after fine-tuning) and Grad-CAM overlays."""
+    from cellmorph.config import load_config
+    from cellmorph.explain import explain_run
+
+    try:
+        filter_ids = [int(f) for f in filters.split(",") if f.strip()]
+    except ValueError:
+        raise CellmorphError(f"--filters '{filters}': expected comma-separated integers, e.g. 0,1,2,3") from None
+    cfg = load_config(config)
+    info = explain_run(cfg, weights, out, data, layers=layer or None, filters=filter_ids, n_images=images, steps=steps, device_name=cfg.device)
+    console.print(f"layers {', '.join(info['layers'])}; written: {out}/activation_maximization.png, {out}/gradcam.png")
 
 
 @app.command()

@@ -68,11 +68,19 @@ class FinetuneConfig(_Strict):
     # "imagenet": the model's own mean/std; "raw": 0-255 pixels as the paper's code fed them.
     normalize: Literal["imagenet", "raw"] = "imagenet"
     amp: bool = True
+    # torch.compile the model (CUDA; the first epoch pays the compile time).
+    compile: bool = False
+    # Score the test fold after every epoch: accuracy-vs-epoch curves in metrics.json.
+    eval_every_epoch: bool = False
+    # Keep each fold's trained weights (folds/NN/model.pt), e.g. for `cellmorph explain`.
+    save_models: bool = False
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
 
 
 class EvaluationConfig(_Strict):
-    protocol: Literal["loco"] = "loco"
+    # "loco": leave-one-compound-out; "lcbo": leave-compound-and-batch-out (the test compound and
+    # every image of its batch/week are held out of training).
+    protocol: Literal["loco", "lcbo"] = "loco"
     # Run only the first N folds (0 = all); for smoke tests and CI.
     max_folds: int = Field(0, ge=0)
 
@@ -110,7 +118,27 @@ def parse_config(data: dict, source: Path | str = "<config>") -> ExperimentConfi
         raise CellmorphError(_format_validation_error(Path(source), err)) from None
 
 
-def load_config(path: str | Path) -> ExperimentConfig:
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply `dotted.key=value` overrides (value in TOML syntax; bare words are strings)."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise CellmorphError(f"--set '{item}': expected KEY=VALUE, e.g. --set seed=1 or --set evaluation.protocol=lcbo")
+        try:
+            value = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw
+        node = data
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise CellmorphError(f"--set '{item}': '{part}' is not a section")
+        node[parts[-1]] = value
+    return data
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
     path = Path(path)
     if not path.is_file():
         raise CellmorphError(f"{path}: config file not found. Pass the path of a TOML file, e.g. configs/quickstart.toml.")
@@ -118,7 +146,7 @@ def load_config(path: str | Path) -> ExperimentConfig:
         data = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as err:
         raise CellmorphError(f"{path}: not valid TOML ({err}). Fix the syntax and run again.") from None
-    return parse_config(data, path)
+    return parse_config(apply_overrides(data, overrides or []), path)
 
 
 def dump_toml(cfg: ExperimentConfig) -> str:

@@ -33,11 +33,11 @@ from cellmorph.config import ExperimentConfig, dump_toml
 from cellmorph.datasets import load_dataset
 from cellmorph.errors import CellmorphError
 from cellmorph.features import extract_features, logistic_head
-from cellmorph.io import check_writable, write_json, write_parquet, write_text
+from cellmorph.io import atomic_path, check_writable, write_json, write_npy, write_parquet, write_text
 from cellmorph.metrics import compute_metrics
 from cellmorph.models import check_model_config, create_model, default_input_size, normalization
 from cellmorph.progress import console, make_progress
-from cellmorph.splits import PROTOCOLS, Fold
+from cellmorph.splits import PROTOCOL_DESCRIPTIONS, PROTOCOLS, Fold, lcbo_excluded
 from cellmorph.store import Store, build_store
 from cellmorph.train import InputSpec, fit, pick_device, predict_proba
 
@@ -95,7 +95,7 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path, data_dir: str | Path 
     _claim_run_folder(out, cfg)
     write_json(out / "environment.json", environment(cfg, device))
 
-    folds = PROTOCOLS[cfg.evaluation.protocol](store.index)
+    folds = PROTOCOLS[cfg.evaluation.protocol](store.index, cfg.dataset.label)
     if cfg.evaluation.max_folds:
         folds = folds[: cfg.evaluation.max_folds]
     classes = table.classes
@@ -105,9 +105,13 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path, data_dir: str | Path 
     todo = [i for i in range(len(folds)) if not (_fold_dir(out, i) / "predictions.parquet").is_file()]
     if len(todo) < len(folds):
         console.print(f"resuming {out}: {len(folds) - len(todo)} of {len(folds)} folds already done")
-    features = None
+    features = images = None
     if todo and cfg.mode == "frozen":
         features = extract_features(store, cfg.model, cfg.frozen.tta, cfg.frozen.batch_size, device)
+    elif todo:
+        # The whole uint8 store goes to the device once, resized once; folds index it there.
+        size = cfg.model.input_size or default_input_size(cfg.model.name)
+        images = InputSpec(size, (), ()).resize_uint8(torch.from_numpy(np.asarray(store.images)).to(device))
     with make_progress() as progress:
         task = progress.add_task(f"{cfg.evaluation.protocol} folds", total=len(folds), completed=len(folds) - len(todo))
         for i in todo:
@@ -118,30 +122,38 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path, data_dir: str | Path 
                 cw = None if cfg.frozen.class_weight == "none" else "balanced"
                 probs, history = logistic_head(features, y, fold.train, fold.test, len(classes), cfg.frozen.C, cw, seed), None
             else:
-                probs, history = _finetune_fold(cfg, store, y, len(classes), fold, device, seed, progress)
+                probs, history, epoch_probs, model = _finetune_fold(cfg, images, y, len(classes), fold, device, seed, progress)
+                if epoch_probs is not None:
+                    write_npy(_fold_dir(out, i) / "epoch_probs.npy", epoch_probs)
+                if cfg.finetune.save_models:
+                    with atomic_path(_fold_dir(out, i) / "model.pt") as tmp:
+                        torch.save(model.state_dict(), tmp)
             _write_fold(out, i, fold, store, classes, probs, history)
             progress.advance(task)
     fold_seconds = time.perf_counter() - t0
-    return _finish(out, cfg, folds, classes, fold_seconds)
+    return _finish(out, cfg, folds, classes, store.index, fold_seconds)
 
 
 def _fold_dir(out: Path, i: int) -> Path:
     return out / "folds" / f"{i:02d}"
 
 
-def _finetune_fold(cfg: ExperimentConfig, store: Store, y: np.ndarray, n_classes: int, fold: Fold, device, seed: int, progress):
+def _finetune_fold(cfg: ExperimentConfig, images: torch.Tensor, y: np.ndarray, n_classes: int, fold: Fold, device, seed: int, progress):
+    """Train a fresh model on the fold's training images (uint8, on the device) and score its test images."""
     torch.manual_seed(seed)
-    model = create_model(cfg.model.name, cfg.model.init, num_classes=n_classes, in_chans=store.images.shape[1], drop_rate=cfg.model.drop_rate)
+    model = create_model(cfg.model.name, cfg.model.init, num_classes=n_classes, in_chans=images.shape[1], drop_rate=cfg.model.drop_rate)
     mean, std = normalization(model)
     spec = InputSpec(size=cfg.model.input_size or default_input_size(cfg.model.name), mean=mean, std=std, normalize=cfg.finetune.normalize)
-    images = torch.from_numpy(np.asarray(store.images))
     ft = cfg.finetune
     steps = ft.epochs * -(-len(fold.train) // ft.batch_size)
     task = progress.add_task(f"  training on {len(fold.train)} images", total=steps)
-    hist = fit(model, images[fold.train], y[fold.train], n_classes, ft, spec, device, seed, on_step=lambda: progress.advance(task))
+    test_images = images[torch.as_tensor(fold.test, device=images.device)]
+    epoch_probs = []
+    on_epoch = (lambda epoch: epoch_probs.append(predict_proba(model, test_images, spec, device, batch_size=max(ft.batch_size, 64)))) if ft.eval_every_epoch else None
+    hist = fit(model, images[torch.as_tensor(fold.train, device=images.device)], y[fold.train], n_classes, ft, spec, device, seed, on_step=lambda: progress.advance(task), on_epoch=on_epoch)
     progress.remove_task(task)
-    probs = predict_proba(model, images[fold.test], spec, device, batch_size=max(ft.batch_size, 32))
-    return probs, hist.__dict__
+    probs = epoch_probs[-1] if epoch_probs else predict_proba(model, test_images, spec, device, batch_size=max(ft.batch_size, 64))
+    return probs, hist.__dict__, (np.stack(epoch_probs).astype(np.float32) if epoch_probs else None), model
 
 
 def _write_fold(out: Path, i: int, fold: Fold, store: Store, classes: list[str], probs: np.ndarray, history: dict | None) -> None:
@@ -157,7 +169,7 @@ def _write_fold(out: Path, i: int, fold: Fold, store: Store, classes: list[str],
     write_parquet(d / "predictions.parquet", pred)  # last: marks the fold done
 
 
-def _finish(out: Path, cfg: ExperimentConfig, folds: list[Fold], classes: list[str], fold_seconds: float) -> dict:
+def _finish(out: Path, cfg: ExperimentConfig, folds: list[Fold], classes: list[str], index: pd.DataFrame, fold_seconds: float) -> dict:
     from cellmorph.aggregate import to_treatments
     from cellmorph.report import write_confusion_png, write_report
 
@@ -168,7 +180,7 @@ def _finish(out: Path, cfg: ExperimentConfig, folds: list[Fold], classes: list[s
     metrics = {
         "experiment": cfg.name,
         "protocol": protocol,
-        "protocol_description": "leave-one-compound-out: each fold holds out every image of one compound",
+        "protocol_description": PROTOCOL_DESCRIPTIONS[protocol],
         "dataset": cfg.dataset.name,
         "model": cfg.model.name,
         "init": cfg.model.init,
@@ -177,6 +189,8 @@ def _finish(out: Path, cfg: ExperimentConfig, folds: list[Fold], classes: list[s
         "n_folds": len(folds),
         "classes": classes,
         **compute_metrics(pred, protocol, label),
+        **({"excluded_compounds": lcbo_excluded(index, label)} if protocol == "lcbo" else {}),
+        **({"curve": _epoch_curve(out, folds, pred, classes, protocol, label)} if (_fold_dir(out, 0) / "epoch_probs.npy").is_file() else {}),
         "aggregation": "median over fields of a well, then median over replicate wells; argmax",
         "seconds_in_folds_this_invocation": round(fold_seconds, 2),
     }
@@ -187,6 +201,18 @@ def _finish(out: Path, cfg: ExperimentConfig, folds: list[Fold], classes: list[s
     write_report(out / "report.html", metrics, cfg)
     write_json(out / "metrics.json", metrics)
     return metrics
+
+
+def _epoch_curve(out: Path, folds: list[Fold], pred: pd.DataFrame, classes: list[str], protocol: str, label: str) -> list[dict]:
+    """Test accuracy after each epoch (every fold scored after every epoch), for Fig-3-style curves."""
+    per_fold = [np.load(_fold_dir(out, i) / "epoch_probs.npy") for i in range(len(folds))]
+    curve = []
+    for e in range(per_fold[0].shape[0]):
+        p = pred.copy()
+        p[[f"prob_{c}" for c in classes]] = np.concatenate([f[e] for f in per_fold])
+        m = compute_metrics(p, protocol, label)
+        curve.append({"epoch": e + 1, f"treatment_accuracy_{protocol}": m[f"treatment_accuracy_{protocol}"], f"image_accuracy_{protocol}": m[f"image_accuracy_{protocol}"]})
+    return curve
 
 
 def load_metrics(out: Path) -> dict:
