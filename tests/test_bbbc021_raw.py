@@ -50,6 +50,15 @@ def test_real_raw_tiff_and_missing_channels(data_dir, tmp_path):
     mean, std = anscombe_stats(pixel_histogram(field[0], 65536))
     a = 2.0 * np.sqrt(field[0].astype(np.float64) + 0.375)
     assert mean == pytest.approx(a.mean(), rel=1e-9) and std == pytest.approx(a.std(), rel=1e-9)
+    # the whole per-field path on the real 16-bit pixels (the DAPI plane as each of 3 channels, its own stats)
+    from cellmorph.preprocess import normalize_field, zscore_tables
+
+    field3 = np.repeat(field, 3, axis=0)
+    crops, kept = normalize_field(field3, zscore_tables([mean] * 3, [std] * 3, 65536))
+    z = (a - mean) / std
+    ref = (z - z.min()) * 255.0 / (z.max() - z.min())
+    assert [c.shape for c in crops] == [(3, 512, 640)] * 4 and all(kept)  # a DMSO field full of nuclei
+    assert np.array_equal(crops[3][0], ref[512:, 640:].astype(np.uint8))
     # the sample's metadata row, against a plate folder holding only that one DAPI file
     image, moa = _real_meta(data_dir)
     f = select_fields(image, moa)
