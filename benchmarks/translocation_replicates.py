@@ -54,7 +54,8 @@ def main(argv=None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     line = {"benchmark": "translocation_replicates", "dataset": summary["dataset"], "device": summary["device_name"],
-            "replicates": summary["replicates"], "counts": summary["counts"], "z_prime_plate": summary["dose_response"]["z_prime_plate"],
+            "replicates": summary["replicates"], "counts": summary["counts"], "z_prime_per_series": {k: v["z_prime"] for k, v in summary["dose_response"]["series"].items()},
+            "x50_per_series": {k: v["fit_4pl"].get("x50") for k, v in summary["dose_response"]["series"].items()},
             "seconds": summary["seconds_this_invocation"], "out": str(args.out)}
     print(json.dumps(line))
     return 0

@@ -97,7 +97,7 @@ def open_prepared(folder: str | Path, image_size: int = 0, mmap: bool = False) -
     if missing:
         raise CellmorphError(
             f"{folder}: not a prepared store (missing {missing}). Make one with `cellmorph prepare NAME --out {folder}`; "
-            "an interrupted prepare leaves no images.npy: run it again."
+            "an interrupted prepare leaves no prepared.json: run it again."
         )
     images = np.load(folder / "images.npy", mmap_mode="r" if mmap else None)
     index = pd.read_parquet(folder / "index.parquet")
