@@ -68,5 +68,24 @@ def test_finetune_learns_a_trivial_task_on_cpu():
 
 
 def test_raw_normalisation_feeds_0_255():
-    spec = InputSpec(size=0, mean=(0.5,), std=(0.5,), normalize="raw")
+    spec = InputSpec(size=0, mean=(0.5,), std=(0.5,), normalize_mode="raw")
     assert float(spec(torch.ones(1, 1, 4, 4)).max()) == 255.0
+
+
+def test_uint8_hot_path_matches_float_path_statistics():
+    from cellmorph.augment import augment_uint8
+
+    cfg = AugmentConfig(dihedral=False, jitter_scale=0.0, jitter_shift=0.0, blur_p=0.0, noise_std=0.0)
+    x = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)
+    assert torch.allclose(augment_uint8(x, cfg), x.float() / 255)  # identity settings: just the scaling
+    y = augment_uint8(x, AugmentConfig(), torch.Generator().manual_seed(0))
+    assert y.dtype == torch.float32 and y.min() >= 0 and y.max() <= 1 and not torch.allclose(y, x.float() / 255)
+    d = augment_uint8(x, AugmentConfig(jitter_scale=0, jitter_shift=0, blur_p=0, noise_std=0), torch.Generator().manual_seed(0))
+    assert any(torch.allclose(d[0], dihedral(x[:1].float() / 255, k)[0]) for k in range(8))
+
+
+def test_normalize_is_mean_std():
+    spec = InputSpec(size=0, mean=(0.2, 0.4), std=(0.5, 0.25))
+    x = torch.rand(2, 2, 3, 3)
+    ref = (x - torch.tensor([0.2, 0.4]).view(1, 2, 1, 1)) / torch.tensor([0.5, 0.25]).view(1, 2, 1, 1)
+    assert torch.allclose(spec(x), ref, atol=1e-6)

@@ -63,10 +63,29 @@ def gaussian_noise(x: torch.Tensor, max_std: float, generator: torch.Generator |
 
 
 def augment(x: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Float [0, 1] batch -> augmented float [0, 1] batch."""
     if cfg.dihedral:
         x = random_dihedral(x, generator)
     if cfg.jitter_scale > 0 or cfg.jitter_shift > 0:
         x = channel_jitter(x, cfg.jitter_scale, cfg.jitter_shift, generator)
+    x = random_blur(x, cfg.blur_p, generator)
+    x = gaussian_noise(x, cfg.noise_std, generator)
+    return x.clamp_(0, 1)
+
+
+def augment_uint8(x: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator | None = None) -> torch.Tensor:
+    """uint8 batch -> augmented float [0, 1] batch, the training hot path.
+
+    Same transforms as `augment`, ordered for speed: the dihedral moves run on the 1-byte pixels,
+    and the conversion to float, /255 and the channel jitter are one fused multiply-add.
+    """
+    if cfg.dihedral:
+        x = random_dihedral(x, generator)
+    b, c = x.shape[:2]
+    u = torch.rand((2, b, c, 1, 1), device=x.device, generator=generator) * 2 - 1
+    scale = (1 + cfg.jitter_scale * u[0]) / 255.0
+    shift = cfg.jitter_shift * u[1]
+    x = torch.addcmul(shift, x.float(), scale)
     x = random_blur(x, cfg.blur_p, generator)
     x = gaussian_noise(x, cfg.noise_std, generator)
     return x.clamp_(0, 1)

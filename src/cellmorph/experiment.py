@@ -143,7 +143,7 @@ def _finetune_fold(cfg: ExperimentConfig, images: torch.Tensor, y: np.ndarray, n
     torch.manual_seed(seed)
     model = create_model(cfg.model.name, cfg.model.init, num_classes=n_classes, in_chans=images.shape[1], drop_rate=cfg.model.drop_rate)
     mean, std = normalization(model)
-    spec = InputSpec(size=cfg.model.input_size or default_input_size(cfg.model.name), mean=mean, std=std, normalize=cfg.finetune.normalize)
+    spec = InputSpec(size=cfg.model.input_size or default_input_size(cfg.model.name), mean=mean, std=std, normalize_mode=cfg.finetune.normalize)
     ft = cfg.finetune
     steps = ft.epochs * -(-len(fold.train) // ft.batch_size)
     task = progress.add_task(f"  training on {len(fold.train)} images", total=steps)

@@ -185,7 +185,7 @@ def explain_run(cfg, weights, out, data_dir=None, layers: list[str] | None = Non
     after = create_model(cfg.model.name, str(weights), num_classes=len(classes), in_chans=c).to(device)
     mean, std = normalization(after)
     size = cfg.model.input_size or default_input_size(cfg.model.name)
-    spec = InputSpec(size=size, mean=mean, std=std, normalize=cfg.finetune.normalize)
+    spec = InputSpec(size=size, mean=mean, std=std, normalize_mode=cfg.finetune.normalize)
     layers = layers or default_layers(after)
     filters = filters or [0, 1, 2, 3, 4, 5]
     init_label = "ImageNet" if cfg.model.init == "imagenet" else cfg.model.init

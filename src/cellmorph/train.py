@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cellmorph.augment import augment, dihedral
+from cellmorph.augment import augment_uint8, dihedral
 from cellmorph.config import FinetuneConfig
 from cellmorph.errors import CellmorphError
 
@@ -39,7 +39,7 @@ class InputSpec:
     size: int  # square input size (0 = keep)
     mean: tuple[float, ...]
     std: tuple[float, ...]
-    normalize: str = "imagenet"  # or "raw": 0-255 values as the paper's code fed them
+    normalize_mode: str = "imagenet"  # or "raw": 0-255 values as the paper's code fed them
 
     def resize_uint8(self, images: torch.Tensor, chunk: int = 256) -> torch.Tensor:
         """Resize a whole uint8 stack to the input size once (on its device), instead of every batch."""
@@ -52,15 +52,19 @@ class InputSpec:
         return out
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """Float [0, 1] B x C x H x W -> network input."""
+        """Float [0, 1] B x C x H x W -> network input (resized if needed, normalised)."""
         if self.size and x.shape[-1] != self.size:
             x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False)
-        if self.normalize == "raw":
+        return self.normalize(x)
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """(x - mean) / std as one fused multiply-add; "raw" gives 0-255 values."""
+        if self.normalize_mode == "raw":
             return x * 255.0
         c = x.shape[1]
-        mean = torch.tensor(self.mean[:c], device=x.device, dtype=x.dtype).view(1, c, 1, 1)
-        std = torch.tensor(self.std[:c], device=x.device, dtype=x.dtype).view(1, c, 1, 1)
-        return (x - mean) / std
+        scale = 1.0 / torch.tensor(self.std[:c], device=x.device, dtype=x.dtype).view(1, c, 1, 1)
+        shift = -torch.tensor(self.mean[:c], device=x.device, dtype=x.dtype).view(1, c, 1, 1) * scale
+        return torch.addcmul(shift, x, scale)
 
 
 @dataclass
@@ -115,26 +119,25 @@ def fit(
         torch.backends.cudnn.benchmark = True
     x_all = spec.resize_uint8(images.to(device, non_blocking=True))
     net = torch.compile(model) if cfg.compile else model
-    y_all = torch.as_tensor(labels, dtype=torch.long, device=device)
+    y_all = torch.as_tensor(np.array(labels), dtype=torch.long, device=device)
     weight = class_weights(labels, n_classes).to(device) if cfg.class_weights else None
     opt = make_optimizer(model, cfg)
     n = len(y_all)
-    steps_per_epoch = max(1, math.ceil(n / cfg.batch_size))
-    total = cfg.epochs * steps_per_epoch
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total) if cfg.schedule == "cosine" else None
-    hist = History()
+    # Whole batches only (a fresh permutation each epoch, so every image is seen over the epochs):
+    # one input shape for the whole run, so cuDNN autotunes once.
+    batch = min(cfg.batch_size, n)
+    steps_per_epoch = n // batch
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs * steps_per_epoch) if cfg.schedule == "cosine" else None
+    epoch_loss, epoch_correct, epoch_seconds = [], [], []
     for epoch in range(1, cfg.epochs + 1):
         model.train()
-        if cuda:
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
+        timer = _EpochTimer(cuda)
         perm = torch.randperm(n, device=device, generator=gen)
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
         for s in range(steps_per_epoch):
-            idx = perm[s * cfg.batch_size : (s + 1) * cfg.batch_size]
-            x = augment(x_all[idx].float().div_(255), cfg.augment, gen)
-            x = spec(x)
+            idx = perm[s * batch : (s + 1) * batch]
+            x = spec.normalize(augment_uint8(x_all[idx], cfg.augment, gen))
             if cuda:
                 x = x.contiguous(memory_format=torch.channels_last)
             y = y_all[idx]
@@ -150,13 +153,38 @@ def fit(
             correct += (logits.argmax(1) == y).sum()
             if on_step is not None:
                 on_step()
-        hist.epoch.append(epoch)
-        hist.loss.append(float(loss_sum) / n)  # syncs once per epoch
-        hist.train_accuracy.append(float(correct) / n)
-        hist.images_per_s.append(n / (time.perf_counter() - t0))
+        epoch_loss.append(loss_sum)
+        epoch_correct.append(correct)
+        epoch_seconds.append(timer.stop())
         if on_epoch is not None:
             on_epoch(epoch)
-    return hist
+    # One host sync for the whole run, not one per epoch.
+    seen = steps_per_epoch * batch
+    return History(
+        epoch=list(range(1, cfg.epochs + 1)),
+        loss=[v / seen for v in torch.stack(epoch_loss).tolist()],
+        train_accuracy=[v / seen for v in torch.stack(epoch_correct).tolist()],
+        images_per_s=[seen / t() for t in epoch_seconds],
+    )
+
+
+class _EpochTimer:
+    """Epoch wall time without a host sync: CUDA events, read after training; perf_counter on CPU."""
+
+    def __init__(self, cuda: bool):
+        self.cuda = cuda
+        if cuda:
+            self.start, self.end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            self.start.record()
+        else:
+            self.t0 = time.perf_counter()
+
+    def stop(self):
+        if self.cuda:
+            self.end.record()
+            return lambda: self.start.elapsed_time(self.end) / 1000  # waits for the event only when read
+        dt = time.perf_counter() - self.t0
+        return lambda: dt
 
 
 @torch.no_grad()
@@ -168,7 +196,11 @@ def forward_batches(model: nn.Module, images: torch.Tensor, spec: InputSpec, dev
         model.to(memory_format=torch.channels_last)
     outs = []
     for s in range(0, len(images), batch_size):
-        x = spec(images[s : s + batch_size].to(device).float().div_(255))
+        chunk = images[s : s + batch_size].to(device)
+        real = len(chunk)
+        if cuda and real < batch_size and len(images) > batch_size:  # pad: one shape, one cuDNN autotune
+            chunk = torch.cat([chunk, chunk[-1:].expand(batch_size - real, *chunk.shape[1:])])
+        x = spec(chunk.float().div_(255))
         views = [dihedral(x, k) for k in range(8)] if tta else [x]
         acc = None
         for v in views:
@@ -177,9 +209,9 @@ def forward_batches(model: nn.Module, images: torch.Tensor, spec: InputSpec, dev
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cuda):
                 out = model(v).float()
             acc = out if acc is None else acc + out
-        outs.append((acc / len(views)).cpu())
+        outs.append((acc[:real] / len(views)).cpu())
         if on_batch is not None:
-            on_batch(len(x))
+            on_batch(real)
     return torch.cat(outs)
 
 
