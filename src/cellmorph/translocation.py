@@ -133,7 +133,7 @@ def run_replicate(store_images: torch.Tensor, index: pd.DataFrame, setting: str,
         fold_seed = seed * 1_000_003 + replicate * 101 + k * 7 + (0 if setting == "pretrained" else 50)
         model = fresh_model(s.model, setting, fold_seed)
         mean, std = normalization(model)
-        spec = InputSpec(size=s.input_size, mean=mean, std=std, normalize="imagenet")
+        spec = InputSpec(size=s.input_size, mean=mean, std=std)  # ImageNet mean/std normalisation
         test_images = store_images[torch.as_tensor(fold.test, device=store_images.device)]
 
         def evaluate(epoch: int) -> None:
@@ -173,7 +173,10 @@ def run_translocation(
     dev = pick_device(device)
     store = prepared_store(dataset, data_dir, prepared)
     keep, index = subset_crops(store, s.crops_per_well)
-    images = torch.from_numpy(np.ascontiguousarray(store.images[keep])).to(dev)  # small: decoded once, kept on the device
+    from cellmorph.train import InputSpec
+
+    # Small (1,536 crops): moved to the device once and resized to the input size there once.
+    images = InputSpec(s.input_size, (), ()).resize_uint8(torch.from_numpy(np.ascontiguousarray(store.images[keep])).to(dev))
     t_start = time.perf_counter()
     for setting in which:
         if setting not in SETTINGS:
