@@ -148,3 +148,6 @@ def test_replicate_script_cpu_tiny(data_dir, tmp_path, capsys, monkeypatch, one_
     before = (out / "replicates" / "pretrained-00.json").read_text()
     assert script.main(args) == 0
     assert (out / "replicates" / "pretrained-00.json").read_text() == before
+    # resuming with other settings is refused: replicates of two recipes must not mix
+    assert script.main([*args[:-2], "--batch-size", "16"]) == 2
+    assert "batch_size differ" in " ".join(capsys.readouterr().err.split())

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -149,6 +149,21 @@ def run_replicate(store_images: torch.Tensor, index: pd.DataFrame, setting: str,
     return out
 
 
+def _claim(out: Path, recipe: dict) -> None:
+    """A results folder holds one recipe: resuming with other settings would mix incomparable replicates."""
+    recipe = json.loads(json.dumps(recipe))  # tuples -> lists, as read back
+    path = out / "recipe.json"
+    if path.is_file():
+        old = json.loads(path.read_text())
+        if old != recipe:
+            diff = sorted(k for k in {**old.get("settings", {}), **recipe["settings"]} if old.get("settings", {}).get(k) != recipe["settings"].get(k))
+            diff += [k for k in ("dataset", "seed") if old.get(k) != recipe.get(k)]
+            raise CellmorphError(f"{out} holds replicates made with other settings ({', '.join(diff)} differ, see {path}). "
+                                 "Resume with the same options, or choose another --out.")
+    else:
+        write_json(path, recipe)
+
+
 def subset_crops(store: Store, crops_per_well: int) -> tuple[np.ndarray, pd.DataFrame]:
     keep = np.flatnonzero(store.index["Metadata_Crop"].to_numpy() <= crops_per_well)
     return keep, store.index.iloc[keep].reset_index(drop=True)
@@ -171,6 +186,7 @@ def run_translocation(
     s = settings or Settings()
     out = check_writable(out)
     dev = pick_device(device)
+    _claim(out, {"dataset": dataset, "seed": seed, "settings": asdict(s)})
     store = prepared_store(dataset, data_dir, prepared)
     keep, index = subset_crops(store, s.crops_per_well)
     from cellmorph.train import InputSpec
