@@ -76,7 +76,7 @@ def test_xavier_random_and_file_init(tmp_path):
     fan_in, fan_out = w.shape[1] * 49, w.shape[0] * 49
     bound = (6 / (fan_in + fan_out)) ** 0.5
     assert float(w.abs().max()) <= bound + 1e-6 and float(w.abs().max()) > 0.8 * bound
-    assert float(x.fc.bias.abs().max()) == 0.0
+    assert float(x.fc.bias.detach().abs().max()) == 0.0
     path = tmp_path / "w.pth"
     torch.save({"state_dict": x.state_dict()}, path)
     y = create_model("resnet18", str(path), num_classes=6)

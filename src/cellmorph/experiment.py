@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import platform
+import re
 import subprocess
 import time
 from datetime import datetime, timezone
@@ -50,6 +51,8 @@ def environment(cfg: ExperimentConfig, device: torch.device) -> dict:
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent, timeout=5).stdout.strip()
     except (OSError, subprocess.SubprocessError):
+        commit = ""
+    if not re.fullmatch(r"[0-9a-f]{40}", commit):  # not a git checkout (e.g. an installed copy)
         commit = ""
     return {
         "cellmorph": __version__,

@@ -60,11 +60,15 @@ def summarize_runs(runs: list[Path], out: Path) -> pd.DataFrame:
     return table
 
 
+def _pm(mean: float, sem: float) -> str:
+    return f"{mean:.1%}" + (" (one seed)" if np.isnan(sem) else f" ± {sem:.1%}")
+
+
 def _markdown(t: pd.DataFrame) -> str:
     head = "| experiment | model | init | protocol | seeds | treatments correct | treatment acc (mean ± SEM) | image acc (mean ± SEM) |\n|---|---|---|---|---|---|---|---|\n"
     body = "".join(
         f"| {r.experiment} | {r.model} | {r.init} | {r.protocol} | {r.seeds} | {r.treatments} | "
-        f"{r.treatment_acc_mean:.1%} ± {r.treatment_acc_sem:.1%} | {r.image_acc_mean:.1%} ± {r.image_acc_sem:.1%} |\n"
+        f"{_pm(r.treatment_acc_mean, r.treatment_acc_sem)} | {_pm(r.image_acc_mean, r.image_acc_sem)} |\n"
         for r in t.itertuples()
     )
     return head + body
