@@ -126,7 +126,7 @@ def run_nuclei(args, device, results: dict, save) -> None:
         model = create_model(spec["arch"], spec["init"], num_classes=len(classes), in_chans=images.shape[1])
         input_spec = make_input_spec(model, spec["input"], ft.normalize, images[fold.train])
         n_train, bs = len(fold.train), ft.batch_size
-        steps = ft.epochs * max(1, n_train // bs + (n_train % bs > 1))  # as fit() counts them
+        steps = ft.epochs * (n_train // min(bs, n_train))  # as fit() counts them: whole batches only
         every = max(1, steps // args.curve_points)
         test_x, test_y = images[fold.test], y[fold.test]
         curve_it, curve_acc = [], []

@@ -95,14 +95,17 @@ def datasets() -> None:
 
 @app.command()
 def download(
-    name: str = typer.Argument(..., help="Dataset to fetch (bbbc021-subset)."),
+    name: str = typer.Argument(..., help="Dataset to fetch (bbbc021-subset, bbbc021-raw, bbbc014)."),
     data: Optional[Path] = typer.Option(None, "--data", "-d", help=DATA_HELP),
 ) -> None:
     """Download a dataset from its public source into the data folder, checking every file's SHA-256."""
     import os
 
+    from cellmorph.datasets.bbbc014 import download_bbbc014
     from cellmorph.datasets.bbbc021 import DOWNLOADERS
+    from cellmorph.datasets.bbbc021_raw import download_raw
 
+    DOWNLOADERS = {**DOWNLOADERS, "bbbc021-raw": download_raw, "bbbc014": download_bbbc014}
     if name not in DOWNLOADERS:
         raise CellmorphError(f"no downloader for '{name}'. Downloadable: {', '.join(DOWNLOADERS)}.")
     folder = data or os.environ.get("CELLMORPH_DATA")
@@ -110,6 +113,29 @@ def download(
         raise CellmorphError("say where to put the data: --data DIR or CELLMORPH_DATA=DIR.")
     path = DOWNLOADERS[name](Path(folder))
     console.print(f"{name}: {path} (checksums verified)")
+
+
+@app.command()
+def prepare(
+    name: str = typer.Argument(..., help="Raw dataset to preprocess: bbbc021, bbbc013 or bbbc014."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for the prepared store (images.npy, index.parquet, prepared.json)."),
+    data: Optional[Path] = typer.Option(None, "--data", "-d", help=DATA_HELP),
+    images: Optional[Path] = typer.Option(None, "--images", help="bbbc021: folder of the plate folders (default: DATA/bbbc021-raw)."),
+    plates: Optional[str] = typer.Option(None, "--plates", help="bbbc021: comma-separated plates to prepare (default: all in the metadata)."),
+    image_size: int = typer.Option(0, "--image-size", help="bbbc021: resize each crop to N x N (default 0: keep 512 x 640)."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Threads reading and normalising fields (default: CPU count)."),
+) -> None:
+    """Preprocess raw plates as Kensert et al. 2019 into a store that training reads (dataset.name = "prepared")."""
+    from cellmorph.datasets import resolve_data_dir
+    from cellmorph.prepare import prepare as run_prepare
+
+    kw = {"workers": workers}
+    if name == "bbbc021":
+        kw.update(images_root=images, plates=[p.strip() for p in plates.split(",")] if plates else None, image_size=image_size)
+    recipe = run_prepare(name, resolve_data_dir(data), out, **kw)
+    console.print(f"{name}: {recipe['n_images']} images of {'x'.join(map(str, recipe['image_shape']))} in {out} (prepared.json says how)")
+    if recipe.get("crops_dropped"):
+        console.print(f"{len(recipe['crops_dropped'])} near-empty crops dropped (listed in prepared.json)")
 
 
 def main() -> None:

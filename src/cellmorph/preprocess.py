@@ -37,6 +37,8 @@ def read_image(path: str | Path) -> np.ndarray:
             f"{path}: cannot decode image ({type(err).__name__}: {err}). The file is corrupt or truncated; "
             "replace it (re-download or re-export) or remove its row from the table."
         ) from None
+    if arr.size == 0:
+        raise CellmorphError(f"{path}: cannot decode image (no pixels). The file is corrupt or truncated; replace it (re-download).")
     if arr.ndim == 2:
         arr = arr[:, :, None]
     if arr.ndim != 3:
@@ -78,3 +80,107 @@ def load_field(paths: list[str], size: int) -> np.ndarray:
 def anscombe(x: np.ndarray) -> np.ndarray:
     """Anscombe variance-stabilising transform 2*sqrt(x + 3/8)."""
     return 2.0 * np.sqrt(np.asarray(x, dtype=np.float64) + 3.0 / 8.0)
+
+
+# --- Raw plates (Kensert et al. 2019's preprocessing of BBBC021, BBBC013, BBBC014) -------------------------
+#
+# A raw field is C x H x W unsigned integers. Per plate and channel the Anscombe-transformed pixels of
+# every DMSO field give a mean and a standard deviation; each field is z-scored with them, mapped to
+# 0-255 by its own minimum and maximum (over all channels together), truncated to uint8, and tiled.
+#
+# Because raw pixels are integers, everything is done with lookup tables over the possible values:
+# the DMSO statistics come from exact integer histograms (streaming: one histogram per channel per
+# plate, whatever the number of fields), and a field's 8-bit image is one table lookup per pixel.
+# The per-pixel result equals the direct formula evaluated in float64 (tests/test_preprocess_raw.py).
+
+EMPTY_LEVEL = 255 / 5.1  # a crop is "near-empty" when at most 0.2% of its values exceed this (the paper's rule)
+EMPTY_FRACTION = 0.002
+
+
+def anscombe_table(levels: int) -> np.ndarray:
+    """2*sqrt(x + 3/8) for every integer x in 0..levels-1 (float64)."""
+    return anscombe(np.arange(levels))
+
+
+def pixel_histogram(channel: np.ndarray, levels: int) -> np.ndarray:
+    """Exact counts of each integer value 0..levels-1 in one channel (int64)."""
+    return np.bincount(channel.ravel(), minlength=levels)[:levels].astype(np.int64)
+
+
+def anscombe_stats(hist: np.ndarray) -> tuple[float, float]:
+    """Mean and (population) standard deviation of the Anscombe-transformed pixels counted in `hist`."""
+    n = hist.sum()
+    if n == 0:
+        raise ValueError("empty histogram")
+    a = anscombe_table(len(hist))
+    mean = float((hist * a).sum() / n)
+    var = float((hist * (a - mean) ** 2).sum() / n)
+    return mean, float(np.sqrt(var))
+
+
+def zscore_tables(means, stds, levels: int) -> np.ndarray:
+    """C x levels table: (anscombe(x) - mean_c) / std_c for every integer value x."""
+    a = anscombe_table(levels)
+    return np.stack([(a - m) / s for m, s in zip(means, stds)])
+
+
+def scaled_tables(field: np.ndarray, ztab: np.ndarray) -> np.ndarray:
+    """C x levels table of the field's 0-255 float values: (z - min) * 255 / (max - min), min/max over the field.
+
+    z is non-decreasing in the raw value, so the field's z minimum and maximum sit at its raw extremes.
+    A constant field (max == min) maps to 0.
+    """
+    c = field.shape[0]
+    flat = field.reshape(c, -1)
+    lo = min(ztab[i, flat[i].min()] for i in range(c))
+    hi = max(ztab[i, flat[i].max()] for i in range(c))
+    if hi <= lo:
+        return np.zeros_like(ztab)
+    return (ztab - lo) * 255.0 / (hi - lo)
+
+
+def apply_tables(field: np.ndarray, scaled: np.ndarray) -> np.ndarray:
+    """The field's uint8 image: each raw value looked up in its channel's scaled table, truncated as astype does."""
+    u8 = np.clip(scaled, 0, 255).astype(np.uint8)  # truncation toward zero, like the paper's astype('uint8')
+    return np.stack([np.take(u8[i], field[i]) for i in range(field.shape[0])])
+
+
+def tile_boxes(height: int, width: int, grid: tuple[int, int]) -> list[tuple[int, int, int, int]]:
+    """(top, left, h, w) of a rows x cols grid of equal crops, row by row (crop 1 = top-left)."""
+    rows, cols = grid
+    h, w = height // rows, width // cols
+    return [(r * h, c * w, h, w) for r in range(rows) for c in range(cols)]
+
+
+def near_empty(field: np.ndarray, scaled: np.ndarray, box, level: float = EMPTY_LEVEL, fraction: float = EMPTY_FRACTION) -> bool:
+    """The paper's rule on one crop: at most `fraction` of its values (all channels) above `level` on the 0-255 scale.
+
+    Evaluated on the float values before truncation, as the paper does: value > level  <=>  raw >= first raw
+    value whose scaled value exceeds level (the tables are non-decreasing).
+    """
+    top, left, h, w = box
+    above = 0
+    for i in range(field.shape[0]):
+        first = int(np.searchsorted(scaled[i], level, side="right"))
+        above += int(np.count_nonzero(field[i, top : top + h, left : left + w] >= first))
+    return above / (field.shape[0] * h * w) <= fraction
+
+
+def normalize_field(field: np.ndarray, ztab: np.ndarray, grid: tuple[int, int] = (2, 2)) -> tuple[list[np.ndarray], list[bool]]:
+    """One raw field (C x H x W unsigned ints) -> its uint8 crops and, per crop, whether it is kept (not near-empty)."""
+    scaled = scaled_tables(field, ztab)
+    img = apply_tables(field, scaled)
+    crops, kept = [], []
+    for box in tile_boxes(field.shape[1], field.shape[2], grid):
+        top, left, h, w = box
+        crops.append(img[:, top : top + h, left : left + w])
+        kept.append(not near_empty(field, scaled, box))
+    return crops, kept
+
+
+def anscombe_minmax_uint8(field: np.ndarray) -> np.ndarray:
+    """Translocation preprocessing (BBBC013/BBBC014): Anscombe, then the field's own min-max over all channels
+    to 0-255, truncated to uint8. `field` is C x H x W unsigned ints (8- or 16-bit)."""
+    levels = 256 if field.dtype == np.uint8 else 65536
+    ztab = np.broadcast_to(anscombe_table(levels), (field.shape[0], levels))
+    return apply_tables(field, scaled_tables(field, ztab))

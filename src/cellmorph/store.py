@@ -63,6 +63,8 @@ def store_key(table: ImageTable, image_size: int) -> str:
 
 def build_store(table: ImageTable, image_size: int = 0, cache: Path | None = None, workers: int | None = None) -> Store:
     """Decode every image once into a uint8 array; reuse the cached copy when the key matches."""
+    if table.store_dir is not None:  # made by `cellmorph prepare`: already decoded
+        return open_prepared(table.store_dir, image_size)
     key = store_key(table, image_size)
     folder = (cache or cache_dir()) / "store" / key
     images_path, index_path = folder / "images.npy", folder / "index.parquet"
@@ -143,3 +145,30 @@ def _cut_all_patches(table: ImageTable, image_size: int, workers: int) -> np.nda
             out[rows] = patches
             progress.advance(task, len(rows))
     return out
+
+
+# --- Prepared stores (`cellmorph prepare`): a folder holding images.npy, index.parquet, prepared.json ---------
+
+PREPARED_FILES = ("images.npy", "index.parquet", "prepared.json")
+
+
+def open_prepared(folder: str | Path, image_size: int = 0, mmap: bool = False) -> Store:
+    """Open a store written by `cellmorph prepare` (in memory, or memory-mapped when mmap=True)."""
+    folder = Path(folder)
+    missing = [f for f in PREPARED_FILES if not (folder / f).is_file()]
+    if missing:
+        raise CellmorphError(
+            f"{folder}: not a prepared store (missing {missing}). Make one with `cellmorph prepare NAME --out {folder}`; "
+            "an interrupted prepare leaves no prepared.json: run it again."
+        )
+    images = np.load(folder / "images.npy", mmap_mode="r" if mmap else None)
+    index = pd.read_parquet(folder / "index.parquet")
+    if len(index) != len(images):
+        raise CellmorphError(f"{folder}: index.parquet has {len(index)} rows but images.npy {len(images)} images; prepare it again.")
+    if image_size and images.shape[-2:] != (image_size, image_size):
+        raise CellmorphError(
+            f"{folder}: prepared at {images.shape[-2]}x{images.shape[-1]} pixels but dataset.image_size = {image_size}. "
+            f"Set dataset.image_size = 0, or prepare again with --image-size {image_size}."
+        )
+    key = hashlib.sha256((folder / "prepared.json").read_bytes()).hexdigest()[:20]
+    return Store(images, index, key)

@@ -26,7 +26,7 @@ def read_manifest(name: str) -> dict[str, str]:
     text = resources.files("cellmorph.datasets").joinpath("checksums", f"{name}.sha256").read_text()
     out = {}
     for line in text.splitlines():
-        if line.strip():
+        if line.strip() and not line.lstrip().startswith("#"):
             digest, rel = line.split(maxsplit=1)
             out[rel.strip()] = digest
     return out

@@ -59,4 +59,4 @@ def load_dataset(name: str, data_dir: str | Path | None, label: str = "Metadata_
 
 def _import_builtin() -> None:
     # Importing the modules registers their loaders.
-    from cellmorph.datasets import bbbc021, crchisto, folder  # noqa: F401
+    from cellmorph.datasets import bbbc013, bbbc014, bbbc021, crchisto, folder, prepared  # noqa: F401

@@ -33,6 +33,8 @@ class ImageTable:
     # > 0: each row is a patch_size x patch_size patch centred on (Metadata_Center_X, Metadata_Center_Y)
     # (0-based pixel column and row) of its image, not the whole image (see store.py).
     patch_size: int = 0
+    # A prepared store (`cellmorph prepare`): the images are already decoded there, one row per image.
+    store_dir: str | None = None
 
     def __post_init__(self) -> None:
         self.df = self.df.reset_index(drop=True)
@@ -61,7 +63,7 @@ class ImageTable:
                 f"{self.source}: missing column(s) {missing}. The table needs {list(self.required)} and the "
                 f"label column '{self.label}' (present: {list(self.df.columns)}). Add or rename the columns."
             )
-        if not self.path_columns:
+        if not self.path_columns and self.store_dir is None:
             raise CellmorphError(
                 f"{self.source}: no image path column. Name one column per image file "
                 f"'{PATH_PREFIX}<Channel>' (e.g. Image_Path_DAPI)."
@@ -77,6 +79,8 @@ class ImageTable:
             raise CellmorphError(f"{self.source}: label column '{self.label}' has fewer than 2 classes; nothing to classify.")
 
     def check_files_exist(self) -> None:
+        if self.store_dir is not None:
+            return
         for col in self.path_columns:
             for p in self.df[col]:
                 if not Path(p).is_file():
