@@ -5,10 +5,8 @@ import shutil
 import subprocess
 import sys
 
-import numpy as np
 import pandas as pd
 import pytest
-from PIL import Image
 
 from cellmorph.cli import main
 from tests.conftest import REPO

@@ -9,6 +9,12 @@ WELL_KEYS = ["Metadata_Plate", "Metadata_Well"]
 TREATMENT_KEYS = ["Metadata_Compound", "Metadata_Concentration"]
 
 
+def has_treatments(df: pd.DataFrame) -> bool:
+    """Whether rows carry plates, wells, compounds and concentrations (a drug screen), so that the
+    image -> well -> treatment aggregation applies (nucleus patches, for example, have none)."""
+    return set(WELL_KEYS + TREATMENT_KEYS) <= set(df.columns)
+
+
 def prob_columns(df: pd.DataFrame) -> list[str]:
     return [c for c in df.columns if c.startswith("prob_")]
 

@@ -1,9 +1,12 @@
 """The paper's augmentations as batched tensor ops (any device): 8 dihedral transforms,
-per-channel intensity jitter, 3x3 blur and Gaussian noise. Inputs are float B x C x H x W in [0, 1].
-No per-sample Python: every random choice is a tensor drawn for the whole batch.
+per-channel intensity jitter, 3x3 blur and Gaussian noise. `augment` takes a uint8 B x C x H x W
+batch and returns float in [0, 1]. No per-sample Python, and no host-to-device copy per call: every
+random choice is a tensor drawn on the batch's device, and the blur kernel is cached per device.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -32,20 +35,17 @@ def random_dihedral(x: torch.Tensor, generator: torch.Generator | None = None) -
     return torch.where(bits[2], x.flip(-2), x)
 
 
-def channel_jitter(x: torch.Tensor, scale: float, shift: float, generator: torch.Generator | None = None) -> torch.Tensor:
-    b, c = x.shape[:2]
-    u = torch.rand((2, b, c, 1, 1), device=x.device, generator=generator, dtype=x.dtype) * 2 - 1
-    return x * (1 + scale * u[0]) + shift * u[1]
-
-
-_BLUR = torch.tensor([1.0, 2.0, 1.0])
-
-
 def blur3x3(x: torch.Tensor) -> torch.Tensor:
+    """The binomial 3x3 blur ([1 2 1] outer [1 2 1] / 16), per channel, edges replicated."""
     c = x.shape[1]
-    k1 = _BLUR.to(device=x.device, dtype=x.dtype)
-    kernel = (torch.outer(k1, k1) / 16).expand(c, 1, 3, 3)
+    kernel = _blur_kernel(x.device, x.dtype).expand(c, 1, 3, 3)
     return F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), kernel, groups=c)
+
+
+@functools.lru_cache(maxsize=None)
+def _blur_kernel(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    k1 = torch.tensor([1.0, 2.0, 1.0], dtype=dtype)
+    return (torch.outer(k1, k1) / 16).view(1, 1, 3, 3).to(device)
 
 
 def random_blur(x: torch.Tensor, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -63,21 +63,10 @@ def gaussian_noise(x: torch.Tensor, max_std: float, generator: torch.Generator |
 
 
 def augment(x: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Float [0, 1] batch -> augmented float [0, 1] batch."""
-    if cfg.dihedral:
-        x = random_dihedral(x, generator)
-    if cfg.jitter_scale > 0 or cfg.jitter_shift > 0:
-        x = channel_jitter(x, cfg.jitter_scale, cfg.jitter_shift, generator)
-    x = random_blur(x, cfg.blur_p, generator)
-    x = gaussian_noise(x, cfg.noise_std, generator)
-    return x.clamp_(0, 1)
-
-
-def augment_uint8(x: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator | None = None) -> torch.Tensor:
     """uint8 batch -> augmented float [0, 1] batch, the training hot path.
 
-    Same transforms as `augment`, ordered for speed: the dihedral moves run on the 1-byte pixels,
-    and the conversion to float, /255 and the channel jitter are one fused multiply-add.
+    Ordered for speed: the dihedral moves run on the 1-byte pixels, and the conversion to float, /255
+    and the per-channel jitter x * U(1-s, 1+s) + U(-shift, shift) are one fused multiply-add.
     """
     if cfg.dihedral:
         x = random_dihedral(x, generator)

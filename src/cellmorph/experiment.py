@@ -17,7 +17,6 @@ and a rerun with the same --out skips the folds already done.
 
 from __future__ import annotations
 
-import json
 import platform
 import re
 import subprocess
@@ -35,12 +34,13 @@ from cellmorph.datasets import load_dataset
 from cellmorph.errors import CellmorphError
 from cellmorph.features import extract_features, logistic_head
 from cellmorph.io import atomic_path, check_writable, write_json, write_npy, write_parquet, write_text
-from cellmorph.metrics import compute_metrics, has_treatments
+from cellmorph.aggregate import has_treatments
+from cellmorph.metrics import compute_metrics
 from cellmorph.models import check_model_config, create_model, default_input_size
 from cellmorph.progress import console, make_progress
 from cellmorph.splits import PROTOCOL_DESCRIPTIONS, PROTOCOLS, Fold, lcbo_excluded
 from cellmorph.store import Store, build_store
-from cellmorph.train import InputSpec, fit, make_input_spec, pick_device, predict_proba
+from cellmorph.train import fit, make_input_spec, pick_device, predict_proba, resize_uint8_stack
 
 
 def environment(cfg: ExperimentConfig, device: torch.device) -> dict:
@@ -114,7 +114,7 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path, data_dir: str | Path 
     elif todo:
         # The whole uint8 store goes to the device once, resized once; folds index it there.
         size = cfg.model.input_size or default_input_size(cfg.model.name)
-        images = InputSpec(size, (), ()).resize_uint8(torch.from_numpy(np.asarray(store.images)).to(device))
+        images = resize_uint8_stack(torch.from_numpy(np.asarray(store.images)).to(device), size)
     with make_progress() as progress:
         task = progress.add_task(f"{cfg.evaluation.protocol} folds", total=len(folds), completed=len(folds) - len(todo))
         for i in todo:
@@ -220,7 +220,3 @@ def _epoch_curve(out: Path, folds: list[Fold], pred: pd.DataFrame, classes: list
         keys = (f"treatment_accuracy_{protocol}", f"image_accuracy_{protocol}")
         curve.append({"epoch": e + 1, **{k: m[k] for k in keys if k in m}})
     return curve
-
-
-def load_metrics(out: Path) -> dict:
-    return json.loads((Path(out) / "metrics.json").read_text())

@@ -5,17 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from cellmorph.aggregate import prob_columns, to_treatments
+from cellmorph.aggregate import has_treatments, prob_columns, to_treatments
 
 
 def image_predictions(pred: pd.DataFrame) -> np.ndarray:
     probs = prob_columns(pred)
     return np.array([probs[i].removeprefix("prob_") for i in pred[probs].to_numpy().argmax(axis=1)])
-
-
-def has_treatments(pred: pd.DataFrame) -> bool:
-    """Whether the rows carry compounds and concentrations, so treatment-level aggregation applies."""
-    return {"Metadata_Compound", "Metadata_Concentration", "Metadata_Plate", "Metadata_Well"} <= set(pred.columns)
 
 
 def compute_metrics(pred: pd.DataFrame, protocol: str, label: str = "Metadata_MoA") -> dict:

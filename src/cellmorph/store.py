@@ -40,10 +40,6 @@ class Store:
     index: pd.DataFrame  # the ImageTable's rows, same order
     key: str
 
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return self.images.shape
-
 
 def store_key(table: ImageTable, image_size: int) -> str:
     h = hashlib.sha256()
@@ -126,10 +122,10 @@ def _cut_all_patches(table: ImageTable, image_size: int, workers: int) -> np.nda
         image = load_field(paths, 0)
         cx = df["Metadata_Center_X"].to_numpy()[rows]
         cy = df["Metadata_Center_Y"].to_numpy()[rows]
-        _, h, w = image.shape
-        if len(rows) and (cx.min() < 0 or cy.min() < 0 or cx.max() >= w or cy.max() >= h):
-            raise CellmorphError(f"{paths[0]}: a patch centre lies outside the {w} x {h} image ({table.source}).")
-        patches = cut_patches(image, cx, cy, size)
+        try:
+            patches = cut_patches(image, cx, cy, size)
+        except ValueError as err:
+            raise CellmorphError(f"{paths[0]}: {err} ({table.source}). Fix the centre columns of those rows.") from None
         if image_size and image_size != size:
             patches = np.stack([resize_uint8(p.transpose(1, 2, 0), image_size).transpose(2, 0, 1) for p in patches])
         return rows, patches

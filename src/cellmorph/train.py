@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cellmorph.augment import augment_uint8, dihedral
+from cellmorph.augment import augment, dihedral
 from cellmorph.config import FinetuneConfig
 from cellmorph.errors import CellmorphError
 
@@ -41,16 +41,8 @@ class InputSpec:
     # "imagenet": (x - mean) / std with the model's own mean/std; "raw": 0-255 values as the paper's
     # code fed them; "mean": the same formula with `mean` = the training images' mean intensity.
     normalize_mode: str = "imagenet"
-
-    def resize_uint8(self, images: torch.Tensor, chunk: int = 256) -> torch.Tensor:
-        """Resize a whole uint8 stack to the input size once (on its device), instead of every batch."""
-        if not self.size or images.shape[-1] == self.size:
-            return images
-        out = torch.empty((*images.shape[:2], self.size, self.size), dtype=torch.uint8, device=images.device)
-        for s in range(0, len(images), chunk):
-            x = F.interpolate(images[s : s + chunk].float(), size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False)
-            out[s : s + chunk] = x.round_().clamp_(0, 255).to(torch.uint8)
-        return out
+    # (device, dtype, channels) -> (scale, shift) already on the device: no host-to-device copy per batch.
+    _affine: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """Float [0, 1] B x C x H x W -> network input (resized if needed, normalised)."""
@@ -63,9 +55,24 @@ class InputSpec:
         if self.normalize_mode == "raw":
             return x * 255.0
         c = x.shape[1]
-        scale = 1.0 / torch.tensor(self.std[:c], device=x.device, dtype=x.dtype).view(1, c, 1, 1)
-        shift = -torch.tensor(self.mean[:c], device=x.device, dtype=x.dtype).view(1, c, 1, 1) * scale
+        key = (x.device, x.dtype, c)
+        if key not in self._affine:
+            scale = 1.0 / torch.tensor(self.std[:c], dtype=x.dtype).view(1, c, 1, 1)
+            shift = -torch.tensor(self.mean[:c], dtype=x.dtype).view(1, c, 1, 1) * scale
+            self._affine[key] = (scale.to(x.device), shift.to(x.device))
+        scale, shift = self._affine[key]
         return torch.addcmul(shift, x, scale)
+
+
+def resize_uint8_stack(images: torch.Tensor, size: int, chunk: int = 256) -> torch.Tensor:
+    """Resize a whole uint8 N x C x H x W stack to size x size once (on its device), instead of every batch."""
+    if not size or images.shape[-1] == size:
+        return images
+    out = torch.empty((*images.shape[:2], size, size), dtype=torch.uint8, device=images.device)
+    for s in range(0, len(images), chunk):
+        x = F.interpolate(images[s : s + chunk].float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        out[s : s + chunk] = x.round_().clamp_(0, 255).to(torch.uint8)
+    return out
 
 
 @dataclass
@@ -165,7 +172,7 @@ def fit(
     if cuda:
         model.to(memory_format=torch.channels_last)
         torch.backends.cudnn.benchmark = True
-    x_all = spec.resize_uint8(images.to(device, non_blocking=True))
+    x_all = resize_uint8_stack(images.to(device, non_blocking=True), spec.size)
     net = torch.compile(model) if cfg.compile else model
     y_all = torch.as_tensor(np.array(labels), dtype=torch.long, device=device)
     weight = class_weights(labels, n_classes).to(device) if cfg.class_weights else None
@@ -186,7 +193,7 @@ def fit(
         correct = torch.zeros((), device=device, dtype=torch.long)
         for s in range(steps_per_epoch):
             idx = perm[s * batch : (s + 1) * batch]
-            x = spec.normalize(augment_uint8(x_all[idx], cfg.augment, gen))
+            x = spec.normalize(augment(x_all[idx], cfg.augment, gen))
             if cuda:
                 x = x.contiguous(memory_format=torch.channels_last)
             y = y_all[idx]

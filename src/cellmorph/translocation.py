@@ -189,10 +189,10 @@ def run_translocation(
     _claim(out, {"dataset": dataset, "seed": seed, "settings": asdict(s)})
     store = prepared_store(dataset, data_dir, prepared)
     keep, index = subset_crops(store, s.crops_per_well)
-    from cellmorph.train import InputSpec
+    from cellmorph.train import resize_uint8_stack
 
     # Small (1,536 crops): moved to the device once and resized to the input size there once.
-    images = InputSpec(s.input_size, (), ()).resize_uint8(torch.from_numpy(np.ascontiguousarray(store.images[keep])).to(dev))
+    images = resize_uint8_stack(torch.from_numpy(np.ascontiguousarray(store.images[keep])).to(dev), s.input_size)
     t_start = time.perf_counter()
     for setting in which:
         if setting not in SETTINGS:

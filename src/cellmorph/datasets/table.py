@@ -49,10 +49,6 @@ class ImageTable:
         """Sorted class names: the model's output order."""
         return sorted(self.df[self.label].astype(str).unique())
 
-    @property
-    def metadata_columns(self) -> list[str]:
-        return [c for c in self.df.columns if c.startswith("Metadata_")]
-
     def __len__(self) -> int:
         return len(self.df)
 
@@ -93,8 +89,6 @@ class ImageTable:
     def has_treatments(self) -> bool:
         """Whether rows carry compounds and concentrations (a drug screen), so that treatment-level
         aggregation means something."""
-        return {"Metadata_Compound", "Metadata_Concentration"} <= set(self.df.columns)
+        from cellmorph.aggregate import has_treatments
 
-    def treatment_keys(self) -> pd.Series:
-        """'compound@concentration' per row: the unit the paper scores."""
-        return self.df["Metadata_Compound"].astype(str) + "@" + self.df["Metadata_Concentration"].astype(str)
+        return has_treatments(self.df)
