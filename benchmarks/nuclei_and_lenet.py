@@ -19,7 +19,8 @@ they are upsampled to the model input there (64 px; 96 px for the tuned run).
 Part "lenet" (BBBC021 6-MoA subset): the lab's CNN through `cellmorph run`'s own runner with the
 configs configs/lenet-lab{,-dropout,-augment}.toml on the 75/25 split and leave-one-compound-out.
 
-Writes OUT/results.json (rewritten after every run, so a killed run keeps what finished), the curve
+Writes OUT/results.json (rewritten after every run, so a killed run keeps what finished; the same
+command again resumes, skipping the nuclei runs already there), the curve
 plots OUT/curves_<split>.png, OUT/lenet/<run>/ run folders; prints one JSON line at the end.
 --quick shrinks everything to a CPU smoke (2 H&E images, one epoch, 32/64 px inputs, 3 curve points,
 one LOCO fold).
@@ -77,6 +78,11 @@ def nuclei_runs(quick: bool, all_runs: bool = False) -> list[dict]:
     return runs
 
 
+def run_key(run: dict) -> str:
+    """'split/run/arch', e.g. 'random/transfer/tf_efficientnet_lite0' (what --runs selects by prefix)."""
+    return f"{run['split']}/{run['run']}/{run['arch']}"
+
+
 def curve_plot(path: Path, curves: list[dict], split: str) -> None:
     import matplotlib
 
@@ -117,8 +123,16 @@ def run_nuclei(args, device, results: dict, save) -> None:
         "recipe": base.finetune.model_dump(mode="json"),
         "runs": [],
     }
+    done = {run_key(r): r for r in args.previous.get("nuclei", {}).get("runs", [])}
     for spec in nuclei_runs(args.quick, args.all_runs):
+        key = run_key(spec)
+        if key in done:  # finished by an earlier invocation with the same --out: keep it, selected or not
+            results["nuclei"]["runs"].append(done[key])
+            print(f"nuclei {key}: done before ({done[key]['final_test_accuracy']:.2%}), kept", flush=True)
+            continue
         if args.archs and spec["arch"] not in args.archs:
+            continue
+        if args.runs and not any(key.startswith(r) for r in args.runs):
             continue
         fold = folds[spec["split"]]
         ft = base.finetune.model_copy(update={"augment": NO_AUGMENT, "head_lr_mult": 1.0, **spec["ft"], **({"epochs": args.epochs} if args.epochs else {})})
@@ -227,6 +241,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--parts", default="nuclei,lenet", help="comma-separated: nuclei, lenet")
     ap.add_argument("--archs", default="", help="only these nuclei architectures (comma-separated); default all")
+    ap.add_argument("--runs", default="", help="only the nuclei runs whose 'split/run/arch' starts with one of these (comma-separated), e.g. random/transfer")
     ap.add_argument("--curve-points", type=int, default=25, help="test-accuracy evaluations per nuclei run")
     ap.add_argument("--no-lenet-loco-variants", dest="lenet_loco_variants", action="store_false", help="LOCO for the base LeNet only")
     ap.add_argument("--quick", action="store_true", help="CPU smoke: 2 H&E images, 1 epoch, small inputs, 1 LOCO fold, 2 nuclei runs")
@@ -238,6 +253,7 @@ def main(argv=None) -> dict:
         args.max_images = args.max_images or 2
         args.epochs = args.epochs or 1
     args.archs = [a for a in args.archs.split(",") if a]
+    args.runs = [r for r in args.runs.split(",") if r]
     if args.quick:
         args.curve_points = min(args.curve_points, 3)
     parts = [p for p in args.parts.split(",") if p]
@@ -250,7 +266,19 @@ def main(argv=None) -> dict:
         "torch": torch.__version__,
         "quick": args.quick,
         "seed": args.seed,
+        "max_images": args.max_images,
+        "epochs_override": args.epochs,
     }
+    # A rerun with the same --out, seed, --quick, --max-images and --epochs resumes: the nuclei runs
+    # already in results.json are kept, not trained again (each is saved the moment it finishes).
+    args.previous = {}
+    if (args.out / "results.json").is_file():
+        prev = json.loads((args.out / "results.json").read_text())
+        if all(prev.get(k) == results[k] for k in ("seed", "quick", "max_images", "epochs_override")):
+            args.previous = prev
+            for part in ("nuclei", "lenet"):  # a part not run this time keeps its earlier results
+                if part in prev:
+                    results[part] = prev[part]
     save = lambda: write_json(args.out / "results.json", results)  # noqa: E731
     t0 = time.perf_counter()
     if "nuclei" in parts:

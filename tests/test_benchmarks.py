@@ -1,7 +1,9 @@
-"""The GPU benchmark script's --quick mode on the real data, on CPU: every part runs end to end."""
+"""The benchmark scripts at tiny sizes on CPU, on the real data: every part runs end to end."""
 
 import json
 import sys
+
+import pytest
 
 from tests.conftest import REPO
 
@@ -29,3 +31,28 @@ def test_nuclei_and_lenet_quick(crchisto_table, data_dir, tmp_path, capsys):
     (lenet,) = results["lenet"]["runs"]
     assert lenet["protocol"] == "loco" and lenet["n_folds"] == 1 and lenet["images_total"] > 0
     assert (out / "lenet" / "lenet-lab-dropout-loco" / "metrics.json").is_file()
+
+    # The same command again resumes: finished nuclei runs are kept, not trained again, and a part not
+    # run this time keeps its earlier results.
+    nuclei_and_lenet.main(["--out", str(out), "--data", str(data_dir), "--quick", "--device", "cpu", "--parts", "nuclei"])
+    printed = capsys.readouterr().out
+    assert printed.count(", kept") == 2 and "test accuracy" not in printed
+    again = json.loads((out / "results.json").read_text())
+    assert again["nuclei"]["runs"] == runs and again["lenet"] == results["lenet"]
+
+
+def test_gpu_throughput_cpu_smoke(data_dir, capsys):
+    """The throughput benchmark's code path at tiny sizes on CPU (the GPU numbers live in RESULTS.md)."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import gpu_throughput
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    line = gpu_throughput.main(["--device", "cpu", "--model", "resnet18", "--batch", "32", "--size", "16", "--steps", "2", "--data", str(data_dir), "--profile"])
+    captured = capsys.readouterr()
+    assert json.loads(captured.out.strip().splitlines()[-1]) == line  # one JSON line on stdout
+    assert line["gpu"] == "cpu" and line["batch"] == 32 and line["size"] == 16
+    for key in ("bare_img_s", "cellmorph_img_s", "cellmorph_steady_img_s", "augment_normalize_ms_per_batch"):
+        assert line[key] > 0, key
+    assert line["ratio"] == pytest.approx(line["cellmorph_img_s"] / line["bare_img_s"], rel=0.02)  # the two are rounded
+    assert "aten::convolution" in captured.err  # the profiler table went to stderr
