@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cellmorph.augment import augment, dihedral
-from cellmorph.config import FinetuneConfig
+from cellmorph.config import AugmentConfig, FinetuneConfig
 from cellmorph.errors import CellmorphError
 
 
@@ -193,9 +193,7 @@ def fit(
         correct = torch.zeros((), device=device, dtype=torch.long)
         for s in range(steps_per_epoch):
             idx = perm[s * batch : (s + 1) * batch]
-            x = spec.normalize(augment(x_all[idx], cfg.augment, gen))
-            if cuda:
-                x = x.contiguous(memory_format=torch.channels_last)
+            x = training_batch(x_all, idx, spec, cfg.augment, gen)
             y = y_all[idx]
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cuda and cfg.amp):
                 logits = net(x)
@@ -224,6 +222,12 @@ def fit(
         train_accuracy=[v / seen for v in torch.stack(epoch_correct).tolist()],
         images_per_s=[seen / t() for t in epoch_seconds],
     )
+
+
+def training_batch(x_all: torch.Tensor, idx: torch.Tensor, spec: InputSpec, aug: AugmentConfig, gen: torch.Generator) -> torch.Tensor:
+    """The per-step work in front of the network: index the uint8 batch, augment, normalise (channels_last on CUDA)."""
+    x = spec.normalize(augment(x_all[idx], aug, gen))
+    return x.contiguous(memory_format=torch.channels_last) if x.is_cuda else x
 
 
 class _EpochTimer:
