@@ -117,3 +117,34 @@ def test_torchvision_imagenet_needs_a_source(monkeypatch, tmp_path):
         create_model("alexnet", "imagenet", num_classes=3)
     with pytest.raises(CellmorphError, match="no ImageNet weights"):
         create_model("lenet", "imagenet", num_classes=3)
+
+
+@pytest.mark.parametrize("name", ["alexnet", "gendernet"])
+def test_gaussian_init_is_caffes_filler(name):
+    """N(0, 0.01) weights in every conv and linear layer, zero biases, from torch's global RNG."""
+    torch.manual_seed(0)
+    model = create_model(name, "gaussian", num_classes=3)
+    layers = [m for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    assert len(layers) == {"alexnet": 8, "gendernet": 6}[name]
+    for m in layers:
+        assert abs(float(m.weight.detach().std()) - 0.01) < 0.001 and abs(float(m.weight.detach().mean())) < 0.001
+        assert float(m.bias.detach().abs().max()) == 0.0
+    torch.manual_seed(0)
+    again = create_model(name, "gaussian", num_classes=3)
+    assert torch.equal(layers[0].weight, next(again.parameters()))
+
+
+def test_gaussian_init_keeps_batch_norm_and_is_a_valid_init():
+    from cellmorph.models import check_model_config, gaussian_init_
+
+    for name in ("resnet18", "alexnet"):
+        check_model_config(name, "gaussian")
+    model = create_model("resnet18", "gaussian", num_classes=2)
+    assert torch.equal(model.bn1.weight, torch.ones(64)) and torch.equal(model.bn1.bias, torch.zeros(64))
+    assert abs(float(model.conv1.weight.detach().std()) - 0.01) < 0.001
+    gaussian_init_(model, std=0.05)
+    assert abs(float(model.fc.weight.detach().std()) - 0.05) < 0.005
+    with pytest.raises(CellmorphError, match="'gaussian'"):
+        create_model("resnet18", "gausian")
+    with pytest.raises(CellmorphError, match="'xavier', 'gaussian' or 'random'"):
+        create_model("lenet", "imagenet")

