@@ -2,6 +2,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import tifffile
+from PIL import Image
 
 from cellmorph.datasets import load_dataset
 from cellmorph.datasets.download import read_manifest, verify_manifest
@@ -101,7 +102,54 @@ def test_folder_dataset_errors(tmp_path):
     (tmp_path / "f3_DNA.tif").unlink()
     with pytest.raises(CellmorphError, match="f3_DNA.tif.*does not exist"):
         load_dataset("folder", tmp_path, csv="plates.csv")
-    df = pd.read_csv(tmp_path / "plates.csv").drop(columns=["Metadata_Well"])
-    df.to_csv(tmp_path / "nowell.csv", index=False)
-    with pytest.raises(CellmorphError, match="Metadata_Well"):
-        load_dataset("folder", tmp_path, csv="nowell.csv")
+    df = pd.read_csv(tmp_path / "plates.csv").drop(columns=["Metadata_MoA"])
+    df.to_csv(tmp_path / "nolabel.csv", index=False)
+    with pytest.raises(CellmorphError, match="missing column.*Metadata_MoA.*needs the label column 'Metadata_MoA'"):
+        load_dataset("folder", tmp_path, csv="nolabel.csv")
+
+
+def _write_nuclei_patches(tmp_path, labels):
+    """A user's own nuclei-patch dataset: one CSV of patches, a label and a patient column, nothing else."""
+    rng = np.random.default_rng(1)
+    (tmp_path / "patches").mkdir()
+    for i in range(len(labels)):
+        Image.fromarray(rng.integers(0, 255, (27, 27, 3), dtype=np.uint8)).save(tmp_path / "patches" / f"n{i}.png")
+    pd.DataFrame(
+        {
+            "Image_Path_HE": [f"patches/n{i}.png" for i in range(len(labels))],
+            "Metadata_Label": labels,
+            "Metadata_Patient": [f"P{i % 3}" for i in range(len(labels))],
+        }
+    ).to_csv(tmp_path / "nuclei.csv", index=False)
+
+
+def test_folder_needs_only_paths_and_label(tmp_path):
+    from cellmorph.store import build_store
+
+    _write_nuclei_patches(tmp_path, ["tumour", "stroma", None, "immune", "tumour", None])
+    table = load_dataset("folder", tmp_path, csv="nuclei.csv", label="Metadata_Label")
+    assert table.classes == ["immune", "stroma", "tumour"]  # empty labels are no class
+    assert table.df.Metadata_Label.isna().sum() == 2 and not table.has_treatments
+    store = build_store(table, cache=tmp_path / "cache")
+    assert store.images.shape == (6, 3, 27, 27)
+    assert list(store.index.Metadata_Patient) == ["P0", "P1", "P2", "P0", "P1", "P2"]  # carried for the runner
+
+
+def test_folder_labels_keep_their_text(tmp_path):
+    _write_nuclei_patches(tmp_path, ["0", "1", None, "1"])  # numeric labels beside an empty cell stay "0"/"1"
+    assert load_dataset("folder", tmp_path, csv="nuclei.csv", label="Metadata_Label").classes == ["0", "1"]
+
+
+def test_folder_needs_two_labelled_classes(tmp_path):
+    _write_nuclei_patches(tmp_path, ["tumour", None, "tumour", " "])
+    with pytest.raises(CellmorphError, match=r"nuclei.csv: label column 'Metadata_Label' has fewer than 2 classes among its labelled rows \(\['tumour'\]\)"):
+        load_dataset("folder", tmp_path, csv="nuclei.csv", label="Metadata_Label")
+
+
+def test_folder_empty_path_cell_is_named(tmp_path):
+    _write_nuclei_patches(tmp_path, ["tumour", "stroma", "immune"])
+    df = pd.read_csv(tmp_path / "nuclei.csv")
+    df.loc[1, "Image_Path_HE"] = None
+    df.to_csv(tmp_path / "nuclei.csv", index=False)
+    with pytest.raises(CellmorphError, match=r"column 'Image_Path_HE' is empty in row\(s\) \[1\]"):
+        load_dataset("folder", tmp_path, csv="nuclei.csv", label="Metadata_Label")

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from cellmorph.errors import CellmorphError
 
@@ -18,27 +18,31 @@ TIFF_SUFFIXES = {".tif", ".tiff"}
 def read_image(path: str | Path) -> np.ndarray:
     """Read one image file as an H x W x C array (grey images get C = 1).
 
-    Raises CellmorphError naming the file when it is missing, truncated or not an image.
+    Raises CellmorphError naming the file when it is missing, truncated, corrupt, compressed with a codec
+    that is not installed, or holds NaN/infinite pixels (which would otherwise become a blank image).
     """
     path = Path(path)
     if not path.is_file():
         raise CellmorphError(f"{path}: image file not found. Check the data folder and the table's image paths.")
     try:
-        if path.suffix.lower() in TIFF_SUFFIXES:
-            import tifffile
-
-            arr = tifffile.imread(path)
-        else:
-            with Image.open(path) as im:
-                im.load()
-                arr = np.asarray(im)
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as err:
+        arr = _decode(path)
+    except Exception as err:  # zlib, imagecodecs, tifffile and Pillow each raise their own types on bad bytes
+        if "imagecodecs" in str(err):
+            raise CellmorphError(
+                f"{path}: its compression needs the imagecodecs package ({err}). Install imagecodecs (pip install imagecodecs)."
+            ) from None
         raise CellmorphError(
             f"{path}: cannot decode image ({type(err).__name__}: {err}). The file is corrupt or truncated; "
-            "replace it (re-download or re-export) or remove its row from the table."
+            "re-export or re-download it, or remove its row from the table."
         ) from None
     if arr.size == 0:
-        raise CellmorphError(f"{path}: cannot decode image (no pixels). The file is corrupt or truncated; replace it (re-download).")
+        raise CellmorphError(f"{path}: cannot decode image (no pixels). The file is corrupt or truncated; re-export or re-download it.")
+    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        bad = int(np.count_nonzero(~np.isfinite(arr)))
+        raise CellmorphError(
+            f"{path}: {bad} of {arr.size} pixels are NaN or infinite. Re-export the image with finite values "
+            "(e.g. replace NaN/inf by 0) or remove its row from the table."
+        )
     if arr.ndim == 2:
         arr = arr[:, :, None]
     if arr.ndim != 3:
@@ -46,6 +50,16 @@ def read_image(path: str | Path) -> np.ndarray:
     if arr.shape[2] == 4:  # RGBA: drop alpha
         arr = arr[:, :, :3]
     return arr
+
+
+def _decode(path: Path) -> np.ndarray:
+    if path.suffix.lower() in TIFF_SUFFIXES:
+        import tifffile
+
+        return tifffile.imread(path)
+    with Image.open(path) as im:
+        im.load()
+        return np.asarray(im)
 
 
 def to_uint8(arr: np.ndarray, low_pct: float = 0.1, high_pct: float = 99.9) -> np.ndarray:
@@ -73,7 +87,10 @@ def load_field(paths: list[str], size: int) -> np.ndarray:
     parts = [resize_uint8(to_uint8(read_image(p)), size) for p in paths]
     shapes = {p.shape[:2] for p in parts}
     if len(shapes) > 1:
-        raise CellmorphError(f"channel files of one field have different sizes {sorted(shapes)}: {paths}")
+        raise CellmorphError(
+            f"{', '.join(paths)}: the files of one row have different sizes {sorted(shapes)}. "
+            "Set dataset.image_size in the config to resize every image to one size."
+        )
     return np.ascontiguousarray(np.concatenate(parts, axis=2).transpose(2, 0, 1))
 
 

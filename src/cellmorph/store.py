@@ -10,10 +10,12 @@ on its rows' (Metadata_Center_X, Metadata_Center_Y) is cut from it, mirror-padde
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,11 +25,12 @@ import pandas as pd
 from cellmorph.datasets.table import ImageTable
 from cellmorph.errors import CellmorphError
 from cellmorph.io import write_npy, write_parquet
-from cellmorph.preprocess import load_field
+from cellmorph.preprocess import load_field, read_image, resize_uint8
 from cellmorph.progress import make_progress
 
 STORE_VERSION = 1
 CACHE_ENV = "CELLMORPH_CACHE"
+STORE_FILES = ("images.npy", "index.parquet")  # written in this order; a store is complete when both exist
 
 
 def cache_dir() -> Path:
@@ -58,22 +61,54 @@ def store_key(table: ImageTable, image_size: int) -> str:
 
 
 def build_store(table: ImageTable, image_size: int = 0, cache: Path | None = None, workers: int | None = None) -> Store:
-    """Decode every image once into a uint8 array; reuse the cached copy when the key matches."""
+    """Decode every image once into a uint8 array; reuse the cached copy when the key matches.
+
+    images.npy and then index.parquet are each written under a temporary name and renamed, so a store
+    is read only once both are complete. A build holds its store folder's lock: a second process building
+    the same store waits and reuses the result, and any temporary found under the lock is a killed
+    build's leftover (tens of MB), removed.
+    """
     if table.store_dir is not None:  # made by `cellmorph prepare`: already decoded
         return open_prepared(table.store_dir, image_size)
     key = store_key(table, image_size)
-    folder = (cache or cache_dir()) / "store" / key
-    images_path, index_path = folder / "images.npy", folder / "index.parquet"
-    if images_path.is_file() and index_path.is_file():
-        return Store(np.load(images_path), pd.read_parquet(index_path), key)
-    if table.patch_size:
-        images = _cut_all_patches(table, image_size, workers or min(8, os.cpu_count() or 1))
-        write_npy(images_path, images)
-        write_parquet(index_path, table.df.copy())
-        return Store(images, table.df.copy(), key)
+    root = Path(cache or cache_dir())
+    folder = root / "store" / key
+    images_path, index_path = folder / STORE_FILES[0], folder / STORE_FILES[1]
+    if not (images_path.is_file() and index_path.is_file()):
+        with _build_lock(root, folder):
+            if not (images_path.is_file() and index_path.is_file()):
+                _remove_stale_temporaries(folder)
+                workers = workers or min(8, os.cpu_count() or 1)
+                images = _cut_all_patches(table, image_size, workers) if table.patch_size else _decode_all(table, image_size, workers)
+                write_npy(images_path, images)
+                write_parquet(index_path, table.df)
+                return Store(images, table.df.copy(), key)
+    return Store(np.load(images_path), pd.read_parquet(index_path), key)
 
+
+@contextmanager
+def _build_lock(root: Path, folder: Path):
+    """Hold an exclusive lock on the store folder (creating it): one build per store at a time."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        lock = open(folder / ".build.lock", "a")
+    except OSError as err:
+        raise CellmorphError(f"the cache folder {root} is not writable; set {CACHE_ENV} to a writable folder ({err.strerror}: {folder}).") from None
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def _remove_stale_temporaries(folder: Path) -> None:
+    """Remove what a killed write of this store's own files left: io.atomic_path names it `.<file>.tmp-*`."""
+    for name in STORE_FILES:
+        for tmp in folder.glob(f".{name}.tmp-*"):
+            tmp.unlink(missing_ok=True)
+
+
+def _decode_all(table: ImageTable, image_size: int, workers: int) -> np.ndarray:
+    """N x C x H x W uint8, one row's files stacked per image, in table order."""
     paths = table.df[table.path_columns].astype(str).values.tolist()
-    workers = workers or min(8, os.cpu_count() or 1)
     first = load_field(paths[0], image_size)
     images = np.empty((len(paths), *first.shape), dtype=np.uint8)
     images[0] = first
@@ -81,16 +116,25 @@ def build_store(table: ImageTable, image_size: int = 0, cache: Path | None = Non
         task = progress.add_task(f"decoding {table.name}", total=len(paths), completed=1)
         for i, arr in enumerate(pool.map(lambda ps: load_field(ps, image_size), paths[1:]), start=1):
             if arr.shape != first.shape:
-                raise CellmorphError(
-                    f"{paths[i]}: image shape {arr.shape} differs from the first image's {first.shape}. "
-                    "Set dataset.image_size in the config to resize every image to one size."
-                )
+                raise CellmorphError(_shape_mismatch(paths[i], arr.shape, paths[0], first.shape))
             images[i] = arr
             progress.advance(task)
-    index = table.df.copy()
-    write_npy(images_path, images)
-    write_parquet(index_path, index)
-    return Store(images, index, key)
+    return images
+
+
+def _shape_mismatch(row: list[str], shape: tuple, first_row: list[str], first_shape: tuple) -> str:
+    """Say what differs between a row's C x H x W and the first row's, and the fix for that difference."""
+    if shape[0] != first_shape[0]:
+        counts = [(p, read_image(p).shape[2], p0, read_image(p0).shape[2]) for p, p0 in zip(row, first_row)]
+        diffs = [f"{p} has {c} channel(s) where the first row's {p0} has {c0}" for p, c, p0, c0 in counts if c != c0]
+        return (
+            f"{'; '.join(diffs)}. Every row's images must give the same channels: make every image of a column "
+            "RGB or every one grey (e.g. convert the grey ones to RGB)."
+        )
+    return (
+        f"{', '.join(row)}: {shape[1]}x{shape[2]} pixels but the first row's {', '.join(first_row)} {first_shape[1]}x{first_shape[2]}. "
+        "Set dataset.image_size in the config to resize every image to one size."
+    )
 
 
 def cut_patches(image: np.ndarray, cx: np.ndarray, cy: np.ndarray, size: int) -> np.ndarray:
@@ -110,8 +154,6 @@ def cut_patches(image: np.ndarray, cx: np.ndarray, cy: np.ndarray, size: int) ->
 
 def _cut_all_patches(table: ImageTable, image_size: int, workers: int) -> np.ndarray:
     """Decode each source image once, cut its rows' patches; N x C x P x P uint8 in table order."""
-    from cellmorph.preprocess import resize_uint8
-
     df = table.df
     size = table.patch_size
     groups = list(df.groupby(table.path_columns, sort=False).indices.items())
@@ -130,14 +172,15 @@ def _cut_all_patches(table: ImageTable, image_size: int, workers: int) -> np.nda
             patches = np.stack([resize_uint8(p.transpose(1, 2, 0), image_size).transpose(2, 0, 1) for p in patches])
         return rows, patches
 
-    out = None
+    out = first_paths = None
     with make_progress() as progress, ThreadPoolExecutor(workers) as pool:
         task = progress.add_task(f"cutting {table.name} patches", total=len(df))
         for rows, patches in pool.map(work, groups):
+            paths = df.iloc[rows[0]][table.path_columns].astype(str).tolist()
             if out is None:
-                out = np.empty((len(df), *patches.shape[1:]), dtype=np.uint8)
+                out, first_paths = np.empty((len(df), *patches.shape[1:]), dtype=np.uint8), paths
             elif patches.shape[1:] != out.shape[1:]:
-                raise CellmorphError(f"patches of {df.iloc[rows[0]][table.path_columns[0]]} have {patches.shape[1]} channels; the first image had {out.shape[1]}.")
+                raise CellmorphError(_shape_mismatch(paths, patches.shape[1:], first_paths, out.shape[1:]))
             out[rows] = patches
             progress.advance(task, len(rows))
     return out

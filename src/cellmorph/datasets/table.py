@@ -2,7 +2,8 @@
 
 Metadata columns follow CellProfiler/pycytominer (`Metadata_Plate`, `Metadata_Well`, ...).
 Image files are named by `Image_Path_<Channel>` columns holding absolute paths; a file may
-hold one grey channel or several (an RGB PNG holds three).
+hold one grey channel or several (an RGB PNG holds three). The label column may be empty in some
+rows: those are predicted, never trained on or scored.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import pandas as pd
 from cellmorph.errors import CellmorphError
 
 REQUIRED = ("Metadata_Plate", "Metadata_Well", "Metadata_Compound", "Metadata_Concentration")
-OPTIONAL = ("Metadata_Site", "Metadata_Replicate", "Metadata_Batch")
 PATH_PREFIX = "Image_Path_"
 
 
@@ -27,8 +27,10 @@ class ImageTable:
     name: str
     label: str = "Metadata_MoA"
     source: str = "<table>"
-    # The columns every row must fill. Drug screens need plate/well/compound/concentration; a table
-    # of nucleus patches (datasets/crchisto.py) needs its image and centre columns instead.
+    # The columns every row must fill, besides the image paths. Drug screens need plate/well/compound/
+    # concentration; a table of nucleus patches (datasets/crchisto.py) needs its image and centre columns
+    # instead; a user's own table (datasets/folder.py) none. The label column must exist but may be empty
+    # in some rows (see `classes`).
     required: tuple[str, ...] = REQUIRED
     # > 0: each row is a patch_size x patch_size patch centred on (Metadata_Center_X, Metadata_Center_Y)
     # (0-based pixel column and row) of its image, not the whole image (see store.py).
@@ -46,8 +48,11 @@ class ImageTable:
 
     @property
     def classes(self) -> list[str]:
-        """Sorted class names: the model's output order."""
-        return sorted(self.df[self.label].astype(str).unique())
+        """Sorted names of the non-empty labels: the model's output order. Rows with an empty label
+        (e.g. the middle doses of a dose series) are predicted but never trained on or scored."""
+        from cellmorph.splits import labelled_mask
+
+        return sorted(self.df.loc[labelled_mask(self.df, self.label), self.label].astype(str).unique())
 
     def __len__(self) -> int:
         return len(self.df)
@@ -56,8 +61,9 @@ class ImageTable:
         missing = [c for c in (*self.required, self.label) if c not in self.df.columns]
         if missing:
             raise CellmorphError(
-                f"{self.source}: missing column(s) {missing}. The table needs {list(self.required)} and the "
-                f"label column '{self.label}' (present: {list(self.df.columns)}). Add or rename the columns."
+                f"{self.source}: missing column(s) {missing}. The table needs "
+                f"{f'{list(self.required)} and ' if self.required else ''}the label column '{self.label}' "
+                f"(present: {list(self.df.columns)}). Add or rename the columns."
             )
         if not self.path_columns and self.store_dir is None:
             raise CellmorphError(
@@ -66,13 +72,16 @@ class ImageTable:
             )
         if len(self.df) == 0:
             raise CellmorphError(f"{self.source}: the table has no rows.")
-        for col in (*self.required, self.label, *self.path_columns):
+        for col in (*self.required, *self.path_columns):
             bad = self.df[col].isna()
             if bad.any():
                 rows = list(self.df.index[bad][:5])
                 raise CellmorphError(f"{self.source}: column '{col}' is empty in row(s) {rows}. Fill it in or drop those rows.")
-        if self.df[self.label].nunique() < 2:
-            raise CellmorphError(f"{self.source}: label column '{self.label}' has fewer than 2 classes; nothing to classify.")
+        if len(self.classes) < 2:
+            raise CellmorphError(
+                f"{self.source}: label column '{self.label}' has fewer than 2 classes among its labelled rows "
+                f"({self.classes}); nothing to classify. Rows with an empty label are only predicted."
+            )
 
     def check_files_exist(self) -> None:
         if self.store_dir is not None:

@@ -1,0 +1,241 @@
+"""Faults in a user's data and cache, made the way they happen: a real BBBC013 TIFF truncated or with
+flipped bytes, an LZW TIFF, a float export with NaN, a grey image among RGB ones, a store write killed with
+SIGKILL, a cache folder that cannot be written. Each must be a CellmorphError naming the file and the fix."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import tifffile
+from PIL import Image
+
+from cellmorph.datasets import load_dataset
+from cellmorph.errors import CellmorphError
+from cellmorph.preprocess import read_image
+from cellmorph.store import build_store
+
+REPO = Path(__file__).resolve().parents[1]
+GFP = "Channel1-01-A-01.tif"  # 640 x 640 uint8, two zlib (deflate) strips
+
+
+@pytest.fixture
+def bbbc013_tiff(data_dir, tmp_path) -> Path:
+    src = data_dir / "bbbc013" / GFP
+    if not src.is_file():
+        pytest.skip(f"{src} not found")
+    dst = tmp_path / GFP
+    shutil.copyfile(src, dst)
+    return dst
+
+
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])  # an interrupted copy: the second strip is cut off
+
+
+def _flip_strip_bytes(path: Path) -> None:
+    with tifffile.TiffFile(path) as tif:
+        page = tif.pages[0]
+        assert page.compression == 8  # deflate: the fault hits the zlib stream itself
+        start = page.dataoffsets[0] + page.databytecounts[0] // 2
+    data = bytearray(path.read_bytes())
+    for i in range(start, start + 64):  # a bad sector's worth of bit flips inside the first compressed strip
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", [_truncate, _flip_strip_bytes], ids=["truncated", "bit-flipped"])
+def test_damaged_zlib_tiff(bbbc013_tiff, damage):
+    assert read_image(bbbc013_tiff).shape == (640, 640, 1)  # intact, it reads
+    damage(bbbc013_tiff)
+    with pytest.raises(CellmorphError) as e:
+        read_image(bbbc013_tiff)
+    msg = str(e.value)
+    assert msg.startswith(f"{bbbc013_tiff}: cannot decode image") and "corrupt or truncated; re-export or re-download it" in msg
+
+
+def test_lzw_tiff_reads(bbbc013_tiff, tmp_path):
+    pixels = tifffile.imread(bbbc013_tiff)
+    lzw = tmp_path / "lzw.tif"
+    tifffile.imwrite(lzw, pixels, compression="lzw")  # needs imagecodecs, a dependency
+    assert np.array_equal(read_image(lzw)[:, :, 0], pixels)
+
+
+# Run as if imagecodecs were not installed: tifffile then falls back to Python's zlib for deflate and has no LZW.
+_WITHOUT_IMAGECODECS = """
+import sys
+sys.modules["imagecodecs"] = None
+from cellmorph.errors import CellmorphError
+from cellmorph.preprocess import read_image
+for path in sys.argv[1:]:
+    try:
+        read_image(path)
+    except CellmorphError as err:
+        print(err)
+"""
+
+
+def test_without_imagecodecs(bbbc013_tiff, tmp_path):
+    lzw = tmp_path / "lzw.tif"
+    tifffile.imwrite(lzw, tifffile.imread(bbbc013_tiff), compression="lzw")
+    _truncate(bbbc013_tiff)
+    proc = subprocess.run([sys.executable, "-c", _WITHOUT_IMAGECODECS, str(lzw), str(bbbc013_tiff)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    lzw_msg, trunc_msg = proc.stdout.splitlines()
+    assert lzw_msg.startswith(f"{lzw}: ") and "Install imagecodecs" in lzw_msg and "corrupt" not in lzw_msg
+    assert trunc_msg.startswith(f"{bbbc013_tiff}: ") and "error" in trunc_msg and "corrupt or truncated" in trunc_msg  # zlib.error
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_float_tiff_with_non_finite_pixels(bbbc013_tiff, tmp_path, bad):
+    pixels = tifffile.imread(bbbc013_tiff).astype(np.float32) / 255  # a float export, e.g. from a flat-field step
+    pixels[100:110, 200:205] = bad
+    path = tmp_path / "flatfield.tif"
+    tifffile.imwrite(path, pixels)
+    with pytest.raises(CellmorphError) as e:
+        read_image(path)
+    assert str(e.value) == (
+        f"{path}: 50 of 409600 pixels are NaN or infinite. Re-export the image with finite values "
+        "(e.g. replace NaN/inf by 0) or remove its row from the table."
+    )
+
+
+def _rgb_folder(tmp_path: Path, grey: int | None = None, small: int | None = None) -> None:
+    """Six RGB PNGs in a folder-dataset CSV; image `grey` saved grey, image `small` saved at another size."""
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        size = 48 if i == small else 64
+        img = rng.integers(0, 255, (size, size, 3), dtype=np.uint8)
+        Image.fromarray(img[:, :, 0] if i == grey else img).save(tmp_path / f"im{i}.png")
+    pd.DataFrame({"Image_Path_RGB": [f"im{i}.png" for i in range(6)], "Metadata_MoA": ["A", "B"] * 3}).to_csv(tmp_path / "images.csv", index=False)
+
+
+def test_grey_among_rgb_says_channels(tmp_path):
+    _rgb_folder(tmp_path, grey=3)
+    table = load_dataset("folder", tmp_path, csv="images.csv")
+    with pytest.raises(CellmorphError) as e:
+        build_store(table, image_size=32, cache=tmp_path / "cache")
+    msg = str(e.value)
+    assert msg.startswith(f"{tmp_path / 'im3.png'} has 1 channel(s) where the first row's {tmp_path / 'im0.png'} has 3.")
+    assert "same channels" in msg and "image_size" not in msg
+
+
+def test_other_size_says_image_size(tmp_path):
+    _rgb_folder(tmp_path, small=2)
+    table = load_dataset("folder", tmp_path, csv="images.csv")
+    with pytest.raises(CellmorphError) as e:
+        build_store(table, image_size=0, cache=tmp_path / "cache")
+    assert str(e.value).startswith(f"{tmp_path / 'im2.png'}: 48x48 pixels but the first row's {tmp_path / 'im0.png'} 64x64.")
+    assert "Set dataset.image_size" in str(e.value)
+    assert build_store(table, image_size=32, cache=tmp_path / "cache").images.shape == (6, 3, 32, 32)
+
+
+# Build a store, but die by SIGKILL halfway through writing images.npy (no cleanup code runs).
+_KILLED_BUILD = """
+import os, signal, sys
+import numpy as np
+from cellmorph.datasets import load_dataset
+from cellmorph.store import build_store
+
+def half_then_die(f, arr):
+    f.write(arr.tobytes()[: arr.nbytes // 2])
+    f.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+np.save = half_then_die
+build_store(load_dataset("folder", sys.argv[1], csv="images.csv"), image_size=32, cache=sys.argv[2])
+"""
+
+
+def test_killed_store_write_leaves_nothing_behind(tmp_path):
+    _rgb_folder(tmp_path)
+    cache = tmp_path / "cache"
+    proc = subprocess.run([sys.executable, "-c", _KILLED_BUILD, str(tmp_path), str(cache)], capture_output=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    (folder,) = (cache / "store").iterdir()
+    (leftover,) = folder.glob(".images.npy.tmp-*")
+    assert leftover.stat().st_size > 0 and not (folder / "images.npy").exists()  # no half store to be read
+    # Files that are not this store's own temporaries stay: a user's note, another store's live write.
+    (folder / "notes.txt").write_text("mine")
+    other = cache / "store" / "another-key"
+    other.mkdir()
+    (other / ".images.npy.tmp-abc123").write_bytes(b"another build in progress")
+
+    table = load_dataset("folder", tmp_path, csv="images.csv")
+    store = build_store(table, image_size=32, cache=cache)
+    assert store.images.shape == (6, 3, 32, 32)
+    assert not list(folder.glob(".*.tmp-*")) and (folder / "notes.txt").read_text() == "mine"
+    assert (other / ".images.npy.tmp-abc123").is_file()
+    assert np.array_equal(build_store(table, image_size=32, cache=cache).images, store.images)  # from the cache
+
+
+def test_store_without_index_is_rebuilt(tmp_path):
+    """Killed between images.npy and index.parquet: the store is incomplete and is built again, not read."""
+    _rgb_folder(tmp_path)
+    table = load_dataset("folder", tmp_path, csv="images.csv")
+    first = build_store(table, image_size=32, cache=tmp_path / "cache")
+    (index,) = (tmp_path / "cache" / "store").glob("*/index.parquet")
+    index.unlink()
+    again = build_store(table, image_size=32, cache=tmp_path / "cache")
+    assert index.is_file() and np.array_equal(again.images, first.images)
+
+
+def test_cache_under_a_file_is_not_writable(tmp_path, monkeypatch):
+    _rgb_folder(tmp_path)
+    (tmp_path / "not-a-folder").write_text("")
+    cache = tmp_path / "not-a-folder" / "cache"
+    monkeypatch.setenv("CELLMORPH_CACHE", str(cache))
+    table = load_dataset("folder", tmp_path, csv="images.csv")
+    with pytest.raises(CellmorphError) as e:
+        build_store(table, image_size=32)
+    assert str(e.value).startswith(f"the cache folder {cache} is not writable; set CELLMORPH_CACHE to a writable folder")
+    assert "--out" not in str(e.value)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders; the under-a-file case covers root")
+def test_read_only_cache(tmp_path, monkeypatch):
+    _rgb_folder(tmp_path)
+    cache = tmp_path / "cache"
+    table = load_dataset("folder", tmp_path, csv="images.csv")
+    built = build_store(table, image_size=32, cache=cache)
+    monkeypatch.setenv("CELLMORPH_CACHE", str(cache))
+    for folder in (cache, cache / "store"):
+        folder.chmod(0o555)
+    try:
+        assert np.array_equal(build_store(table, image_size=32).images, built.images)  # a complete store is only read
+        with pytest.raises(CellmorphError, match=f"the cache folder {cache} is not writable; set CELLMORPH_CACHE to a writable folder"):
+            build_store(table, image_size=16)
+    finally:
+        for folder in (cache, cache / "store"):
+            folder.chmod(0o755)
+
+
+def test_cli_truncated_tiff_is_one_line(bbbc013_tiff, tmp_path):
+    """The whole path a user takes: `cellmorph run` on a folder dataset with a truncated TIFF."""
+    rows = [bbbc013_tiff.name]
+    for i in range(1, 4):
+        shutil.copyfile(bbbc013_tiff, tmp_path / f"field{i}.tif")
+        rows.append(f"field{i}.tif")
+    _truncate(bbbc013_tiff)
+    pd.DataFrame({"Image_Path_GFP": rows, "Metadata_MoA": ["A", "B", "A", "B"]}).to_csv(tmp_path / "screen.csv", index=False)
+    config = tmp_path / "broken.toml"
+    config.write_text(
+        'name = "broken"\nmode = "frozen"\n\n[dataset]\nname = "folder"\nimage_size = 64\n'
+        f'options = {{csv = "{tmp_path / "screen.csv"}"}}\n\n[model]\nname = "tf_efficientnet_lite0"\ninit = "imagenet"\n'
+        '\n[evaluation]\nprotocol = "holdout-25"\n'
+    )
+    env = {**os.environ, "CELLMORPH_CACHE": str(tmp_path / "cache")}
+    cli = Path(sys.executable).with_name("cellmorph")
+    proc = subprocess.run([str(cli), "run", str(config), "--out", str(tmp_path / "run"), "--data", str(tmp_path)], capture_output=True, text=True, env=env, timeout=300)
+    out = (proc.stdout + proc.stderr).strip()
+    assert proc.returncode == 2, out
+    assert "Traceback" not in out and len(out.splitlines()) == 1, out
+    assert str(bbbc013_tiff) in out and "corrupt or truncated; re-export or re-download it" in out
