@@ -1,14 +1,13 @@
 """A tiny CPU fine-tune on real images with every per-epoch output switched on, then the
 `summarize` and `explain` verbs on its run folders."""
 
-import json
-
 import numpy as np
 import pytest
 
 from cellmorph.config import load_config
 from cellmorph.errors import CellmorphError
 from cellmorph.experiment import run_experiment
+from cellmorph.metrics import Metrics
 from cellmorph.summary import summarize_runs
 from tests.conftest import REPO
 
@@ -29,20 +28,24 @@ def tiny_runs(data_dir, tmp_path_factory):
 
 
 def test_epoch_curves_and_saved_models(tiny_runs):
-    m = json.loads((tiny_runs[0] / "metrics.json").read_text())
-    assert [c["epoch"] for c in m["curve"]] == [1, 2]
-    assert m["curve"][-1]["image_accuracy_loco"] == pytest.approx(m["image_accuracy_loco"])  # last epoch = final
-    assert np.load(tiny_runs[0] / "folds" / "00" / "epoch_probs.npy").shape[0] == 2
+    m = Metrics.read(tiny_runs[0] / "metrics.json")
+    assert [c["epoch"] for c in m.curve] == [1, 2]
+    assert m.curve[-1]["image"] == pytest.approx(m.level("image").accuracy)  # last epoch = final
+    assert m.curve[-1]["treatment"] == pytest.approx(m.level("treatment").accuracy)
+    assert np.load(tiny_runs[0] / "folds" / "00" / "curve_probs.npy").shape[0] == 2
     assert (tiny_runs[0] / "folds" / "01" / "model.pt").is_file()
-    lcbo = json.loads((tiny_runs[2] / "metrics.json").read_text())
-    assert lcbo["protocol"] == "lcbo" and "treatment_accuracy_lcbo" in lcbo
-    assert sorted(e["compound"] for e in lcbo["excluded_compounds"]) == ["mevinolin/lovastatin", "simvastatin"]
+    lcbo = Metrics.read(tiny_runs[2] / "metrics.json")
+    assert lcbo.protocol == "lcbo" and lcbo.headline_level == "treatment"
+    assert sorted(e["compound"] for e in lcbo.excluded) == ["mevinolin/lovastatin", "simvastatin"]
 
 
 def test_summarize_pools_seeds(tiny_runs, tmp_path):
     t = summarize_runs(tiny_runs, tmp_path / "sum")
-    loco = t[t.protocol == "loco"].iloc[0]
-    assert loco.seeds == "0,1" and not np.isnan(loco.treatment_acc_sem)
+    loco = t[(t.protocol == "loco") & (t.level == "treatment")].iloc[0]
+    assert loco.seeds == "0,1" and not np.isnan(loco.accuracy_sem)
+    seeds = [Metrics.read(r / "metrics.json").level("treatment").accuracy for r in tiny_runs[:2]]
+    assert loco.accuracy_mean == pytest.approx(np.mean(seeds), abs=1e-4)
+    assert set(t[t.protocol == "lcbo"].level) == {"treatment", "well", "image"}
     assert (tmp_path / "sum" / "curves.png").stat().st_size > 10_000
     assert "± " in (tmp_path / "sum" / "summary.md").read_text()
     with pytest.raises(CellmorphError, match="metrics.json: not found"):
