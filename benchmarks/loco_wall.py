@@ -36,7 +36,6 @@ def main() -> None:
         t0 = time.perf_counter()
         m = run_experiment(cfg, Path(a.out or Path(tmp) / "run"), a.data)
         wall = time.perf_counter() - t0
-    p = m["protocol"]
     print(
         json.dumps(
             {
@@ -45,14 +44,14 @@ def main() -> None:
                 "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                 "config": a.config,
                 "overrides": a.overrides,
-                "model": m["model"],
-                "init": m["init"],
+                "model": cfg.model.name,
+                "init": cfg.model.init,
                 "epochs": cfg.finetune.epochs,
                 "batch": cfg.finetune.batch_size,
-                "folds": m["n_folds"],
+                "folds": m.context["n_folds"],
+                "protocol": m.protocol,
                 "wall_s": round(wall, 1),
-                f"treatment_accuracy_{p}": m[f"treatment_accuracy_{p}"],
-                f"image_accuracy_{p}": round(m[f"image_accuracy_{p}"], 4),
+                **{f"{lvl}_accuracy": round(s.accuracy, 4) for lvl, s in m.levels.items()},
             }
         )
     )

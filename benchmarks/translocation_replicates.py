@@ -1,16 +1,16 @@
-"""The paper's translocation experiment (Kensert et al. 2019, Fig 4) on BBBC013, in one process.
+"""Kensert et al.'s translocation replicates (Fig 4) on BBBC013: runs the configs
+configs/translocation/bbbc013-{pretrained,scratch}-replicates.toml through cellmorph's one runner and
+collects the counts; no experiment logic here.
 
-Pretrained (offline ImageNet EfficientNet-Lite0) vs scratch (Xavier), each replicate trained once up to
-the last of --epochs and evaluated after each of them; 2-fold CV over plate rows A-D vs E-H. Writes to
---out: replicates/*.json (one per finished replicate: a rerun resumes), replicates.csv (per-replicate,
-per-epoch per-image accuracy), wells.csv (mean P(translocated) per well, all 96 wells), results.json
-(counts of 100% replicates, dose-response 4PL fit and Z'), fig4.png, dose_response.png; and prints one
-JSON line (the summary counts).
-
-    # the full experiment (GPU):
-    python benchmarks/translocation_replicates.py --data ../shared/data --out runs/translocation --replicates 30 --epochs 1,5,10,20
+    # the full experiment (a GPU job: 30 replicates x 20 epochs per setting):
+    python benchmarks/translocation_replicates.py --data ../shared/data --out runs/translocation
     # a CPU smoke run:
-    python benchmarks/translocation_replicates.py --data ../shared/data --out /tmp/t --replicates 1 --epochs 1 --input-size 64 --limit 2
+    python benchmarks/translocation_replicates.py --data ../shared/data --out /tmp/t --replicates 1 --epochs 1 --input-size 64 --crops-per-well 2
+
+Each setting is a run folder OUT/<setting>/ (resumable; dose_response.png and fig4.png inside), and
+OUT/summary/ holds `cellmorph summarize` of both. Prints one JSON line per setting
+(benchmark "translocation": setting, replicates, perfect_after_1_epoch, and per evaluated epoch the
+replicates at 100% of the labelled wells).
 """
 
 from __future__ import annotations
@@ -18,48 +18,64 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))  # runs from a checkout without installing, too
 
-def main(argv=None) -> int:
+
+def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, required=True, help="results folder (rerun the same command to resume)")
+    ap.add_argument("--out", type=Path, required=True, help="folder for the run folders (rerun the same command to resume)")
     ap.add_argument("--data", type=Path, default=None, help="data folder holding bbbc013/ (default: $CELLMORPH_DATA)")
-    ap.add_argument("--dataset", default="bbbc013", choices=["bbbc013", "bbbc014"])
-    ap.add_argument("--replicates", type=int, default=30)
-    ap.add_argument("--epochs", default="1,5,10,20", help="comma-separated epochs to evaluate at (trained once to the last)")
     ap.add_argument("--settings", default="pretrained,scratch")
-    ap.add_argument("--model", default="tf_efficientnet_lite0")
-    ap.add_argument("--input-size", type=int, default=224, help="crops (160 px on BBBC013) are resized to this on the device")
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=0.005)
-    ap.add_argument("--optimizer", default="sgd", choices=["sgd", "adam", "adamw"])
-    ap.add_argument("--limit", type=int, default=16, help="crops per well to use (16 = all; fewer for quick CPU runs)")
+    ap.add_argument("--replicates", type=int, default=0, help="replicate seeds 0..N-1 (0 = the config's 30)")
+    ap.add_argument("--epochs", default="", help="comma-separated epochs to evaluate at, trained once to the last (default: the config's 1,5,10,20)")
+    ap.add_argument("--input-size", type=int, default=0, help="network input size (0 = the config's 224)")
+    ap.add_argument("--crops-per-well", type=int, default=0, help="crops per well (0 = the config's 16; fewer for a quick CPU run)")
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--prepared", type=Path, default=None, help="a prepared store folder (default: prepared once into the cache)")
     args = ap.parse_args(argv)
 
-    from cellmorph.datasets import resolve_data_dir
+    from cellmorph.config import load_config, override
     from cellmorph.errors import CellmorphError
-    from cellmorph.translocation import Settings, run_translocation
+    from cellmorph.experiment import run_experiment
+    from cellmorph.summary import summarize_runs
 
+    changes: dict = {"device": args.device}
+    if args.replicates:
+        changes["seeds"] = list(range(args.replicates))
+    if args.epochs:
+        epochs = sorted({int(e) for e in args.epochs.split(",")})
+        changes.update({"finetune.epochs": max(epochs), "finetune.eval_epochs": epochs})
+    if args.input_size:
+        changes["model.input_size"] = args.input_size
+    if args.crops_per_well:
+        changes["dataset.options"] = {"crops_per_well": args.crops_per_well}
+    lines, runs = [], []
     try:
-        s = Settings(model=args.model, input_size=args.input_size, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
-                     eval_epochs=tuple(sorted({int(e) for e in args.epochs.split(",")})), crops_per_well=args.limit)
-        summary = run_translocation(args.out, resolve_data_dir(args.data), args.dataset, args.replicates, s,
-                                    tuple(x.strip() for x in args.settings.split(",")), args.device, args.seed, args.prepared,
-                                    log=lambda m: print(m, file=sys.stderr, flush=True))
+        for setting in [s.strip() for s in args.settings.split(",") if s.strip()]:
+            cfg = override(load_config(REPO / "configs" / "translocation" / f"bbbc013-{setting}-replicates.toml"), changes)
+            t0 = time.perf_counter()
+            m = run_experiment(cfg, args.out / setting, args.data)
+            runs.append(args.out / setting)
+            per_epoch = {}
+            for point in m.curve:
+                e = per_epoch.setdefault(str(point["epoch"]), {"replicates_100pct": 0, "replicates": 0})
+                e["replicates"] += 1
+                e["replicates_100pct"] += int(point["well"] == 1.0)
+            line = {"benchmark": "translocation", "dataset": "bbbc013", "setting": setting, "model": cfg.model.name, "init": cfg.model.init,
+                    "replicates": len(cfg.seed_list), "perfect_after_1_epoch": per_epoch.get("1", {}).get("replicates_100pct"),
+                    "per_epoch": per_epoch, "well_accuracy_mean": round(m.level("well").accuracy, 4),
+                    "device": json.loads((args.out / setting / "environment.json").read_text())["device_name"], "seconds": round(time.perf_counter() - t0, 1), "out": str(args.out / setting)}
+            print(json.dumps(line), flush=True)
+            lines.append(line)
+        summarize_runs(runs, args.out / "summary")
     except CellmorphError as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
-    line = {"benchmark": "translocation_replicates", "dataset": summary["dataset"], "device": summary["device_name"],
-            "replicates": summary["replicates"], "counts": summary["counts"], "z_prime_per_series": {k: v["z_prime"] for k, v in summary["dose_response"]["series"].items()},
-            "x50_per_series": {k: v["fit_4pl"].get("x50") for k, v in summary["dose_response"]["series"].items()},
-            "seconds": summary["seconds_this_invocation"], "out": str(args.out)}
-    print(json.dumps(line))
-    return 0
+        sys.exit(2)
+    return lines
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

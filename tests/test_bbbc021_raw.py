@@ -161,6 +161,6 @@ def test_run_experiment_on_prepared_store(tmp_path):
                         "dataset": {"name": "prepared", "options": {"path": "prep"}},
                         "model": {"name": "tf_efficientnet_lite0", "init": "imagenet", "input_size": 32}})
     m = run_experiment(cfg, tmp_path / "run", tmp_path)
-    assert m["n_folds"] == 4 and m["images_total"] == rec["n_images"] == 16 and m["treatments_total"] == 4
+    assert m.context["n_folds"] == 4 and m.level("image").total == rec["n_images"] == 16 and m.level("treatment").total == 4
     pred = pd.read_parquet(tmp_path / "run" / "predictions.parquet")
     assert set(pred.Metadata_Crop) == {1, 2, 3, 4} and set(pred.Metadata_Plate) == {"Week1_00001"}

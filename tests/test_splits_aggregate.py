@@ -26,16 +26,17 @@ def test_median_image_to_well_to_treatment():
     t = to_treatments(pred)
     assert len(t) == 1 and t["prob_A"].iloc[0] == pytest.approx(0.55) and t["predicted"].iloc[0] == "A"
     assert t["n_wells"].iloc[0] == 2
-    m = compute_metrics(pred, "loco")
-    assert m["treatments_correct"] == 1 and m["images_correct"] == 2 and m["images_total"] == 6
+    m = compute_metrics(pred, "Metadata_MoA", "loco")
+    assert m.level("treatment").correct == 1 and (m.level("image").correct, m.level("image").total) == (2, 6)
+    assert (m.level("well").correct, m.level("well").total) == (1, 2)
 
 
 def test_concentrations_are_separate_treatments():
     rows = [["P1", "B02", "c", 1.0, "A", 0.9, 0.1], ["P1", "B03", "c", 2.0, "A", 0.2, 0.8]]
     t = to_treatments(_pred(rows))
     assert list(t["predicted"]) == ["A", "B"]
-    m = compute_metrics(_pred(rows), "loco")
-    assert m["treatments_total"] == 2 and m["misclassified_treatments"][0]["concentration"] == 2.0
+    m = compute_metrics(_pred(rows), "Metadata_MoA", "loco")
+    assert m.level("treatment").total == 2 and m.level("treatment").misclassified[0]["concentration"] == 2.0
 
 
 def test_loco_holds_out_each_compound_once():
@@ -93,12 +94,10 @@ def test_lcbo_on_real_subset(subset_table):
 
 
 def test_paper_random_split_real(crchisto_table):
-    from cellmorph.splits import PROTOCOLS
-
-    (fold,) = PROTOCOLS["random"](crchisto_table.df)
+    (fold,) = _folds(crchisto_table.df, "random", "Metadata_Label")
     assert (len(fold.train), len(fold.test)) == (17004, 3401)  # Bayramoglu & Heikkilae's sizes
     assert len(np.union1d(fold.train, fold.test)) == 20405 and not len(np.intersect1d(fold.train, fold.test))
-    (again,) = PROTOCOLS["random"](crchisto_table.df)
+    (again,) = _folds(crchisto_table.df, "random", "Metadata_Label")
     assert np.array_equal(again.test, fold.test)  # seeded: the same split every run
     # nuclei of one image land on both sides: the leak the grouped split removes
     df = crchisto_table.df
@@ -106,10 +105,8 @@ def test_paper_random_split_real(crchisto_table):
 
 
 def test_image_grouped_split_real(crchisto_table):
-    from cellmorph.splits import PROTOCOLS
-
     df = crchisto_table.df
-    (fold,) = PROTOCOLS["image-grouped"](df)
+    (fold,) = _folds(df, "image-grouped", "Metadata_Label")
     assert set(df.Metadata_Image.iloc[fold.train]).isdisjoint(df.Metadata_Image.iloc[fold.test])
     assert len(fold.train) + len(fold.test) == 20405
     assert abs(len(fold.test) - 3401) < 150  # about the paper's test fraction, in whole images
@@ -117,9 +114,7 @@ def test_image_grouped_split_real(crchisto_table):
 
 
 def test_holdout_25_real(subset_table):
-    from cellmorph.splits import PROTOCOLS
-
-    (fold,) = PROTOCOLS["holdout-25"](subset_table.df)
+    (fold,) = _folds(subset_table.df, "holdout-25")
     assert (len(fold.train), len(fold.test)) == (495, 165)
 
 
@@ -136,9 +131,34 @@ def test_group_split_checks():
 
 
 def test_metrics_without_compounds():
-    # nuclei: no compounds, no wells: per-row and per-class accuracy only, no treatment keys
+    # nuclei: no compounds, no wells: the image level (one row = one patch) only
     pred = pd.DataFrame({"Metadata_Label": list("AABB"), "prob_A": [0.9, 0.2, 0.1, 0.3], "prob_B": [0.1, 0.8, 0.9, 0.7]})
-    m = compute_metrics(pred, "random", "Metadata_Label")
-    assert m["image_accuracy_random"] == 0.75 and m["images_total"] == 4
-    assert m["per_class_accuracy"] == {"A": 0.5, "B": 1.0}
-    assert not any(k.startswith("treatment") for k in m) and "misclassified_treatments" not in m
+    m = compute_metrics(pred, "Metadata_Label", "random")
+    assert list(m.levels) == ["image"] and m.level("image").accuracy == 0.75 and m.level("image").total == 4
+    assert {c: v["recall"] for c, v in m.level("image").per_class.items()} == {"A": 0.5, "B": 1.0}
+
+
+def _folds(df, protocol, label="Metadata_MoA", **ev):
+    from cellmorph.config import EvaluationConfig
+    from cellmorph.splits import make_folds
+
+    return make_folds(df, label, EvaluationConfig(protocol=protocol, **ev))[0]
+
+
+def test_single_compound_class_is_excluded_and_listed(subset_table):
+    """LOCO: a class with one compound has no training data when that compound is held out: excluded, listed."""
+    from cellmorph.config import EvaluationConfig
+    from cellmorph.splits import make_folds
+
+    df = subset_table.df[~subset_table.df.Metadata_Compound.isin(["AZ138"])]  # Eg5 inhibitors keep only AZ-C
+    folds, excluded, text = make_folds(df, "Metadata_MoA", EvaluationConfig(protocol="loco"))
+    assert [e["group"] for e in excluded] == ["AZ-C"] and excluded[0]["classes"] == ["Eg5 inhibitors"]
+    assert "AZ-C" not in {f.name for f in folds} and "1 held-out group(s) excluded" in text
+
+
+def test_logo_and_group_kfold_by_any_column(subset_table):
+    df = subset_table.df.assign(Metadata_Patient=subset_table.df.Metadata_Plate)
+    logo = _folds(df, "logo", group="Metadata_Patient")
+    assert {f.name for f in logo} <= set(df.Metadata_Patient)
+    for f in _folds(df, "group-kfold", group="Metadata_Patient", n_splits=4):
+        assert set(df.Metadata_Patient.iloc[f.train]).isdisjoint(df.Metadata_Patient.iloc[f.test])

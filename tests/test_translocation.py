@@ -1,5 +1,5 @@
 """Translocation datasets (real BBBC013 plate; BBBC014 layout on a synthetic plate), the 4PL / Z' maths,
-and the replicate experiment end to end on CPU at a tiny size."""
+and the translocation config of the one runner end to end on CPU at a tiny size."""
 
 import json
 import sys
@@ -15,7 +15,6 @@ from cellmorph.doseresponse import fit_logistic4, logistic4, z_prime
 from cellmorph.errors import CellmorphError
 from cellmorph.prepare import prepare_translocation, translocation_crops
 from cellmorph.store import open_prepared
-from cellmorph.translocation import two_folds
 from tests.conftest import REPO
 
 
@@ -127,27 +126,27 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-def test_replicate_script_cpu_tiny(data_dir, tmp_path, capsys, monkeypatch, one_thread):
+def test_translocation_config_cpu_tiny(data_dir, tmp_path, capsys, monkeypatch, one_thread):
+    """The replicate benchmark is thin: it runs configs/translocation/* through the one runner (2 seeds,
+    1 epoch, 1 crop per well, 32 px) and collects; the run folder holds the dose-response outputs."""
     monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
     import translocation_replicates as script
 
-    args = ["--data", str(data_dir), "--out", str(tmp_path / "run"), "--replicates", "1", "--epochs", "1",
-            "--input-size", "32", "--limit", "1", "--batch-size", "32"]
-    assert script.main(args) == 0
-    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert set(line["counts"]) == {"pretrained", "scratch"} and line["counts"]["pretrained"]["1"]["replicates"] == 1
-    out = tmp_path / "run"
-    acc = pd.read_csv(out / "replicates.csv")
-    assert len(acc) == 2 and (acc.images_total == 72).all() and acc.image_accuracy.between(0, 1).all()
-    wells = pd.read_csv(out / "wells.csv")
-    assert len(wells) == 96 and wells.p_translocated.between(0, 1).all()
-    res = json.loads((out / "results.json").read_text())
-    assert set(res["dose_response"]["series"]) == {"series A-D", "series E-H"} and res["dose_response"]["n_wells"] == 96
+    args = ["--data", str(data_dir), "--out", str(tmp_path / "run"), "--replicates", "2", "--epochs", "1",
+            "--input-size", "32", "--crops-per-well", "1", "--settings", "pretrained", "--device", "cpu"]
+    (line,) = script.main(args)
+    assert line["benchmark"] == "translocation" and line["replicates"] == 2 and line["per_epoch"]["1"]["replicates"] == 2
+    out = tmp_path / "run" / "pretrained"
+    m = json.loads((out / "metrics.json").read_text())
+    # 72 labelled wells (32 translocated + 40 not) per seed; the 24 middle-dose wells are predicted, never scored
+    assert [s["levels"]["well"]["total"] for s in m["per_seed"]] == [72, 72]
+    pred = pd.read_parquet(out / "predictions.parquet")
+    assert len(pred) == 2 * 96 and set(pred.seed) == {0, 1} and (pred.Metadata_Translocation == "").sum() == 2 * 24
+    assert {f.parent.name for f in out.glob("seeds/*/folds/*/predictions.parquet")} == {"00", "01"}
+    dose = json.loads((out / "dose_response.json").read_text())
+    assert set(dose["series"]) == {"series A-D", "series E-H"} and dose["n_wells"] == 96
     assert (out / "fig4.png").stat().st_size > 1000 and (out / "dose_response.png").stat().st_size > 1000
-    # a rerun resumes: nothing left to train, same numbers
-    before = (out / "replicates" / "pretrained-00.json").read_text()
-    assert script.main(args) == 0
-    assert (out / "replicates" / "pretrained-00.json").read_text() == before
-    # resuming with other settings is refused: replicates of two recipes must not mix
-    assert script.main([*args[:-2], "--batch-size", "16"]) == 2
-    assert "batch_size differ" in " ".join(capsys.readouterr().err.split())
+    # a rerun resumes: every fold of both seeds is done, same numbers
+    before = (out / "metrics.json").read_text()
+    script.main(args)
+    assert json.loads((out / "metrics.json").read_text())["levels"] == json.loads(before)["levels"]

@@ -36,12 +36,8 @@ def run(
     cfg = load_config(config, set_)
     out = out or Path("runs") / config.stem
     m = run_experiment(cfg, out, data)
-    p = m["protocol"]
-    treat = f"treatment accuracy ({p}) {m[f'treatment_accuracy_{p}']:.1%} ({m['treatments_correct']}/{m['treatments_total']}), " if f"treatment_accuracy_{p}" in m else ""
-    console.print(
-        f"[bold green]{cfg.name}[/]: {treat}image accuracy {m[f'image_accuracy_{p}']:.1%} "
-        f"({m['images_correct']}/{m['images_total']}), {m['n_folds']} folds, seed {cfg.seed}"
-    )
+    seeds = cfg.seed_list
+    console.print(f"[bold green]{cfg.name}[/]: {m.summary_line()}, {m.context['n_folds']} folds, seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}")
     console.print(f"run folder: {out} (metrics.json, predictions.parquet, confusion.png, report.html)")
 
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from cellmorph.errors import CellmorphError
 
@@ -30,7 +30,8 @@ class DatasetConfig(_Strict):
 
 class ModelConfig(_Strict):
     name: str = "tf_efficientnet_lite0"
-    # "imagenet", "xavier", "random", or the path of a weights file.
+    # "imagenet", "xavier", "gaussian" (Caffe's N(0, 0.01) weights and zero biases, as AlexNet and
+    # GenderNet), "random", or the path of a weights file.
     init: str = "imagenet"
     # Square input size fed to the network; 0 = the architecture's own (timm pretrained_cfg: 224
     # for ResNet50 and EfficientNet-Lite0, 299 for the Inception models).
@@ -79,18 +80,37 @@ class FinetuneConfig(_Strict):
     amp: bool = True
     # torch.compile the model (CUDA; the first epoch pays the compile time).
     compile: bool = False
-    # Score the test fold after every epoch: accuracy-vs-epoch curves in metrics.json.
+    # Score the test fold after every epoch, after the listed epochs, or every N iterations:
+    # accuracy curves in metrics.json (Kensert et al.'s Fig 3 and 4, Bayramoglu & Heikkilae's Fig 2).
     eval_every_epoch: bool = False
+    eval_epochs: list[Annotated[int, Field(ge=1)]] = Field(default_factory=list)
+    eval_every_iterations: int = Field(0, ge=0)
     # Keep each fold's trained weights (folds/NN/model.pt), e.g. for `cellmorph explain`.
     save_models: bool = False
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
 
 
 class EvaluationConfig(_Strict):
+    # How rows are split into folds (splits.py lists them):
     # "loco": leave-one-compound-out; "lcbo": leave-compound-and-batch-out (the test compound and
-    # every image of its batch/week are held out of training); "random", "image-grouped",
-    # "holdout-25": fixed splits (see splits.py).
-    protocol: Literal["loco", "lcbo", "random", "image-grouped", "holdout-25"] = "loco"
+    # every image of its batch/week are held out of training); "logo": leave-one-group-out over the
+    # column `group`; "group-kfold": `n_splits` folds of whole groups; "predefined": one fold per
+    # value of `group` (e.g. Metadata_Fold); "random", "image-grouped", "holdout-25": one split.
+    protocol: Literal["loco", "lcbo", "logo", "group-kfold", "predefined", "random", "image-grouped", "holdout-25"] = "loco"
+    # The grouping column ("" = the protocol's own: Metadata_Compound for loco/lcbo, Metadata_Image for
+    # image-grouped, Metadata_Fold for predefined; logo and group-kfold need it set).
+    group: str = ""
+    n_splits: int = Field(5, ge=2)
+    # Held-out fraction of the single-split protocols (0 = the protocol's own: 1/6 for random and
+    # image-grouped, as Bayramoglu & Heikkilae; 0.25 for holdout-25) and their split seed.
+    test_fraction: float = Field(0.0, ge=0.0, lt=1.0)
+    split_seed: int = 0
+    # Levels scored: "auto" = what the data hold (image; well where Metadata_Well exists; treatment
+    # where compound and concentration exist too), or a list such as ["image"].
+    levels: Literal["auto"] | list[Literal["image", "well", "treatment"]] = "auto"
+    # How image probabilities become well (and well -> treatment) probabilities: the paper's median,
+    # or the mean (Kensert et al.'s translocation experiment averages the crops of a well).
+    aggregate: Literal["median", "mean"] = "median"
     # Run only the first N folds (0 = all); for smoke tests and CI.
     max_folds: int = Field(0, ge=0)
 
@@ -98,6 +118,8 @@ class EvaluationConfig(_Strict):
 class ExperimentConfig(_Strict):
     name: str = "experiment"
     seed: int = 0
+    # Replicate seeds run into one run folder (metrics as mean +- SEM); empty = just `seed`.
+    seeds: list[int] = Field(default_factory=list)
     mode: Literal["frozen", "finetune"] = "frozen"
     # "auto" picks CUDA when available.
     device: str = "auto"
@@ -106,6 +128,22 @@ class ExperimentConfig(_Strict):
     frozen: FrozenConfig = Field(default_factory=FrozenConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    # Extra outputs of the run folder beyond metrics, predictions and report (outputs.py lists them),
+    # e.g. ["dose_response"] for a translocation plate.
+    outputs: list[str] = Field(default_factory=list)
+
+    @property
+    def seed_list(self) -> list[int]:
+        """The training seeds of this run: `seeds`, or [`seed`]."""
+        return list(self.seeds) or [self.seed]
+
+    @model_validator(mode="after")
+    def _check(self):
+        if len(set(self.seed_list)) != len(self.seed_list):
+            raise ValueError(f"seeds {self.seeds} repeat a seed")
+        if self.finetune.eval_epochs and max(self.finetune.eval_epochs) > self.finetune.epochs:
+            raise ValueError(f"finetune.eval_epochs {self.finetune.eval_epochs} go past finetune.epochs = {self.finetune.epochs}")
+        return self
 
 
 def _format_validation_error(path: Path, err: ValidationError) -> str:
@@ -117,7 +155,8 @@ def _format_validation_error(path: Path, err: ValidationError) -> str:
         else:
             got = e.get("input")
             lines.append(f"  - field '{field}': {e['msg']} (got {got!r})")
-    lines.append("Fix the file and run again; `cellmorph run --help` lists the sections.")
+    fix = "Fix the override" if str(path).startswith("--set") or str(path) == "override" else "Fix the file"
+    lines.append(f"{fix} and run again; `cellmorph run --help` lists the sections.")
     return "\n".join(lines)
 
 
@@ -128,27 +167,54 @@ def parse_config(data: dict, source: Path | str = "<config>") -> ExperimentConfi
         raise CellmorphError(_format_validation_error(Path(source), err)) from None
 
 
-def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """Apply `dotted.key=value` overrides (value in TOML syntax; bare words are strings)."""
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise CellmorphError(f"--set '{item}': expected KEY=VALUE, e.g. --set seed=1 or --set evaluation.protocol=lcbo")
-        try:
-            value = tomllib.loads(f"v = {raw}")["v"]
-        except tomllib.TOMLDecodeError:
-            value = raw
+def apply_overrides(data: dict, overrides: list[str] | dict) -> dict:
+    """Apply overrides to a config dict: `dotted.key=value` strings (value in TOML syntax; bare words
+    are strings) or a {dotted.key: value} mapping."""
+    items = overrides.items() if isinstance(overrides, dict) else [_split_override(o) for o in overrides]
+    for key, value in items:
         node = data
         parts = key.strip().split(".")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise CellmorphError(f"--set '{item}': '{part}' is not a section")
+                raise CellmorphError(f"--set '{key}': '{part}' is not a section")
         node[parts[-1]] = value
     return data
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
+def _split_override(item: str) -> tuple[str, object]:
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise CellmorphError(f"--set '{item}': expected KEY=VALUE, e.g. --set seed=1 or --set evaluation.protocol=lcbo")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key.strip(), value
+
+
+def override(cfg: ExperimentConfig, changes: dict, source: str = "override") -> ExperimentConfig:
+    """A validated copy of `cfg` with {dotted.key: value} changes: a typo is an error naming the field
+    (pydantic's model_copy(update=...) would accept anything).
+
+    Example:
+        >>> cfg = override(ExperimentConfig(), {"evaluation.protocol": "lcbo", "seed": 1})
+        >>> cfg.evaluation.protocol, cfg.seed
+        ('lcbo', 1)
+    """
+    return parse_config(apply_overrides(cfg.model_dump(mode="json"), changes), source)
+
+
+def _deep_merge(base: dict, child: dict) -> dict:
+    out = dict(base)
+    for k, v in child.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "options" else v
+    return out
+
+
+def read_toml(path: Path, _seen: tuple = ()) -> dict:
+    """The TOML of `path` with its `base = "other.toml"` chain merged in (the child wins, key by key;
+    a relative base is relative to the file that names it)."""
     path = Path(path)
     if not path.is_file():
         raise CellmorphError(f"{path}: config file not found. Pass the path of a TOML file, e.g. configs/quickstart.toml.")
@@ -156,7 +222,33 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Experim
         data = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as err:
         raise CellmorphError(f"{path}: not valid TOML ({err}). Fix the syntax and run again.") from None
-    return parse_config(apply_overrides(data, overrides or []), path)
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise CellmorphError(f"{path}: 'base' must be the path of another config file, e.g. base = \"../tuned/resnet50.toml\".")
+    base_path = (path.parent / base).resolve()
+    if base_path in _seen:
+        raise CellmorphError(f"{path}: base = '{base}' makes a cycle of configs.")
+    if not base_path.is_file():
+        raise CellmorphError(f"{path}: base = '{base}' not found (looked at {base_path}).")
+    return _deep_merge(read_toml(base_path, (*_seen, base_path)), data)
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Read, merge (`base`), override (`--set`) and validate a config.
+
+    Errors in the file name the file; errors that only the overrides cause name `--set`.
+
+    Example:
+        >>> cfg = load_config("configs/quickstart.toml", ["seed=1"])
+    """
+    path = Path(path)
+    data = read_toml(path)
+    cfg = parse_config(data, path)
+    if not overrides:
+        return cfg
+    return parse_config(apply_overrides(data, overrides), f"--set {' '.join(overrides)} (on {path})")
 
 
 def dump_toml(cfg: ExperimentConfig) -> str:

@@ -1,26 +1,33 @@
-"""The only place that walks the whole flow: config in, run folder out, one fold at a time, resumable.
+"""The one runner: every experiment (BBBC021 MoA, translocation plates, nuclei, the lab's LeNet) is a
+config of it. Config in, folds of the chosen protocol, one model per fold and seed, predictions,
+metrics and report out; resumable at fold granularity.
 
 Run folder layout:
 
     config.toml           the resolved config (every default written out)
-    environment.json      versions, device, seed, git commit, start time
+    dataset.json          the fingerprint of the data the folds were computed from
+    environment.json      versions, device, seeds, git commit, start time
     folds/NN/             per fold: fold.json (held-out group, sizes), history.json (fine-tuning),
+                          curve_probs.npy (test probabilities at each curve point, when asked),
                           predictions.parquet (written last: its presence marks the fold done)
-    predictions.parquet   one row per image: Metadata_*, fold, prob_<class>
-    treatments.csv        one row per treatment: median probabilities, prediction
-    metrics.json          accuracies with protocol, counts and seed
-    confusion.png, report.html
+    seeds/S/...           with several seeds: the same per seed (folds/, predictions.parquet, metrics.json)
+    predictions.parquet   one row per image: Metadata_*, [seed], fold, prob_<class>
+    metrics.json          cellmorph.metrics.Metrics: accuracy, balanced accuracy, macro-F1 per level
+    confusion.png, report.html, and the config's extra `outputs` (outputs.py)
 
 Each file is written under a temporary name and renamed, so a killed run leaves whole folds only,
-and a rerun with the same --out skips the folds already done.
+and a rerun with the same --out skips the folds already done. `cross_validate` runs the same folds
+in memory, writing nothing.
 """
 
 from __future__ import annotations
 
+import json
 import platform
 import re
 import subprocess
 import time
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -30,17 +37,19 @@ import torch
 
 from cellmorph import __version__
 from cellmorph.config import ExperimentConfig, dump_toml
-from cellmorph.datasets import load_dataset
+from cellmorph.datasets import ImageTable, load_dataset
 from cellmorph.errors import CellmorphError
-from cellmorph.features import extract_features, logistic_head
 from cellmorph.io import atomic_path, check_writable, write_json, write_npy, write_parquet, write_text
-from cellmorph.aggregate import has_treatments
-from cellmorph.metrics import compute_metrics
+from cellmorph.metrics import Metrics, available_levels, combine_seeds, compute_metrics
 from cellmorph.models import check_model_config, create_model, default_input_size
 from cellmorph.progress import console, make_progress
-from cellmorph.splits import PROTOCOL_DESCRIPTIONS, PROTOCOLS, Fold, lcbo_excluded
+from cellmorph.splits import Fold, labelled_mask, make_folds
 from cellmorph.store import Store, build_store
 from cellmorph.train import fit, make_input_spec, pick_device, predict_proba, resize_uint8_stack
+
+# The files a run folder holds; only temporaries of these names are ever cleaned up (never a user's file).
+RUN_FILES = ("config.toml", "dataset.json", "environment.json", "fold.json", "history.json", "curve_probs.npy", "predictions.parquet",
+             "model.pt", "metrics.json", "treatments.csv", "wells.csv", "confusion.png", "report.html")
 
 
 def environment(cfg: ExperimentConfig, device: torch.device) -> dict:
@@ -66,157 +75,380 @@ def environment(cfg: ExperimentConfig, device: torch.device) -> dict:
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "torch_threads": torch.get_num_threads(),
-        "seed": cfg.seed,
+        "seeds": cfg.seed_list,
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
 
 
-def _claim_run_folder(out: Path, cfg: ExperimentConfig) -> None:
-    resolved = dump_toml(cfg) + "\n"
-    cfg_path = out / "config.toml"
-    if cfg_path.is_file():
-        if cfg_path.read_text() != resolved:
-            raise CellmorphError(
-                f"{out} holds a run of a different config ({cfg_path} differs). Resume it with the same config, "
-                "or choose another --out."
-            )
-    else:
-        write_text(cfg_path, resolved)
-    for stray in out.rglob(".*.tmp-*"):  # left by a killed run mid-write; never a finished file
-        stray.unlink(missing_ok=True)
+@dataclass
+class Plan:
+    """Everything a run needs, validated before anything is written."""
+
+    cfg: ExperimentConfig
+    table: ImageTable
+    folds: list[Fold]
+    excluded: list[dict]
+    description: str
+    levels: list[str]
+    device: torch.device
+    classes: list[str] = field(default_factory=list)
 
 
-def run_experiment(cfg: ExperimentConfig, out: str | Path, data_dir: str | Path | None = None) -> dict:
-    """Run (or resume) the experiment into `out`; return the metrics."""
-    out = Path(out)
-    # Validate everything the user controls before writing anything.
-    table = load_dataset(cfg.dataset.name, data_dir, label=cfg.dataset.label, **cfg.dataset.options)
+def plan_run(cfg: ExperimentConfig, data_dir: str | Path | None = None, table: ImageTable | None = None) -> Plan:
+    """Validate the dataset, model, device, protocol, levels and outputs of `cfg` (cheap: no image decoded)."""
+    from cellmorph.outputs import check_outputs
+
+    if table is None:
+        table = load_dataset(cfg.dataset.name, data_dir, label=cfg.dataset.label, **cfg.dataset.options)
     check_model_config(cfg.model.name, cfg.model.init)
     device = pick_device(cfg.device)
-    check_writable(out)
-    store = build_store(table, cfg.dataset.image_size)  # decodes every image: a bad file stops us here
-    _claim_run_folder(out, cfg)
-    write_json(out / "environment.json", environment(cfg, device))
-
-    folds = PROTOCOLS[cfg.evaluation.protocol](store.index, cfg.dataset.label)
+    folds, excluded, description = make_folds(table.df, table.label, cfg.evaluation)
     if cfg.evaluation.max_folds:
         folds = folds[: cfg.evaluation.max_folds]
-    classes = table.classes
-    y = store.index[cfg.dataset.label].astype(str).map({c: i for i, c in enumerate(classes)}).to_numpy()
+    levels = available_levels(table.df, cfg.evaluation.levels)
+    check_outputs(cfg.outputs, table)
+    return Plan(cfg, table, folds, excluded, description, levels, device, table.classes)
 
+
+def run_experiment(cfg: ExperimentConfig, out: str | Path, data_dir: str | Path | None = None) -> Metrics:
+    """Run (or resume) the experiment into the run folder `out`; return its metrics.
+
+    Args:
+        cfg: a validated config (`cellmorph.config.load_config`).
+        out: the run folder; a rerun with the same folder resumes at the first missing fold.
+        data_dir: the folder holding the datasets (default: $CELLMORPH_DATA).
+    Returns:
+        The run's `Metrics` (also written to out/metrics.json).
+
+    Example:
+        >>> from cellmorph.config import load_config
+        >>> m = run_experiment(load_config("configs/quickstart.toml"), "runs/quickstart")
+        >>> m.level("treatment").correct, m.level("treatment").total
+        (55, 55)
+    """
+    out = Path(out)
+    existed = out.exists()
+    plan = plan_run(cfg, data_dir)
+    check_writable(out)
+    try:
+        store = build_store(plan.table, cfg.dataset.image_size)  # decodes every image: a bad file stops us here
+    except BaseException:
+        _remove_if_empty(out, existed)
+        raise
+    _claim_run_folder(out, cfg, store)
+    write_json(out / "environment.json", environment(cfg, plan.device))
     t0 = time.perf_counter()
-    todo = [i for i in range(len(folds)) if not (_fold_dir(out, i) / "predictions.parquet").is_file()]
-    if len(todo) < len(folds):
-        console.print(f"resuming {out}: {len(folds) - len(todo)} of {len(folds)} folds already done")
-    features = images = None
-    if todo and cfg.mode == "frozen":
-        features = extract_features(store, cfg.model, cfg.frozen.tta, cfg.frozen.batch_size, device)
-    elif todo:
-        # The whole uint8 store goes to the device once, resized once; folds index it there.
-        size = cfg.model.input_size or default_input_size(cfg.model.name)
-        images = resize_uint8_stack(torch.from_numpy(np.asarray(store.images)).to(device), size)
-    with make_progress() as progress:
-        task = progress.add_task(f"{cfg.evaluation.protocol} folds", total=len(folds), completed=len(folds) - len(todo))
-        for i in todo:
-            fold = folds[i]
-            progress.update(task, description=f"fold {i + 1}/{len(folds)}: {fold.name}")
-            seed = cfg.seed * 1000 + i
-            if cfg.mode == "frozen":
-                cw = None if cfg.frozen.class_weight == "none" else "balanced"
-                probs, history = logistic_head(features, y, fold.train, fold.test, len(classes), cfg.frozen.C, cw, seed), None
-            else:
-                probs, history, epoch_probs, model = _finetune_fold(cfg, images, y, len(classes), fold, device, seed, progress)
-                if epoch_probs is not None:
-                    write_npy(_fold_dir(out, i) / "epoch_probs.npy", epoch_probs)
-                if cfg.finetune.save_models:
-                    with atomic_path(_fold_dir(out, i) / "model.pt") as tmp:
-                        torch.save(model.state_dict(), tmp)
-            _write_fold(out, i, fold, store, classes, probs, history)
-            progress.advance(task)
-    fold_seconds = time.perf_counter() - t0
-    return _finish(out, cfg, folds, classes, store.index, fold_seconds)
+    engine = _Engine(plan, store)
+    per_seed, preds = [], []
+    for seed in cfg.seed_list:
+        folder = out if len(cfg.seed_list) == 1 else out / "seeds" / str(seed)
+        pred, m = engine.run_seed(seed, _FolderSink(folder))
+        if len(cfg.seed_list) > 1:
+            write_parquet(folder / "predictions.parquet", pred)
+            m.write(folder / "metrics.json")
+            pred = pred.assign(seed=seed)
+        per_seed.append(m)
+        preds.append(pred)
+    metrics = combine_seeds(per_seed) if len(per_seed) > 1 else per_seed[0]
+    metrics.context["seconds_in_folds_this_invocation"] = round(time.perf_counter() - t0, 2)
+    pred = pd.concat(preds, ignore_index=True)
+    _finish(out, cfg, plan, pred, metrics)
+    return metrics
 
 
-def _fold_dir(out: Path, i: int) -> Path:
-    return out / "folds" / f"{i:02d}"
+@dataclass
+class CVResult:
+    """What `cross_validate` returns: the metrics and one row of predictions per image (and seed)."""
+
+    metrics: Metrics
+    predictions: pd.DataFrame
+
+
+def cross_validate_config(cfg: ExperimentConfig, table: ImageTable | None = None, data_dir: str | Path | None = None) -> CVResult:
+    """The same folds, models and scores as `run_experiment`, in memory: nothing is written.
+
+    Example:
+        >>> res = cross_validate_config(load_config("configs/quickstart.toml"))
+        >>> res.metrics.level("treatment").accuracy
+        1.0
+    """
+    plan = plan_run(cfg, data_dir, table)
+    store = build_store(plan.table, cfg.dataset.image_size)
+    engine = _Engine(plan, store)
+    per_seed, preds = [], []
+    for seed in cfg.seed_list:
+        pred, m = engine.run_seed(seed, _MemorySink())
+        per_seed.append(m)
+        preds.append(pred.assign(seed=seed) if len(cfg.seed_list) > 1 else pred)
+    metrics = combine_seeds(per_seed) if len(per_seed) > 1 else per_seed[0]
+    return CVResult(metrics, pd.concat(preds, ignore_index=True))
+
+
+# --- the fold loop -----------------------------------------------------------------------------------
+
+
+@dataclass
+class FoldResult:
+    probs: np.ndarray  # n_test x n_classes
+    history: dict | None = None
+    curve_x: list[int] = field(default_factory=list)  # epochs or iterations of the curve points
+    curve_unit: str = "epoch"
+    curve_probs: np.ndarray | None = None  # points x n_test x n_classes
+
+
+class _Engine:
+    """Runs the folds of one seed: frozen (cached features + logistic head) or fine-tuning."""
+
+    def __init__(self, plan: Plan, store: Store):
+        self.plan, self.store = plan, store
+        cfg = plan.cfg
+        label = plan.table.label
+        # Labels and metadata come from the dataset's table (e.g. middle doses unlabelled there); the
+        # store only holds the pixels, row for row.
+        self.index = plan.table.df
+        if len(store.images) != len(self.index):
+            raise CellmorphError(f"the image store holds {len(store.images)} images but the dataset {len(self.index)} rows; rebuild it (delete the cache folder).")
+        lab = labelled_mask(self.index, label)
+        cls = {c: i for i, c in enumerate(plan.classes)}
+        self.y = np.where(lab, self.index[label].astype(str).map(cls).fillna(-1).to_numpy(), -1).astype(np.int64)
+        self.features = self.images = None
+        self.cfg = cfg
+
+    def _prepare(self) -> None:
+        cfg, dev = self.cfg, self.plan.device
+        if cfg.mode == "frozen" and self.features is None:
+            from cellmorph.features import extract_features
+
+            self.features = extract_features(self.store, cfg.model, cfg.frozen.tta, cfg.frozen.batch_size, dev)
+        elif cfg.mode == "finetune" and self.images is None:
+            # The whole uint8 store goes to the device once, resized once; folds index it there.
+            size = cfg.model.input_size or default_input_size(cfg.model.name)
+            self.images = resize_uint8_stack(torch.from_numpy(np.asarray(self.store.images)).to(dev), size)
+
+    def run_seed(self, seed: int, sink) -> tuple[pd.DataFrame, Metrics]:
+        folds = self.plan.folds
+        todo = [i for i in range(len(folds)) if not sink.done(i)]
+        if len(todo) < len(folds):
+            console.print(f"resuming {sink.where}: {len(folds) - len(todo)} of {len(folds)} folds already done" + (f" (seed {seed})" if len(self.cfg.seed_list) > 1 else ""))
+        if todo:
+            self._prepare()
+        with make_progress() as progress:
+            task = progress.add_task(f"{self.cfg.evaluation.protocol} folds", total=len(folds), completed=len(folds) - len(todo))
+            for i in todo:
+                fold = folds[i]
+                progress.update(task, description=f"fold {i + 1}/{len(folds)}: {fold.name}" + (f", seed {seed}" if len(self.cfg.seed_list) > 1 else ""))
+                res, model = self._fold(fold, seed * 1000 + i, progress)
+                sink.save(i, fold, self._fold_predictions(i, fold, res.probs), res, model if self.cfg.finetune.save_models else None)
+                progress.advance(task)
+        pred = pd.concat([sink.predictions(i) for i in range(len(folds))], ignore_index=True)
+        m = self._score(pred, seed, [sink.curve(i) for i in range(len(folds))])
+        return pred, m
+
+    def _fold(self, fold: Fold, seed: int, progress) -> tuple[FoldResult, torch.nn.Module | None]:
+        cfg, n_classes = self.cfg, len(self.plan.classes)
+        if cfg.mode == "frozen":
+            from cellmorph.features import logistic_head
+
+            cw = None if cfg.frozen.class_weight == "none" else "balanced"
+            return FoldResult(logistic_head(self.features, self.y, fold.train, fold.test, n_classes, cfg.frozen.C, cw, seed)), None
+        return _finetune_fold(cfg, self.images, self.y, n_classes, fold, self.plan.device, seed, progress)
+
+    def _fold_predictions(self, i: int, fold: Fold, probs: np.ndarray) -> pd.DataFrame:
+        index = self.index
+        keep = [c for c in index.columns if c.startswith("Metadata_")]
+        pred = index.iloc[fold.test][keep].copy()
+        pred.insert(0, "fold", i)
+        pred.insert(1, "fold_held_out", fold.name)
+        for j, c in enumerate(self.plan.classes):
+            pred[f"prob_{c}"] = probs[:, j]
+        return pred.reset_index(drop=True)
+
+    def _score(self, pred: pd.DataFrame, seed: int, curves: list[tuple]) -> Metrics:
+        cfg, plan = self.cfg, self.plan
+        ev = cfg.evaluation
+        m = compute_metrics(pred, plan.table.label, ev.protocol, plan.description, plan.levels, ev.aggregate)
+        m.excluded = plan.excluded
+        m.seeds = [seed]
+        m.context.update(self._context())
+        if curves and curves[0] is not None:
+            unit, xs = curves[0][0], curves[0][1]
+            for k, x in enumerate(xs):
+                p = pred.copy()
+                p[[f"prob_{c}" for c in plan.classes]] = np.concatenate([c[2][k] for c in curves])
+                mk = compute_metrics(p, plan.table.label, ev.protocol, plan.description, plan.levels, ev.aggregate)
+                m.curve.append({"seed": seed, unit: int(x), **{lvl: s.accuracy for lvl, s in mk.levels.items()}})
+        return m
+
+    def _context(self) -> dict:
+        cfg = self.cfg
+        how = cfg.evaluation.aggregate
+        levels = self.plan.levels
+        agg = "none: one prediction per row is the unit scored" if levels == ["image"] else f"{how} of image probabilities per well" + (
+            f", then {how} over the replicate wells of a treatment" if "treatment" in levels else "") + "; argmax"
+        return {"experiment": cfg.name, "dataset": cfg.dataset.name, "model": cfg.model.name, "init": cfg.model.init, "mode": cfg.mode,
+                "n_folds": len(self.plan.folds), "aggregation": agg, "store_key": self.store.key}
 
 
 def _finetune_fold(cfg: ExperimentConfig, images: torch.Tensor, y: np.ndarray, n_classes: int, fold: Fold, device, seed: int, progress):
-    """Train a fresh model on the fold's training images (uint8, on the device) and score its test images."""
+    """Train a fresh model on the fold's training images (uint8, on the device) and score its test images,
+    also at the curve points the config asks for (epochs or iterations)."""
     torch.manual_seed(seed)
     model = create_model(cfg.model.name, cfg.model.init, num_classes=n_classes, in_chans=images.shape[1], drop_rate=cfg.model.drop_rate)
     train_idx = torch.as_tensor(fold.train, device=images.device)
     spec = make_input_spec(model, cfg.model.input_size or default_input_size(cfg.model.name), cfg.finetune.normalize, images[train_idx])
     ft = cfg.finetune
-    steps = ft.epochs * max(1, len(fold.train) // ft.batch_size)
-    task = progress.add_task(f"  training on {len(fold.train)} images", total=steps)
+    steps_per_epoch = max(1, len(fold.train) // min(ft.batch_size, len(fold.train)))
+    task = progress.add_task(f"  training on {len(fold.train)} images", total=ft.epochs * steps_per_epoch)
     test_images = images[torch.as_tensor(fold.test, device=images.device)]
-    epoch_probs = []
-    on_epoch = (lambda epoch: epoch_probs.append(predict_proba(model, test_images, spec, device, batch_size=max(ft.batch_size, 64)))) if ft.eval_every_epoch else None
-    hist = fit(model, images[train_idx], y[fold.train], n_classes, ft, spec, device, seed, on_step=lambda: progress.advance(task), on_epoch=on_epoch)
+    score = lambda: predict_proba(model, test_images, spec, device, batch_size=max(ft.batch_size, 64))  # noqa: E731
+    xs, points = [], []
+    eval_epochs = set(range(1, ft.epochs + 1)) if ft.eval_every_epoch else set(ft.eval_epochs)
+
+    def on_epoch(epoch: int) -> None:
+        if epoch in eval_epochs:
+            xs.append(epoch)
+            points.append(score())
+
+    def on_iteration(it: int, m) -> None:
+        if it % ft.eval_every_iterations == 0:
+            xs.append(it)
+            points.append(score())
+            m.train()
+
+    every_it = ft.eval_every_iterations > 0
+    if every_it:  # the untrained model too: where a curve starts
+        xs.append(0)
+        points.append(score())
+        model.train()
+    hist = fit(model, images[train_idx], y[fold.train], n_classes, ft, spec, device, seed, on_step=lambda: progress.advance(task),
+               on_epoch=on_epoch if eval_epochs else None, on_iteration=on_iteration if every_it else None)
     progress.remove_task(task)
-    probs = epoch_probs[-1] if epoch_probs else predict_proba(model, test_images, spec, device, batch_size=max(ft.batch_size, 64))
-    return probs, hist.__dict__, (np.stack(epoch_probs).astype(np.float32) if epoch_probs else None), model
+    last = ft.epochs if not every_it else ft.epochs * steps_per_epoch
+    if every_it and xs[-1] != last:  # a curve by iterations ends at the trained model
+        xs.append(last)
+        points.append(score())
+    probs = points[-1] if xs and xs[-1] == last else score()
+    curve = np.stack(points).astype(np.float32) if points else None
+    return FoldResult(probs, hist.__dict__, xs, "iteration" if every_it else "epoch", curve), model
 
 
-def _write_fold(out: Path, i: int, fold: Fold, store: Store, classes: list[str], probs: np.ndarray, history: dict | None) -> None:
-    d = _fold_dir(out, i)
-    write_json(d / "fold.json", {"index": i, "held_out": fold.name, "n_train": len(fold.train), "n_test": len(fold.test)})
-    if history is not None:
-        write_json(d / "history.json", history)
-    pred = store.index.iloc[fold.test][[c for c in store.index.columns if c.startswith("Metadata_")]].copy()
-    pred.insert(0, "fold", i)
-    pred.insert(1, "fold_held_out", fold.name)
-    for j, c in enumerate(classes):
-        pred[f"prob_{c}"] = probs[:, j]
-    write_parquet(d / "predictions.parquet", pred)  # last: marks the fold done
+# --- where fold results live: a run folder, or memory -------------------------------------------------
 
 
-def _finish(out: Path, cfg: ExperimentConfig, folds: list[Fold], classes: list[str], index: pd.DataFrame, fold_seconds: float) -> dict:
-    from cellmorph.aggregate import to_treatments
+class _FolderSink:
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.where = str(folder)
+
+    def _dir(self, i: int) -> Path:
+        return self.folder / "folds" / f"{i:02d}"
+
+    def done(self, i: int) -> bool:
+        return (self._dir(i) / "predictions.parquet").is_file()
+
+    def save(self, i: int, fold: Fold, pred: pd.DataFrame, res: FoldResult, model) -> None:
+        d = self._dir(i)
+        info = {"index": i, "held_out": fold.name, "n_train": len(fold.train), "n_test": len(fold.test)}
+        if res.curve_probs is not None:
+            info.update({"curve_unit": res.curve_unit, "curve_x": res.curve_x})
+            write_npy(d / "curve_probs.npy", res.curve_probs)
+        write_json(d / "fold.json", info)
+        if res.history is not None:
+            write_json(d / "history.json", res.history)
+        if model is not None:
+            with atomic_path(d / "model.pt") as tmp:
+                torch.save(model.state_dict(), tmp)
+        write_parquet(d / "predictions.parquet", pred)  # last: marks the fold done
+
+    def predictions(self, i: int) -> pd.DataFrame:
+        return pd.read_parquet(self._dir(i) / "predictions.parquet")
+
+    def curve(self, i: int):
+        info = json.loads((self._dir(i) / "fold.json").read_text())
+        if "curve_x" not in info:
+            return None
+        return info["curve_unit"], info["curve_x"], np.load(self._dir(i) / "curve_probs.npy")
+
+
+class _MemorySink:
+    where = "memory"
+
+    def __init__(self):
+        self.results: dict[int, tuple[pd.DataFrame, FoldResult]] = {}
+
+    def done(self, i: int) -> bool:
+        return i in self.results
+
+    def save(self, i: int, fold: Fold, pred: pd.DataFrame, res: FoldResult, model) -> None:
+        self.results[i] = (pred, res)
+
+    def predictions(self, i: int) -> pd.DataFrame:
+        return self.results[i][0]
+
+    def curve(self, i: int):
+        res = self.results[i][1]
+        return None if res.curve_probs is None else (res.curve_unit, res.curve_x, res.curve_probs)
+
+
+# --- claiming and finishing a run folder --------------------------------------------------------------
+
+
+def _remove_if_empty(out: Path, existed: bool) -> None:
+    """A run that fails before it starts leaves no empty folder behind (never touches one that existed)."""
+    if not existed and out.is_dir() and not any(out.iterdir()):
+        out.rmdir()
+
+
+def _claim_run_folder(out: Path, cfg: ExperimentConfig, store: Store) -> None:
+    """Write config.toml and dataset.json, or check them on resume: a folder holds one config, computed
+    from one version of the data (a changed dataset must not mix old folds with new ones)."""
+    resolved = dump_toml(cfg) + "\n"
+    cfg_path, data_path = out / "config.toml", out / "dataset.json"
+    fingerprint = {"store_key": store.key, "rows": int(len(store.index)), "dataset": cfg.dataset.name}
+    if cfg_path.is_file():
+        if cfg_path.read_text() != resolved:
+            raise CellmorphError(
+                f"{out} holds a run of a different config ({cfg_path} differs). Resume it with the same config, or choose another --out."
+            )
+        if data_path.is_file():
+            old = json.loads(data_path.read_text())
+            if old.get("store_key") != store.key:
+                raise CellmorphError(
+                    f"{out} holds results computed from other data: the dataset changed since that run "
+                    f"({old.get('rows')} rows then, {len(store.index)} now; fingerprint {old.get('store_key')} vs {store.key}). "
+                    "Choose another --out for the new data (or delete the old run folder to start over)."
+                )
+    _clean_own_temporaries(out)
+    write_text(cfg_path, resolved)
+    write_json(data_path, fingerprint)
+
+
+def _clean_own_temporaries(out: Path) -> None:
+    """Remove temporaries a killed run left: only `.NAME.tmp-*` of cellmorph's own file names, in the
+    run folder's own subfolders (folds/, seeds/), never anything else."""
+    pattern = re.compile(r"^\.(" + "|".join(re.escape(n) for n in RUN_FILES) + r")\.tmp-[A-Za-z0-9_]+$")
+    folders = [out, *out.glob("folds/[0-9][0-9]"), *out.glob("seeds/*"), *out.glob("seeds/*/folds/[0-9][0-9]")]
+    for folder in folders:
+        for f in folder.iterdir():
+            if f.is_file() and pattern.match(f.name):
+                f.unlink(missing_ok=True)
+
+
+def _finish(out: Path, cfg: ExperimentConfig, plan: Plan, pred: pd.DataFrame, metrics: Metrics) -> None:
+    from cellmorph.metrics import aggregate
+    from cellmorph.outputs import write_outputs
     from cellmorph.report import write_confusion_png, write_report
 
-    pred = pd.concat([pd.read_parquet(_fold_dir(out, i) / "predictions.parquet") for i in range(len(folds))], ignore_index=True)
     write_parquet(out / "predictions.parquet", pred)
-    label = cfg.dataset.label
-    protocol = cfg.evaluation.protocol
-    metrics = {
-        "experiment": cfg.name,
-        "protocol": protocol,
-        "protocol_description": PROTOCOL_DESCRIPTIONS[protocol],
-        "dataset": cfg.dataset.name,
-        "model": cfg.model.name,
-        "init": cfg.model.init,
-        "mode": cfg.mode,
-        "seeds": [cfg.seed],
-        "n_folds": len(folds),
-        "classes": classes,
-        **compute_metrics(pred, protocol, label),
-        **({"excluded_compounds": lcbo_excluded(index, label)} if protocol == "lcbo" else {}),
-        **({"curve": _epoch_curve(out, folds, pred, classes, protocol, label)} if (_fold_dir(out, 0) / "epoch_probs.npy").is_file() else {}),
-        "aggregation": "median over fields of a well, then median over replicate wells; argmax",
-        "seconds_in_folds_this_invocation": round(fold_seconds, 2),
-    }
-    treat = None
-    if has_treatments(pred):
-        treat = to_treatments(pred, label)
-        write_text(out / "treatments.csv", treat.to_csv(index=False))
-    else:  # e.g. nucleus patches: no compounds, one prediction per row is the unit scored
-        metrics["aggregation"] = "none: one prediction per row (no compounds to aggregate over)"
-    write_confusion_png(out / "confusion.png", pred, treat, classes, label, title=f"{cfg.name}: {cfg.model.name} ({cfg.mode}), {protocol}")
+    label, how = plan.table.label, cfg.evaluation.aggregate
+    for level, fname in (("treatment", "treatments.csv"), ("well", "wells.csv")):
+        if level in metrics.levels:
+            groups = [g for _, g in pred.groupby("seed")] if "seed" in pred.columns else [pred]
+            table = pd.concat([aggregate(g, level, label, how).assign(**({"seed": g["seed"].iloc[0]} if "seed" in g.columns else {})) for g in groups])
+            write_text(out / fname, table.to_csv(index=False))
+    title = f"{cfg.name}: {cfg.model.name} ({cfg.mode}), {cfg.evaluation.protocol}"
+    first = pred[pred["seed"] == cfg.seed_list[0]] if "seed" in pred.columns else pred
+    write_confusion_png(out / "confusion.png", first, metrics, label, title, how)
+    write_outputs(cfg.outputs, out, cfg, plan.table, pred, metrics)
     write_report(out / "report.html", metrics, cfg)
-    write_json(out / "metrics.json", metrics)
-    return metrics
-
-
-def _epoch_curve(out: Path, folds: list[Fold], pred: pd.DataFrame, classes: list[str], protocol: str, label: str) -> list[dict]:
-    """Test accuracy after each epoch (every fold scored after every epoch), for Fig-3-style curves."""
-    per_fold = [np.load(_fold_dir(out, i) / "epoch_probs.npy") for i in range(len(folds))]
-    curve = []
-    for e in range(per_fold[0].shape[0]):
-        p = pred.copy()
-        p[[f"prob_{c}" for c in classes]] = np.concatenate([f[e] for f in per_fold])
-        m = compute_metrics(p, protocol, label)
-        keys = (f"treatment_accuracy_{protocol}", f"image_accuracy_{protocol}")
-        curve.append({"epoch": e + 1, **{k: m[k] for k in keys if k in m}})
-    return curve
+    metrics.write(out / "metrics.json")

@@ -23,6 +23,7 @@ The split seed is fixed (SPLIT_SEED) so that runs with different training seeds 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -145,31 +146,146 @@ def group_split(df: pd.DataFrame, group_column: str, test_fraction: float = PAPE
     return [fold]
 
 
-def image_grouped_split(df: pd.DataFrame, label: str = "Metadata_Label") -> list[Fold]:
-    return group_split(df, "Metadata_Image", name="image-grouped")
+def leave_one_group_out(df: pd.DataFrame, group: str) -> list[Fold]:
+    """One fold per value of `group`, in sorted order; asserts that no test group leaks."""
+    values = df[group].astype(str).to_numpy()
+    folds = []
+    for g in sorted(set(values)):
+        fold = Fold(name=g, train=np.flatnonzero(values != g), test=np.flatnonzero(values == g))
+        assert_no_leak(df, fold, group)
+        folds.append(fold)
+    return folds
 
 
-def holdout_25(df: pd.DataFrame, label: str = "Metadata_MoA") -> list[Fold]:
-    return random_split(df, test_fraction=0.25, name="holdout-25")
+def group_kfold(df: pd.DataFrame, group: str, n_splits: int) -> list[Fold]:
+    """`n_splits` folds of whole groups (scikit-learn's GroupKFold: sizes balanced, deterministic)."""
+    from sklearn.model_selection import GroupKFold
+
+    groups = df[group].astype(str).to_numpy()
+    n_groups = len(set(groups))
+    if n_groups < n_splits:
+        from cellmorph.errors import CellmorphError
+
+        raise CellmorphError(f"evaluation.n_splits = {n_splits} but column '{group}' has only {n_groups} groups; lower n_splits.")
+    folds = []
+    for k, (train, test) in enumerate(GroupKFold(n_splits=n_splits).split(np.zeros(len(df)), groups=groups)):
+        fold = Fold(name=f"{group} fold {k + 1}/{n_splits}", train=np.sort(train), test=np.sort(test))
+        assert_no_leak(df, fold, group)
+        folds.append(fold)
+    return folds
 
 
-def _random_paper(df: pd.DataFrame, label: str = "Metadata_Label") -> list[Fold]:
-    return random_split(df)
+@dataclass(frozen=True)
+class Protocol:
+    """A way to split rows into folds. `make(df, group, ev)` -> folds; `group` is the grouping column
+    it needs ("" when none); `describe(df, folds, group, ev)` says what was done, from the data at hand."""
+
+    make: Callable
+    default_group: str = ""
+    needs_group: bool = False
+    single_split: bool = False
 
 
-# Every protocol is called as fn(table_df, label_column) -> list[Fold].
-PROTOCOLS = {
-    "loco": leave_one_compound_out,
-    "lcbo": leave_compound_and_batch_out,
-    "random": _random_paper,
-    "image-grouped": image_grouped_split,
-    "holdout-25": holdout_25,
-}
+def _frac(ev, default: float) -> float:
+    return ev.test_fraction or default
 
-PROTOCOL_DESCRIPTIONS = {
-    "loco": "leave-one-compound-out: each fold holds out every image of one compound",
-    "lcbo": "leave-compound-and-batch-out: each fold holds out one compound and every image of its batch (week)",
-    "random": f"random split (seed {SPLIT_SEED}) holding out 1/6 of the rows (17,004 / 3,401 on the 20,405 nuclei, as Bayramoglu & Heikkilae 2016)",
-    "image-grouped": f"split by source image (seed {SPLIT_SEED}): whole images held out, about 1/6 of the rows; no image on both sides",
-    "holdout-25": f"random 75/25 split of the rows (seed {SPLIT_SEED}), the course lab's validation split",
-}
+
+PROTOCOLS: dict[str, Protocol] = {}
+
+
+def register_protocol(name: str, protocol: Protocol) -> None:
+    """Make `evaluation.protocol = name` available (config.py lists the names it accepts)."""
+    PROTOCOLS[name] = protocol
+
+
+register_protocol("loco", Protocol(lambda df, g, ev: leave_one_group_out(df, g), default_group="Metadata_Compound"))
+register_protocol("lcbo", Protocol(lambda df, g, ev: _lcbo_candidates(df), default_group="Metadata_Compound"))
+register_protocol("logo", Protocol(lambda df, g, ev: leave_one_group_out(df, g), needs_group=True))
+register_protocol("group-kfold", Protocol(lambda df, g, ev: group_kfold(df, g, ev.n_splits), needs_group=True))
+register_protocol("predefined", Protocol(lambda df, g, ev: leave_one_group_out(df, g), default_group="Metadata_Fold"))
+register_protocol("random", Protocol(lambda df, g, ev: random_split(df, _frac(ev, PAPER_TEST_FRACTION), ev.split_seed), single_split=True))
+register_protocol("image-grouped", Protocol(lambda df, g, ev: group_split(df, g, _frac(ev, PAPER_TEST_FRACTION), ev.split_seed, name="image-grouped"),
+                                            default_group="Metadata_Image", single_split=True))
+register_protocol("holdout-25", Protocol(lambda df, g, ev: random_split(df, _frac(ev, 0.25), ev.split_seed, name="holdout-25"), single_split=True))
+
+
+def protocol_group(ev) -> str:
+    """The grouping column a protocol uses under these evaluation settings ("" when it uses none)."""
+    p = PROTOCOLS[ev.protocol]
+    return ev.group or p.default_group
+
+
+def make_folds(df: pd.DataFrame, label: str, ev) -> tuple[list[Fold], list[dict], str]:
+    """Folds of `df` under the evaluation settings `ev`, the groups that cannot be scored, and a
+    description computed from the data.
+
+    Rows without a label (empty or NaN) never train; they are predicted in their test fold. A fold
+    whose test rows hold a class with no training row left is excluded and listed (a compound alone
+    in its class under LOCO, or a whole week under LCBO), never scored silently.
+
+    Example:
+        >>> folds, excluded, text = make_folds(table.df, "Metadata_MoA", cfg.evaluation)
+    """
+    from cellmorph.errors import CellmorphError
+
+    if ev.protocol not in PROTOCOLS:
+        raise CellmorphError(f"evaluation.protocol = '{ev.protocol}': unknown; choose from {sorted(PROTOCOLS)}.")
+    p = PROTOCOLS[ev.protocol]
+    group = protocol_group(ev)
+    if p.needs_group and not group:
+        raise CellmorphError(f"evaluation.protocol = '{ev.protocol}' needs evaluation.group, the column to group by (e.g. Metadata_Patient).")
+    needed = [group] if group else []
+    if ev.protocol == "lcbo":
+        needed.append("Metadata_Batch")
+    missing = [c for c in needed if c not in df.columns]
+    if missing:
+        raise CellmorphError(
+            f"evaluation.protocol = '{ev.protocol}' groups by {missing}, which the dataset lacks (columns: "
+            f"{[c for c in df.columns if c.startswith('Metadata_')]}). Set evaluation.group to one of them, or choose another protocol."
+        )
+    labelled = labelled_mask(df, label)
+    try:
+        candidates = p.make(df, group, ev)
+    except ValueError as err:
+        raise CellmorphError(f"evaluation.protocol = '{ev.protocol}': {err}.") from None
+    folds, excluded = [], []
+    y = df[label].astype(str).to_numpy()
+    for fold in candidates:
+        train = fold.train[labelled[fold.train]]
+        fold = Fold(fold.name, train, fold.test)
+        missing_classes = sorted(set(y[fold.test][labelled[fold.test]]) - set(y[train]))
+        if missing_classes:
+            rows = df.iloc[fold.test]
+            reason = f"no training row of class {missing_classes} left" + (" outside the compound's batch" if ev.protocol == "lcbo" else "")
+            excluded.append({"group": fold.name, "column": group or None, "classes": missing_classes, "rows": int(len(rows)),
+                             **({"batch": sorted(rows["Metadata_Batch"].astype(str).unique())} if ev.protocol == "lcbo" else {}), "reason": reason})
+            continue
+        folds.append(fold)
+    if not folds:
+        raise CellmorphError(
+            f"evaluation.protocol = '{ev.protocol}' leaves no fold that can be scored: every held-out {group or 'split'} "
+            f"holds a class with no training data ({len(excluded)} excluded). Add data, or choose another protocol."
+        )
+    return folds, excluded, describe(df, folds, excluded, group, ev)
+
+
+def labelled_mask(df: pd.DataFrame, label: str) -> np.ndarray:
+    """Rows with a label (empty strings and NaN are unlabelled: predicted, never trained on or scored)."""
+    col = df[label]
+    return (col.notna() & (col.astype(str).str.strip() != "")).to_numpy()
+
+
+def describe(df: pd.DataFrame, folds: list[Fold], excluded: list[dict], group: str, ev) -> str:
+    """What the protocol did to these rows, in words, with the counts."""
+    n = len(df)
+    if PROTOCOLS[ev.protocol].single_split:
+        (f,) = folds
+        how = f"whole {group} groups held out" if group else "rows drawn at random"
+        text = f"{ev.protocol}: one split (seed {ev.split_seed}), {how}: {len(f.train):,} training / {len(f.test):,} test rows of {n:,}"
+    else:
+        what = {"loco": "leave-one-compound-out", "lcbo": "leave-compound-and-batch-out (the test compound and every row of its batch held out of training)",
+                "logo": f"leave-one-group-out over {group}", "predefined": f"predefined folds from {group}", "group-kfold": f"{ev.n_splits}-fold over whole {group} groups"}[ev.protocol]
+        text = f"{what}: {len(folds)} folds over {n:,} rows"
+    if excluded:
+        text += f"; {len(excluded)} held-out group(s) excluded (a class with no training data), listed in metrics.json"
+    return text

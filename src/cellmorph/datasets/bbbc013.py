@@ -43,8 +43,12 @@ def translocation_label(dose_rank: pd.Series, n_levels: int) -> pd.Series:
 
 
 @register("bbbc013", "BBBC013 FKHR-GFP translocation, one 96-well plate, GFP + DNA (prepare it: `cellmorph prepare bbbc013`)")
-def load_bbbc013(data_dir: Path, label: str = LABEL) -> ImageTable:
+def load_bbbc013(data_dir: Path, label: str = LABEL, crops_per_well: int = 0) -> ImageTable:
+    """The plate's wells (crops_per_well = 0), or the paper's training unit: the first `crops_per_well`
+    of the 16 crops of each well (prepared once into the cache), middle doses unlabelled."""
     label = LABEL if label == "Metadata_MoA" else label  # the config default names the MoA column; here it is the translocation label
+    if crops_per_well:
+        return _crops_table(data_dir, label, crops_per_well)
     root = Path(data_dir) / FOLDER
     if not (root / METADATA).is_file() and (Path(data_dir) / METADATA).is_file():
         root = Path(data_dir)
@@ -83,3 +87,14 @@ def load_bbbc013(data_dir: Path, label: str = LABEL) -> ImageTable:
     table = ImageTable(df, name="bbbc013", label=label, source=str(meta_path))
     table.check_files_exist()
     return table
+
+
+def _crops_table(data_dir: Path, label: str, crops_per_well: int) -> ImageTable:
+    from cellmorph.translocation import crops_store, translocation_labels
+
+    if not 1 <= crops_per_well <= 16:
+        raise CellmorphError(f"dataset.options.crops_per_well = {crops_per_well}: choose 1 to 16 (each well is cut into 4 x 4 crops).")
+    folder = crops_store("bbbc013", data_dir, crops_per_well)
+    index = pd.read_parquet(folder / "index.parquet")
+    index[label] = translocation_labels(index[label])
+    return ImageTable(index, name=f"bbbc013-crops{crops_per_well}", label=label, source=str(folder / "index.parquet"), store_dir=str(folder))
