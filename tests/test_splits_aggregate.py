@@ -4,7 +4,7 @@ import pytest
 
 from cellmorph.aggregate import to_treatments, to_wells
 from cellmorph.metrics import compute_metrics, confusion
-from cellmorph.splits import Fold, LeakageError, assert_no_leak, leave_one_compound_out
+from cellmorph.splits import Fold, LeakageError, assert_no_leak
 
 
 def _pred(rows):
@@ -41,7 +41,7 @@ def test_concentrations_are_separate_treatments():
 
 def test_loco_holds_out_each_compound_once():
     df = pd.DataFrame({"Metadata_Compound": list("aabbbc"), "Metadata_MoA": list("xxyyyx")})
-    folds = leave_one_compound_out(df)
+    folds = _folds(df, "loco")
     assert [f.name for f in folds] == ["a", "b", "c"]
     assert sorted(np.concatenate([f.test for f in folds])) == list(range(6))
     for f in folds:
@@ -60,7 +60,7 @@ def test_confusion_counts():
 
 
 def test_loco_on_real_subset(subset_table):
-    folds = leave_one_compound_out(subset_table.df)
+    folds = _folds(subset_table.df, "loco")
     assert len(folds) == 18
     assert sum(len(f.test) for f in folds) == 660
     # Every MoA keeps at least one training compound in every fold (else LOCO could not score it).
@@ -70,15 +70,15 @@ def test_loco_on_real_subset(subset_table):
 
 
 def test_lcbo_on_real_subset(subset_table):
-    from cellmorph.splits import leave_compound_and_batch_out, lcbo_excluded
+    from cellmorph.config import EvaluationConfig
+    from cellmorph.splits import make_folds
 
     df = subset_table.df
-    folds = leave_compound_and_batch_out(df)
-    excluded = lcbo_excluded(df)
+    folds, excluded, _ = make_folds(df, "Metadata_MoA", EvaluationConfig(protocol="lcbo"))
     # Both cholesterol-lowering compounds come from Week9 only: holding out that week leaves that MoA
     # no training image, so those two compounds cannot be scored.
-    assert sorted(e["compound"] for e in excluded) == ["mevinolin/lovastatin", "simvastatin"]
-    assert all(e["Metadata_MoA"] == ["Cholesterol-lowering"] for e in excluded)
+    assert sorted(e["group"] for e in excluded) == ["mevinolin/lovastatin", "simvastatin"]
+    assert all(e["classes"] == ["Cholesterol-lowering"] and e["batch"] == ["Week9"] for e in excluded)
     assert len(folds) == 16
     for f in folds:
         test_batches = set(df.Metadata_Batch.iloc[f.test])
@@ -86,7 +86,7 @@ def test_lcbo_on_real_subset(subset_table):
         assert f.name not in set(df.Metadata_Compound.iloc[f.train])
         assert set(df.Metadata_MoA.iloc[f.test]) <= set(df.Metadata_MoA.iloc[f.train])
     # LCBO never trains on more images than LOCO, and on fewer wherever the week holds other compounds
-    loco = {f.name: f for f in leave_one_compound_out(df)}
+    loco = {f.name: f for f in _folds(df, "loco")}
     for f in folds:
         week_mates = set(df.Metadata_Compound[df.Metadata_Batch.isin(df.Metadata_Batch.iloc[f.test])]) - {f.name}
         assert (len(f.train) < len(loco[f.name].train)) == bool(week_mates)

@@ -9,8 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.linear_model import LogisticRegression
-from sklearn.preprocessing import StandardScaler
 
 from cellmorph.config import ModelConfig
 from cellmorph.io import write_npy
@@ -52,10 +50,19 @@ def extract_features(store: Store, model_cfg: ModelConfig, tta: bool, batch_size
 
 def logistic_head(features: np.ndarray, y: np.ndarray, train: np.ndarray, test: np.ndarray, n_classes: int, C: float, class_weight: str | None, seed: int) -> np.ndarray:
     """Fit standardisation + multinomial logistic regression on `train`; class probabilities for `test`
-    in 0..n_classes-1 order (a class missing from training gets probability 0)."""
-    scaler = StandardScaler().fit(features[train])
-    clf = LogisticRegression(C=C, class_weight=class_weight, max_iter=3000, random_state=seed)
-    clf.fit(scaler.transform(features[train]), y[train])
-    probs = np.zeros((len(test), n_classes))
-    probs[:, clf.classes_] = clf.predict_proba(scaler.transform(features[test]))
+    in 0..n_classes-1 order (a class missing from training gets probability 0).
+
+    BLAS runs on one thread here: the problem is a few small matrix products per L-BFGS step, and a
+    threaded BLAS beside torch's OpenMP pool (or any other busy process) spends its time waiting for
+    its threads: measured 17x slower on 2 busy cores (benchmarks/frozen_speed.py), same optimum."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1, user_api="blas"):
+        scaler = StandardScaler().fit(features[train])
+        clf = LogisticRegression(C=C, class_weight=class_weight, max_iter=3000, random_state=seed)
+        clf.fit(scaler.transform(features[train]), y[train])
+        probs = np.zeros((len(test), n_classes))
+        probs[:, clf.classes_] = clf.predict_proba(scaler.transform(features[test]))
     return probs

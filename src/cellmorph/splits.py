@@ -8,6 +8,9 @@ Leave-compound-and-batch-out (LCBO): as LOCO, and every image of the test compou
 its batch signature. A compound whose class has no training image left cannot be scored: it is
 excluded and listed.
 
+Any grouping column (`evaluation.group`): "logo" (leave one group out, e.g. a patient), "group-kfold"
+(k folds of whole groups), "predefined" (one fold per value of a column such as Metadata_Fold).
+
 Single train/test splits (one Fold each), for tables without compounds or for a course's protocol:
 
 - "random": a seeded random split holding out 1/6 of the rows: on the 20,405 CRCHistoPhenotypes
@@ -17,7 +20,11 @@ Single train/test splits (one Fold each), for tables without compounds or for a 
 - "holdout-25": the course lab's random 75/25 validation split (rows = fields of view; fields of one
   well or compound land on both sides, so it flatters compared with LOCO).
 
-The split seed is fixed (SPLIT_SEED) so that runs with different training seeds share one test set.
+The split seed (evaluation.split_seed, default 0) is separate from the training seed, so that runs
+with different training seeds share one test set. `make_folds` is the one entry point: it applies the
+protocol, keeps unlabelled rows out of training, excludes and lists folds that cannot be scored, and
+describes what it did from the data at hand. A new protocol is one `register_protocol` call (and its
+name in config.EvaluationConfig.protocol).
 """
 
 from __future__ import annotations
@@ -40,19 +47,6 @@ class Fold:
     test: np.ndarray
 
 
-def leave_one_compound_out(df: pd.DataFrame, label: str = "Metadata_MoA") -> list[Fold]:
-    """One fold per compound, in sorted compound order; asserts that no test compound leaks."""
-    compounds = df["Metadata_Compound"].astype(str).to_numpy()
-    folds = []
-    for c in sorted(set(compounds)):
-        test = np.flatnonzero(compounds == c)
-        train = np.flatnonzero(compounds != c)
-        fold = Fold(name=c, train=train, test=test)
-        assert_no_leak(df, fold, "Metadata_Compound")
-        folds.append(fold)
-    return folds
-
-
 def assert_no_leak(df: pd.DataFrame, fold: Fold, group_column: str) -> None:
     train_groups = set(df[group_column].iloc[fold.train].astype(str))
     test_groups = set(df[group_column].iloc[fold.test].astype(str))
@@ -63,50 +57,20 @@ def assert_no_leak(df: pd.DataFrame, fold: Fold, group_column: str) -> None:
         raise LeakageError(f"fold {fold.name}: the same image is in training and test")
 
 
-def leave_compound_and_batch_out(df: pd.DataFrame, label: str = "Metadata_MoA") -> list[Fold]:
-    """One fold per scorable compound; see `lcbo_excluded` for those left out."""
-    folds = []
-    for fold in _lcbo_candidates(df):
-        if _lcbo_reason(df, fold, label) is None:
-            assert_no_leak(df, fold, "Metadata_Compound")
-            assert_no_leak(df, fold, "Metadata_Batch")
-            folds.append(fold)
-    return folds
-
-
-def lcbo_excluded(df: pd.DataFrame, label: str = "Metadata_MoA") -> list[dict]:
-    """The compounds LCBO cannot score, with their class, batch and the reason."""
-    out = []
-    for fold in _lcbo_candidates(df):
-        reason = _lcbo_reason(df, fold, label)
-        if reason is not None:
-            rows = df.iloc[fold.test]
-            out.append({"compound": fold.name, label: sorted(rows[label].astype(str).unique()), "batch": sorted(rows["Metadata_Batch"].astype(str).unique()), "reason": reason})
-    return out
-
-
 def _lcbo_candidates(df: pd.DataFrame) -> list[Fold]:
-    if "Metadata_Batch" not in df.columns:
-        from cellmorph.errors import CellmorphError
-
-        raise CellmorphError("protocol 'lcbo' needs a Metadata_Batch column (e.g. the week of each plate) in the dataset.")
+    """One fold per compound: its rows held out, and every row of its batches removed from training
+    (make_folds then excludes the compounds whose class has no training row left)."""
     compounds = df["Metadata_Compound"].astype(str).to_numpy()
     batches = df["Metadata_Batch"].astype(str).to_numpy()
     folds = []
     for c in sorted(set(compounds)):
         test = np.flatnonzero(compounds == c)
         held_batches = set(batches[test])
-        train = np.flatnonzero((compounds != c) & ~np.isin(batches, list(held_batches)))
-        folds.append(Fold(name=c, train=train, test=test))
+        fold = Fold(name=c, train=np.flatnonzero((compounds != c) & ~np.isin(batches, list(held_batches))), test=test)
+        assert_no_leak(df, fold, "Metadata_Compound")
+        assert_no_leak(df, fold, "Metadata_Batch")
+        folds.append(fold)
     return folds
-
-
-def _lcbo_reason(df: pd.DataFrame, fold: Fold, label: str) -> str | None:
-    missing = set(df[label].iloc[fold.test].astype(str)) - set(df[label].iloc[fold.train].astype(str))
-    if missing:
-        return f"no training image of {sorted(missing)} outside the compound's batch"
-    return None
-
 
 
 SPLIT_SEED = 0

@@ -249,31 +249,40 @@ class _EpochTimer:
         return lambda: dt
 
 
-@torch.no_grad()
 def forward_batches(model: nn.Module, images: torch.Tensor, spec: InputSpec, device: torch.device, batch_size: int, tta: bool = False, on_batch=None) -> torch.Tensor:
-    """Outputs of `model` for uint8 images (mean over the 8 dihedral transforms when tta), on CPU, float32."""
+    """Outputs of `model` for uint8 images (mean over the 8 dihedral transforms when tta), on CPU, float32.
+
+    channels_last weights and inputs on every device (oneDNN's fast layout on CPU, cuDNN's on CUDA;
+    the outputs differ from the contiguous layout's in the last float bits only), under inference_mode.
+    On CPU the model's parameters get their layout back afterwards, so a model still being trained is
+    left as it came; on CUDA they stay channels_last, the layout `fit` uses there too."""
     model.to(device).eval()
     cuda = device.type == "cuda"
-    if cuda:
-        model.to(memory_format=torch.channels_last)
+    was_contiguous = not cuda and any(p.dim() == 4 and not p.is_contiguous(memory_format=torch.channels_last) for p in model.parameters())
+    # Outside inference_mode: converted parameters must stay ordinary (trainable) tensors.
+    model.to(memory_format=torch.channels_last)
     outs = []
-    for s in range(0, len(images), batch_size):
-        chunk = images[s : s + batch_size].to(device)
-        real = len(chunk)
-        if cuda and real < batch_size and len(images) > batch_size:  # pad: one shape, one cuDNN autotune
-            chunk = torch.cat([chunk, chunk[-1:].expand(batch_size - real, *chunk.shape[1:])])
-        x = spec(chunk.float().div_(255))
-        views = [dihedral(x, k) for k in range(8)] if tta else [x]
-        acc = None
-        for v in views:
-            if cuda:
-                v = v.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cuda):
-                out = model(v).float()
-            acc = out if acc is None else acc + out
-        outs.append((acc[:real] / len(views)).cpu())
-        if on_batch is not None:
-            on_batch(real)
+    try:
+        with torch.inference_mode():
+            for s in range(0, len(images), batch_size):
+                chunk = images[s : s + batch_size].to(device)
+                real = len(chunk)
+                if cuda and real < batch_size and len(images) > batch_size:  # pad: one shape, one cuDNN autotune
+                    chunk = torch.cat([chunk, chunk[-1:].expand(batch_size - real, *chunk.shape[1:])])
+                x = spec(chunk.float().div_(255))
+                views = [dihedral(x, k) for k in range(8)] if tta else [x]
+                acc = None
+                for v in views:
+                    v = v.contiguous(memory_format=torch.channels_last)
+                    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cuda):
+                        out = model(v).float()
+                    acc = out if acc is None else acc + out
+                outs.append((acc[:real] / len(views)).cpu())
+                if on_batch is not None:
+                    on_batch(real)
+    finally:
+        if was_contiguous:
+            model.to(memory_format=torch.contiguous_format)
     return torch.cat(outs)
 
 
