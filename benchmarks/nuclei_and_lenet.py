@@ -7,7 +7,7 @@ scoring code of its own).
 Part "nuclei": configs/nuclei/{transfer,scratch}-{random,image-grouped}.toml (offline ImageNet
 EfficientNet-Lite0 vs Glorot-uniform scratch, the paper's recipe, test accuracy every 68 iterations
 as their Fig 2) and the paper's other networks from scratch on the random split: AlexNet and GenderNet
-(Caffe-style Gaussian init, as the paper), VGG16 and GoogLeNet (Glorot-uniform). Part "lenet": the
+(Caffe-style Gaussian init and Caffe's input: 0-255 minus the mean, as the paper), VGG16 and GoogLeNet (Glorot-uniform). Part "lenet": the
 lab's CNN (configs/lenet-lab*.toml) on the 75/25 split and leave-one-compound-out.
 
 Every run is a run folder OUT/<key>/ (a rerun resumes; finished runs are kept); OUT/summary_<split>/
@@ -32,8 +32,8 @@ NUCLEI = [  # (key, config, overrides), most important first
     ("random/scratch/tf_efficientnet_lite0", "nuclei/scratch-random", {}),
     ("image-grouped/transfer/tf_efficientnet_lite0", "nuclei/transfer-image-grouped", {}),
     ("image-grouped/scratch/tf_efficientnet_lite0", "nuclei/scratch-image-grouped", {}),
-    ("random/scratch/gendernet", "nuclei/scratch-random", {"model.name": "gendernet", "model.init": "gaussian"}),
-    ("random/scratch/alexnet", "nuclei/scratch-random", {"model.name": "alexnet", "model.init": "gaussian"}),
+    ("random/scratch/gendernet", "nuclei/scratch-random", {"model.name": "gendernet", "model.init": "gaussian", "finetune.normalize": "caffe"}),
+    ("random/scratch/alexnet", "nuclei/scratch-random", {"model.name": "alexnet", "model.init": "gaussian", "finetune.normalize": "caffe"}),
     ("random/scratch/vgg16", "nuclei/scratch-random", {"model.name": "vgg16", "finetune.batch_size": 50}),
     ("random/scratch/googlenet", "nuclei/scratch-random", {"model.name": "googlenet", "finetune.batch_size": 50}),
 ]

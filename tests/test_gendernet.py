@@ -8,7 +8,7 @@ from cellmorph.config import AugmentConfig, FinetuneConfig
 from cellmorph.errors import CellmorphError
 from cellmorph.gendernet import GenderNet
 from cellmorph.models import classifier_module, create_model, default_input_size, normalization
-from cellmorph.train import InputSpec, fit
+from cellmorph.train import fit, make_input_spec
 
 
 def test_parameter_count_and_layers():
@@ -53,8 +53,10 @@ def test_trains_from_scratch_on_cpu():
     images = (base + torch.randint(-20, 21, (n, 3, 32, 32))).to(torch.uint8)
     model = create_model("gendernet", "gaussian", num_classes=3)
     before = [p.detach().clone() for p in model.parameters()]
-    # Caffe's input scale (mean-subtracted 0-255 pixels), which N(0, 0.01) weights were chosen for.
-    spec = InputSpec(size=64, mean=(0.5,) * 3, std=(1 / 255,) * 3)
+    # normalize = "caffe": Caffe's input scale (mean-subtracted 0-255 pixels), which N(0, 0.01) weights were chosen for.
+    spec = make_input_spec(model, 64, "caffe", images)
+    x = spec.normalize(images.float() / 255)
+    assert abs(float(x.mean())) < 0.5 and float(x.std()) > 20  # centred (within float32 rounding), on the 0-255 scale
     cfg = FinetuneConfig(epochs=3, batch_size=6, optimizer="sgd", lr=0.01, augment=AugmentConfig(blur_p=0.0))
     hist = fit(model, images, labels, 3, cfg, spec, torch.device("cpu"), seed=0)
     assert all(np.isfinite(hist.loss)) and hist.loss[-1] < hist.loss[0]

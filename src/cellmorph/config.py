@@ -75,8 +75,9 @@ class FinetuneConfig(_Strict):
     class_weights: bool = True
     # "imagenet": the model's own mean/std; "raw": 0-255 pixels as the paper's code fed them;
     # "mean": the training images' per-channel mean intensity is subtracted instead of the model's mean
-    # (Caffe's mean subtraction), then divided by the model's std.
-    normalize: Literal["imagenet", "raw", "mean"] = "imagenet"
+    # (Caffe's mean subtraction), then divided by the model's std; "caffe": 0-255 pixels minus the
+    # training images' mean, not divided (Caffe's input for AlexNet/GenderNet with init = "gaussian").
+    normalize: Literal["imagenet", "raw", "mean", "caffe"] = "imagenet"
     amp: bool = True
     # torch.compile the model (CUDA; the first epoch pays the compile time).
     compile: bool = False
