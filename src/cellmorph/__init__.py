@@ -1,6 +1,56 @@
-"""cellmorph: classify cellular morphological changes in microscopy images by transfer learning."""
+"""cellmorph: classify cellular morphological changes in microscopy images by transfer learning.
+
+The public API (each name's docstring has its arguments and an example):
+
+    >>> import cellmorph as cm
+    >>> table = cm.load_dataset("bbbc021-subset", data="~/data")
+    >>> clf = cm.Classifier("tf_efficientnet_lite0", init="imagenet", mode="frozen", overrides={"frozen.C": 1.0})
+    >>> res = cm.cross_validate(clf, table, protocol="loco")      # in memory: res.metrics, res.predictions
+    >>> clf.fit(table).save("moa-model")                          # a self-contained bundle folder
+    >>> cm.Classifier.load("moa-model").predict_proba(images)     # N x n_classes, columns = clf.classes
+    >>> cm.run("configs/quickstart.toml", "runs/quickstart")      # the CLI's `cellmorph run`
+
+Names are imported on first use, so `import cellmorph` (and the CLI's start) does not load torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
 
 from cellmorph.errors import CellmorphError
 
 __version__ = "0.1.0"
-__all__ = ["CellmorphError", "__version__"]
+
+# Public name -> the module that defines it.
+_LAZY = {
+    "Classifier": "cellmorph.api",
+    "cross_validate": "cellmorph.api",
+    "load_dataset": "cellmorph.api",
+    "run": "cellmorph.api",
+    "CVResult": "cellmorph.experiment",
+    "ExperimentConfig": "cellmorph.config",
+    "load_config": "cellmorph.config",
+    "ImageTable": "cellmorph.datasets",
+    "Metrics": "cellmorph.metrics",
+}
+__all__ = ["CellmorphError", "__version__", *_LAZY]
+
+if TYPE_CHECKING:
+    from cellmorph.api import Classifier, cross_validate, load_dataset, run
+    from cellmorph.config import ExperimentConfig, load_config
+    from cellmorph.datasets import ImageTable
+    from cellmorph.experiment import CVResult
+    from cellmorph.metrics import Metrics
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'cellmorph' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})

@@ -103,12 +103,16 @@ def channel_mean(images: torch.Tensor, chunk: int = 4096) -> tuple[float, ...]:
 def make_input_spec(model: nn.Module, size: int, normalize: str, train_images: torch.Tensor) -> InputSpec:
     """The InputSpec for fine-tuning `model`: its pretrained mean/std; with normalize = "mean", the
     training images' per-channel mean intensity is subtracted instead of the ImageNet mean (Caffe's
-    mean subtraction), and the model's std keeps the input on the scale its weights expect."""
+    mean subtraction), and the model's std keeps the input on the scale its weights expect; with
+    normalize = "caffe", the mean is subtracted from 0-255 pixels and nothing is divided, as Caffe fed
+    AlexNet and GenderNet (the scale their Gaussian N(0, 0.01) initialisation was chosen for)."""
     from cellmorph.models import normalization
 
     mean, std = normalization(model)
-    if normalize == "mean":
+    if normalize in ("mean", "caffe"):
         mean = channel_mean(train_images)
+    if normalize == "caffe":
+        std = (1 / 255,) * len(mean)  # (x - mean) / (1/255) = 0-255 pixels minus their mean
     return InputSpec(size=size, mean=mean, std=std, normalize_mode=normalize)
 
 

@@ -1,0 +1,356 @@
+"""The public Python API: the CLI's engine (experiment.py) as functions and a `Classifier` that trains on
+an ImageTable, predicts on arrays or tables, and saves to a self-contained bundle (bundle.py).
+
+Every path goes through the same code as `cellmorph run`: the config is built only by
+`cellmorph.config.override` (validated), images by the store, features by `train.forward_batches`,
+fine-tuning by `train.fit`.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cellmorph.bundle import load_bundle, load_state, save_bundle
+from cellmorph.config import ExperimentConfig, load_config, override
+from cellmorph.datasets import ImageTable
+from cellmorph.datasets import load_dataset as _load_dataset
+from cellmorph.errors import CellmorphError
+from cellmorph.experiment import CVResult, cross_validate_config, run_experiment
+from cellmorph.metrics import Metrics
+from cellmorph.models import INIT_WORDS, check_model_config, create_model, default_input_size, normalization
+from cellmorph.splits import labelled_mask
+from cellmorph.store import build_store
+from cellmorph.train import InputSpec, fit as _fit, forward_batches, make_input_spec, pick_device, predict_proba as _predict_proba, resize_uint8_stack
+
+__all__ = ["Classifier", "cross_validate", "load_dataset", "run"]
+
+
+def load_dataset(name: str, data: str | Path | None = None, label: str = "Metadata_MoA", **options) -> ImageTable:
+    """Load a dataset's table of images (metadata and paths; no pixels decoded yet).
+
+    Args:
+        name: a dataset name (`cellmorph datasets` lists them), e.g. "bbbc021-subset".
+        data: the folder holding the datasets; None means $CELLMORPH_DATA.
+        label: the column to classify.
+        **options: the dataset's options, as `dataset.options` in a config (e.g. csv="plates.csv" for "folder").
+    Returns:
+        An `ImageTable`: one row per image, `Metadata_*` and `Image_Path_*` columns.
+
+    Example:
+        >>> table = load_dataset("bbbc021-subset", data="~/data")
+        >>> len(table), table.classes[:2]
+        (660, ['Aurora kinase inhibitors', 'Cholesterol-lowering'])
+    """
+    return _load_dataset(name, None if data is None else Path(data).expanduser(), label=label, **options)
+
+
+def run(config: str | Path | ExperimentConfig, out: str | Path, data: str | Path | None = None) -> Metrics:
+    """Run an experiment into a run folder, exactly as `cellmorph run CONFIG --out OUT`.
+
+    Args:
+        config: a config file (TOML) or an `ExperimentConfig`.
+        out: the run folder; rerunning with the same folder resumes at the first missing fold.
+        data: the folder holding the datasets; None means $CELLMORPH_DATA.
+    Returns:
+        The run's `Metrics` (also in out/metrics.json).
+
+    Example:
+        >>> m = run("configs/quickstart.toml", "runs/quickstart")
+        >>> m.level("treatment").correct, m.level("image").correct
+        (55, 573)
+    """
+    cfg = config if isinstance(config, ExperimentConfig) else load_config(config)
+    return run_experiment(cfg, out, data)
+
+
+def cross_validate(clf: Classifier | ExperimentConfig, table: ImageTable | None = None, protocol: str | None = None, *,
+                   data: str | Path | None = None, overrides: dict | None = None) -> CVResult:
+    """Cross-validate a classifier's recipe in memory: the same folds, models and scores as `run`, nothing written.
+
+    Args:
+        clf: a `Classifier` (its config is used; it is not fitted) or an `ExperimentConfig`.
+        table: the images; None loads the config's dataset from `data`.
+        protocol: the fold protocol ("loco", "lcbo", "random", ...); None keeps the config's.
+        data: the folder holding the datasets when `table` is None; None means $CELLMORPH_DATA.
+        overrides: further {dotted.field: value} changes, e.g. {"evaluation.max_folds": 2}.
+    Returns:
+        A `CVResult`: `.metrics` (`Metrics`) and `.predictions` (one row per image: Metadata_*, fold, prob_<class>).
+
+    Example:
+        >>> res = cross_validate(Classifier("tf_efficientnet_lite0"), table, protocol="loco")
+        >>> res.metrics.level("treatment").correct, res.metrics.level("treatment").total
+        (55, 55)
+    """
+    cfg = clf.config if isinstance(clf, Classifier) else clf
+    changes = {**({"evaluation.protocol": protocol} if protocol is not None else {}), **(overrides or {})}
+    return cross_validate_config(override(cfg, changes) if changes else cfg, table=table, data_dir=data)
+
+
+class Classifier:
+    """An image classifier trained by transfer learning: frozen features + logistic regression, or fine-tuned.
+
+    Args:
+        model: a timm model name (or torchvision's alexnet/googlenet, cellmorph's lenet/gendernet);
+            None keeps the config's (default tf_efficientnet_lite0).
+        init: "imagenet", "xavier", "gaussian", "random" or a weights file; None keeps the config's.
+        mode: "frozen" or "finetune"; None keeps the config's.
+        config: the `ExperimentConfig` to start from (default: every default).
+        overrides: {dotted.field: value} changes, validated: a typo raises a CellmorphError naming the field.
+
+    Example:
+        >>> import cellmorph as cm
+        >>> clf = cm.Classifier("tf_efficientnet_lite0", init="imagenet", mode="frozen", overrides={"frozen.C": 1.0})
+        >>> clf.fit(table).save("moa-model")
+        >>> cm.Classifier.load("moa-model").predict(images)[:2]
+        ['DNA damage', 'Eg5 inhibitors']
+    """
+
+    def __init__(self, model: str | None = None, init: str | None = None, mode: str | None = None, *,
+                 config: ExperimentConfig | None = None, overrides: dict | None = None):
+        named = {"model.name": model, "model.init": init, "mode": mode}
+        changes = {**{k: v for k, v in named.items() if v is not None}, **(overrides or {})}
+        cfg = override(config or ExperimentConfig(), changes)
+        check_model_config(cfg.model.name, cfg.model.init)
+        self._reset(cfg)
+
+    def _reset(self, cfg: ExperimentConfig, source: str = "this classifier") -> None:
+        self.config = cfg
+        self.classes: list[str] = []
+        self._source = source
+        self._net: torch.nn.Module | None = None  # finetune: the network; frozen: the backbone
+        self._head: dict[str, torch.Tensor] = {}  # frozen: mean, scale, coef, intercept (float64)
+        self._spec: InputSpec | None = None
+        self._channels = 0
+        self._trained_on: dict = {}
+
+    def __repr__(self) -> str:
+        m = self.config.model
+        state = f"{len(self.classes)} classes" if self._net is not None else "not fitted"
+        return f"Classifier({m.name!r}, init={m.init!r}, mode={self.config.mode!r}; {state})"
+
+    @property
+    def channels(self) -> int:
+        """The number of image channels the fitted model takes (0 before fit)."""
+        return self._channels
+
+    def fit(self, table: ImageTable) -> Classifier:
+        """Train on the labelled rows of `table` (rows with an empty or NaN label are skipped).
+
+        Args:
+            table: an `ImageTable` (e.g. from `load_dataset`); its label column names the classes.
+        Returns:
+            self, fitted: `classes` holds the class names in probability-column order.
+
+        Example:
+            >>> clf = Classifier("tf_efficientnet_lite0").fit(table)
+            >>> clf.classes[0]
+            'Aurora kinase inhibitors'
+        """
+        cfg = override(self.config, {"dataset.label": table.label}) if table.label != self.config.dataset.label else self.config
+        lab = labelled_mask(table.df, table.label)
+        classes = table.classes
+        idx = np.flatnonzero(lab)
+        y = table.df[table.label].astype(str).map({c: i for i, c in enumerate(classes)}).to_numpy()[idx].astype(np.int64)
+        store = build_store(table, cfg.dataset.image_size)
+        images = torch.from_numpy(np.asarray(store.images))
+        device = pick_device(cfg.device)
+        self._reset(cfg)
+        if cfg.mode == "frozen":
+            self._fit_frozen(store, images, idx, y, device)
+        else:
+            self._fit_finetune(images[torch.from_numpy(idx)], y, len(classes), device)
+        self.classes, self._channels = classes, images.shape[1]
+        self._trained_on = {"dataset": table.name, "images": len(idx)}
+        return self
+
+    def _fit_frozen(self, store, images: torch.Tensor, idx: np.ndarray, y: np.ndarray, device: torch.device) -> None:
+        """Backbone features (as the runner: cached when the weights are fixed) + the standardised multinomial
+        logistic head of features.logistic_head, kept as plain tensors."""
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.preprocessing import StandardScaler
+
+        cfg = self.config
+        m, fz = cfg.model, cfg.frozen
+        with _seeded(device, cfg.seed):  # random/xavier/gaussian backbones: reproducible from the seed
+            self._net = create_model(m.name, m.init, num_classes=0, in_chans=images.shape[1])
+            mean, std = normalization(self._net)
+            self._spec = InputSpec(size=m.input_size or default_input_size(m.name), mean=mean, std=std)
+            if m.init == "imagenet" or m.init not in INIT_WORDS:  # fixed weights: the runner's cached features are this backbone's
+                from cellmorph.features import extract_features
+
+                feats = extract_features(store, m, fz.tta, fz.batch_size, device)[idx]
+            else:
+                feats = self._features(images[torch.from_numpy(idx)], device).numpy()
+        scaler = StandardScaler().fit(feats)
+        head = LogisticRegression(C=fz.C, class_weight=None if fz.class_weight == "none" else "balanced", max_iter=3000, random_state=cfg.seed)
+        head.fit(scaler.transform(feats), y)
+        coef, intercept = head.coef_, head.intercept_
+        if coef.shape[0] == 1:  # sklearn's binary head: one row for class 1; softmax over (0, z) is its sigmoid
+            coef, intercept = np.vstack([np.zeros_like(coef), coef]), np.concatenate([[0.0], intercept])
+        arrays = {"mean": scaler.mean_, "scale": scaler.scale_, "coef": coef, "intercept": intercept}
+        self._head = {k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float64)) for k, v in arrays.items()}
+
+    def _fit_finetune(self, images: torch.Tensor, y: np.ndarray, n_classes: int, device: torch.device) -> None:
+        """Every layer trained with the config's recipe, as one fold of the runner."""
+        cfg = self.config
+        size = cfg.model.input_size or default_input_size(cfg.model.name)
+        with _seeded(device, cfg.seed):
+            self._net = create_model(cfg.model.name, cfg.model.init, num_classes=n_classes, in_chans=images.shape[1], drop_rate=cfg.model.drop_rate)
+            x = resize_uint8_stack(images.to(device), size)
+            self._spec = make_input_spec(self._net, size, cfg.finetune.normalize, x)
+            _fit(self._net, x, y, n_classes, cfg.finetune, self._spec, device, cfg.seed)
+
+    def _features(self, images: torch.Tensor, device: torch.device) -> torch.Tensor:
+        fz = self.config.frozen
+        return forward_batches(self._net, images, self._spec, device, fz.batch_size, tta=fz.tta)
+
+    def predict_proba(self, images: np.ndarray | torch.Tensor | ImageTable) -> np.ndarray:
+        """Class probabilities.
+
+        Args:
+            images: uint8 N x C x H x W (numpy or torch; C the model's channels; H, W any: resized to the
+                model's input size as the runner does), taken as cellmorph's store holds images; or an
+                `ImageTable`, decoded by the store (dataset.image_size of the config).
+        Returns:
+            N x len(classes) float32; column j is `classes[j]`.
+
+        Example:
+            >>> probs = Classifier.load("moa-model").predict_proba(np.zeros((2, 3, 256, 256), np.uint8))
+            >>> probs.shape
+            (2, 6)
+        """
+        x = self._images(images)
+        device = pick_device(self.config.device)
+        if self.config.mode == "frozen":
+            return _head_proba(self._features(x, device), self._head)
+        ft = self.config.finetune
+        x = resize_uint8_stack(x.to(device), self._spec.size)
+        return _predict_proba(self._net, x, self._spec, device, batch_size=max(ft.batch_size, 64)).astype(np.float32, copy=False)
+
+    def predict(self, images: np.ndarray | torch.Tensor | ImageTable) -> list[str]:
+        """The most probable class of each image.
+
+        Args:
+            images: as `predict_proba`.
+        Returns:
+            One class name per image.
+
+        Example:
+            >>> Classifier.load("moa-model").predict(table)[:1]
+            ['Protein synthesis']
+        """
+        return [self.classes[i] for i in self.predict_proba(images).argmax(axis=1)]
+
+    def _images(self, images) -> torch.Tensor:
+        if self._net is None:
+            raise CellmorphError(f"{self._source} is not fitted: call fit(table) or Classifier.load(path) first.")
+        if isinstance(images, ImageTable):
+            images = build_store(images, self.config.dataset.image_size).images
+        if isinstance(images, np.ndarray):
+            images = torch.from_numpy(np.ascontiguousarray(images))
+        if not isinstance(images, torch.Tensor):
+            raise CellmorphError(f"images must be a uint8 N x C x H x W numpy array or torch tensor, or an ImageTable; got {type(images).__name__}.")
+        if images.dtype != torch.uint8 or images.ndim != 4:
+            raise CellmorphError(
+                f"images must be uint8 N x C x H x W (0-255, as cellmorph's store holds them); got {images.dtype} with shape {tuple(images.shape)}."
+            )
+        if images.shape[1] != self._channels:
+            raise CellmorphError(f"{self._source}: the model expects {self._channels} channels, the images have {images.shape[1]} (shape N x C x H x W = {tuple(images.shape)}).")
+        return images
+
+    def save(self, path: str | Path, overwrite: bool = False) -> Path:
+        """Save the fitted classifier as a bundle folder (model.safetensors, bundle.json, config.toml).
+
+        Args:
+            path: the folder to create.
+            overwrite: replace an existing bundle there (a folder that is not a bundle is never replaced).
+        Returns:
+            The bundle folder.
+
+        Example:
+            >>> Classifier("tf_efficientnet_lite0").fit(table).save("moa-model")
+            PosixPath('moa-model')
+        """
+        if self._net is None:
+            raise CellmorphError(f"{self._source} is not fitted: call fit(table) before save.")
+        cfg, spec = self.config, self._spec
+        state = self._net.state_dict()
+        if cfg.mode == "frozen":
+            state = {**{f"backbone.{k}": v for k, v in state.items()}, **{f"head.{k}": v for k, v in self._head.items()}}
+        meta = {
+            "mode": cfg.mode, "model": cfg.model.name, "init": cfg.model.init, "classes": self.classes, "label": cfg.dataset.label,
+            "input": {"channels": self._channels, "size": spec.size, "mean": list(spec.mean), "std": list(spec.std), "normalize": spec.normalize_mode},
+            "preprocessing": f"uint8 N x C x H x W, as cellmorph's store (dataset.image_size = {cfg.dataset.image_size})",
+            "trained_on": self._trained_on,
+        }
+        return save_bundle(path, state, meta, cfg, overwrite)
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | None = None) -> Classifier:
+        """Load a bundle saved by `save`; needs no weights package and no download.
+
+        Args:
+            path: the bundle folder.
+            device: "cpu", "cuda", ... to predict on; None keeps the config's ("auto": CUDA when available).
+        Returns:
+            A fitted `Classifier`.
+        Raises:
+            CellmorphError naming the bundle and what does not match (missing files, newer format, weights
+            that do not fit the architecture).
+
+        Example:
+            >>> clf = Classifier.load("moa-model")
+            >>> clf.classes[:1], clf.channels
+            (['Aurora kinase inhibitors'], 3)
+        """
+        b = load_bundle(path)
+        meta, spec = b.meta, b.meta["input"]
+        cfg = override(b.config, {"device": device}) if device is not None else b.config
+        clf = cls.__new__(cls)
+        clf._reset(cfg, source=f"model bundle {b.path}")
+        frozen = cfg.mode == "frozen"
+        with _seeded(torch.device("cpu"), 0):  # only the architecture: the weights come from the bundle
+            net = create_model(cfg.model.name, "random", num_classes=0 if frozen else len(meta["classes"]), in_chans=spec["channels"], drop_rate=cfg.model.drop_rate)
+        where = str(b.path / "model.safetensors")
+        if frozen:
+            load_state(net, {k.removeprefix("backbone."): v for k, v in b.tensors.items() if k.startswith("backbone.")}, where)
+            clf._head = _check_head(b.tensors, len(meta["classes"]), getattr(net, "num_features", None), where)
+        else:
+            load_state(net, b.tensors, where)
+        clf._net = net.eval()
+        clf._spec = InputSpec(size=spec["size"], mean=tuple(spec["mean"]), std=tuple(spec["std"]), normalize_mode=spec["normalize"])
+        clf.classes, clf._channels, clf._trained_on = list(meta["classes"]), spec["channels"], meta.get("trained_on", {})
+        return clf
+
+
+def _check_head(tensors: dict[str, torch.Tensor], n_classes: int, n_features: int | None, where: str) -> dict[str, torch.Tensor]:
+    head = {k: tensors.get(f"head.{k}") for k in ("mean", "scale", "coef", "intercept")}
+    absent = [f"head.{k}" for k, v in head.items() if v is None]
+    if absent:
+        raise CellmorphError(f"{where}: the logistic head is missing ({', '.join(absent)}). Save the model again.")
+    d = head["mean"].shape[0]
+    want = {"mean": (d,), "scale": (d,), "coef": (n_classes, d), "intercept": (n_classes,)}
+    wrong = [f"head.{k} {tuple(head[k].shape)} (expected {s})" for k, s in want.items() if tuple(head[k].shape) != s]
+    if n_features is not None and d != n_features:
+        wrong.append(f"{d} head features for a backbone of {n_features}")
+    if wrong:
+        raise CellmorphError(f"{where}: the logistic head does not fit {n_classes} classes: {'; '.join(wrong)}. Save the model again.")
+    return {k: v.to(torch.float64) for k, v in head.items()}
+
+
+def _head_proba(features: torch.Tensor, head: dict[str, torch.Tensor]) -> np.ndarray:
+    """softmax(standardised features @ coef.T + intercept), in float64: the same bits before and after a save."""
+    z = (features.to(torch.float64) - head["mean"]) / head["scale"]
+    return torch.softmax(z @ head["coef"].T + head["intercept"], dim=1).numpy().astype(np.float32)
+
+
+@contextmanager
+def _seeded(device: torch.device, seed: int):
+    """Seed torch's RNG for the block and restore the caller's RNG state afterwards."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield

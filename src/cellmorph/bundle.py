@@ -1,0 +1,186 @@
+"""Model bundles: a trained classifier as a self-contained folder.
+
+    model.safetensors   every tensor the classifier needs: the network's state dict (finetune), or the
+                        backbone's (keys "backbone.*") and the logistic head's (keys "head.*") (frozen);
+                        loading never needs a weights package or a download
+    bundle.json         format_version, cellmorph version, mode, model, init, classes, label column,
+                        input spec (channels, size, mean, std, normalize), the preprocessing expected,
+                        what it was trained on, created time
+    config.toml         the resolved config it was trained with (every default written out)
+
+A bundle is written into a temporary sibling folder and renamed into place, so a killed save leaves the
+old bundle or the new one, never half of either. Only folders holding nothing but these files are ever
+replaced.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from cellmorph import __version__
+from cellmorph.config import ExperimentConfig, dump_toml, parse_config, read_toml
+from cellmorph.errors import CellmorphError
+from cellmorph.io import _UMASK  # the process umask, read once
+
+FORMAT_VERSION = 1
+WEIGHTS, META, CONFIG = "model.safetensors", "bundle.json", "config.toml"
+BUNDLE_FILES = (WEIGHTS, META, CONFIG)
+META_FIELDS = ("mode", "model", "init", "classes", "label", "input")
+INPUT_FIELDS = ("channels", "size", "mean", "std", "normalize")
+
+
+@dataclass
+class Bundle:
+    """A bundle as read from disk: its tensors, bundle.json and config, checked against each other."""
+
+    path: Path
+    tensors: dict[str, torch.Tensor]
+    meta: dict
+    config: ExperimentConfig
+
+
+def save_bundle(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict, cfg: ExperimentConfig, overwrite: bool = False) -> Path:
+    """Write a bundle folder atomically.
+
+    Args:
+        path: the bundle folder to create.
+        tensors: name -> tensor (any device; saved as contiguous CPU copies).
+        meta: the bundle.json fields of META_FIELDS (format_version, version and time are added here).
+        cfg: the resolved config, written as config.toml.
+        overwrite: replace an existing bundle at `path` (never a folder holding anything else).
+    Returns:
+        The bundle folder.
+
+    Example:
+        >>> save_bundle("moa-model", {"w": torch.zeros(2)}, meta, cfg)
+        PosixPath('moa-model')
+    """
+    path = Path(path).expanduser()
+    _check_replaceable(path, overwrite)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+    except OSError as err:
+        raise CellmorphError(f"cannot write the bundle {path}: {err.strerror} in {path.parent}. Choose a writable folder.") from None
+    try:
+        from safetensors.torch import save_file
+
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / WEIGHTS))
+        full = {"format_version": FORMAT_VERSION, "cellmorph_version": __version__, **meta,
+                "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        (tmp / META).write_text(json.dumps(full, indent=2) + "\n")
+        (tmp / CONFIG).write_text(dump_toml(cfg) + "\n")
+        os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes 0700; give the folder the usual permissions
+        if path.is_dir():  # an old bundle (checked above): move it aside, then swap in the new one
+            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old-"))
+            os.replace(path, old / path.name)
+            os.replace(tmp, path)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return path
+
+
+def _check_replaceable(path: Path, overwrite: bool) -> None:
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise CellmorphError(f"cannot save a bundle to {path}: it is a file. Choose another path.")
+    present = {p.name for p in path.iterdir()}
+    if not present:
+        path.rmdir()  # an empty folder holds nothing to lose
+        return
+    if not (present <= set(BUNDLE_FILES) and META in present):
+        raise CellmorphError(
+            f"cannot save a bundle to {path}: the folder exists and is not a cellmorph bundle "
+            f"(it holds {sorted(present)[:5]}). Choose another path; cellmorph never deletes a folder it did not write."
+        )
+    if not overwrite:
+        raise CellmorphError(f"a bundle already exists at {path}. Pass overwrite=True to replace it, or choose another path.")
+
+
+def load_bundle(path: str | Path) -> Bundle:
+    """Read and check a bundle folder.
+
+    Args:
+        path: the bundle folder (as written by `save_bundle`).
+    Returns:
+        The `Bundle`: tensors on the CPU, bundle.json and the validated config.
+    Raises:
+        CellmorphError naming the folder and the file or field at fault: missing files, corrupt JSON,
+        a newer or unknown format_version, missing fields, a config that disagrees with bundle.json,
+        an unreadable model.safetensors.
+
+    Example:
+        >>> b = load_bundle("moa-model")
+        >>> b.meta["classes"][:2]
+        ['Aurora kinase inhibitors', 'Cholesterol-lowering']
+    """
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise CellmorphError(f"no model bundle at {path}: not a folder. Pass the folder that Classifier.save wrote.")
+    missing = [f for f in BUNDLE_FILES if not (path / f).is_file()]
+    if missing:
+        raise CellmorphError(f"{path}: not a complete model bundle, missing {', '.join(missing)}. Save the model again (Classifier.save).")
+    try:
+        meta = json.loads((path / META).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CellmorphError(f"{path / META}: corrupt, not valid JSON ({err}). Save the model again.") from None
+    if not isinstance(meta, dict):
+        raise CellmorphError(f"{path / META}: corrupt, expected a JSON object. Save the model again.")
+    _check_meta(path / META, meta)
+    cfg = parse_config(read_toml(path / CONFIG), path / CONFIG)
+    for field, value in (("mode", cfg.mode), ("model", cfg.model.name)):
+        if meta[field] != value:
+            raise CellmorphError(f"{path}: bundle.json says {field} = {meta[field]!r} but config.toml says {value!r}; the bundle was edited by hand. Save the model again.")
+    try:
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(path / WEIGHTS))
+    except Exception as err:  # noqa: BLE001 - any unreadable file is the same fix
+        raise CellmorphError(f"{path / WEIGHTS}: cannot read the weights ({type(err).__name__}: {err}). Save the model again.") from None
+    return Bundle(path, tensors, meta, cfg)
+
+
+def _check_meta(where: Path, meta: dict) -> None:
+    version = meta.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise CellmorphError(f"{where}: field 'format_version' = {version!r} is not a bundle format this cellmorph knows (it reads {FORMAT_VERSION}).")
+    if version > FORMAT_VERSION:
+        raise CellmorphError(
+            f"{where}: field 'format_version' = {version}: made by a newer cellmorph {meta.get('cellmorph_version', '?')} "
+            f"(this is {__version__}, reading format {FORMAT_VERSION}); upgrade cellmorph to load it."
+        )
+    missing = [f for f in META_FIELDS if f not in meta] + [f"input.{f}" for f in INPUT_FIELDS if f not in (meta.get("input") or {})]
+    if missing:
+        raise CellmorphError(f"{where}: missing field(s) {', '.join(missing)}. Save the model again.")
+    if meta["mode"] not in ("frozen", "finetune"):
+        raise CellmorphError(f"{where}: field 'mode' = {meta['mode']!r}: expected 'frozen' or 'finetune'.")
+    if not (isinstance(meta["classes"], list) and len(meta["classes"]) >= 2):
+        raise CellmorphError(f"{where}: field 'classes' = {meta['classes']!r}: expected a list of at least 2 class names.")
+
+
+def load_state(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
+    """Load `state` into `model` strictly, or say which keys and shapes do not fit the architecture."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items() if k in state and state[k].shape != v.shape]
+    if missing or unexpected or shapes:
+        raise CellmorphError(
+            f"{where}: the weights do not fit the architecture (missing {missing[:5]}, unexpected {unexpected[:5]}, "
+            f"shape (saved vs architecture) {shapes[:5]}). The bundle is damaged or its bundle.json was edited; save the model again."
+        )
+    model.load_state_dict(state, strict=True)
