@@ -95,3 +95,20 @@ def test_set_overrides(tmp_path):
         load_config(SMOKE, ["seed"])
     with pytest.raises(CellmorphError, match="evaluation.protocl"):
         load_config(SMOKE, ["evaluation.protocl=lcbo"])
+
+
+def test_explain_and_summarize_on_a_run_without_treatments(data_dir, tmp_path):
+    """Nuclei (no compounds, no wells): explain picks the fold's held-out nuclei, summarize reads the image level."""
+    from cellmorph.explain import explain_run
+
+    cfg = load_config(REPO / "configs" / "nuclei" / "scratch-image-grouped.toml",
+                      ["dataset.options.max_images=3", "model.name=resnet18", "model.input_size=32", "finetune.epochs=1",
+                       "finetune.eval_every_iterations=0", "finetune.save_models=true", "device=cpu"])
+    out = tmp_path / "nuclei"
+    run_experiment(cfg, out, data_dir)
+    info = explain_run(cfg, out / "folds" / "00" / "model.pt", tmp_path / "x", data_dir, layers=["layer1"], filters=[0], n_images=2, steps=2, am_size=32, device_name="cpu")
+    assert info["held_out"] == "image-grouped" and len(info["images"]) == 2
+    assert (tmp_path / "x" / "gradcam.png").stat().st_size > 1_000
+    t = summarize_runs([out], tmp_path / "sum")
+    m = Metrics.read(out / "metrics.json").level("image")
+    assert list(t.level) == ["image"] and t.iloc[0].correct == f"{m.correct}/{m.total}"

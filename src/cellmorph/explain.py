@@ -198,14 +198,22 @@ def explain_run(cfg, weights, out, data_dir=None, layers: list[str] | None = Non
     write_am_grid(out / "activation_maximization.png", results, filters, f"{cfg.model.name}: filters' preferred inputs, before vs after fine-tuning")
 
     fold_json = weights.parent / "fold.json"
-    held = json.loads(fold_json.read_text())["held_out"] if fold_json.is_file() else None
-    df = store.index
-    rows = np.flatnonzero(df["Metadata_Compound"].astype(str).to_numpy() == held) if held else np.arange(len(df))
+    info = json.loads(fold_json.read_text()) if fold_json.is_file() else {}
+    held = info.get("held_out")
+    df = table.df
+    if "index" in info:  # the fold's own held-out rows, under the config's protocol (any dataset, any grouping)
+        from cellmorph.splits import make_folds
+
+        folds = {f.name: f for f in make_folds(df, table.label, cfg.evaluation)[0]}
+        rows = folds[held].test if held in folds else np.arange(len(df))
+    else:
+        rows = np.arange(len(df))
     rows = rows[np.linspace(0, len(rows) - 1, min(n_images, len(rows))).astype(int)]
     imgs = torch.from_numpy(np.asarray(store.images[rows])).to(device)
     x = spec(imgs.float() / 255)
     cams, pred = grad_cam(after, x)
     truth = df[cfg.dataset.label].astype(str).to_numpy()[rows]
-    captions = [f"{df['Metadata_Compound'].iloc[r]}\ntrue {t}\npred {classes[p]}" for r, t, p in zip(rows, truth, pred)]
-    write_gradcam_grid(out / "gradcam.png", store.images[rows], cams, captions, f"Grad-CAM, fine-tuned {cfg.model.name}" + (f", held-out compound {held}" if held else ""))
+    name = df["Metadata_Compound"].astype(str).to_numpy() if "Metadata_Compound" in df.columns else np.full(len(df), "")
+    captions = [f"{name[r]}\ntrue {t}\npred {classes[p]}".lstrip("\n") for r, t, p in zip(rows, truth, pred)]
+    write_gradcam_grid(out / "gradcam.png", store.images[rows], cams, captions, f"Grad-CAM, fine-tuned {cfg.model.name}" + (f", held out: {held}" if held else ""))
     return {"layers": layers, "filters": filters, "held_out": held, "images": [int(r) for r in rows]}

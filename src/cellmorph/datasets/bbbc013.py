@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from cellmorph.datasets.registry import register
+from cellmorph.datasets.registry import register, register_prepare
 from cellmorph.datasets.table import ImageTable
 from cellmorph.errors import CellmorphError
 
@@ -98,3 +98,12 @@ def _crops_table(data_dir: Path, label: str, crops_per_well: int) -> ImageTable:
     index = pd.read_parquet(folder / "index.parquet")
     index[label] = translocation_labels(index[label])
     return ImageTable(index, name=f"bbbc013-crops{crops_per_well}", label=label, source=str(folder / "index.parquet"), store_dir=str(folder))
+
+
+def _prepare_bbbc013(data_dir: Path, out: Path, workers: int | None = None, **_) -> dict:
+    from cellmorph.prepare import prepare_translocation
+
+    return prepare_translocation("bbbc013", data_dir, out, workers=workers)
+
+
+register_prepare("bbbc013", _prepare_bbbc013)

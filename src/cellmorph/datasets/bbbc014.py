@@ -28,7 +28,7 @@ import pandas as pd
 
 from cellmorph.datasets.bbbc013 import LABEL, translocation_label
 from cellmorph.datasets.download import fetch, read_manifest, sha256_file
-from cellmorph.datasets.registry import register
+from cellmorph.datasets.registry import register, register_download, register_prepare
 from cellmorph.datasets.table import ImageTable
 from cellmorph.errors import CellmorphError
 
@@ -126,3 +126,14 @@ def download_bbbc014(data_dir: Path) -> Path:
             else:
                 got.replace(target / name)
     return target
+
+
+def _prepare_bbbc014(data_dir: Path, out: Path, workers: int | None = None, **_) -> dict:
+    from cellmorph.prepare import prepare_translocation
+
+    return prepare_translocation("bbbc014", data_dir, out, workers=workers)
+
+
+register_prepare("bbbc014", _prepare_bbbc014)
+
+register_download("bbbc014", download_bbbc014)

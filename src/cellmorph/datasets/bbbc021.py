@@ -18,7 +18,7 @@ from pathlib import Path
 import pandas as pd
 
 from cellmorph.datasets.download import fetch, read_manifest, verify_manifest
-from cellmorph.datasets.registry import register
+from cellmorph.datasets.registry import register, register_download
 from cellmorph.datasets.table import ImageTable
 from cellmorph.errors import CellmorphError
 
@@ -103,4 +103,4 @@ def download_subset(data_dir: Path) -> Path:
     return target
 
 
-DOWNLOADERS = {"bbbc021-subset": download_subset}
+register_download("bbbc021-subset", download_subset)

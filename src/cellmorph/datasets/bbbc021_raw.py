@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 
 from cellmorph.datasets.download import fetch, read_manifest, sha256_file
+from cellmorph.datasets.registry import register_download, register_prepare
 from cellmorph.errors import CellmorphError
 
 METADATA_DIR = "bbbc021-metadata"
@@ -246,4 +247,13 @@ def download_raw(data_dir: Path, plates: list[str] | None = None) -> Path:
     return raw_dir
 
 
-DOWNLOADERS = {"bbbc021-raw": download_raw}
+register_download("bbbc021-raw", download_raw)
+
+
+def _prepare_bbbc021(data_dir: Path, out: Path, **options) -> dict:
+    from cellmorph.prepare import prepare_bbbc021
+
+    return prepare_bbbc021(data_dir, out, **options)
+
+
+register_prepare("bbbc021", _prepare_bbbc021)

@@ -1,4 +1,10 @@
-"""Dataset registry: a name -> loader returning an ImageTable, and the data-folder lookup."""
+"""Dataset registry: one place per dataset name for its loader (-> ImageTable), its download and its
+raw-plate preparation, and the data-folder lookup.
+
+A new dataset is one module in datasets/ with `@register(name, description)` on its loader and, where
+it has them, `register_download(name, fn)` and `register_prepare(name, fn)`; `cellmorph datasets`,
+`download` and `prepare` find it there.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +20,10 @@ DATA_ENV = "CELLMORPH_DATA"
 # name -> loader(data_dir, **options) -> ImageTable
 _LOADERS: dict[str, Callable[..., ImageTable]] = {}
 _DESCRIPTIONS: dict[str, str] = {}
+# name -> fn(data_dir) -> Path (fetch from the public source, checksums verified)
+_DOWNLOADS: dict[str, Callable] = {}
+# name -> fn(data_dir, out, **options) -> recipe dict (raw plates -> a prepared store)
+_PREPARES: dict[str, Callable] = {}
 
 
 def register(name: str, description: str):
@@ -23,6 +33,30 @@ def register(name: str, description: str):
         return fn
 
     return deco
+
+
+def register_download(name: str, fn: Callable) -> None:
+    _DOWNLOADS[name] = fn
+
+
+def register_prepare(name: str, fn: Callable) -> None:
+    _PREPARES[name] = fn
+
+
+def downloader(name: str) -> Callable:
+    """The download function of dataset `name`, or an error listing the downloadable ones."""
+    _import_builtin()
+    if name not in _DOWNLOADS:
+        raise CellmorphError(f"no downloader for '{name}'. Downloadable: {', '.join(sorted(_DOWNLOADS))}.")
+    return _DOWNLOADS[name]
+
+
+def preparer(name: str) -> Callable:
+    """The raw-plate preparation of dataset `name`, or an error listing the preparable ones."""
+    _import_builtin()
+    if name not in _PREPARES:
+        raise CellmorphError(f"cannot prepare '{name}'; preparable: {', '.join(sorted(_PREPARES))}.")
+    return _PREPARES[name]
 
 
 def available() -> dict[str, str]:
@@ -59,4 +93,4 @@ def load_dataset(name: str, data_dir: str | Path | None, label: str = "Metadata_
 
 def _import_builtin() -> None:
     # Importing the modules registers their loaders.
-    from cellmorph.datasets import bbbc013, bbbc014, bbbc021, crchisto, folder, prepared  # noqa: F401
+    from cellmorph.datasets import bbbc013, bbbc014, bbbc021, bbbc021_raw, crchisto, folder, prepared  # noqa: F401
