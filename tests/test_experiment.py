@@ -211,3 +211,19 @@ def test_folder_dataset_grouped_by_patient_cli(data_dir, tmp_path, protocol):
         assert g.fold_held_out.nunique() == 1
     report = (out / "report.html").read_text()
     assert "balanced" in report.lower() and "treatment" not in report.lower()
+
+
+def test_missing_pretrained_weights_fail_before_the_folder_is_claimed(data_dir, tmp_path, monkeypatch):
+    """No ImageNet weights for resnet50 offline: the error comes before config.toml is written, so the
+    corrected config then runs in the same folder (it used to be refused as 'a different config')."""
+    from cellmorph.errors import CellmorphError
+
+    monkeypatch.delenv("CELLMORPH_ALLOW_DOWNLOAD", raising=False)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    out = tmp_path / "run"
+    out.mkdir()
+    cfg = override(load_config(QUICKSTART), {"model.name": "resnet50"})
+    with pytest.raises(CellmorphError, match="no ImageNet weights for 'resnet50'"):
+        run_experiment(cfg, out, data_dir)
+    assert list(out.iterdir()) == []

@@ -60,6 +60,10 @@ def check_model_config(name: str, init: str) -> None:
     if not (timm.is_model(name) or name in TORCHVISION_MODELS or _is_local(name)):
         close = timm.list_models(f"*{name.split('_')[0]}*")[:8]
         raise CellmorphError(f"unknown model '{name}' (config field model.name). timm names look like: {', '.join(close) or 'resnet50, inception_v3'}.")
+    if init == "imagenet" and timm.is_model(name) and offline_weights_path(name) is None and _timm_cached_file(name) is None \
+            and os.environ.get(ALLOW_DOWNLOAD_ENV) != "1":  # found out now, not in the first fold after the run folder is claimed
+        raise _no_weights_error(name, [f"offline package (none for {name})", "timm/Hugging Face cache and torch hub cache (nothing cached)",
+                                       f"download by timm (not attempted: set {ALLOW_DOWNLOAD_ENV}=1 to allow it)"])
     if init not in INIT_WORDS and not Path(init).expanduser().is_file():
         raise CellmorphError(
             f"model.init = '{init}': not 'imagenet', 'xavier', 'gaussian' or 'random', and no weights file at {Path(init).expanduser()}. "
@@ -263,7 +267,11 @@ def _imagenet_model(name: str, in_chans: int, drop_rate: float) -> nn.Module:
             tried.append(f"download by timm ({type(err).__name__})")
     else:
         tried.append(f"download by timm (not attempted: set {ALLOW_DOWNLOAD_ENV}=1 to allow it)")
-    raise CellmorphError(
+    raise _no_weights_error(name, tried)
+
+
+def _no_weights_error(name: str, tried: list[str]) -> CellmorphError:
+    return CellmorphError(
         f"no ImageNet weights for '{name}'. Tried: " + "; ".join(tried) + ". Provide them with model.init = "
         "'path/to/weights.pth', run once with network and CELLMORPH_ALLOW_DOWNLOAD=1 to fill the cache, use an offline "
         "model (tf_efficientnet_lite0/1/2), or set model.init = 'xavier' to train from scratch."
