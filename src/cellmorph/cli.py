@@ -97,17 +97,13 @@ def download(
     """Download a dataset from its public source into the data folder, checking every file's SHA-256."""
     import os
 
-    from cellmorph.datasets.bbbc014 import download_bbbc014
-    from cellmorph.datasets.bbbc021 import DOWNLOADERS
-    from cellmorph.datasets.bbbc021_raw import download_raw
+    from cellmorph.datasets.registry import downloader
 
-    DOWNLOADERS = {**DOWNLOADERS, "bbbc021-raw": download_raw, "bbbc014": download_bbbc014}
-    if name not in DOWNLOADERS:
-        raise CellmorphError(f"no downloader for '{name}'. Downloadable: {', '.join(DOWNLOADERS)}.")
+    fetch = downloader(name)
     folder = data or os.environ.get("CELLMORPH_DATA")
     if not folder:
         raise CellmorphError("say where to put the data: --data DIR or CELLMORPH_DATA=DIR.")
-    path = DOWNLOADERS[name](Path(folder))
+    path = fetch(Path(folder))
     console.print(f"{name}: {path} (checksums verified)")
 
 
@@ -134,15 +130,61 @@ def prepare(
         console.print(f"{len(recipe['crops_dropped'])} near-empty crops dropped (listed in prepared.json)")
 
 
+INTERRUPTED = "interrupted; rerun the same command to resume"
+
+
+class _Interrupted(BaseException):
+    """Ctrl-C (SIGINT) during a command. Not a KeyboardInterrupt: typer turns that into a silent exit 130
+    before it reaches main(). A BaseException, so that `except Exception` blocks let it through while
+    cleanup code (`except BaseException: ...; raise`, `finally`) still runs."""
+
+
+def _raise_interrupted(signum, frame):
+    raise _Interrupted()
+
+
+def one_line(message: str) -> str:
+    """A message of several lines (e.g. a config error's header, one "- field ..." line per field, the fix)
+    as the one line the CLI prints: "header: item; item. Fix ..."."""
+    parts = [ln.strip().removeprefix("- ").strip() for ln in message.splitlines() if ln.strip()]
+    out = parts[0] if parts else ""
+    for k, part in enumerate(parts[1:]):
+        if out.endswith((".", ":", ";", "!", "?")):
+            out += " " + part
+        else:
+            out += (": " if k == 0 else ". " if part[:1].isupper() else "; ") + part
+    return out
+
+
 def main() -> None:
+    """Run the CLI: a CellmorphError (or a full disk anywhere) is one line and exit 2; Ctrl-C is the one
+    line "interrupted; rerun the same command to resume" and exit 130."""
+    import errno
+    import signal
+
+    from cellmorph.io import NO_SPACE, is_no_space
+
+    try:
+        previous = signal.signal(signal.SIGINT, _raise_interrupted)
+    except ValueError:  # not the main thread (main() called from a thread): keep the default handling
+        previous = None
     try:
         app()
     except CellmorphError as err:
-        console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+        console.print(f"[bold red]error:[/] {one_line(str(err))}", highlight=False, soft_wrap=True)
         sys.exit(2)
-    except KeyboardInterrupt:
-        console.print("interrupted; rerun the same command to resume")
+    except (_Interrupted, KeyboardInterrupt):
+        console.print(INTERRUPTED, highlight=False, soft_wrap=True)
         sys.exit(130)
+    except OSError as err:
+        if err.errno in NO_SPACE or is_no_space(err):  # a write outside cellmorph.io's helpers
+            where = f" writing {err.filename}" if err.filename else ""
+            console.print(f"[bold red]error:[/] no space left on the device{where}; free space and rerun the same command (it resumes).", highlight=False, soft_wrap=True)
+            sys.exit(2)
+        raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
 
 
 if __name__ == "__main__":

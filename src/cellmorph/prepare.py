@@ -10,8 +10,9 @@ BBBC021 (Kensert et al. 2019's preprocessing), one plate at a time:
 
 Memory: the plate's histograms plus the fields in flight (a few per worker); crops go straight into a
 memory-mapped images.npy. Fields are read and normalised in a thread pool (numpy and the TIFF reader
-release the GIL). Outputs are written under temporary names and renamed; prepared.json is written last,
-so a killed prepare leaves no store that looks finished.
+release the GIL). The store is built in a staging folder beside --out and replaces the store in --out only
+once it is complete (prepared.json, written last, marks it so): a failed, interrupted or killed prepare leaves
+the previous store as it was, and the next prepare removes a killed one's staging folder (StoreWriter).
 
 BBBC013/BBBC014 (translocation): the 2 channels plus a zero channel (R = 0, G = reporter, B = nuclei),
 Anscombe, the field's min-max to 8-bit, 4 x 4 = 16 crops (BBBC014 first resized to 1024 x 1024 by area, as
@@ -20,9 +21,12 @@ the paper). Crops are resized to the model input at training time.
 
 from __future__ import annotations
 
+import fcntl
 import io as _io
 import json
 import os
+import re
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
@@ -32,7 +36,7 @@ import pandas as pd
 
 from cellmorph import __version__
 from cellmorph.errors import CellmorphError
-from cellmorph.io import atomic_path, check_writable, write_json, write_parquet
+from cellmorph.io import check_writable, is_no_space, no_space_error, no_space_is_an_error
 from cellmorph.preprocess import (
     EMPTY_FRACTION,
     EMPTY_LEVEL,
@@ -97,38 +101,112 @@ def _shrink_npy(path: Path, n: int) -> None:
         f.truncate(offset + n * int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize)
 
 
+PREPARED_FILES = ("images.npy", "index.parquet", "prepared.json")  # prepared.json last: it marks a store complete
+STAGING = ".prepare-tmp-"  # a store being built: the sibling folder `.<out name>.prepare-tmp-XXXX`
+_LOCK = ".lock"  # held (flock) by the prepare building in a staging folder; released by the kernel when it dies
+
+
+def _staging_pattern(out: Path) -> re.Pattern:
+    return re.compile(r"^\." + re.escape(out.name) + re.escape(STAGING) + r"[A-Za-z0-9_]+$")
+
+
+_OWN_TEMPORARY = re.compile(r"^\.(" + "|".join(re.escape(n) for n in PREPARED_FILES) + r")\.tmp-[A-Za-z0-9_]+$")
+
+
+def clean_prepare_leftovers(out: Path) -> list[Path]:
+    """Remove what a killed `cellmorph prepare --out OUT` left, and nothing else; returns what it removed.
+
+    Only cellmorph's own names: in OUT, temporaries `.images.npy.tmp-*`, `.index.parquet.tmp-*`,
+    `.prepared.json.tmp-*` (io.atomic_path's, as older versions wrote the store in place); beside OUT,
+    staging folders `.<OUT name>.prepare-tmp-*` that no live prepare holds (their lock is free), of which
+    only the store's files and the lock are removed (the folder itself only when that empties it).
+    """
+    out = Path(out)
+    removed: list[Path] = []
+    if out.is_dir():
+        for f in out.iterdir():
+            if _OWN_TEMPORARY.match(f.name) and f.is_file() and not f.is_symlink():
+                f.unlink(missing_ok=True)
+                removed.append(f)
+    if not out.parent.is_dir():
+        return removed
+    pattern = _staging_pattern(out)
+    for d in out.parent.iterdir():
+        if not (pattern.match(d.name) and d.is_dir() and not d.is_symlink()):
+            continue
+        lock_path = d / _LOCK
+        try:
+            lock = open(lock_path, "a")
+        except OSError:
+            continue
+        with lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                continue  # a prepare is building there right now
+            for f in d.iterdir():
+                if (f.name in PREPARED_FILES or _OWN_TEMPORARY.match(f.name)) and f.is_file() and not f.is_symlink():
+                    f.unlink(missing_ok=True)
+                    removed.append(f)
+            lock_path.unlink(missing_ok=True)
+        try:
+            d.rmdir()
+            removed.append(d)
+        except OSError:
+            pass  # something that is not cellmorph's is in there: leave it
+    return removed
+
+
 class StoreWriter:
     """Writes a prepared store: crops appended to images.npy (its header sized for the most crops there can be,
     cut to the crops kept at the end), their metadata rows to index.parquet, the recipe to prepared.json (last).
+
+    The store is built in a staging folder beside `out` (`.<out name>.prepare-tmp-XXXX`); only when it is
+    complete does it replace the store in `out` (prepared.json removed first, then images.npy and
+    index.parquet renamed over the old ones, prepared.json last), so a failed or interrupted prepare leaves
+    the previous store as it was. Nothing else in `out` is touched. A killed prepare's staging folder is
+    removed by the next prepare into the same `out` (`clean_prepare_leftovers`).
 
     Crops are appended with plain writes, not a memory map, so finished crops leave the process's memory.
     """
 
     def __init__(self, folder: Path, capacity: int, image_shape: tuple[int, ...]):
-        self.folder = check_writable(folder)
-        for name in ("prepared.json", "index.parquet", "images.npy"):  # a half-replaced store must not look whole
-            (self.folder / name).unlink(missing_ok=True)
+        self.out = Path(folder)
+        if self.out.exists() and not self.out.is_dir():
+            raise CellmorphError(f"--out {self.out} is a file, not a folder. Pass --out with a folder for the prepared store.")
+        parent = check_writable(self.out.parent)
+        clean_prepare_leftovers(self.out)
+        try:
+            self.folder = Path(tempfile.mkdtemp(dir=parent, prefix=f".{self.out.name}{STAGING}"))
+            self._lock = open(self.folder / _LOCK, "w")
+            fcntl.flock(self._lock, fcntl.LOCK_EX)
+        except OSError as err:
+            if is_no_space(err):
+                raise no_space_error(self.out, err) from None
+            raise CellmorphError(f"output folder {parent} is not writable ({err.strerror}). Pass --out with a folder you can write.") from None
         self.shape = tuple(image_shape)
-        self._ctx = atomic_path(self.folder / "images.npy")
-        self._tmp = self._ctx.__enter__()
-        self._file = open(self._tmp, "wb")
-        header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False, "shape": (capacity, *self.shape)}
-        np.lib.format.write_array_header_1_0(self._file, header)
+        self._tmp = self.folder / "images.npy"
+        with no_space_is_an_error(self.out / "images.npy"):
+            self._file = open(self._tmp, "wb")
+            header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False, "shape": (capacity, *self.shape)}
+            np.lib.format.write_array_header_1_0(self._file, header)
         self.rows: list[dict] = []
 
     def add(self, image: np.ndarray, row: dict) -> None:
         if image.shape != self.shape or image.dtype != np.uint8:
             raise ValueError(f"crop of shape {image.shape} {image.dtype}, store holds {self.shape} uint8")
-        self._file.write(np.ascontiguousarray(image).tobytes())
+        with no_space_is_an_error(self.out / "images.npy"):
+            self._file.write(np.ascontiguousarray(image).tobytes())
         self.rows.append(row)
 
     def finish(self, recipe: dict) -> pd.DataFrame:
-        self._file.close()
-        shape = (len(self.rows), *self.shape)
-        _shrink_npy(self._tmp, len(self.rows))
-        self._ctx.__exit__(None, None, None)  # rename onto images.npy
+        with no_space_is_an_error(self.out / "images.npy"):
+            self._file.close()
+            shape = (len(self.rows), *self.shape)
+            _shrink_npy(self._tmp, len(self.rows))
         index = pd.DataFrame(self.rows)
-        write_parquet(self.folder / "index.parquet", index)
+        with no_space_is_an_error(self.out / "index.parquet"):
+            index.to_parquet(self.folder / "index.parquet", index=False)
         recipe = {
             **recipe,
             "n_images": len(self.rows),
@@ -136,14 +214,32 @@ class StoreWriter:
             "cellmorph": __version__,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
-        write_json(self.folder / "prepared.json", recipe)
+        with no_space_is_an_error(self.out / "prepared.json"):
+            (self.folder / "prepared.json").write_text(json.dumps(recipe, indent=2, default=str) + "\n")
+        self._install()
         return index
 
+    def _install(self) -> None:
+        """The staged store is complete: put it in place of `out`'s store."""
+        (self.folder / _LOCK).unlink(missing_ok=True)
+        if not self.out.exists():
+            os.rename(self.folder, self.out)  # one rename: the whole store appears at once
+        else:
+            (self.out / "prepared.json").unlink(missing_ok=True)  # the old store stops looking whole first
+            for name in PREPARED_FILES:  # prepared.json last
+                os.replace(self.folder / name, self.out / name)
+            self.folder.rmdir()
+        self._lock.close()
+
     def abort(self) -> None:
+        """Remove the staging folder (only cellmorph's files in it); `out` is left as it was."""
         self._file.close()
+        for name in (*PREPARED_FILES, _LOCK):
+            (self.folder / name).unlink(missing_ok=True)
+        self._lock.close()
         try:
-            self._ctx.__exit__(RuntimeError, RuntimeError("aborted"), None)
-        except RuntimeError:
+            self.folder.rmdir()
+        except OSError:
             pass
 
 
