@@ -36,7 +36,7 @@ def test_epoch_curves_and_saved_models(tiny_runs):
     assert (tiny_runs[0] / "folds" / "01" / "model.pt").is_file()
     lcbo = Metrics.read(tiny_runs[2] / "metrics.json")
     assert lcbo.protocol == "lcbo" and lcbo.headline_level == "treatment"
-    assert sorted(e["compound"] for e in lcbo.excluded) == ["mevinolin/lovastatin", "simvastatin"]
+    assert sorted(e["group"] for e in lcbo.excluded) == ["mevinolin/lovastatin", "simvastatin"]
 
 
 def test_summarize_pools_seeds(tiny_runs, tmp_path):

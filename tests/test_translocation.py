@@ -53,7 +53,15 @@ def test_bbbc013_preprocessing_matches_formula(data_dir, tmp_path, monkeypatch):
     assert s.images.shape == (96 * 16, 3, 160, 160)
     i = np.flatnonzero((s.index.Metadata_Well == row.Metadata_Well) & (s.index.Metadata_Crop == 6))[0]
     assert np.array_equal(s.images[i], crops[5])
-    for f in two_folds(s.index):
+    # the translocation config's folds: plate halves; middle doses unlabelled, so never trained on
+    from cellmorph.config import EvaluationConfig
+    from cellmorph.splits import make_folds
+    from cellmorph.translocation import translocation_labels
+
+    index = s.index.assign(**{LABEL: translocation_labels(s.index[LABEL])})
+    folds, excluded, _ = make_folds(index, LABEL, EvaluationConfig(protocol="predefined", group="Metadata_Fold"))
+    assert not excluded and len(folds) == 2
+    for f in folds:
         assert len(f.train) == 36 * 16 and len(f.test) == 48 * 16
 
 

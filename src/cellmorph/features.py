@@ -44,7 +44,7 @@ def extract_features(store: Store, model_cfg: ModelConfig, tta: bool, batch_size
         task = progress.add_task(what, total=len(images))
         feats = forward_batches(model, images, spec, device, batch_size, tta=tta, on_batch=lambda n: progress.advance(task, n))
     feats = feats.numpy().astype(np.float32)
-    write_npy(path, feats)
+    write_npy(path, feats, what="cache")
     return feats
 
 

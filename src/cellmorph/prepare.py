@@ -51,7 +51,6 @@ from cellmorph.preprocess import (
 )
 from cellmorph.progress import make_progress
 
-PREPARABLE = ("bbbc021", "bbbc013", "bbbc014")
 
 
 # --- reading raw fields ---------------------------------------------------------------------------------------
@@ -436,11 +435,10 @@ def prepare_translocation(name: str, data_dir: Path, out: Path, workers: int | N
 
 
 def prepare(name: str, data_dir: Path, out: Path, **kw) -> dict:
-    if name == "bbbc021":
-        return prepare_bbbc021(data_dir, out, **kw)
-    if name in ("bbbc013", "bbbc014"):
-        return prepare_translocation(name, data_dir, out, workers=kw.get("workers"))
-    raise CellmorphError(f"cannot prepare '{name}'; preparable: {', '.join(PREPARABLE)}.")
+    """`cellmorph prepare NAME`: the preparation each dataset registers (datasets/registry.py)."""
+    from cellmorph.datasets.registry import preparer
+
+    return preparer(name)(data_dir, out, **kw)
 
 
 def load_recipe(folder: Path) -> dict:

@@ -80,8 +80,8 @@ def build_store(table: ImageTable, image_size: int = 0, cache: Path | None = Non
                 _remove_stale_temporaries(folder)
                 workers = workers or min(8, os.cpu_count() or 1)
                 images = _cut_all_patches(table, image_size, workers) if table.patch_size else _decode_all(table, image_size, workers)
-                write_npy(images_path, images)
-                write_parquet(index_path, table.df)
+                write_npy(images_path, images, what="cache")
+                write_parquet(index_path, table.df, what="cache")
                 return Store(images, table.df.copy(), key)
     return Store(np.load(images_path), pd.read_parquet(index_path), key)
 

@@ -100,7 +100,7 @@ def _crops_table(data_dir: Path, label: str, crops_per_well: int) -> ImageTable:
     return ImageTable(index, name=f"bbbc013-crops{crops_per_well}", label=label, source=str(folder / "index.parquet"), store_dir=str(folder))
 
 
-def _prepare_bbbc013(data_dir: Path, out: Path, workers: int | None = None, **_) -> dict:
+def _prepare_bbbc013(data_dir: Path, out: Path, workers: int | None = None) -> dict:
     from cellmorph.prepare import prepare_translocation
 
     return prepare_translocation("bbbc013", data_dir, out, workers=workers)

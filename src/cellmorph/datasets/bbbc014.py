@@ -128,7 +128,7 @@ def download_bbbc014(data_dir: Path) -> Path:
     return target
 
 
-def _prepare_bbbc014(data_dir: Path, out: Path, workers: int | None = None, **_) -> dict:
+def _prepare_bbbc014(data_dir: Path, out: Path, workers: int | None = None) -> dict:
     from cellmorph.prepare import prepare_translocation
 
     return prepare_translocation("bbbc014", data_dir, out, workers=workers)
