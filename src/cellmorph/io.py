@@ -24,8 +24,18 @@ import pandas as pd
 from cellmorph.errors import CellmorphError
 
 
-_UMASK = os.umask(0)
-os.umask(_UMASK)
+def _umask() -> int:
+    """The process umask, read without changing it (Linux: /proc/self/status); elsewhere the set-and-restore
+    fallback, at first use rather than at import (no process-wide side effect when cellmorph is imported)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 _NO_SPACE_TEXT = ("no space left on device", "disk quota exceeded", "errno 28", "errno 122")
@@ -102,7 +112,7 @@ def atomic_path(dest: str | Path, what: str = "output"):
             raise CellmorphError(f"cannot write in {dest.parent} ({err.strerror}). Choose a writable folder (--out).") from None
         raise CellmorphError(f"cannot write in the {name} {dest.parent} ({err.strerror}). {fix}") from None
     os.close(fd)
-    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual permissions
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
     tmp = Path(tmp)
     try:
         with no_space_is_an_error(dest):
