@@ -200,7 +200,7 @@ def test_folder_dataset_grouped_by_patient_cli(data_dir, tmp_path, protocol):
                            "--set", f"evaluation.protocol={protocol}", "--set", "evaluation.group=Metadata_Patient", "--set", "evaluation.n_splits=3"],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
-    said = " ".join(proc.stdout.split())
+    said = " ".join((proc.stdout + proc.stderr).split())  # the console writes to stderr
     assert "image accuracy" in said and "balanced" in said and "macro-F1" in said and "treatment" not in said
     m = Metrics.read(out / "metrics.json")
     assert list(m.levels) == ["image"] and m.level("image").total == len(df)

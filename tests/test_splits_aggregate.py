@@ -41,9 +41,12 @@ def test_concentrations_are_separate_treatments():
 
 def test_loco_holds_out_each_compound_once():
     df = pd.DataFrame({"Metadata_Compound": list("aabbbc"), "Metadata_MoA": list("xxyyyx")})
-    folds = _folds(df, "loco")
-    assert [f.name for f in folds] == ["a", "b", "c"]
-    assert sorted(np.concatenate([f.test for f in folds])) == list(range(6))
+    from cellmorph.config import EvaluationConfig
+    from cellmorph.splits import make_folds
+
+    folds, excluded, _ = make_folds(df, "Metadata_MoA", EvaluationConfig(protocol="loco"))
+    assert [f.name for f in folds] == ["a", "c"] and [e["group"] for e in excluded] == ["b"]  # b alone in class y: not scorable
+    assert sorted(np.concatenate([f.test for f in folds])) == [0, 1, 5]
     for f in folds:
         assert set(df.Metadata_Compound.iloc[f.train]).isdisjoint(df.Metadata_Compound.iloc[f.test])
 
