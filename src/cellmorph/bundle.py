@@ -29,7 +29,7 @@ from torch import nn
 from cellmorph import __version__
 from cellmorph.config import ExperimentConfig, dump_toml, parse_config, read_toml
 from cellmorph.errors import CellmorphError
-from cellmorph.io import _UMASK  # the process umask, read once
+from cellmorph.io import process_umask  # the process umask, read without changing it
 
 FORMAT_VERSION = 1
 WEIGHTS, META, CONFIG = "model.safetensors", "bundle.json", "config.toml"
@@ -79,7 +79,7 @@ def save_bundle(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict, 
                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         (tmp / META).write_text(json.dumps(full, indent=2) + "\n")
         (tmp / CONFIG).write_text(dump_toml(cfg) + "\n")
-        os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes 0700; give the folder the usual permissions
+        os.chmod(tmp, 0o777 & ~process_umask())  # mkdtemp makes 0700; give the folder the usual permissions
         if path.is_dir():  # an old bundle (checked above): move it aside, then swap in the new one
             old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old-"))
             os.replace(path, old / path.name)

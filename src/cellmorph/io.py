@@ -24,7 +24,7 @@ import pandas as pd
 from cellmorph.errors import CellmorphError
 
 
-def _umask() -> int:
+def process_umask() -> int:
     """The process umask, read without changing it (Linux: /proc/self/status); elsewhere the set-and-restore
     fallback, at first use rather than at import (no process-wide side effect when cellmorph is imported)."""
     try:
@@ -112,7 +112,7 @@ def atomic_path(dest: str | Path, what: str = "output"):
             raise CellmorphError(f"cannot write in {dest.parent} ({err.strerror}). Choose a writable folder (--out).") from None
         raise CellmorphError(f"cannot write in the {name} {dest.parent} ({err.strerror}). {fix}") from None
     os.close(fd)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
+    os.chmod(tmp, 0o666 & ~process_umask())  # mkstemp makes 0600; give the file the usual permissions
     tmp = Path(tmp)
     try:
         with no_space_is_an_error(dest):
