@@ -2,7 +2,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cellmorph.aggregate import to_treatments, to_wells
+from cellmorph.aggregate import aggregate
 from cellmorph.metrics import compute_metrics, confusion
 from cellmorph.splits import Fold, LeakageError, assert_no_leak
 
@@ -21,11 +21,11 @@ def test_median_image_to_well_to_treatment():
     for a in (0.2, 0.3, 0.4):
         rows.append(["P2", "B02", "t1", 1.0, "A", a, 1 - a])
     pred = _pred(rows)
-    wells = to_wells(pred)
+    wells = aggregate(pred, "well", "Metadata_MoA")
     assert sorted(wells["prob_A"].round(6)) == [0.3, 0.8]
-    t = to_treatments(pred)
+    t = aggregate(pred, "treatment", "Metadata_MoA")
     assert len(t) == 1 and t["prob_A"].iloc[0] == pytest.approx(0.55) and t["predicted"].iloc[0] == "A"
-    assert t["n_wells"].iloc[0] == 2
+    assert t["n"].iloc[0] == 2  # wells
     m = compute_metrics(pred, "Metadata_MoA", "loco")
     assert m.level("treatment").correct == 1 and (m.level("image").correct, m.level("image").total) == (2, 6)
     assert (m.level("well").correct, m.level("well").total) == (1, 2)
@@ -33,7 +33,7 @@ def test_median_image_to_well_to_treatment():
 
 def test_concentrations_are_separate_treatments():
     rows = [["P1", "B02", "c", 1.0, "A", 0.9, 0.1], ["P1", "B03", "c", 2.0, "A", 0.2, 0.8]]
-    t = to_treatments(_pred(rows))
+    t = aggregate(_pred(rows), "treatment", "Metadata_MoA")
     assert list(t["predicted"]) == ["A", "B"]
     m = compute_metrics(_pred(rows), "Metadata_MoA", "loco")
     assert m.level("treatment").total == 2 and m.level("treatment").misclassified[0]["concentration"] == 2.0

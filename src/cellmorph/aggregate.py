@@ -81,13 +81,3 @@ def aggregate(pred: pd.DataFrame, level: str, label: str, how: str = "median") -
         out = out.reset_index()
     out["predicted"] = [probs[i].removeprefix("prob_") for i in out[probs].to_numpy().argmax(axis=1)]
     return out
-
-
-def to_wells(pred: pd.DataFrame, label: str = "Metadata_MoA") -> pd.DataFrame:
-    """One row per well (per plate) with median probabilities, image count `n` and the prediction."""
-    return aggregate(pred, "well", label)
-
-
-def to_treatments(pred: pd.DataFrame, label: str = "Metadata_MoA") -> pd.DataFrame:
-    """One row per treatment (compound, concentration) with median probabilities and the prediction."""
-    return aggregate(pred, "treatment", label).rename(columns={"n": "n_wells"})

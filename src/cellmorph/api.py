@@ -170,8 +170,7 @@ class Classifier:
     def _fit_frozen(self, store, images: torch.Tensor, idx: np.ndarray, y: np.ndarray, device: torch.device) -> None:
         """Backbone features (as the runner: cached when the weights are fixed) + the standardised multinomial
         logistic head of features.logistic_head, kept as plain tensors."""
-        from sklearn.linear_model import LogisticRegression
-        from sklearn.preprocessing import StandardScaler
+        from cellmorph.features import fit_logistic_head
 
         cfg = self.config
         m, fz = cfg.model, cfg.frozen
@@ -185,9 +184,7 @@ class Classifier:
                 feats = extract_features(store, m, fz.tta, fz.batch_size, device)[idx]
             else:
                 feats = self._features(images[torch.from_numpy(idx)], device).numpy()
-        scaler = StandardScaler().fit(feats)
-        head = LogisticRegression(C=fz.C, class_weight=None if fz.class_weight == "none" else "balanced", max_iter=3000, random_state=cfg.seed)
-        head.fit(scaler.transform(feats), y)
+        scaler, head = fit_logistic_head(feats, y, fz.C, None if fz.class_weight == "none" else "balanced", cfg.seed)
         coef, intercept = head.coef_, head.intercept_
         if coef.shape[0] == 1:  # sklearn's binary head: one row for class 1; softmax over (0, z) is its sigmoid
             coef, intercept = np.vstack([np.zeros_like(coef), coef]), np.concatenate([[0.0], intercept])

@@ -58,9 +58,8 @@ def extract_features(store: Store, model_cfg: ModelConfig, tta: bool, batch_size
     return feats
 
 
-def logistic_head(features: np.ndarray, y: np.ndarray, train: np.ndarray, test: np.ndarray, n_classes: int, C: float, class_weight: str | None, seed: int) -> np.ndarray:
-    """Fit standardisation + multinomial logistic regression on `train`; class probabilities for `test`
-    in 0..n_classes-1 order (a class missing from training gets probability 0).
+def fit_logistic_head(features: np.ndarray, y: np.ndarray, C: float, class_weight: str | None, seed: int):
+    """Standardisation + multinomial logistic regression fitted on `features`; returns (scaler, classifier).
 
     BLAS runs on one thread here: the problem is a few small matrix products per L-BFGS step, and a
     threaded BLAS beside torch's OpenMP pool (or any other busy process) spends its time waiting for
@@ -70,9 +69,19 @@ def logistic_head(features: np.ndarray, y: np.ndarray, train: np.ndarray, test: 
     from threadpoolctl import threadpool_limits
 
     with threadpool_limits(limits=1, user_api="blas"):
-        scaler = StandardScaler().fit(features[train])
+        scaler = StandardScaler().fit(features)
         clf = LogisticRegression(C=C, class_weight=class_weight, max_iter=3000, random_state=seed)
-        clf.fit(scaler.transform(features[train]), y[train])
-        probs = np.zeros((len(test), n_classes))
+        clf.fit(scaler.transform(features), y)
+    return scaler, clf
+
+
+def logistic_head(features: np.ndarray, y: np.ndarray, train: np.ndarray, test: np.ndarray, n_classes: int, C: float, class_weight: str | None, seed: int) -> np.ndarray:
+    """Fit the head on `train`; class probabilities for `test` in 0..n_classes-1 order (a class missing
+    from training gets probability 0)."""
+    from threadpoolctl import threadpool_limits
+
+    scaler, clf = fit_logistic_head(features[train], y[train], C, class_weight, seed)
+    probs = np.zeros((len(test), n_classes))
+    with threadpool_limits(limits=1, user_api="blas"):
         probs[:, clf.classes_] = clf.predict_proba(scaler.transform(features[test]))
     return probs

@@ -21,7 +21,7 @@ from cellmorph.io import write_json
 
 __all__ = [
     "LEVELS", "LevelScore", "Metrics", "aggregate", "available_levels", "combine_seeds", "compute_metrics",
-    "confusion", "image_predictions", "labelled", "score_level",
+    "confusion", "labelled", "score_level",
 ]
 
 FORMAT = 1  # metrics.json layout version; files without it come from an older cellmorph
@@ -154,19 +154,14 @@ def _json_safe(x):
     return x
 
 
-def image_predictions(pred: pd.DataFrame) -> np.ndarray:
-    probs = prob_columns(pred)
-    return np.array([probs[i].removeprefix("prob_") for i in pred[probs].to_numpy().argmax(axis=1)])
-
-
 def labelled(pred: pd.DataFrame, label: str) -> pd.DataFrame:
     """The rows with a label (as str): rows without one (NaN, None, "") are predicted but never scored,
     e.g. the middle doses of a dose series."""
     if label not in pred.columns:
         raise CellmorphError(f"predictions have no label column {label!r} (columns: {', '.join(pred.columns)}). Check dataset.label in the config.")
-    y = pred[label]
-    keep = y.notna() & (y.astype(object).map(lambda v: str(v).strip()) != "")
-    out = pred[keep.to_numpy()].copy()
+    from cellmorph.splits import labelled_mask  # the one definition of "labelled" (splits never train on the rest)
+
+    out = pred[labelled_mask(pred, label)].copy()
     out[label] = out[label].astype(object).map(str)
     return out
 
