@@ -154,6 +154,8 @@ def test_translocation_config_cpu_tiny(data_dir, tmp_path, capsys, monkeypatch, 
     dose = json.loads((out / "dose_response.json").read_text())
     assert set(dose["series"]) == {"series A-D", "series E-H"} and dose["n_wells"] == 96
     assert (out / "fig4.png").stat().st_size > 1000 and (out / "dose_response.png").stat().st_size > 1000
+    report = (out / "report.html").read_text()
+    assert 'src="dose_response.png"' in report and 'src="fig4.png"' in report  # the outputs' plots are in the report
     # a rerun resumes: every fold of both seeds is done, same numbers
     before = (out / "metrics.json").read_text()
     script.main(args)

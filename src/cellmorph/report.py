@@ -74,6 +74,9 @@ def _unit(w: dict) -> str:
 def write_report(path: Path, metrics: Metrics, cfg: ExperimentConfig) -> None:
     """report.html: scores per level, per-class scores and misclassified units of the headline level,
     spread over seeds, excluded groups, the confusion matrices and the config."""
+    # plots of the config's extra outputs (outputs.py), written into the run folder before the report
+    extra = "".join(f'<h2>{html.escape(p.stem.replace("_", " "))}</h2><img src="{html.escape(p.name)}" style="max-width:100%">'
+                    for p in sorted(Path(path).parent.glob("*.png")) if p.name != "confusion.png")
     m, ctx, head = metrics, metrics.context, metrics.headline_level
     several = len(m.seeds) > 1 and bool(m.spread)
     levels = [lv for lv in reversed(LEVELS) if lv in m.levels]
@@ -116,7 +119,7 @@ def write_report(path: Path, metrics: Metrics, cfg: ExperimentConfig) -> None:
 <h2>Per class ({html.escape(_PLURAL[head])})</h2>{per_class}
 <h2>Misclassified {html.escape(_PLURAL[head])}</h2><ul>{wrong_html}</ul>
 {excluded_html}
-<img src="confusion.png" style="max-width:100%">
+<img src="confusion.png" style="max-width:100%">{extra}
 <h2>Config</h2><pre>{html.escape(dump_toml(cfg))}</pre></body></html>
 """
     write_text(path, body)
