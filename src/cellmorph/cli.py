@@ -27,9 +27,13 @@ def run(
     config: Path = typer.Argument(..., help="Experiment config (TOML), e.g. configs/quickstart.toml."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder (default: runs/<config name>). Rerun with the same folder to resume."),
     data: Optional[Path] = typer.Option(None, "--data", "-d", help=DATA_HELP),
-    set_: list[str] = typer.Option([], "--set", help="Override a config field, e.g. --set seed=1 --set evaluation.protocol=lcbo."),
+    set_: list[str] = typer.Option([], "--set", help="Override a config field, e.g. --set seed=1 --set evaluation.protocol=lcbo; --set execution.backend=ray runs the folds as Ray tasks."),
 ) -> None:
-    """Run an experiment: cross-validate, aggregate to treatments, write a run folder."""
+    """Run an experiment: cross-validate, aggregate to treatments, write a run folder.
+
+    Folds run one after another here, or in parallel as Ray tasks with --set execution.backend=ray
+    (pip install 'cellmorph[ray]'; docs/scaling.md); the numbers are the same.
+    """
     from cellmorph.config import load_config
     from cellmorph.experiment import run_experiment
 
@@ -39,6 +43,26 @@ def run(
     seeds = cfg.seed_list
     console.print(f"[bold green]{cfg.name}[/]: {m.summary_line()}, {m.context['n_folds']} folds, seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}")
     console.print(f"run folder: {out} (metrics.json, predictions.parquet, confusion.png, report.html)")
+
+
+@app.command()
+def sweep(
+    config: Path = typer.Argument(..., help="Experiment config (TOML), e.g. configs/quickstart.toml."),
+    grid: list[str] = typer.Option(..., "--grid", "-g", help="A config field and its values, e.g. --grid model.name=resnet50,inception_v3 --grid seed=0,1,2 (values in TOML syntax). Repeat for more axes: every combination runs."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for one run folder per grid point and summary/ (default: runs/<config name>-sweep). Rerun to resume."),
+    data: Optional[Path] = typer.Option(None, "--data", "-d", help=DATA_HELP),
+    set_: list[str] = typer.Option([], "--set", help="Override a field for every point, e.g. --set execution.backend=ray."),
+) -> None:
+    """Run a config over a grid of settings (one run folder per point, on the config's backend), then summarize them.
+
+    Example: cellmorph sweep configs/quickstart.toml --grid frozen.C=0.1,1.0 --grid seed=0,1 --set execution.backend=ray
+    """
+    from cellmorph.sweep import run_sweep
+
+    out = out or Path("runs") / f"{config.stem}-sweep"
+    runs, table = run_sweep(config, grid, out, data, set_)
+    console.print(table.to_string(index=False))
+    console.print(f"{len(runs)} run folders in {out}; summary: {out}/summary/summary.csv, summary.md")
 
 
 @app.command()

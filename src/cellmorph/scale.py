@@ -113,11 +113,29 @@ class _NullProgress:
 _WORKER_IMAGES: dict = {}
 
 
-def _fold_task(engine, seed: int, i: int, folder: str, threads: int) -> dict:
+# Test hook (tests/test_scale.py): CELLMORPH_TEST_CRASH_FOLD="I" makes the worker running fold index I exit
+# abruptly on every attempt, "I:MARKER" only on the first (the marker file records it), as a worker killed
+# for memory would. Read on the driver, passed to the tasks; unset in normal use.
+CRASH_HOOK_ENV = "CELLMORPH_TEST_CRASH_FOLD"
+
+
+def _test_crash(spec: str, i: int) -> None:
+    index, _, marker = spec.partition(":")
+    if not spec or int(index) != i:
+        return
+    if marker:
+        if Path(marker).exists():
+            return
+        Path(marker).touch()
+    os._exit(3)
+
+
+def _fold_task(engine, seed: int, i: int, folder: str, threads: int, crash: str = "") -> dict:
     """One fold of one seed, in a Ray worker: the local code path, then the fold folder written. Returns
     {"device": ...}, or {"error": message} for a CellmorphError (not retried: the input is at fault)."""
     from cellmorph.experiment import _FolderSink
 
+    _test_crash(crash, i)
     try:
         if engine.cfg.mode == "finetune":
             import torch
@@ -162,7 +180,8 @@ def run_on_ray(engine, jobs: list[tuple[int, int, object]], progress, task) -> l
             engine.store = saved
         remote = ray.remote(_fold_task).options(num_cpus=ex.cpus_per_task, num_gpus=ex.gpus_per_task, max_retries=ex.max_retries,
                                                 retry_exceptions=True)
-        pending = {remote.remote(ref, seed, i, str(sink.folder), ex.threads or ex.cpus_per_task): (seed, i) for seed, i, sink in jobs}
+        pending = {remote.remote(ref, seed, i, str(sink.folder), ex.threads or ex.cpus_per_task,
+                                 os.environ.get(CRASH_HOOK_ENV, "")): (seed, i) for seed, i, sink in jobs}
         devices: set[str] = set()
         try:
             while pending:
