@@ -35,6 +35,8 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--input-size", type=int, default=0, help="network input size (0 = the config's 224)")
     ap.add_argument("--crops-per-well", type=int, default=0, help="crops per well (0 = the config's 16; fewer for a quick CPU run)")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--backend", choices=["local", "ray"], default="local", help="ray: the replicate seeds x folds run as Ray tasks (docs/scaling.md)")
+    ap.add_argument("--gpus-per-task", type=float, default=0.0, help="Ray: GPUs per task (fractional: several replicates share a GPU)")
     args = ap.parse_args(argv)
 
     from cellmorph.config import load_config, override
@@ -42,7 +44,7 @@ def main(argv=None) -> list[dict]:
     from cellmorph.experiment import run_experiment
     from cellmorph.summary import summarize_runs
 
-    changes: dict = {"device": args.device}
+    changes: dict = {"device": args.device, "execution.backend": args.backend, "execution.gpus_per_task": args.gpus_per_task}
     if args.replicates:
         changes["seeds"] = list(range(args.replicates))
     if args.epochs:
