@@ -464,6 +464,8 @@ class _FolderSink:
                     torch.save(model.state_dict(), tmp)
             write_parquet(d / "predictions.parquet", pred)  # its presence marks the fold done
             _move_fold_dir(d, final)
+        except CellmorphError as err:  # e.g. a full disk: name the fold's file, not its temporary folder
+            raise CellmorphError(str(err).replace(str(d), str(final))) from None
         finally:
             _remove_own_folder(d)
 
