@@ -74,7 +74,15 @@ def main(argv=None) -> list[dict]:
         print(json.dumps(line), flush=True)
         return line
 
+    from contextlib import ExitStack
+
+    cluster = ExitStack()
     try:
+        if args.backend == "ray":  # one local Ray cluster for all the runs
+            from cellmorph.config import ExecutionConfig
+            from cellmorph.scale import ray_session
+
+            cluster.enter_context(ray_session(ExecutionConfig(backend="ray")))
         if "nuclei" in parts:
             todo = [r for r in NUCLEI if not wanted or any(r[0].startswith(w) for w in wanted)]
             quick = {"dataset.options.max_images": 2, "finetune.epochs": 1, "model.input_size": 32, "finetune.batch_size": 50,
@@ -95,6 +103,8 @@ def main(argv=None) -> list[dict]:
     except CellmorphError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        cluster.close()
     return lines
 
 

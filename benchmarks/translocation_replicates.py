@@ -55,7 +55,15 @@ def main(argv=None) -> list[dict]:
     if args.crops_per_well:
         changes["dataset.options"] = {"crops_per_well": args.crops_per_well}
     lines, runs = [], []
+    from contextlib import ExitStack
+
+    cluster = ExitStack()
     try:
+        if args.backend == "ray":  # one local Ray cluster for all the runs
+            from cellmorph.config import ExecutionConfig
+            from cellmorph.scale import ray_session
+
+            cluster.enter_context(ray_session(ExecutionConfig(backend="ray")))
         for setting in [s.strip() for s in args.settings.split(",") if s.strip()]:
             cfg = override(load_config(REPO / "configs" / "translocation" / f"bbbc013-{setting}-replicates.toml"), changes)
             t0 = time.perf_counter()
@@ -76,6 +84,8 @@ def main(argv=None) -> list[dict]:
     except CellmorphError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        cluster.close()
     return lines
 
 
