@@ -47,6 +47,28 @@ def test_backend_is_not_part_of_what_a_run_folder_holds(tmp_path):
     assert _what_is_computed(dump_toml(a)) != _what_is_computed(dump_toml(load_config(QUICKSTART, ["seed=1"])))
 
 
+def test_ray_not_installed_is_one_line(monkeypatch):
+    from cellmorph.scale import check_ray
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError, as without the extra
+    with pytest.raises(CellmorphError, match=r"pip install 'cellmorph\[ray\]'"):
+        check_ray()
+
+
+def test_unreachable_address_is_one_line_before_any_work(tmp_path):
+    import socket
+
+    from cellmorph.scale import check_ray
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(CellmorphError, match=f"execution.address = '127.0.0.1:{port}': no Ray cluster answers there"):
+        check_ray(ExecutionConfig(backend="ray", address=f"127.0.0.1:{port}"))
+    with pytest.raises(CellmorphError, match="expected HOST:PORT"):
+        check_ray(ExecutionConfig(backend="ray", address="headnode"))
+
+
 @pytest.fixture(scope="module")
 def ray_cluster():
     """One local 2-CPU Ray cluster for this module's in-process runs (run_experiment reuses it)."""

@@ -135,7 +135,7 @@ def plan_run(cfg: ExperimentConfig, data_dir: str | Path | None = None, table: I
     if cfg.execution.backend == "ray":
         from cellmorph.scale import check_ray
 
-        check_ray()
+        check_ray(cfg.execution)
     return Plan(cfg, table, folds, excluded, description, levels, cfg.device, table.classes)
 
 

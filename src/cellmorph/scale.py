@@ -53,9 +53,22 @@ def _import_ray():
     return ray
 
 
-def check_ray() -> None:
-    """Fail before any work when Ray is asked for but not installed."""
+def check_ray(ex: ExecutionConfig | None = None) -> None:
+    """Fail before any work when Ray is asked for but not installed, or `ex.address` (host:port) does not answer
+    (Ray itself would keep retrying the connection for minutes)."""
     _import_ray()
+    if ex is not None and ex.address and ex.address != "auto":
+        import socket
+
+        hostport = ex.address.removeprefix("ray://").split("/")[0]
+        host, _, port = hostport.rpartition(":")
+        if not host or not port.isdigit():
+            raise CellmorphError(f"execution.address = '{ex.address}': expected HOST:PORT (e.g. 10.0.0.5:6379 or ray://head:10001) or 'auto'.")
+        try:
+            socket.create_connection((host, int(port)), timeout=10).close()
+        except OSError as err:
+            raise CellmorphError(f"execution.address = '{ex.address}': no Ray cluster answers there ({err.strerror or err}). "
+                                 "Start it (`ray start --head`), fix the address, or leave it empty to start a local cluster.") from None
 
 
 def _source_root() -> str:
