@@ -112,6 +112,23 @@ def test_quickstart_on_ray_gives_the_local_numbers(ray_cluster, data_dir, tmp_pa
     assert not list((tmp_path / "ray" / "folds").glob(".*")), "temporary fold folders left behind"
 
 
+@pytest.mark.slow
+@pytest.mark.realdata
+def test_seeds_of_a_run_are_tasks_of_one_pool(ray_cluster, data_dir, tmp_path):
+    """seeds = [0, 1]: every (fold, seed) pair is one task; per-seed folders and the pooled predictions are the local run's."""
+    import json
+
+    from cellmorph.experiment import run_experiment
+
+    sets = ["evaluation.max_folds=3", "seeds=[0, 1]", "frozen.C=0.05"]
+    run_experiment(load_config(QUICKSTART, sets), tmp_path / "local", data_dir)
+    run_experiment(load_config(QUICKSTART, sets + ["execution.backend=ray"]), tmp_path / "ray", data_dir)
+    assert (tmp_path / "local" / "predictions.parquet").read_bytes() == (tmp_path / "ray" / "predictions.parquet").read_bytes()
+    for seed in (0, 1):
+        _same_run(tmp_path / "local" / "seeds" / str(seed), tmp_path / "ray" / "seeds" / str(seed), 3)
+    assert json.loads((tmp_path / "ray" / "environment.json").read_text())["execution"]["tasks_this_invocation"] == 6
+
+
 @pytest.fixture(scope="module")
 def tiny_local(data_dir, tmp_path_factory):
     """The tiny fine-tune, run locally: the reference for the Ray runs below."""
