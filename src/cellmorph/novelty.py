@@ -224,7 +224,10 @@ def _rates(t: pd.DataFrame) -> dict:
             "known_units": int(len(kn)), "known_flagged": int(kn["flagged"].sum()),
             "false_flag_rate": float(kn["flagged"].mean()) if len(kn) else None,
             "known_coverage": float(np.mean([str(lab) in s.split("|") for lab, s in zip(kn["_label"], kn["set_0.9"])])) if len(kn) else None,
-            "auroc": float(roc_auc_score(t["role"] == "novel", t["novelty"])) if both else None}
+            "auroc": float(roc_auc_score(t["role"] == "novel", t["novelty"])) if both else None,
+            # which known class the plain classifier names for the novel units (argmax): a novel MoA that
+            # looks like a known one is called that one with confidence, and conformal sets cannot flag it
+            "novel_called": {str(k): int(v) for k, v in nov["predicted"].value_counts().items()} if len(nov) else {}}
 
 
 def summarize(units: dict[str, pd.DataFrame], label: str, rounds: dict) -> dict:
