@@ -107,6 +107,10 @@ class EvaluationConfig(_Strict):
     # image-grouped, as Bayramoglu & Heikkilae; 0.25 for holdout-25) and their split seed.
     test_fraction: float = Field(0.0, ge=0.0, lt=1.0)
     split_seed: int = 0
+    # Choose a recipe without looking at the test rows: score a validation split drawn (by the same
+    # rule, split seed + 1) from the training rows of the single split instead of its test rows. Then
+    # report the test once, with this off.
+    validation: bool = False
     # Levels scored: "auto" = what the data hold (image; well where Metadata_Well exists; treatment
     # where compound and concentration exist too), or a list such as ["image"].
     levels: Literal["auto"] | list[Literal["image", "well", "treatment"]] = "auto"

@@ -222,8 +222,12 @@ def make_folds(df: pd.DataFrame, label: str, ev) -> tuple[list[Fold], list[dict]
             f"{[c for c in df.columns if c.startswith('Metadata_')]}). Set evaluation.group to one of them, or choose another protocol."
         )
     labelled = labelled_mask(df, label)
+    if ev.validation and not p.single_split:
+        raise CellmorphError(f"evaluation.validation = true works with the single-split protocols (random, image-grouped, holdout-25), not '{ev.protocol}'.")
     try:
         candidates = p.make(df, group, ev, label) if p.needs_label else p.make(df, group, ev)
+        if ev.validation:
+            candidates = validation_folds(p, df, group, ev, candidates)
     except ValueError as err:
         raise CellmorphError(f"evaluation.protocol = '{ev.protocol}': {err}.") from None
     folds, excluded = [], []
@@ -248,6 +252,20 @@ def make_folds(df: pd.DataFrame, label: str, ev) -> tuple[list[Fold], list[dict]
     return folds, excluded, describe(df, folds, excluded, group, ev)
 
 
+def validation_folds(p: Protocol, df: pd.DataFrame, group: str, ev, folds: list[Fold]) -> list[Fold]:
+    """Each fold's training rows split again by the protocol's own rule (split seed + 1): the new fold
+    trains on part of them and scores the rest. The original test rows are in neither, so a recipe
+    chosen on these scores has never looked at the test set."""
+    from types import SimpleNamespace
+
+    inner = SimpleNamespace(**{**ev.model_dump(), "split_seed": ev.split_seed + 1})
+    out = []
+    for fold in folds:
+        (v,) = p.make(df.iloc[fold.train].reset_index(drop=True), group, inner)
+        out.append(Fold(f"{fold.name} validation", fold.train[v.train], fold.train[v.test]))
+    return out
+
+
 def labelled_mask(df: pd.DataFrame, label: str) -> np.ndarray:
     """Rows with a label (empty strings and NaN are unlabelled: predicted, never trained on or scored)."""
     col = df[label]
@@ -261,6 +279,8 @@ def describe(df: pd.DataFrame, folds: list[Fold], excluded: list[dict], group: s
         (f,) = folds
         how = f"whole {group} groups held out" if group else "rows drawn at random"
         text = f"{ev.protocol}: one split (seed {ev.split_seed}), {how}: {len(f.train):,} training / {len(f.test):,} test rows of {n:,}"
+        if ev.validation:
+            text += f" (validation: both drawn from the training rows of that split, split seed {ev.split_seed + 1}; its test rows unused)"
     else:
         if ev.protocol == "lomo":
             moas = sorted({f.novel for f in folds})
