@@ -26,8 +26,8 @@ Example:
     >>> from cellmorph.config import load_config
     >>> from cellmorph.experiment import run_experiment
     >>> m = run_experiment(load_config("configs/lomo.toml"), "runs/lomo")
-    >>> m.novelty["overall"]["treatment"]["auroc"]
-    0.9...
+    >>> round(m.novelty["overall"]["treatment"]["auroc"], 3)  # frozen EfficientNet-Lite0, seed 0
+    0.703
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def lomo_folds(df: pd.DataFrame, label: str, group: str = "Metadata_Compound") -
 
     >>> folds = lomo_folds(table.df, "Metadata_MoA")
     >>> folds[0].name, folds[1].name
-    ('novel Aurora kinase inhibitors', 'Aurora kinase inhibitors unseen | held out AZ-A')"""
+    ('novel Aurora kinase inhibitors', 'Aurora kinase inhibitors unseen | held out AZ-C')"""
     lab = labelled_mask(df, label)
     y = np.where(lab, df[label].astype(str).to_numpy(), "")
     compounds = df[group].astype(str).to_numpy()

@@ -162,13 +162,19 @@ def _conformal_html(m: Metrics) -> str:
             sem = b.get("coverage_sem")
             rows.append([_PLURAL[lv], c, _fmt(b["coverage"]) + ("" if sem is None else f" ± {_fmt(sem)}") + f" ({b['covered']}/{b['total']})",
                          f"{b['mean_set_size']:.2f}", str(b["empty"]), f"{s['ece']:.3f}", ", ".join(s["methods"])])
+    per_class = ""
+    head = next(lv for lv in reversed(LEVELS) if lv in block["levels"])
+    b9 = block["levels"][head]["by_confidence"].get("0.9", {})
+    if b9.get("per_class"):  # per seed only (a multi-seed block keeps the pooled numbers)
+        per_class = (f"<p>Coverage at 0.9 per true class ({html.escape(_PLURAL[head])}; the guarantee is marginal where calibration is pooled):</p>"
+                     + _table(["class", "covered"], [[c, f"{v['covered']}/{v['total']} ({_fmt(v['coverage'])})"] for c, v in b9["per_class"].items()]))
     seeds = f", mean ± SEM over {len(m.seeds)} seeds (counts summed)" if len(m.seeds) > 1 else ""
     skipped = "".join(f"<li>{html.escape(k)}: {html.escape(v)}</li>" for k, v in block.get("skipped", {}).items())
     return (f"<h2>Conformal prediction sets</h2><p>{html.escape(block['evaluation'])}{html.escape(seeds)}. Score: {html.escape(block['nonconformity'])}; "
             f"p-values {html.escape(block['p_values'])} ({html.escape(block['library'])}). An empty set = flagged as none of the classes. "
             f"ECE: expected calibration error of the plain softmax (10 bins).</p>"
             + _table(["level", "confidence", "coverage", "mean set size", "empty sets", "ECE", "calibration"], rows)
-            + (f"<p>Skipped:</p><ul>{skipped}</ul>" if skipped else "")
+            + per_class + (f"<p>Skipped:</p><ul>{skipped}</ul>" if skipped else "")
             + '<img src="coverage.png" style="max-width:100%"><img src="reliability.png" style="max-width:100%">')
 
 
