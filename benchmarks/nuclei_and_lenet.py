@@ -68,7 +68,7 @@ def main(argv=None) -> list[dict]:
         t0 = time.perf_counter()
         m = run_experiment(cfg, args.out / key.replace("/", "_"), args.data)
         line = {"benchmark": kind, "key": key, "config": f"configs/{config}.toml", "overrides": changes, "model": cfg.model.name, "init": cfg.model.init,
-                "protocol": cfg.evaluation.protocol, "seed": args.seed, "quick": args.quick, **_levels(m), "seconds": round(time.perf_counter() - t0, 1)}
+                "protocol": cfg.evaluation.protocol, "seed": args.seed, "quick": args.quick, **level_fields(m), "seconds": round(time.perf_counter() - t0, 1)}
         if kind == "nuclei":
             line.update({"split": key.split("/")[0], "accuracy": m.level("image").accuracy})
         print(json.dumps(line), flush=True)
@@ -108,7 +108,8 @@ def main(argv=None) -> list[dict]:
     return lines
 
 
-def _levels(m) -> dict:
+def level_fields(m) -> dict:
+    """Flat JSON fields of a run's Metrics: accuracy, counts, balanced accuracy and macro-F1 per level."""
     out = {}
     for level, s in m.levels.items():
         out.update({f"{level}_accuracy": round(s.accuracy, 4), f"{level}_correct": s.correct, f"{level}_total": s.total,

@@ -165,3 +165,23 @@ def test_logo_and_group_kfold_by_any_column(subset_table):
     assert {f.name for f in logo} <= set(df.Metadata_Patient)
     for f in _folds(df, "group-kfold", group="Metadata_Patient", n_splits=4):
         assert set(df.Metadata_Patient.iloc[f.train]).isdisjoint(df.Metadata_Patient.iloc[f.test])
+
+
+def test_validation_split_never_touches_the_test_rows(crchisto_table):
+    """evaluation.validation = true scores a split of the training rows; the test rows are in neither part,
+    and the grouped protocol keeps whole images apart in the validation split too."""
+    from cellmorph.config import EvaluationConfig
+    from cellmorph.errors import CellmorphError
+    from cellmorph.splits import make_folds
+
+    df = crchisto_table.df
+    for protocol in ("random", "image-grouped"):
+        (test_fold,), _, _ = make_folds(df, "Metadata_Label", EvaluationConfig(protocol=protocol))
+        (val,), _, text = make_folds(df, "Metadata_Label", EvaluationConfig(protocol=protocol, validation=True))
+        assert np.isin(val.train, test_fold.train).all() and np.isin(val.test, test_fold.train).all()
+        assert len(val.train) + len(val.test) == len(test_fold.train) and not len(np.intersect1d(val.train, val.test))
+        assert "validation" in text and val.name.endswith("validation")
+        if protocol == "image-grouped":
+            assert set(df.Metadata_Image.iloc[val.train]).isdisjoint(df.Metadata_Image.iloc[val.test])
+    with pytest.raises(CellmorphError, match="single-split"):
+        make_folds(df, "Metadata_Label", EvaluationConfig(protocol="logo", group="Metadata_Image", validation=True))

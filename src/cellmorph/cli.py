@@ -42,7 +42,15 @@ def run(
     m = run_experiment(cfg, out, data)
     seeds = cfg.seed_list
     console.print(f"[bold green]{cfg.name}[/]: {m.summary_line()}, {m.context['n_folds']} folds, seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}")
-    console.print(f"run folder: {out} (metrics.json, predictions.parquet, confusion.png, report.html)")
+    if m.novelty:
+        from cellmorph.novelty import summary_line as novelty_line
+
+        console.print(novelty_line(m.novelty))
+    elif m.conformal:
+        from cellmorph.conformal import summary_line as conformal_line
+
+        console.print(conformal_line(m.conformal))
+    console.print(f"run folder: {out} (metrics.json, predictions.parquet, report.html)")
 
 
 @app.command()

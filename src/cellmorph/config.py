@@ -96,8 +96,9 @@ class EvaluationConfig(_Strict):
     # "loco": leave-one-compound-out; "lcbo": leave-compound-and-batch-out (the test compound and
     # every image of its batch/week are held out of training); "logo": leave-one-group-out over the
     # column `group`; "group-kfold": `n_splits` folds of whole groups; "predefined": one fold per
-    # value of `group` (e.g. Metadata_Fold); "random", "image-grouped", "holdout-25": one split.
-    protocol: Literal["loco", "lcbo", "logo", "group-kfold", "predefined", "random", "image-grouped", "holdout-25"] = "loco"
+    # value of `group` (e.g. Metadata_Fold); "random", "image-grouped", "holdout-25": one split;
+    # "lomo": leave-one-MoA-out, novelty detection by conformal prediction sets (frozen mode only).
+    protocol: Literal["loco", "lcbo", "logo", "group-kfold", "predefined", "random", "image-grouped", "holdout-25", "lomo"] = "loco"
     # The grouping column ("" = the protocol's own: Metadata_Compound for loco/lcbo, Metadata_Image for
     # image-grouped, Metadata_Fold for predefined; logo and group-kfold need it set).
     group: str = ""
@@ -106,6 +107,10 @@ class EvaluationConfig(_Strict):
     # image-grouped, as Bayramoglu & Heikkilae; 0.25 for holdout-25) and their split seed.
     test_fraction: float = Field(0.0, ge=0.0, lt=1.0)
     split_seed: int = 0
+    # Choose a recipe without looking at the test rows: score a validation split drawn (by the same
+    # rule, split seed + 1) from the training rows of the single split instead of its test rows. Then
+    # report the test once, with this off.
+    validation: bool = False
     # Levels scored: "auto" = what the data hold (image; well where Metadata_Well exists; treatment
     # where compound and concentration exist too), or a list such as ["image"].
     levels: Literal["auto"] | list[Literal["image", "well", "treatment"]] = "auto"

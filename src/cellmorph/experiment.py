@@ -12,8 +12,14 @@ Run folder layout:
                           predictions.parquet (written last: its presence marks the fold done)
     seeds/S/...           with several seeds: the same per seed (folds/, predictions.parquet, metrics.json)
     predictions.parquet   one row per image: Metadata_*, [seed], fold, prob_<class>
-    metrics.json          cellmorph.metrics.Metrics: accuracy, balanced accuracy, macro-F1 per level
-    confusion.png, report.html, and the config's extra `outputs` (outputs.py)
+    metrics.json          cellmorph.metrics.Metrics: accuracy, balanced accuracy, macro-F1 per level, and
+                          `conformal`: leave-one-compound-out coverage and set size of conformal prediction
+                          sets at 0.8/0.9/0.95 per level, ECE (cellmorph.conformal.evaluate)
+    confusion.png, reliability.png, coverage.png, report.html, and the config's extra `outputs` (outputs.py)
+
+Under the `lomo` protocol (leave-one-MoA-out, cellmorph.novelty) the folds run in memory (no
+resume: a few minutes of logistic heads), metrics.json gains `novelty` (flag rates and AUROC per
+novel MoA), novelty_<level>s.csv list every scored unit, and novelty.png replaces confusion.png.
 
 Each file is written under a temporary name and renamed, so a killed run leaves whole folds only,
 and a rerun with the same --out skips the folds already done. `cross_validate` runs the same folds
@@ -52,7 +58,8 @@ from cellmorph.store import Store, build_store
 
 # The files a run folder holds; only temporaries of these names are ever cleaned up (never a user's file).
 RUN_FILES = ("config.toml", "dataset.json", "environment.json", "fold.json", "history.json", "curve_probs.npy", "predictions.parquet",
-             "model.pt", "metrics.json", "treatments.csv", "wells.csv", "confusion.png", "report.html")
+             "model.pt", "metrics.json", "treatments.csv", "wells.csv", "confusion.png", "report.html",
+             "reliability.png", "coverage.png", "novelty.png", "novelty_treatments.csv", "novelty_wells.csv", "novelty_images.csv")
 
 
 def environment(cfg: ExperimentConfig, device) -> dict:
@@ -127,6 +134,12 @@ def plan_run(cfg: ExperimentConfig, data_dir: str | Path | None = None, table: I
         from cellmorph.train import pick_device
 
         pick_device(cfg.device)
+    if cfg.evaluation.protocol == "lomo" and cfg.mode != "frozen":
+        raise CellmorphError(
+            "evaluation.protocol = 'lomo' needs mode = \"frozen\": its nested calibration fits about 730 models on the BBBC021 subset "
+            "(1 + K + K(K-1)/2 per novel MoA with K known compounds), cheap as logistic heads on cached features but hundreds of fine-tunes. "
+            "Set mode = \"frozen\", or use protocol loco for a fine-tuned model's conformal coverage."
+        )
     folds, excluded, description = make_folds(table.df, table.label, cfg.evaluation)
     if cfg.evaluation.max_folds:
         folds = folds[: cfg.evaluation.max_folds]
@@ -170,14 +183,16 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path, data_dir: str | Path 
     t0 = time.perf_counter()
     engine = _Engine(plan, store)
     sinks = {seed: _FolderSink(out if len(cfg.seed_list) == 1 else out / "seeds" / str(seed)) for seed in cfg.seed_list}
-    engine.run_folds(sinks)  # every seed's missing folds: in this process, or as Ray tasks ([execution])
+    lomo = cfg.evaluation.protocol == "lomo"  # its heads run in memory, in this process (cellmorph.novelty)
+    if not lomo:
+        engine.run_folds(sinks)  # every seed's missing folds: in this process, or as Ray tasks ([execution])
     if engine.execution:
         env = {**env, "execution": engine.execution}
         write_json(out / "environment.json", env)
     per_seed, preds = [], []
     for seed, sink in sinks.items():
         folder = sink.folder
-        pred, m = engine.collect(seed, sink)
+        pred, m = engine.run_seed(seed, sink) if lomo else engine.collect(seed, sink)
         if len(cfg.seed_list) > 1:
             write_parquet(folder / "predictions.parquet", pred)
             m.write(folder / "metrics.json")
@@ -286,6 +301,8 @@ class _Engine:
             self.images = resize_uint8_stack(torch.from_numpy(np.asarray(self.store.images)).to(self.plan.device), size)
 
     def run_seed(self, seed: int, sink) -> tuple[pd.DataFrame, Metrics]:
+        if self.cfg.evaluation.protocol == "lomo":
+            return self._run_lomo(seed, sink)
         self.run_folds({seed: sink}, local=True)
         return self.collect(seed, sink)
 
@@ -337,6 +354,25 @@ class _Engine:
         m = self._score(pred, seed, [sink.curve(i) for i in range(len(folds))])
         return pred, m
 
+    def _run_lomo(self, seed: int, sink) -> tuple[pd.DataFrame, Metrics]:
+        """Leave-one-MoA-out (cellmorph.novelty): every head in memory, then the novelty block; the
+        scored units go to novelty_<level>s.csv of a run folder."""
+        from cellmorph.novelty import lomo_levels, run_lomo
+
+        cfg, plan = self.cfg, self.plan
+        self._prepare()
+        with make_progress() as progress:
+            pred, block, units = run_lomo(self.features, self.y, self.index, plan.folds, plan.classes, plan.table.label, plan.levels,
+                                          cfg.evaluation.aggregate, cfg.frozen.C, cfg.frozen.class_weight, seed, progress=progress)
+        if isinstance(sink, _FolderSink):
+            for lv, t in units.items():
+                write_text(sink.folder / f"novelty_{lv}s.csv", t.to_csv(index=False))
+        m = Metrics(protocol="lomo", protocol_description=plan.description, classes=list(plan.classes),
+                    levels=lomo_levels(pred, plan.table.label, plan.levels, cfg.evaluation.aggregate), excluded=plan.excluded,
+                    seeds=[seed], novelty=block)
+        m.context.update(self._context())
+        return pred, m
+
     def _fold(self, fold: Fold, seed: int, progress) -> tuple[FoldResult, object]:
         cfg, n_classes = self.cfg, len(self.plan.classes)
         if cfg.mode == "frozen":
@@ -363,6 +399,7 @@ class _Engine:
         m.excluded = plan.excluded
         m.seeds = [seed]
         m.context.update(self._context())
+        m.conformal = _conformal_block(pred, plan.table.label, plan.levels, ev)
         if curves and curves[0] is not None:
             unit, xs = curves[0][0], curves[0][1]
             for k, x in enumerate(xs):
@@ -380,6 +417,19 @@ class _Engine:
             f", then {how} over the replicate wells of a treatment" if "treatment" in levels else "") + "; argmax"
         return {"experiment": cfg.name, "dataset": cfg.dataset.name, "model": cfg.model.name, "init": cfg.model.init, "mode": cfg.mode,
                 "n_folds": len(self.plan.folds), "aggregation": agg, "store_key": self.store.key}
+
+
+def _conformal_block(pred: pd.DataFrame, label: str, levels: list[str], ev) -> dict:
+    """metrics.json's `conformal`: leave-one-group-out conformal coverage over the out-of-fold
+    predictions, grouped by the protocol's column (the compound under loco and lcbo; each unit on
+    its own under a random split). A failure is recorded as skipped, never fatal to a finished run."""
+    from cellmorph.conformal import evaluate
+    from cellmorph.splits import protocol_group
+
+    try:
+        return evaluate(pred, label, levels, ev.aggregate, protocol_group(ev))
+    except CellmorphError as err:
+        return {"levels": {}, "skipped": {"all": str(err)}}
 
 
 def _finetune_fold(cfg: ExperimentConfig, images: torch.Tensor, y: np.ndarray, n_classes: int, fold: Fold, device, seed: int, progress):
@@ -601,16 +651,24 @@ def _finish(out: Path, cfg: ExperimentConfig, plan: Plan, pred: pd.DataFrame, me
     from cellmorph.outputs import write_outputs
     from cellmorph.report import write_confusion_png, write_report
 
+    from cellmorph.report import write_conformal_pngs, write_novelty_png
+
     write_parquet(out / "predictions.parquet", pred)
     label, how = plan.table.label, cfg.evaluation.aggregate
+    lomo = cfg.evaluation.protocol == "lomo"
     for level, fname in (("treatment", "treatments.csv"), ("well", "wells.csv")):
-        if level in metrics.levels:
+        if level in metrics.levels and not lomo:  # lomo: novelty_<level>s.csv instead (a unit per round)
             groups = [g for _, g in pred.groupby("seed")] if "seed" in pred.columns else [pred]
             table = pd.concat([aggregate(g, level, label, how).assign(**({"seed": g["seed"].iloc[0]} if "seed" in g.columns else {})) for g in groups])
             write_text(out / fname, table.to_csv(index=False))
     title = f"{cfg.name}: {cfg.model.name} ({cfg.mode}), {cfg.evaluation.protocol}"
     first = pred[pred["seed"] == cfg.seed_list[0]] if "seed" in pred.columns else pred
-    write_confusion_png(out / "confusion.png", first, metrics, label, title, how)
+    if lomo:
+        folder = out if len(cfg.seed_list) == 1 else out / "seeds" / str(cfg.seed_list[0])
+        write_novelty_png(out / "novelty.png", folder, metrics, title)
+    else:
+        write_confusion_png(out / "confusion.png", first, metrics, label, title, how)
+        write_conformal_pngs(out, metrics, title)
     write_outputs(cfg.outputs, out, cfg, plan.table, pred, metrics)
     write_report(out / "report.html", metrics, cfg)
     metrics.write(out / "metrics.json")

@@ -1,5 +1,7 @@
 """Typed results: accuracy, balanced accuracy and macro-F1 per level (image, well, treatment),
-with the counts they rest on, per class, and over seeds.
+with the counts they rest on, per class, and over seeds; plus the conformal evaluation (coverage
+and set size per level and confidence, ECE: cellmorph.conformal.evaluate) and, for the `lomo`
+protocol, the novelty evaluation (cellmorph.novelty).
 
 `Metrics` is the one reader and writer of metrics.json: the CLI, the report and `summarize` take
 their numbers from it and never rebuild keys by hand."""
@@ -57,6 +59,11 @@ class Metrics:
     per_seed: list[Metrics] = field(default_factory=list)
     spread: dict[str, dict] = field(default_factory=dict)
     curve: list[dict] = field(default_factory=list)
+    # cellmorph.conformal.evaluate's block: per level, leave-one-compound-out coverage and mean set
+    # size at 0.8/0.9/0.95, ECE and the reliability table ({} when not computed; "skipped" says why).
+    conformal: dict = field(default_factory=dict)
+    # cellmorph.novelty's block under the `lomo` protocol: per novel MoA and overall, flag rates and AUROC.
+    novelty: dict = field(default_factory=dict)
 
     @property
     def headline_level(self) -> str:
@@ -92,6 +99,8 @@ class Metrics:
                 per_seed=[cls.from_dict(s) for s in d.get("per_seed", [])],
                 spread=d.get("spread", {}),
                 curve=d.get("curve", []),
+                conformal=d.get("conformal", {}),
+                novelty=d.get("novelty", {}),
             )
         except (KeyError, TypeError, AttributeError) as err:
             raise CellmorphError(f"metrics file is incomplete ({type(err).__name__}: {err}). {_REFRESH}") from None
@@ -312,7 +321,19 @@ def combine_seeds(per_seed: list[Metrics]) -> Metrics:
         per_seed=runs,
         spread=_spread(runs, levels),
         curve=curve,
+        conformal=_combine_blocks("conformal", [m.conformal for m in runs]),
+        novelty=_combine_blocks("novelty", [m.novelty for m in runs]),
     )
+
+
+def _combine_blocks(kind: str, blocks: list[dict]) -> dict:
+    if not any(blocks):
+        return {}
+    if kind == "conformal":
+        from cellmorph.conformal import combine
+    else:
+        from cellmorph.novelty import combine
+    return combine(blocks)
 
 
 def confusion(true: list[str] | np.ndarray, predicted: list[str] | np.ndarray, classes: list[str]) -> np.ndarray:

@@ -8,6 +8,10 @@ Leave-compound-and-batch-out (LCBO): as LOCO, and every image of the test compou
 its batch signature. A compound whose class has no training image left cannot be scored: it is
 excluded and listed.
 
+Leave-one-MoA-out (`lomo`, cellmorph.novelty): for each MoA, no model sees it; its images are
+scored as novel units, while the other MoAs' compounds are held out one at a time (with nested
+calibration), to measure whether the novel MoA comes out as "none of the known MoAs".
+
 Any grouping column (`evaluation.group`): "logo" (leave one group out, e.g. a patient), "group-kfold"
 (k folds of whole groups), "predefined" (one fold per value of a column such as Metadata_Fold).
 
@@ -29,7 +33,7 @@ name in config.EvaluationConfig.protocol).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import numpy as np
@@ -148,6 +152,8 @@ class Protocol:
     default_group: str = ""
     needs_group: bool = False
     single_split: bool = False
+    # make(df, group, ev, label) instead: the protocol splits by the label itself (lomo)
+    needs_label: bool = False
 
 
 def _frac(ev, default: float) -> float:
@@ -167,10 +173,18 @@ register_protocol("lcbo", Protocol(lambda df, g, ev: _lcbo_candidates(df), defau
 register_protocol("logo", Protocol(lambda df, g, ev: leave_one_group_out(df, g), needs_group=True))
 register_protocol("group-kfold", Protocol(lambda df, g, ev: group_kfold(df, g, ev.n_splits), needs_group=True))
 register_protocol("predefined", Protocol(lambda df, g, ev: leave_one_group_out(df, g), default_group="Metadata_Fold"))
+register_protocol("lomo", Protocol(lambda df, g, ev, label: _lomo(df, label, g), default_group="Metadata_Compound", needs_label=True))
 register_protocol("random", Protocol(lambda df, g, ev: random_split(df, _frac(ev, PAPER_TEST_FRACTION), ev.split_seed), single_split=True))
 register_protocol("image-grouped", Protocol(lambda df, g, ev: group_split(df, g, _frac(ev, PAPER_TEST_FRACTION), ev.split_seed, name="image-grouped"),
                                             default_group="Metadata_Image", single_split=True))
 register_protocol("holdout-25", Protocol(lambda df, g, ev: random_split(df, _frac(ev, 0.25), ev.split_seed, name="holdout-25"), single_split=True))
+
+
+def _lomo(df: pd.DataFrame, label: str, group: str) -> list[Fold]:
+    """Leave-one-MoA-out with nested leave-one-compound-out: cellmorph.novelty.lomo_folds."""
+    from cellmorph.novelty import lomo_folds
+
+    return lomo_folds(df, label, group)
 
 
 def protocol_group(ev) -> str:
@@ -208,16 +222,21 @@ def make_folds(df: pd.DataFrame, label: str, ev) -> tuple[list[Fold], list[dict]
             f"{[c for c in df.columns if c.startswith('Metadata_')]}). Set evaluation.group to one of them, or choose another protocol."
         )
     labelled = labelled_mask(df, label)
+    if ev.validation and not p.single_split:
+        raise CellmorphError(f"evaluation.validation = true works with the single-split protocols (random, image-grouped, holdout-25), not '{ev.protocol}'.")
     try:
-        candidates = p.make(df, group, ev)
+        candidates = p.make(df, group, ev, label) if p.needs_label else p.make(df, group, ev)
+        if ev.validation:
+            candidates = validation_folds(p, df, group, ev, candidates)
     except ValueError as err:
         raise CellmorphError(f"evaluation.protocol = '{ev.protocol}': {err}.") from None
     folds, excluded = [], []
     y = df[label].astype(str).to_numpy()
     for fold in candidates:
         train = fold.train[labelled[fold.train]]
-        fold = Fold(fold.name, train, fold.test)
-        missing_classes = sorted(set(y[fold.test][labelled[fold.test]]) - set(y[train]))
+        fold = replace(fold, train=train)  # keeps a subclass's fields (lomo's NovelFold)
+        # a lomo fold's novel MoA is missing from training on purpose
+        missing_classes = sorted(set(y[fold.test][labelled[fold.test]]) - set(y[train]) - {getattr(fold, "novel", None)})
         if missing_classes:
             rows = df.iloc[fold.test]
             reason = f"no training row of class {missing_classes} left" + (" outside the compound's batch" if ev.protocol == "lcbo" else "")
@@ -233,6 +252,20 @@ def make_folds(df: pd.DataFrame, label: str, ev) -> tuple[list[Fold], list[dict]
     return folds, excluded, describe(df, folds, excluded, group, ev)
 
 
+def validation_folds(p: Protocol, df: pd.DataFrame, group: str, ev, folds: list[Fold]) -> list[Fold]:
+    """Each fold's training rows split again by the protocol's own rule (split seed + 1): the new fold
+    trains on part of them and scores the rest. The original test rows are in neither, so a recipe
+    chosen on these scores has never looked at the test set."""
+    from types import SimpleNamespace
+
+    inner = SimpleNamespace(**{**ev.model_dump(), "split_seed": ev.split_seed + 1})
+    out = []
+    for fold in folds:
+        (v,) = p.make(df.iloc[fold.train].reset_index(drop=True), group, inner)
+        out.append(Fold(f"{fold.name} validation", fold.train[v.train], fold.train[v.test]))
+    return out
+
+
 def labelled_mask(df: pd.DataFrame, label: str) -> np.ndarray:
     """Rows with a label (empty strings and NaN are unlabelled: predicted, never trained on or scored)."""
     col = df[label]
@@ -246,7 +279,14 @@ def describe(df: pd.DataFrame, folds: list[Fold], excluded: list[dict], group: s
         (f,) = folds
         how = f"whole {group} groups held out" if group else "rows drawn at random"
         text = f"{ev.protocol}: one split (seed {ev.split_seed}), {how}: {len(f.train):,} training / {len(f.test):,} test rows of {n:,}"
+        if ev.validation:
+            text += f" (validation: both drawn from the training rows of that split, split seed {ev.split_seed + 1}; its test rows unused)"
     else:
+        if ev.protocol == "lomo":
+            moas = sorted({f.novel for f in folds})
+            return (f"leave-one-MoA-out: {len(moas)} rounds, each MoA unseen by every model of its round (its images scored as novel), "
+                    f"and in each round leave-one-compound-out over the known MoAs' compounds ({sum(1 for f in folds if f.held_out)} folds), "
+                    f"calibrated on nested out-of-fold predictions: {len(folds)} outer folds over {n:,} rows")
         what = {"loco": "leave-one-compound-out", "lcbo": "leave-compound-and-batch-out (the test compound and every row of its batch held out of training)",
                 "logo": f"leave-one-group-out over {group}", "predefined": f"predefined folds from {group}", "group-kfold": f"{ev.n_splits}-fold over whole {group} groups"}[ev.protocol]
         text = f"{what}: {len(folds)} folds over {n:,} rows"
