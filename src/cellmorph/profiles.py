@@ -611,8 +611,8 @@ def evaluate(profiles: str | Path, out: str | Path | None = None, recipe: Recipe
     if bbbc021_metadata is not None:
         df = annotate_bbbc021(df, bbbc021_metadata)
     out = Path(out) if out is not None else run
-    check_writable(out)
     ev = evaluate_profiles(df, recipe, source=str(path), representation=representation or (f"{run.name} embeddings" if is_run and path.is_dir() else path.name))
+    check_writable(out)  # only once the evaluation succeeded: a bad table leaves no folder behind
     plot_profiles(out / PLOT, ev, ev.metrics["representation"])
     write_json(out / METRICS, ev.metrics)
     if is_run and out.resolve() == run.resolve() and (run / "metrics.json").is_file():
