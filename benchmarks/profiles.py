@@ -9,7 +9,7 @@ Representations (one JSON line per representation and recipe, every variant that
     finetune.save_models = true); printed as a row saying so;
   - CellProfiler per-well means of Ljosa et al. 2013 on the same 55 treatments (with the DMSO wells of
     their plates), and on all 103 treatments / 12 MoAs.
-Recipes: robust z-score per plate to DMSO (to all wells where the table has no DMSO), with/without
+Recipes: none (raw profiles, the baseline); robust z-score per plate to DMSO (to all wells where the table has no DMSO), with/without
 pycytominer feature selection, with/without ZCA-cor sphering fitted on DMSO (all wells without DMSO).
 Also one timing line: `cellmorph embed` on the quickstart run vs the quickstart's feature step.
 """
@@ -29,7 +29,7 @@ import pandas as pd
 
 REPO = Path(__file__).resolve().parents[1]
 DEVICE = "this project's 2-core x86_64 CPU, shared with other jobs"
-RECIPES = [dict(feature_select=False), dict(feature_select=True), dict(feature_select=False, sphere=True), dict(feature_select=True, sphere=True)]
+RECIPES = [dict(normalize="none", feature_select=False), dict(feature_select=False), dict(feature_select=True), dict(feature_select=False, sphere=True), dict(feature_select=True, sphere=True)]
 
 
 def row(representation: str, m: dict | None, **extra) -> dict:

@@ -231,3 +231,19 @@ def test_classifier_embed_equals_the_cached_features(quickstart_run, subset_tabl
     got = clf.embed(np.asarray(store.images[:4]))
     assert got.shape == (4, 1280) and got.dtype == np.float32
     assert np.allclose(got, cached[:4], atol=1e-3)
+
+
+def test_pre_logits_are_what_the_classifier_reads():
+    """Fine-tuned embeddings are the pooled features fed to the fold model's classifier: logits = head(embedding)."""
+    import torch
+
+    from cellmorph.models import create_model
+    from cellmorph.profiles import pre_logits
+
+    torch.manual_seed(0)
+    model = create_model("tf_efficientnet_lite0", "random", num_classes=3, in_chans=3).eval()
+    x = torch.rand(2, 3, 64, 64)
+    with torch.inference_mode():
+        emb = pre_logits(model, "test")(x)
+        assert emb.shape == (2, model.num_features)
+        assert torch.allclose(model.get_classifier()(emb), model(x), atol=1e-5)

@@ -138,8 +138,9 @@ def embed(
 ) -> None:
     """Per-image embeddings (parquet, Metadata_* + Image_CNN_* columns) and median well and treatment profiles.
 
-    A frozen run reuses its cached backbone features; a fine-tuned run embeds each image with the fold
-    model that held it out (needs finetune.save_models = true). Example: cellmorph embed runs/quickstart
+    A frozen run reuses its cached backbone features; a fine-tuned run embeds each image with the fold model that held it out (needs finetune.save_models = true).
+
+    Example: cellmorph embed runs/quickstart
     """
     from cellmorph.profiles import embed as run_embed
 
