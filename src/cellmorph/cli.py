@@ -177,7 +177,7 @@ def profiles_evaluate(
     if normalize not in ("mad_robustize", "none"):
         raise CellmorphError(f"--normalize {normalize!r}: choose mad_robustize or none.")
     ev = evaluate(profiles, out, Recipe(normalize=normalize, feature_select=feature_select, sphere=sphere, control=control), bbbc021_metadata, name)
-    console.print(summary_line(ev.metrics), highlight=False)
+    console.print(summary_line(ev.metrics), highlight=False, markup=False)
     where = out if out is not None else (profiles if profiles.is_dir() else profiles.parent)
     console.print(f"written: {where}/profile_metrics.json, profiles.png")
 

@@ -406,7 +406,12 @@ def prepare_profiles(wells: pd.DataFrame, features: list[str], recipe: Recipe) -
         else:
             info["normalisation"] = "none"
         values = df[features].to_numpy(dtype=np.float64, copy=True)
-        values[~np.isfinite(values)] = np.nan
+        undefined = ~np.isfinite(values)
+        if recipe.normalize == "mad_robustize" and undefined.any(axis=0).any():
+            # MAD 0 in the reference wells (e.g. a CNN channel that is 0 in most wells): no robust z-score
+            n = int(undefined.any(axis=0).sum())
+            info["normalisation"] += f"; {n} of {len(features)} features have MAD 0 in the reference wells somewhere (no robust z-score) and are dropped"
+        values[undefined] = np.nan
         df[features] = values
         if recipe.feature_select:
             df = feature_select(df, features=features, samples="all", operation=FEATURE_SELECTION)
