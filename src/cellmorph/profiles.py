@@ -502,7 +502,7 @@ def evaluate_profiles(profiles: pd.DataFrame, recipe: Recipe | None = None, sour
     Example:
         >>> ev = evaluate_profiles(pd.read_parquet("runs/quickstart/profiles_well.parquet"))
         >>> ev.metrics["nsc"]["correct"], ev.metrics["nsc"]["total"]
-        (43, 55)
+        (28, 55)
     """
     recipe = recipe or Recipe()
     feats = check_profile_table(profiles, source, recipe.control)
@@ -549,7 +549,6 @@ def evaluate_profiles(profiles: pd.DataFrame, recipe: Recipe | None = None, sour
         "map": {"protocol": "copairs mAP of MoA retrieval among treatment profiles: positives same MoA and other compound, negatives other MoA", **mp},
     }
     return ProfileEvaluation(metrics, treat, used)
-
 
 
 def plot_profiles(path: Path, ev: ProfileEvaluation, title: str) -> None:
