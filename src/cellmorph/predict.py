@@ -98,7 +98,10 @@ def read_images(images: str | Path, label: str = "Metadata_MoA") -> NewImages:
     if not path.is_file():
         raise CellmorphError(f"{path}: not found. IMAGES is a CSV (folder format or CellProfiler LoadData) or a folder of image files.")
     try:
-        df = pd.read_csv(path, sep=None, engine="python", dtype={label: str})  # comma or semicolon, sniffed
+        with open(path, errors="replace") as f:
+            header = f.readline()
+        sep = ";" if header.count(";") > header.count(",") else ","  # comma, or semicolon as BBBC021's labels file
+        df = pd.read_csv(path, sep=sep, dtype={label: str})
     except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError, csv.Error) as err:
         raise CellmorphError(f"{path}: cannot be read as CSV ({err}).") from None
     df.columns = [str(c).strip() for c in df.columns]
@@ -283,9 +286,9 @@ def score_images(df: pd.DataFrame, probs: np.ndarray, clf, confidence: float, st
         else:
             described[level] = _conformal(units, cal, level, classes, label, how, confidence)
         tables[level] = units
-    for t in tables.values():  # the label column only where the input carried labels (e.g. reference compounds)
+    for level, t in tables.items():  # the label column only where the input carried labels (e.g. reference compounds)
         if label in t.columns and not t[label].notna().any():
-            t.drop(columns=[label], inplace=True)
+            tables[level] = t.drop(columns=[label])
     return PlatePrediction(tables["image"], tables.get("well"), tables.get("treatment"), confidence, classes, label, described)
 
 
