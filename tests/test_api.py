@@ -89,7 +89,7 @@ def test_finetune_round_trip_is_bit_identical(tiny_bundle, toy):
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
     assert sorted(p.name for p in path.iterdir()) == ["bundle.json", "config.toml", "model.safetensors"]
     meta = json.loads((path / "bundle.json").read_text())
-    assert meta["format_version"] == 1 and meta["mode"] == "finetune" and meta["input"]["size"] == 32 and meta["input"]["channels"] == 3
+    assert meta["format_version"] == 2 and meta["mode"] == "finetune" and meta["input"]["size"] == 32 and meta["input"]["channels"] == 3
     assert meta["trained_on"]["images"] == len(toy) - 1
     loaded = cm.Classifier.load(path)
     assert loaded.classes == clf.classes and loaded.config == clf.config

@@ -97,6 +97,9 @@ def test_finetune_smoke_real_images(data_dir, tmp_path):
     assert m.level("image").total == len(pred) == (pred.Metadata_Compound.isin(["AZ-A", "AZ-C"])).sum()
     for name in ("metrics.json", "confusion.png", "report.html", "treatments.csv"):
         assert (out / name).is_file()
+    # the final model: fine-tuned once more on every labelled image, saved with the out-of-fold scores
+    meta = json.loads((out / "model" / "bundle.json").read_text())
+    assert meta["mode"] == "finetune" and meta["trained_on"]["images"] == 660 and meta["calibration"]["rows"] == len(pred)
 
 
 def test_nuclei_run_folder_real(crchisto_table, data_dir, tmp_path):
@@ -177,12 +180,15 @@ def test_only_own_temporaries_are_cleaned(quickstart_run, data_dir, tmp_path):
     out = tmp_path / "copy"
     shutil.copytree(src, out)
     ours = out / "folds" / "00" / ".predictions.parquet.tmp-abc123"
-    theirs = [out / ".notes.txt.tmp-keep", out / "mine" / ".metrics.json.tmp-x1"]
-    for f in (ours, *theirs):
+    our_bundle = out / ".model.tmp-abc123" / "bundle.json"  # a killed save of the final model
+    theirs = [out / ".notes.txt.tmp-keep", out / "mine" / ".metrics.json.tmp-x1", out / ".model.tmp-mine" / "notes.txt"]
+    for f in (ours, our_bundle, *theirs):
         f.parent.mkdir(exist_ok=True)
         f.write_text("x")
+    model_mtime = (out / "model" / "model.safetensors").stat().st_mtime_ns
     run_experiment(load_config(QUICKSTART), out, data_dir)
-    assert not ours.exists() and all(f.exists() for f in theirs)
+    assert not ours.exists() and not our_bundle.parent.exists() and all(f.exists() for f in theirs)
+    assert (out / "model" / "model.safetensors").stat().st_mtime_ns == model_mtime  # resumed: the final model is kept, not refitted
 
 
 @pytest.mark.parametrize("protocol", ["logo", "group-kfold"])

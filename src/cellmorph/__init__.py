@@ -8,7 +8,8 @@ The public API (each name's docstring has its arguments and an example):
     >>> res = cm.cross_validate(clf, table, protocol="loco")      # in memory: res.metrics, res.predictions
     >>> clf.fit(table).save("moa-model")                          # a self-contained bundle folder
     >>> cm.Classifier.load("moa-model").predict_proba(images)     # N x n_classes, columns = clf.classes
-    >>> cm.run("configs/quickstart.toml", "runs/quickstart")      # the CLI's `cellmorph run`
+    >>> cm.run("configs/quickstart.toml", "runs/quickstart")      # the CLI's `cellmorph run` (final model in runs/quickstart/model)
+    >>> cm.predict_images("runs/quickstart/model", "plate7/load_data.csv", "runs/plate7")  # `cellmorph predict`: sets, novelty
 
 Names are imported on first use, so `import cellmorph` (and the CLI's start) does not load torch.
 """
@@ -33,6 +34,7 @@ _LAZY = {
     "load_config": "cellmorph.config",
     "ImageTable": "cellmorph.datasets",
     "Metrics": "cellmorph.metrics",
+    "predict_images": "cellmorph.predict",
 }
 __all__ = ["CellmorphError", "__version__", *_LAZY]
 
@@ -42,6 +44,7 @@ if TYPE_CHECKING:
     from cellmorph.datasets import ImageTable
     from cellmorph.experiment import CVResult
     from cellmorph.metrics import Metrics
+    from cellmorph.predict import predict_images
 
 
 def __getattr__(name: str):

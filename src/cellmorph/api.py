@@ -24,7 +24,7 @@ from cellmorph.metrics import Metrics
 from cellmorph.models import INIT_WORDS, check_model_config, create_model, default_input_size, normalization
 from cellmorph.splits import labelled_mask
 from cellmorph.store import build_store
-from cellmorph.train import InputSpec, fit as _fit, forward_batches, make_input_spec, pick_device, predict_proba as _predict_proba, resize_uint8_stack
+from cellmorph.train import InputSpec, fit as _fit, forward_batches, make_input_spec, pick_device, resize_uint8_stack
 
 __all__ = ["Classifier", "cross_validate", "load_dataset", "run"]
 
@@ -126,6 +126,10 @@ class Classifier:
         self._spec: InputSpec | None = None
         self._channels = 0
         self._trained_on: dict = {}
+        # Out-of-fold predictions of the run that produced this model (Metadata_*, label, prob_<class>):
+        # the conformal calibration data `cellmorph predict` uses. None for a model fitted outside a run.
+        self.calibration = None
+        self.calibration_info: dict = {}  # where it came from (run, protocol, aggregation), saved in bundle.json
 
     def __repr__(self) -> str:
         m = self.config.model
@@ -151,20 +155,25 @@ class Classifier:
             'Aurora kinase inhibitors'
         """
         cfg = override(self.config, {"dataset.label": table.label}) if table.label != self.config.dataset.label else self.config
+        return self._fit_store(table, build_store(table, cfg.dataset.image_size), cfg)
+
+    def _fit_store(self, table: ImageTable, store, cfg: ExperimentConfig | None = None, on_step=None) -> Classifier:
+        """`fit` on a store already built from `table` (the runner's final model reuses its store)."""
+        cfg = cfg or self.config
         lab = labelled_mask(table.df, table.label)
         classes = table.classes
         idx = np.flatnonzero(lab)
         y = table.df[table.label].astype(str).map({c: i for i, c in enumerate(classes)}).to_numpy()[idx].astype(np.int64)
-        store = build_store(table, cfg.dataset.image_size)
         images = torch.from_numpy(np.asarray(store.images))
         device = pick_device(cfg.device)
         self._reset(cfg)
         if cfg.mode == "frozen":
             self._fit_frozen(store, images, idx, y, device)
         else:
-            self._fit_finetune(images[torch.from_numpy(idx)], y, len(classes), device)
+            self._fit_finetune(images[torch.from_numpy(idx)], y, len(classes), device, on_step)
         self.classes, self._channels = classes, images.shape[1]
-        self._trained_on = {"dataset": table.name, "images": len(idx)}
+        self._trained_on = {"dataset": table.name, "images": len(idx), "store_key": store.key, "seed": cfg.seed,
+                            "image_shape": list(images.shape[2:]), "channel_columns": table.path_columns}
         return self
 
     def _fit_frozen(self, store, images: torch.Tensor, idx: np.ndarray, y: np.ndarray, device: torch.device) -> None:
@@ -191,7 +200,7 @@ class Classifier:
         arrays = {"mean": scaler.mean_, "scale": scaler.scale_, "coef": coef, "intercept": intercept}
         self._head = {k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float64)) for k, v in arrays.items()}
 
-    def _fit_finetune(self, images: torch.Tensor, y: np.ndarray, n_classes: int, device: torch.device) -> None:
+    def _fit_finetune(self, images: torch.Tensor, y: np.ndarray, n_classes: int, device: torch.device, on_step=None) -> None:
         """Every layer trained with the config's recipe, as one fold of the runner."""
         cfg = self.config
         size = cfg.model.input_size or default_input_size(cfg.model.name)
@@ -199,7 +208,7 @@ class Classifier:
             self._net = create_model(cfg.model.name, cfg.model.init, num_classes=n_classes, in_chans=images.shape[1], drop_rate=cfg.model.drop_rate)
             x = resize_uint8_stack(images.to(device), size)
             self._spec = make_input_spec(self._net, size, cfg.finetune.normalize, x)
-            _fit(self._net, x, y, n_classes, cfg.finetune, self._spec, device, cfg.seed)
+            _fit(self._net, x, y, n_classes, cfg.finetune, self._spec, device, cfg.seed, on_step=on_step)
 
     def _features(self, images: torch.Tensor, device: torch.device) -> torch.Tensor:
         fz = self.config.frozen
@@ -220,13 +229,53 @@ class Classifier:
             >>> probs.shape
             (2, 6)
         """
-        x = self._images(images)
+        return self._proba(self._images(images))
+
+    def _proba(self, x: torch.Tensor, on_batch=None, mc_dropout: int = 0) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+        """Probabilities of checked uint8 images (`_images`); `on_batch(n)` after each batch (progress bars).
+        mc_dropout = N > 0 (finetune only): dropout kept active, N passes; returns (mean, std) over the passes."""
         device = pick_device(self.config.device)
         if self.config.mode == "frozen":
-            return _head_proba(self._features(x, device), self._head)
+            if mc_dropout:
+                raise CellmorphError(f"{self._source}: MC dropout needs a fine-tuned model (mode = \"finetune\"); this one is frozen (a logistic head).")
+            fz = self.config.frozen
+            feats = forward_batches(self._net, x, self._spec, device, fz.batch_size, tta=fz.tta, on_batch=on_batch)
+            return _head_proba(feats, self._head)
         ft = self.config.finetune
+        batch = max(ft.batch_size, 64)
+        if not mc_dropout:
+            x = resize_uint8_stack(x.to(device), self._spec.size)
+            return forward_batches(self._net, x, self._spec, device, batch, on_batch=on_batch).softmax(dim=1).numpy().astype(np.float32, copy=False)
+        return self._mc_dropout(x, mc_dropout, device, batch, on_batch)
+
+    def _mc_dropout(self, x: torch.Tensor, passes: int, device: torch.device, batch: int, on_batch=None) -> tuple[np.ndarray, np.ndarray]:
+        """Monte Carlo dropout (Gal & Ghahramani 2016): dropout active at inference, batch norm in eval mode,
+        `passes` forward passes (seeded by the config's seed); mean and standard deviation of the softmax."""
+        net = self._net.to(device)
+        drop = self.config.model.drop_rate > 0 or any(isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0 for m in net.modules())
+        if not drop:
+            raise CellmorphError(f"{self._source}: the model has no dropout (model.drop_rate = 0), so MC dropout would repeat one answer. "
+                                 "Fine-tune with model.drop_rate > 0 (e.g. 0.2), or predict without --mc-dropout.")
         x = resize_uint8_stack(x.to(device), self._spec.size)
-        return _predict_proba(self._net, x, self._spec, device, batch_size=max(ft.batch_size, 64)).astype(np.float32, copy=False)
+        runs = []
+        with _seeded(device, self.config.seed), torch.inference_mode():
+            net.train()  # timm applies its head dropout when the model is training; every batch norm stays in eval mode
+            for m in net.modules():
+                if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+            try:
+                for _ in range(passes):
+                    out = []
+                    for s in range(0, len(x), batch):
+                        chunk = self._spec(x[s : s + batch].float().div_(255))
+                        out.append(net(chunk).float().softmax(dim=1).cpu())
+                        if on_batch is not None:
+                            on_batch(len(chunk))
+                    runs.append(torch.cat(out))
+            finally:
+                net.eval()
+        stack = torch.stack(runs).double()
+        return stack.mean(0).numpy().astype(np.float32), stack.std(0, unbiased=passes > 1).numpy().astype(np.float32)
 
     def predict(self, images: np.ndarray | torch.Tensor | ImageTable) -> list[str]:
         """The most probable class of each image.
@@ -283,7 +332,8 @@ class Classifier:
         return images
 
     def save(self, path: str | Path, overwrite: bool = False) -> Path:
-        """Save the fitted classifier as a bundle folder (model.safetensors, bundle.json, config.toml).
+        """Save the fitted classifier as a bundle folder (model.safetensors, bundle.json, config.toml, and
+        calibration.parquet when `calibration` holds a run's out-of-fold predictions).
 
         Args:
             path: the folder to create.
@@ -307,7 +357,9 @@ class Classifier:
             "preprocessing": f"uint8 N x C x H x W, as cellmorph's store (dataset.image_size = {cfg.dataset.image_size})",
             "trained_on": self._trained_on,
         }
-        return save_bundle(path, state, meta, cfg, overwrite)
+        if self.calibration is not None:
+            meta["calibration"] = {**self.calibration_info, "rows": int(len(self.calibration))}
+        return save_bundle(path, state, meta, cfg, overwrite, calibration=self.calibration)
 
     @classmethod
     def load(cls, path: str | Path, device: str | None = None) -> Classifier:
@@ -344,6 +396,7 @@ class Classifier:
         clf._net = net.eval()
         clf._spec = InputSpec(size=spec["size"], mean=tuple(spec["mean"]), std=tuple(spec["std"]), normalize_mode=spec["normalize"])
         clf.classes, clf._channels, clf._trained_on = list(meta["classes"]), spec["channels"], meta.get("trained_on", {})
+        clf.calibration, clf.calibration_info = b.calibration, meta.get("calibration", {})
         return clf
 
 

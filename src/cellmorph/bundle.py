@@ -7,6 +7,14 @@
                         input spec (channels, size, mean, std, normalize), the preprocessing expected,
                         what it was trained on, created time
     config.toml         the resolved config it was trained with (every default written out)
+    calibration.parquet (optional; format 2) the out-of-fold predictions of the cross-validation that
+                        produced the bundle (`cellmorph run`, RUN/model/): one row per labelled image,
+                        Metadata_*, the label column, prob_<class>; each compound scored by a fold model
+                        that never saw it, so `cellmorph predict` calibrates conformal p-values on them.
+                        A bundle saved by `Classifier.save` outside a run has none.
+
+Format 2 adds the optional calibration.parquet; format 1 bundles (none) load unchanged. An older
+cellmorph refuses a format 2 bundle with its "made by a newer cellmorph" error.
 
 A bundle is written into a temporary sibling folder and renamed into place, so a killed save leaves the
 old bundle or the new one, never half of either. Only folders holding nothing but these files are ever
@@ -23,6 +31,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+import pandas as pd
 import torch
 from torch import nn
 
@@ -31,9 +40,10 @@ from cellmorph.config import ExperimentConfig, dump_toml, parse_config, read_tom
 from cellmorph.errors import CellmorphError
 from cellmorph.io import process_umask  # the process umask, read without changing it
 
-FORMAT_VERSION = 1
-WEIGHTS, META, CONFIG = "model.safetensors", "bundle.json", "config.toml"
-BUNDLE_FILES = (WEIGHTS, META, CONFIG)
+FORMAT_VERSION = 2
+WEIGHTS, META, CONFIG, CALIBRATION = "model.safetensors", "bundle.json", "config.toml", "calibration.parquet"
+REQUIRED_FILES = (WEIGHTS, META, CONFIG)
+BUNDLE_FILES = (*REQUIRED_FILES, CALIBRATION)
 META_FIELDS = ("mode", "model", "init", "classes", "label", "input")
 INPUT_FIELDS = ("channels", "size", "mean", "std", "normalize")
 
@@ -46,9 +56,11 @@ class Bundle:
     tensors: dict[str, torch.Tensor]
     meta: dict
     config: ExperimentConfig
+    calibration: pd.DataFrame | None = None  # out-of-fold predictions (calibration.parquet), when the bundle has them
 
 
-def save_bundle(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict, cfg: ExperimentConfig, overwrite: bool = False) -> Path:
+def save_bundle(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict, cfg: ExperimentConfig, overwrite: bool = False,
+                calibration: pd.DataFrame | None = None) -> Path:
     """Write a bundle folder atomically.
 
     Args:
@@ -57,6 +69,7 @@ def save_bundle(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict, 
         meta: the bundle.json fields of META_FIELDS (format_version, version and time are added here).
         cfg: the resolved config, written as config.toml.
         overwrite: replace an existing bundle at `path` (never a folder holding anything else).
+        calibration: out-of-fold predictions to store as calibration.parquet (None: none).
     Returns:
         The bundle folder.
 
@@ -79,6 +92,8 @@ def save_bundle(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict, 
                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         (tmp / META).write_text(json.dumps(full, indent=2) + "\n")
         (tmp / CONFIG).write_text(dump_toml(cfg) + "\n")
+        if calibration is not None:
+            calibration.to_parquet(tmp / CALIBRATION, index=False)
         os.chmod(tmp, 0o777 & ~process_umask())  # mkdtemp makes 0700; give the folder the usual permissions
         if path.is_dir():  # an old bundle (checked above): move it aside, then swap in the new one
             old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old-"))
@@ -131,7 +146,7 @@ def load_bundle(path: str | Path) -> Bundle:
     path = Path(path).expanduser()
     if not path.is_dir():
         raise CellmorphError(f"no model bundle at {path}: not a folder. Pass the folder that Classifier.save wrote.")
-    missing = [f for f in BUNDLE_FILES if not (path / f).is_file()]
+    missing = [f for f in REQUIRED_FILES if not (path / f).is_file()]
     if missing:
         raise CellmorphError(f"{path}: not a complete model bundle, missing {', '.join(missing)}. Save the model again (Classifier.save).")
     try:
@@ -151,13 +166,19 @@ def load_bundle(path: str | Path) -> Bundle:
         tensors = load_file(str(path / WEIGHTS))
     except Exception as err:  # noqa: BLE001 - any unreadable file is the same fix
         raise CellmorphError(f"{path / WEIGHTS}: cannot read the weights ({type(err).__name__}: {err}). Save the model again.") from None
-    return Bundle(path, tensors, meta, cfg)
+    calibration = None
+    if (path / CALIBRATION).is_file():
+        try:
+            calibration = pd.read_parquet(path / CALIBRATION)
+        except Exception as err:  # noqa: BLE001 - any unreadable file is the same fix
+            raise CellmorphError(f"{path / CALIBRATION}: cannot read the calibration data ({type(err).__name__}: {err}). Run the experiment again to rewrite the bundle.") from None
+    return Bundle(path, tensors, meta, cfg, calibration)
 
 
 def _check_meta(where: Path, meta: dict) -> None:
     version = meta.get("format_version")
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-        raise CellmorphError(f"{where}: field 'format_version' = {version!r} is not a bundle format this cellmorph knows (it reads {FORMAT_VERSION}).")
+        raise CellmorphError(f"{where}: field 'format_version' = {version!r} is not a bundle format this cellmorph knows (it reads 1 to {FORMAT_VERSION}).")
     if version > FORMAT_VERSION:
         raise CellmorphError(
             f"{where}: field 'format_version' = {version}: made by a newer cellmorph {meta.get('cellmorph_version', '?')} "

@@ -74,6 +74,34 @@ def sweep(
 
 
 @app.command()
+def predict(
+    model: Path = typer.Argument(..., help="Model bundle: a run's final model (RUN/model, or the run folder RUN) or a folder written by Classifier.save."),
+    images: Path = typer.Argument(..., help="Images to predict: a CSV with Image_Path_<Channel> columns (+ Metadata_*), a CellProfiler "
+                                           "LoadData CSV (Image_FileName_<Channel> + Image_PathName_<Channel>), or a folder of image files."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder: predictions.parquet, wells.csv, treatments.csv, report.html, predict.json."),
+    level: float = typer.Option(0.9, "--level", help="Confidence of the conformal prediction sets (0-1); a unit whose set is empty is flagged as none of the known classes."),
+    mc_dropout: int = typer.Option(0, "--mc-dropout", help="Fine-tuned models trained with dropout: N Monte Carlo dropout passes (mean and std per class)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier `cellmorph predict` output in --out."),
+) -> None:
+    """Predict new plates: class probabilities per image, well and treatment, conformal prediction sets
+    calibrated on the run's out-of-fold scores, and a "none of the known classes" flag.
+
+    Example: cellmorph predict runs/quickstart/model plate7/load_data.csv --out runs/plate7 --level 0.9
+    """
+    from cellmorph.predict import predict_images
+
+    res = predict_images(model, images, out, level, mc_dropout=mc_dropout, overwrite=overwrite)
+    lv = "treatment" if res.treatments is not None else "well" if res.wells is not None else "image"
+    units = res.level(lv)
+    line = f"{len(res.images)} images, {len(units)} {lv}s; {res.info['images_per_s']} images/s"
+    if "none_of_known" in units.columns:
+        line += f"; at confidence {level}: mean set size {units['set_size'].mean():.2f}, {int(units['none_of_known'].sum())} {lv}(s) flagged as none of the known classes"
+    else:
+        line += "; no conformal calibration in this bundle (no prediction sets)"
+    console.print(line)
+
+
+@app.command()
 def summarize(
     runs: list[Path] = typer.Argument(..., help="Run folders to compare (replicate seeds of one setting are pooled)."),
     out: Path = typer.Option(Path("runs/summary"), "--out", "-o", help="Folder for summary.csv, summary.md and curves.png."),

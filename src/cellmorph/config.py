@@ -165,6 +165,10 @@ class ExperimentConfig(_Strict):
     # Extra outputs of the run folder beyond metrics, predictions and report (outputs.py lists them),
     # e.g. ["dose_response"] for a translocation plate.
     outputs: list[str] = Field(default_factory=list)
+    # Also fit the final model on ALL labelled rows (the folds' recipe) and save it as a bundle in the run
+    # folder (RUN/model/), with the cross-validation's out-of-fold predictions as its conformal calibration
+    # data, for `cellmorph predict`. With several seeds: the first seed's model and out-of-fold predictions.
+    save_model: bool = True
 
     @property
     def seed_list(self) -> list[int]:

@@ -15,6 +15,9 @@ Run folder layout:
     metrics.json          cellmorph.metrics.Metrics: accuracy, balanced accuracy, macro-F1 per level, and
                           `conformal`: leave-one-compound-out coverage and set size of conformal prediction
                           sets at 0.8/0.9/0.95 per level, ECE (cellmorph.conformal.evaluate)
+    model/                the final model (save_model = true): fitted on every labelled row with the folds'
+                          recipe, a bundle (bundle.py) holding the out-of-fold predictions as calibration.parquet
+                          for `cellmorph predict`; several seeds: the first seed's
     confusion.png, reliability.png, coverage.png, report.html, and the config's extra `outputs` (outputs.py)
 
 Under the `lomo` protocol (leave-one-MoA-out, cellmorph.novelty) the folds run in memory (no
@@ -32,6 +35,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import subprocess
 import time
 from contextlib import contextmanager
@@ -44,6 +48,7 @@ import pandas as pd
 
 from cellmorph import __version__
 from cellmorph.config import ExperimentConfig, dump_toml
+from cellmorph.config import override as override_config
 from cellmorph.datasets import ImageTable, load_dataset
 from cellmorph.errors import CellmorphError
 from cellmorph.io import atomic_path, check_writable, no_space_is_an_error, write_json, write_npy, write_parquet, write_text
@@ -204,8 +209,59 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path, data_dir: str | Path 
     if plan._device is not None:  # a network ran: record the device it ran on
         write_json(out / "environment.json", {**env, "device": str(plan._device), **_device_details(plan._device)})
     pred = pd.concat(preds, ignore_index=True)
+    if cfg.save_model:
+        save_final_model(out / MODEL_DIR, cfg, plan, store, preds[0].drop(columns="seed", errors="ignore"))
     _finish(out, cfg, plan, pred, metrics)
     return metrics
+
+
+MODEL_DIR = "model"
+
+
+def save_final_model(path: Path, cfg: ExperimentConfig, plan: Plan, store: Store, oof: pd.DataFrame) -> Path:
+    """Fit the final model on every labelled row (the folds' recipe: frozen = cached features + logistic
+    head, finetune = one more training) and save it as a bundle at `path` with the out-of-fold predictions
+    `oof` (one seed's) as its calibration data. A bundle already there from the same data and seed is
+    kept (a resumed run does not fit it again).
+
+    Example:
+        >>> save_final_model(Path("runs/quickstart/model"), cfg, plan, store, pred)
+        PosixPath('runs/quickstart/model')
+    """
+    from cellmorph.api import Classifier
+    from cellmorph.bundle import META
+
+    seed = cfg.seed_list[0]
+    final_cfg = cfg if cfg.seed == seed else override_config(cfg, {"seed": seed})
+    if (path / META).is_file():
+        try:
+            done = json.loads((path / META).read_text()).get("trained_on", {})
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            done = {}
+        if done.get("store_key") == store.key and done.get("seed") == seed and (path / "config.toml").is_file() \
+                and (path / "config.toml").read_text() == dump_toml(final_cfg) + "\n":
+            console.print(f"final model: {path} already fitted on this data (kept)")
+            return path
+    label = plan.table.label
+    n = int(labelled_mask(plan.table.df, label).sum())
+    clf = Classifier(config=final_cfg)
+    with make_progress() as progress:
+        if cfg.mode == "finetune":
+            steps = cfg.finetune.epochs * max(1, n // min(cfg.finetune.batch_size, n))
+            task = progress.add_task(f"final model on all {n} labelled images", total=steps)
+            clf._fit_store(plan.table, store, final_cfg, on_step=lambda: progress.advance(task))
+        else:
+            task = progress.add_task(f"final model on all {n} labelled images", total=1)
+            clf._fit_store(plan.table, store, final_cfg)
+            progress.advance(task)
+    if label in oof.columns:
+        clf.calibration = oof[labelled_mask(oof, label)].reset_index(drop=True)
+        clf.calibration_info = {
+            "what": "out-of-fold predictions of the cross-validation (each row scored by a fold model that never saw its group)",
+            "protocol": cfg.evaluation.protocol, "folds": len(plan.folds), "seed": seed, "label": label,
+            "aggregate": cfg.evaluation.aggregate, "store_key": store.key,
+        }
+    return clf.save(path, overwrite=True)
 
 
 @dataclass
@@ -644,6 +700,15 @@ def _clean_own_temporaries(out: Path) -> None:
         for f in folder.iterdir():
             if f.is_file() and pattern.match(f.name):
                 f.unlink(missing_ok=True)
+    # a killed save of the final model (bundle.save_bundle): its temporary or set-aside bundle folders,
+    # removed only when they hold nothing but bundle files
+    from cellmorph.bundle import BUNDLE_FILES
+
+    for d in out.glob(f".{MODEL_DIR}.*-*"):
+        if d.is_dir() and re.fullmatch(rf"\.{MODEL_DIR}\.(tmp|old)-[A-Za-z0-9_]+", d.name):
+            files = [f for f in d.rglob("*") if f.is_file()]
+            if all(f.name in BUNDLE_FILES for f in files):
+                shutil.rmtree(d)
 
 
 def _finish(out: Path, cfg: ExperimentConfig, plan: Plan, pred: pd.DataFrame, metrics: Metrics) -> None:

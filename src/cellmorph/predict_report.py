@@ -1,0 +1,141 @@
+"""report.html of `cellmorph predict`: one self-contained page (thumbnails embedded as base64 PNG).
+
+Per unit of the most aggregated level the input has (treatment, else well, else image): its keys, the
+prediction and its probability, the conformal prediction set at the chosen confidence, the novelty
+score and the "none of the known classes" flag, and 3 thumbnails: the unit's images most typical of
+its prediction (highest probability of the predicted class). Flagged units are listed first.
+
+Example:
+    >>> write_predict_report(Path("runs/plate7/report.html"), result)
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+THUMBS = 3
+THUMB_PX = 96
+MAX_ROWS = 300  # an image-level report lists at most this many units (the parquet holds all)
+_PLURAL = {"image": "images", "well": "wells", "treatment": "treatments"}
+
+
+def thumbnail(image: np.ndarray, px: int = THUMB_PX) -> str:
+    """A uint8 C x H x W image as a data: URI of a px-wide PNG (1 channel grey; 2 channels as red and green;
+    3 as RGB; more: the first 3)."""
+    from PIL import Image
+
+    c = image.shape[0]
+    if c == 1:
+        rgb = image[0]
+    else:
+        rgb = np.zeros((3, *image.shape[1:]), np.uint8)
+        rgb[: min(c, 3)] = image[:3]
+        rgb = rgb.transpose(1, 2, 0)
+    im = Image.fromarray(np.ascontiguousarray(rgb))
+    im.thumbnail((px, px), Image.Resampling.BOX)
+    buf = io.BytesIO()
+    im.save(buf, format="PNG", optimize=True)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _keys(level: str, units: pd.DataFrame) -> list[str]:
+    if level == "treatment":
+        return ["Metadata_Compound", "Metadata_Concentration"]
+    if level == "well":
+        return [c for c in ("Metadata_Plate", "Metadata_Well", "Metadata_Compound", "Metadata_Concentration") if c in units.columns]
+    return [c for c in units.columns if c.startswith("Metadata_")][:4]
+
+
+def _members(images: pd.DataFrame, units: pd.DataFrame, level: str, keys: list[str]) -> list[np.ndarray]:
+    """Row indices (into `images`) of each unit's images."""
+    if level == "image":
+        return [np.array([i]) for i in range(len(units))]
+    groups = images.groupby(keys, sort=False, dropna=False).indices
+    return [groups.get(tuple(r) if len(keys) > 1 else r[0], np.array([], int)) for r in units[keys].itertuples(index=False)]
+
+
+def write_predict_report(path: Path, result) -> None:
+    """Write report.html for a `predict.PlatePrediction` (`result.store_images` gives the thumbnails)."""
+    level = next(lv for lv in ("treatment", "well", "image") if result.level(lv) is not None)
+    units, images = result.level(level), result.images
+    keys = _keys(level, units)
+    members = _members(images, units, level, keys)
+    calibrated = "prediction_set" in units.columns
+    order = np.arange(len(units))
+    if calibrated:  # flagged first, then the largest sets, then the keys' order
+        order = np.lexsort((np.arange(len(units)), -units["set_size"].to_numpy(), ~units["none_of_known"].to_numpy()))
+    shown = order[:MAX_ROWS]
+    label = result.label if result.label in units.columns else None
+    head = [*(k.removeprefix("Metadata_") for k in keys), "images" if level != "image" else None, f"known {label.removeprefix('Metadata_')}" if label else None,
+            "prediction", "probability", *(["prediction set", "novelty", "none of the known"] if calibrated else []), "thumbnails"]
+    head = [h for h in head if h is not None]
+    rows = []
+    for i in shown:
+        u = units.iloc[i]
+        pred_col = f"prob_{u['predicted']}"
+        idx = members[i]
+        best = idx[np.argsort(-images[pred_col].to_numpy()[idx], kind="stable")][:THUMBS] if len(idx) else idx
+        thumbs = "".join(f'<img src="{thumbnail(result.store_images[j])}" title="{html.escape(_title(images.iloc[j]))}">' for j in best) \
+            if result.store_images is not None else ""
+        cells = [html.escape(_fmt(u[k])) for k in keys]
+        if level != "image":
+            cells.append(str(len(idx)))
+        if label:
+            cells.append(html.escape(_fmt(u[label])))
+        cells += [f"<b>{html.escape(str(u['predicted']))}</b>", f"{u['probability']:.2f}"]
+        if calibrated:
+            cells += [html.escape(u["prediction_set"]) or "<i>empty</i>", f"{u['novelty']:.2f}", "<b>yes</b>" if u["none_of_known"] else "no"]
+        cells.append(thumbs)
+        flag = ' class="novel"' if calibrated and u["none_of_known"] else ""
+        rows.append(f"<tr{flag}>" + "".join(f"<td>{c}</td>" for c in cells[:-1]) + f'<td class="thumbs">{cells[-1]}</td></tr>')
+    table = "<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>" + "".join(rows) + "</table>"
+    more = f"<p>The first {MAX_ROWS} of {len(units)} {_PLURAL[level]} are listed; predictions.parquet holds them all.</p>" if len(units) > MAX_ROWS else ""
+    info = result.info
+    summary = _summary(result, level, units, calibrated)
+    cal = result.calibration.get(level, {})
+    cal_text = cal.get("none") or (f"{cal.get('method')}, {cal.get('n_units')} calibration {_PLURAL[level]} "
+                                   f"(out-of-fold predictions of the run, {cal.get('library')}); nonconformity {cal.get('nonconformity')}")
+    body = f"""<!doctype html><html><head><meta charset="utf-8"><title>cellmorph predict</title>
+<style>body{{font-family:sans-serif;margin:2em}}td,th{{padding:3px 10px;text-align:left;vertical-align:middle;border-bottom:1px solid #ddd}}
+tr.novel{{background:#fff1d6}}td.thumbs{{white-space:nowrap}}img{{margin-right:3px;width:{THUMB_PX}px;height:{THUMB_PX}px;image-rendering:auto}}</style></head>
+<body><h1>Predictions: {html.escape(str(info.get('input', '')))}</h1>
+<p>Model {html.escape(str(info.get('model', '')))} ({html.escape(str(info.get('architecture', '')))}, {html.escape(str(info.get('mode', '')))}),
+{info.get('images', len(images))} images; {html.escape(str(info.get('aggregate', 'median')))} of image probabilities per well, then per treatment.</p>
+{summary}
+<p>Calibration ({_PLURAL[level]}): {html.escape(str(cal_text))}.</p>
+{table}{more}</body></html>
+"""
+    from cellmorph.io import write_text
+
+    write_text(path, body)
+
+
+def _summary(result, level: str, units: pd.DataFrame, calibrated: bool) -> str:
+    counts = units["predicted"].value_counts()
+    items = "".join(f"<li>{html.escape(str(k))}: {v}</li>" for k, v in counts.items())
+    text = f"<h2>{len(units)} {_PLURAL[level]}</h2><ul>{items}</ul>"
+    if calibrated:
+        c = result.confidence
+        text += (f"<p>At confidence {c:.2f}: mean prediction-set size {units['set_size'].mean():.2f}; "
+                 f"<b>{int(units['none_of_known'].sum())}</b> {_PLURAL[level]} flagged as none of the known classes "
+                 "(empty prediction set: every class's conformal p-value is at most "
+                 f"{1 - c:.2f}).</p>")
+    else:
+        text += "<p><b>No conformal calibration</b>: " + html.escape(result.calibration.get(level, {}).get("none", "")) + ".</p>"
+    return text
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:g}"
+    return "" if v is None or (isinstance(v, float) and np.isnan(v)) else str(v)
+
+
+def _title(row: pd.Series) -> str:
+    return ", ".join(f"{k.removeprefix('Metadata_')} {row[k]}" for k in row.index if k.startswith("Metadata_"))[:200]
