@@ -209,7 +209,9 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path, data_dir: str | Path 
     if plan._device is not None:  # a network ran: record the device it ran on
         write_json(out / "environment.json", {**env, "device": str(plan._device), **_device_details(plan._device)})
     pred = pd.concat(preds, ignore_index=True)
-    if cfg.save_model:
+    if cfg.save_model and lomo:  # its predictions are not leave-one-compound-out scores of one model's classes
+        console.print("final model: not saved under the lomo protocol (run the same config with protocol loco to get one)")
+    elif cfg.save_model:
         save_final_model(out / MODEL_DIR, cfg, plan, store, preds[0].drop(columns="seed", errors="ignore"))
     _finish(out, cfg, plan, pred, metrics)
     return metrics
