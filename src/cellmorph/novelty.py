@@ -22,6 +22,28 @@ novelty score (1 - the largest conformal p-value) between novel and known held-o
 logistic heads (about 730 on the BBBC021 6-MoA subset): cheap on cached frozen features, hundreds
 of fine-tunes otherwise, so `lomo` requires mode = "frozen".
 
+Novelty scores (`evaluation.novelty_score`; the flag is always "p-value <= 1 - 0.9"):
+
+- "softmax" (the default, above): 1 - the largest conformal p-value of the head's probabilities;
+  flagged when the prediction set at 0.9 is empty. It cannot see that an input is far from every
+  training unit: a head that never saw a MoA may call it a known one with confidence.
+- "distance": conformal anomaly detection (Laxhammar & Falkman 2010/2015, k-nearest-neighbour
+  nonconformity) on the frozen features, specified before any lomo number of it was seen:
+  features of a fold are standardised per dimension with the mean and standard deviation of the
+  fold's REFERENCE images (its training rows: known MoAs, test compound out; a zero deviation
+  counts as 1); a unit's profile is its standardised image features (images), their median per
+  well (wells), the median of its wells (treatments; `evaluation.aggregate`'s median or mean, as
+  the probabilities); its nonconformity is the cosine distance (1 - cosine similarity) to the
+  nearest (k = 1) reference unit of the same level. p-value = (#{calibration distances >= the
+  unit's} + 1) / (n + 1), non-smoothed; novelty = 1 - p, flagged at p <= 0.1. Calibration
+  distances follow the nested structure of the heads: for a known held-out compound c, each other
+  known compound d's distance to the reference without m, c and d (the pair fold {c, d}); for the
+  novel MoA's units, each known compound's distance to the reference without it (the
+  leave-one-compound-out folds). No distance, statistic or reference ever includes the novel MoA
+  or the unit's own compound.
+- "combined": flagged when either flags; novelty = max of the two novelties (a variant reported
+  on its own; its false-flag rate is up to twice either's).
+
 Example:
     >>> from cellmorph.config import load_config
     >>> from cellmorph.experiment import run_experiment
