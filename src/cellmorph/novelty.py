@@ -50,6 +50,9 @@ Example:
     >>> m = run_experiment(load_config("configs/lomo.toml"), "runs/lomo")
     >>> round(m.novelty["overall"]["treatment"]["auroc"], 3)  # frozen EfficientNet-Lite0, seed 0
     0.703
+    >>> cfg = load_config("configs/lomo.toml", ["evaluation.novelty_score=distance"])
+    >>> round(run_experiment(cfg, "runs/lomo-distance").novelty["overall"]["treatment"]["auroc"], 3)
+    0.858
 """
 
 from __future__ import annotations
@@ -453,7 +456,8 @@ def summary_line(block: dict) -> str:
     if lv is None:
         return "novelty: not scored"
     r = block["overall"][lv]
-    return (f"novelty ({lv}s, lomo, {block.get('score', 'softmax')} score, {r['n_moas']} novel MoAs): AUROC {r['auroc']:.3f} (mean over MoAs {r['auroc_mean_over_moas']:.3f}); "
+    return (f"novelty ({lv}s, lomo, {block.get('score', 'softmax')} score, {r['n_moas']} novel MoAs): "
+            f"AUROC {r['auroc']:.3f} (mean over MoAs {r['auroc_mean_over_moas']:.3f}); "
             f"flagged at 0.9: novel {r['novel_flag_rate']:.1%} ({r['novel_flagged']}/{r['novel_units']}), "
             f"known held-out {r['false_flag_rate']:.1%} ({r['known_flagged']}/{r['known_units']})")
 
