@@ -48,6 +48,8 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--parts", default="nuclei,lenet", help="comma-separated: nuclei, lenet")
     ap.add_argument("--runs", default="", help="only the nuclei runs whose 'split/run/arch' key starts with one of these (comma-separated)")
+    ap.add_argument("--backend", choices=["local", "ray"], default="local", help="ray: each run's folds (and seeds) as Ray tasks on one cluster; runs one after another")
+    ap.add_argument("--gpus-per-task", type=float, default=0.0, help="Ray: GPUs per task (fractional allowed)")
     ap.add_argument("--quick", action="store_true", help="CPU smoke: 2 H&E images, 1 epoch, 32 px input, 2 nuclei runs, 1 LOCO fold")
     args = ap.parse_args(argv)
 
@@ -61,7 +63,8 @@ def main(argv=None) -> list[dict]:
     lines = []
 
     def run(kind: str, key: str, config: str, changes: dict) -> dict:
-        cfg = override(load_config(REPO / "configs" / f"{config}.toml"), {"device": args.device, "seed": args.seed, **changes})
+        cfg = override(load_config(REPO / "configs" / f"{config}.toml"), {"device": args.device, "seed": args.seed, **changes,
+                                                                              "execution.backend": args.backend, "execution.gpus_per_task": args.gpus_per_task})
         t0 = time.perf_counter()
         m = run_experiment(cfg, args.out / key.replace("/", "_"), args.data)
         line = {"benchmark": kind, "key": key, "config": f"configs/{config}.toml", "overrides": changes, "model": cfg.model.name, "init": cfg.model.init,
@@ -71,7 +74,15 @@ def main(argv=None) -> list[dict]:
         print(json.dumps(line), flush=True)
         return line
 
+    from contextlib import ExitStack
+
+    cluster = ExitStack()
     try:
+        if args.backend == "ray":  # one local Ray cluster for all the runs
+            from cellmorph.config import ExecutionConfig
+            from cellmorph.scale import ray_session
+
+            cluster.enter_context(ray_session(ExecutionConfig(backend="ray")))
         if "nuclei" in parts:
             todo = [r for r in NUCLEI if not wanted or any(r[0].startswith(w) for w in wanted)]
             quick = {"dataset.options.max_images": 2, "finetune.epochs": 1, "model.input_size": 32, "finetune.batch_size": 50,
@@ -92,6 +103,8 @@ def main(argv=None) -> list[dict]:
     except CellmorphError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        cluster.close()
     return lines
 
 

@@ -47,6 +47,8 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--input-size", type=int, default=0, help="network input size (0 = the config's 224)")
     ap.add_argument("--crops-per-well", type=int, default=0, help="crops per well (0 = the config's 16; fewer for a quick CPU run)")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--backend", choices=["local", "ray"], default="local", help="ray: the replicate seeds x folds run as Ray tasks (docs/scaling.md)")
+    ap.add_argument("--gpus-per-task", type=float, default=0.0, help="Ray: GPUs per task (fractional: several replicates share a GPU)")
     args = ap.parse_args(argv)
 
     from cellmorph.config import load_config, override
@@ -54,7 +56,7 @@ def main(argv=None) -> list[dict]:
     from cellmorph.experiment import run_experiment
     from cellmorph.summary import summarize_runs
 
-    changes: dict = {"device": args.device}
+    changes: dict = {"device": args.device, "execution.backend": args.backend, "execution.gpus_per_task": args.gpus_per_task}
     if args.replicates:
         changes["seeds"] = list(range(args.replicates))
     if args.epochs:
@@ -65,7 +67,15 @@ def main(argv=None) -> list[dict]:
     if args.crops_per_well:
         changes["dataset.options"] = {"crops_per_well": args.crops_per_well}
     lines, runs = [], []
+    from contextlib import ExitStack
+
+    cluster = ExitStack()
     try:
+        if args.backend == "ray":  # one local Ray cluster for all the runs
+            from cellmorph.config import ExecutionConfig
+            from cellmorph.scale import ray_session
+
+            cluster.enter_context(ray_session(ExecutionConfig(backend="ray")))
         for setting in [s.strip() for s in args.settings.split(",") if s.strip()]:
             cfg = override(load_config(REPO / "configs" / "translocation" / f"bbbc013-{setting}-replicates.toml"), changes)
             t0 = time.perf_counter()
@@ -80,6 +90,8 @@ def main(argv=None) -> list[dict]:
     except CellmorphError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        cluster.close()
     return lines
 
 

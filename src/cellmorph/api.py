@@ -242,6 +242,29 @@ class Classifier:
         """
         return [self.classes[i] for i in self.predict_proba(images).argmax(axis=1)]
 
+    def embed(self, images: np.ndarray | torch.Tensor | ImageTable) -> np.ndarray:
+        """Per-image embeddings: the pooled features the classifier's head reads (frozen: the backbone's
+        features; fine-tuned: the network's pre-logit features), for profiling (`cellmorph.profiles`).
+
+        Args:
+            images: as `predict_proba`.
+        Returns:
+            N x D float32 (D = the backbone's feature width, e.g. 1280 for EfficientNet-Lite0).
+
+        Example:
+            >>> Classifier.load("moa-model").embed(np.zeros((2, 3, 256, 256), np.uint8)).shape
+            (2, 1280)
+        """
+        x = self._images(images)
+        device = pick_device(self.config.device)
+        if self.config.mode == "frozen":
+            return self._features(x, device).numpy().astype(np.float32, copy=False)
+        from cellmorph.profiles import pre_logits
+
+        x = resize_uint8_stack(x.to(device), self._spec.size)
+        net = pre_logits(self._net, self._source)
+        return forward_batches(net, x, self._spec, device, max(self.config.finetune.batch_size, 64)).numpy().astype(np.float32, copy=False)
+
     def _images(self, images) -> torch.Tensor:
         if self._net is None:
             raise CellmorphError(f"{self._source} is not fitted: call fit(table) or Classifier.load(path) first.")

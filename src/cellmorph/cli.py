@@ -27,9 +27,13 @@ def run(
     config: Path = typer.Argument(..., help="Experiment config (TOML), e.g. configs/quickstart.toml."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder (default: runs/<config name>). Rerun with the same folder to resume."),
     data: Optional[Path] = typer.Option(None, "--data", "-d", help=DATA_HELP),
-    set_: list[str] = typer.Option([], "--set", help="Override a config field, e.g. --set seed=1 --set evaluation.protocol=lcbo."),
+    set_: list[str] = typer.Option([], "--set", help="Override a config field, e.g. --set seed=1 --set evaluation.protocol=lcbo; --set execution.backend=ray runs the folds as Ray tasks."),
 ) -> None:
-    """Run an experiment: cross-validate, aggregate to treatments, write a run folder."""
+    """Run an experiment: cross-validate, aggregate to treatments, write a run folder.
+
+    Folds run one after another here, or in parallel as Ray tasks with --set execution.backend=ray
+    (pip install 'cellmorph[ray]'; docs/scaling.md); the numbers are the same.
+    """
     from cellmorph.config import load_config
     from cellmorph.experiment import run_experiment
 
@@ -47,6 +51,26 @@ def run(
 
         console.print(conformal_line(m.conformal))
     console.print(f"run folder: {out} (metrics.json, predictions.parquet, report.html)")
+
+
+@app.command()
+def sweep(
+    config: Path = typer.Argument(..., help="Experiment config (TOML), e.g. configs/quickstart.toml."),
+    grid: list[str] = typer.Option(..., "--grid", "-g", help="A config field and its values, e.g. --grid model.name=resnet50,inception_v3 --grid seed=0,1,2 (values in TOML syntax). Repeat for more axes: every combination runs."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for one run folder per grid point and summary/ (default: runs/<config name>-sweep). Rerun to resume."),
+    data: Optional[Path] = typer.Option(None, "--data", "-d", help=DATA_HELP),
+    set_: list[str] = typer.Option([], "--set", help="Override a field for every point, e.g. --set execution.backend=ray."),
+) -> None:
+    """Run a config over a grid of settings (one run folder per point, on the config's backend), then summarize them.
+
+    Example: cellmorph sweep configs/quickstart.toml --grid frozen.C=0.1,1.0 --grid seed=0,1 --set execution.backend=ray
+    """
+    from cellmorph.sweep import run_sweep
+
+    out = out or Path("runs") / f"{config.stem}-sweep"
+    runs, table = run_sweep(config, grid, out, data, set_)
+    console.print(table.to_string(index=False))
+    console.print(f"{len(runs)} run folders in {out}; summary: {out}/summary/summary.csv, summary.md")
 
 
 @app.command()
@@ -136,6 +160,58 @@ def prepare(
     console.print(f"{name}: {recipe['n_images']} images of {'x'.join(map(str, recipe['image_shape']))} in {out} (prepared.json says how)")
     if recipe.get("crops_dropped"):
         console.print(f"{len(recipe['crops_dropped'])} near-empty crops dropped (listed in prepared.json)")
+
+
+@app.command()
+def embed(
+    source: Path = typer.Argument(..., help="A run folder (cellmorph run) or a model bundle (Classifier.save)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for embeddings.parquet, profiles_well.parquet, profiles_treatment.parquet (default: the run folder; required for a bundle)."),
+    data: Optional[Path] = typer.Option(None, "--data", "-d", help=DATA_HELP),
+) -> None:
+    """Per-image embeddings (parquet, Metadata_* + Image_CNN_* columns) and median well and treatment profiles.
+
+    A frozen run reuses its cached backbone features; a fine-tuned run embeds each image with the fold model that held it out (needs finetune.save_models = true).
+
+    Example: cellmorph embed runs/quickstart
+    """
+    from cellmorph.profiles import embed as run_embed
+
+    res = run_embed(source, out, data)
+    e = res.embeddings
+    n_feat = sum(c.startswith("Image_CNN_") for c in e.columns)
+    console.print(f"{len(e)} images x {n_feat} features ({res.how})")
+    if res.wells is not None:
+        console.print(f"{len(res.wells)} well profiles, {len(res.treatments)} treatment profiles (median of images per well, then of wells per treatment)")
+    console.print(f"written: {res.out}/embeddings.parquet" + (", profiles_well.parquet, profiles_treatment.parquet" if res.wells is not None else ""))
+
+
+profiles_app = typer.Typer(help="Profile tables: NSC/NSCB and mAP of MoA retrieval (pycytominer + copairs).", no_args_is_help=True)
+app.add_typer(profiles_app, name="profiles")
+
+
+@profiles_app.command("evaluate")
+def profiles_evaluate(
+    profiles: Path = typer.Argument(..., help="Per-well profiles: a run folder after `cellmorph embed`, or a parquet/CSV table (Metadata_Compound, Metadata_MoA, Metadata_Plate/Well, features)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for profile_metrics.json and profiles.png (default: the run folder, whose report.html then shows them)."),
+    bbbc021_metadata: Optional[Path] = typer.Option(None, "--bbbc021-metadata", help="Annotate a BBBC021 table keyed by plate/well (e.g. Ljosa et al.'s CellProfiler per-well means) from this folder's BBBC021_v1_image.csv.gz and BBBC021_v1_moa.csv."),
+    normalize: str = typer.Option("mad_robustize", "--normalize", help="mad_robustize (robust z-score per plate to its DMSO wells; to all wells without DMSO) or none."),
+    feature_select: bool = typer.Option(True, "--feature-select/--no-feature-select", help="pycytominer feature_select: variance_threshold, correlation_threshold, drop_na_columns, blocklist."),
+    sphere: bool = typer.Option(False, "--sphere/--no-sphere", help="Sphering (pycytominer ZCA-cor) fitted on the DMSO wells, after feature selection."),
+    control: str = typer.Option("DMSO", "--control", help="The control's name in Metadata_Compound or Metadata_MoA."),
+    name: Optional[str] = typer.Option(None, "--name", help="Name of the representation in the results (default: the file's name)."),
+) -> None:
+    """NSC and NSCB (1-NN cosine, not-same-compound / -or-batch) and copairs mAP of treatment profiles by MoA.
+
+    Example: cellmorph profiles evaluate ljosa_jbiomolscreen_2013_per_well_mean.csv.gz --bbbc021-metadata DIR --out runs/ljosa
+    """
+    from cellmorph.profiles import Recipe, evaluate, summary_line
+
+    if normalize not in ("mad_robustize", "none"):
+        raise CellmorphError(f"--normalize {normalize!r}: choose mad_robustize or none.")
+    ev = evaluate(profiles, out, Recipe(normalize=normalize, feature_select=feature_select, sphere=sphere, control=control), bbbc021_metadata, name)
+    console.print(summary_line(ev.metrics), highlight=False, markup=False)
+    where = out if out is not None else (profiles if profiles.is_dir() else profiles.parent)
+    console.print(f"written: {where}/profile_metrics.json, profiles.png")
 
 
 INTERRUPTED = "interrupted; rerun the same command to resume"

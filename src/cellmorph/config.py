@@ -132,6 +132,32 @@ class EvaluationConfig(_Strict):
         return self
 
 
+class ExecutionConfig(_Strict):
+    """Where the folds run (docs/scaling.md). Each (fold, seed) is one task; the numbers do not depend
+    on the backend. `cellmorph run CONFIG --set execution.backend=ray` scales out without editing the file."""
+
+    # "local": one fold after another in this process; "ray": every (fold, seed) a Ray task
+    # (pip install 'cellmorph[ray]'), run in parallel on a local or an existing cluster.
+    backend: Literal["local", "ray"] = "local"
+    # Ray: the address of an existing cluster to join (e.g. "auto" or "ray://head:10001"); "" = start a
+    # local one on this machine for the run and stop it after. The run folder must be on a filesystem
+    # the cluster's workers share (each task writes its own fold folder).
+    address: str = ""
+    # Ray: CPUs a started local cluster gets (0 = all of this machine's); parallel tasks = num_cpus / cpus_per_task.
+    num_cpus: int = Field(0, ge=0)
+    # Ray: resources reserved per task; torch runs cpus_per_task threads in a task. gpus_per_task may be
+    # fractional (0.5: two folds share a GPU); 0 = CPU tasks.
+    cpus_per_task: int = Field(1, ge=1)
+    gpus_per_task: float = Field(0.0, ge=0)
+    # torch threads a fine-tuning fold runs on, on either backend (0 = torch's default locally, cpus_per_task
+    # on Ray). A CPU fine-tune's numbers depend on it (float sums split across threads): compare a local run
+    # with a Ray run at the same count, e.g. threads = 1 with cpus_per_task = 1 (docs/scaling.md).
+    threads: int = Field(0, ge=0)
+    # Ray: retries of a task whose worker died or that raised an unexpected error; an error in the
+    # user's input (a CellmorphError: bad image, weights file, ...) stops the run at once.
+    max_retries: int = Field(2, ge=0)
+
+
 class ExperimentConfig(_Strict):
     name: str = "experiment"
     seed: int = 0
@@ -145,6 +171,8 @@ class ExperimentConfig(_Strict):
     frozen: FrozenConfig = Field(default_factory=FrozenConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    # How the folds are dispatched (local loop or Ray tasks); not part of what is computed.
+    execution: ExecutionConfig = Field(default_factory=ExecutionConfig)
     # Extra outputs of the run folder beyond metrics, predictions and report (outputs.py lists them),
     # e.g. ["dose_response"] for a translocation plate.
     outputs: list[str] = Field(default_factory=list)

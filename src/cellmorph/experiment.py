@@ -29,10 +29,12 @@ in memory, writing nothing.
 from __future__ import annotations
 
 import json
+import os
 import platform
 import re
 import subprocess
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -44,7 +46,7 @@ from cellmorph import __version__
 from cellmorph.config import ExperimentConfig, dump_toml
 from cellmorph.datasets import ImageTable, load_dataset
 from cellmorph.errors import CellmorphError
-from cellmorph.io import atomic_path, check_writable, write_json, write_npy, write_parquet, write_text
+from cellmorph.io import atomic_path, check_writable, no_space_is_an_error, write_json, write_npy, write_parquet, write_text
 from cellmorph.metrics import Metrics, available_levels, combine_seeds, compute_metrics
 from cellmorph.modelnames import check_model_config, default_input_size
 from cellmorph.progress import console, make_progress
@@ -143,6 +145,10 @@ def plan_run(cfg: ExperimentConfig, data_dir: str | Path | None = None, table: I
         folds = folds[: cfg.evaluation.max_folds]
     levels = available_levels(table.df, cfg.evaluation.levels)
     check_outputs(cfg.outputs, table)
+    if cfg.execution.backend == "ray":
+        from cellmorph.scale import check_ray
+
+        check_ray(cfg.execution)
     return Plan(cfg, table, folds, excluded, description, levels, cfg.device, table.classes)
 
 
@@ -176,10 +182,17 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path, data_dir: str | Path 
     write_json(out / "environment.json", env)
     t0 = time.perf_counter()
     engine = _Engine(plan, store)
+    sinks = {seed: _FolderSink(out if len(cfg.seed_list) == 1 else out / "seeds" / str(seed)) for seed in cfg.seed_list}
+    lomo = cfg.evaluation.protocol == "lomo"  # its heads run in memory, in this process (cellmorph.novelty)
+    if not lomo:
+        engine.run_folds(sinks)  # every seed's missing folds: in this process, or as Ray tasks ([execution])
+    if engine.execution:
+        env = {**env, "execution": engine.execution}
+        write_json(out / "environment.json", env)
     per_seed, preds = [], []
-    for seed in cfg.seed_list:
-        folder = out if len(cfg.seed_list) == 1 else out / "seeds" / str(seed)
-        pred, m = engine.run_seed(seed, _FolderSink(folder))
+    for seed, sink in sinks.items():
+        folder = sink.folder
+        pred, m = engine.run_seed(seed, sink) if lomo else engine.collect(seed, sink)
         if len(cfg.seed_list) > 1:
             write_parquet(folder / "predictions.parquet", pred)
             m.write(folder / "metrics.json")
@@ -235,6 +248,22 @@ class FoldResult:
     curve_probs: np.ndarray | None = None  # points x n_test x n_classes
 
 
+@contextmanager
+def _torch_threads(n: int):
+    """Run the block on `n` torch threads (0: leave torch's setting), then restore it."""
+    if not n:
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 class _Engine:
     """Runs the folds of one seed: frozen (cached features + logistic head) or fine-tuning."""
 
@@ -252,6 +281,7 @@ class _Engine:
         self.y = np.where(lab, self.index[label].astype(str).map(cls).fillna(-1).to_numpy(), -1).astype(np.int64)
         self.features = self.images = None
         self.cfg = cfg
+        self.execution: dict = {}  # how the folds ran, when not in this process (environment.json)
 
     def _prepare(self) -> None:
         cfg = self.cfg
@@ -273,20 +303,53 @@ class _Engine:
     def run_seed(self, seed: int, sink) -> tuple[pd.DataFrame, Metrics]:
         if self.cfg.evaluation.protocol == "lomo":
             return self._run_lomo(seed, sink)
-        folds = self.plan.folds
-        todo = [i for i in range(len(folds)) if not sink.done(i)]
-        if len(todo) < len(folds):
-            console.print(f"resuming {sink.where}: {len(folds) - len(todo)} of {len(folds)} folds already done" + (f" (seed {seed})" if len(self.cfg.seed_list) > 1 else ""))
-        if todo:
+        self.run_folds({seed: sink}, local=True)
+        return self.collect(seed, sink)
+
+    def run_folds(self, sinks: dict, local: bool = False) -> None:
+        """Compute every fold not yet in its seed's sink: one after another here (backend "local"), or as
+        Ray tasks (backend "ray", cellmorph.scale) that write the same fold folders. A fold's numbers are
+        a function of (config, store, fold, seed) and, fine-tuning on a CPU, the torch thread count
+        (execution.threads): at the same count both backends give byte-identical predictions."""
+        folds, many = self.plan.folds, len(self.cfg.seed_list) > 1
+        jobs = []
+        for seed, sink in sinks.items():
+            todo = [i for i in range(len(folds)) if not sink.done(i)]
+            if len(todo) < len(folds):
+                console.print(f"resuming {sink.where}: {len(folds) - len(todo)} of {len(folds)} folds already done" + (f" (seed {seed})" if many else ""))
+            jobs += [(seed, i, sink) for i in todo]
+        total = len(folds) * len(sinks)
+        ray = self.cfg.execution.backend == "ray" and not local
+        if jobs and not ray:
             self._prepare()
         with make_progress() as progress:
-            task = progress.add_task(f"{self.cfg.evaluation.protocol} folds", total=len(folds), completed=len(folds) - len(todo))
-            for i in todo:
-                fold = folds[i]
-                progress.update(task, description=f"fold {i + 1}/{len(folds)}: {fold.name}" + (f", seed {seed}" if len(self.cfg.seed_list) > 1 else ""))
-                res, model = self._fold(fold, seed * 1000 + i, progress)
-                sink.save(i, fold, self._fold_predictions(i, fold, res.probs), res, model if self.cfg.finetune.save_models else None)
-                progress.advance(task)
+            what = f"{self.cfg.evaluation.protocol} folds" + (f" x {len(sinks)} seeds" if many else "") + (" on Ray" if ray else "")
+            task = progress.add_task(what, total=total, completed=total - len(jobs))
+            if jobs and ray:
+                from importlib.metadata import version
+
+                from cellmorph.scale import run_on_ray
+
+                ex = self.cfg.execution
+                devices = run_on_ray(self, jobs, progress, task)
+                self.execution = {"backend": "ray", "ray": version("ray"), "address": ex.address or "local cluster", "cpus_per_task": ex.cpus_per_task,
+                                  "torch_threads": ex.threads or ex.cpus_per_task, "gpus_per_task": ex.gpus_per_task, "task_devices": devices, "tasks_this_invocation": len(jobs)}
+                return
+            with _torch_threads(self.cfg.execution.threads if self.cfg.mode == "finetune" else 0):
+                self._run_here(jobs, progress, task)
+
+    def _run_here(self, jobs: list, progress, task) -> None:
+        folds, many = self.plan.folds, len(self.cfg.seed_list) > 1
+        for seed, i, sink in jobs:
+            fold = folds[i]
+            progress.update(task, description=f"fold {i + 1}/{len(folds)}: {fold.name}" + (f", seed {seed}" if many else ""))
+            res, model = self._fold(fold, seed * 1000 + i, progress)
+            sink.save(i, fold, self._fold_predictions(i, fold, res.probs), res, model if self.cfg.finetune.save_models else None)
+            progress.advance(task)
+
+    def collect(self, seed: int, sink) -> tuple[pd.DataFrame, Metrics]:
+        """The seed's predictions (fold by fold, in fold order) and metrics, from its sink."""
+        folds = self.plan.folds
         pred = pd.concat([sink.predictions(i) for i in range(len(folds))], ignore_index=True)
         m = self._score(pred, seed, [sink.curve(i) for i in range(len(folds))])
         return pred, m
@@ -433,20 +496,29 @@ class _FolderSink:
         return (self._dir(i) / "predictions.parquet").is_file()
 
     def save(self, i: int, fold: Fold, pred: pd.DataFrame, res: FoldResult, model) -> None:
-        d = self._dir(i)
-        info = {"index": i, "held_out": fold.name, "n_train": len(fold.train), "n_test": len(fold.test)}
-        if res.curve_probs is not None:
-            info.update({"curve_unit": res.curve_unit, "curve_x": res.curve_x})
-            write_npy(d / "curve_probs.npy", res.curve_probs)
-        write_json(d / "fold.json", info)
-        if res.history is not None:
-            write_json(d / "history.json", res.history)
-        if model is not None:
-            import torch
+        """Write the fold folder whole or not at all: its files go to a temporary folder `folds/.NN.tmp-*`,
+        renamed to folds/NN once complete (a Ray task or a killed run never leaves half a fold)."""
+        final = self._dir(i)
+        d = _temporary_fold_dir(final)
+        try:
+            info = {"index": i, "held_out": fold.name, "n_train": len(fold.train), "n_test": len(fold.test)}
+            if res.curve_probs is not None:
+                info.update({"curve_unit": res.curve_unit, "curve_x": res.curve_x})
+                write_npy(d / "curve_probs.npy", res.curve_probs)
+            write_json(d / "fold.json", info)
+            if res.history is not None:
+                write_json(d / "history.json", res.history)
+            if model is not None:
+                import torch
 
-            with atomic_path(d / "model.pt") as tmp:
-                torch.save(model.state_dict(), tmp)
-        write_parquet(d / "predictions.parquet", pred)  # last: marks the fold done
+                with atomic_path(d / "model.pt") as tmp:
+                    torch.save(model.state_dict(), tmp)
+            write_parquet(d / "predictions.parquet", pred)  # its presence marks the fold done
+            _move_fold_dir(d, final)
+        except CellmorphError as err:  # e.g. a full disk: name the fold's file, not its temporary folder
+            raise CellmorphError(str(err).replace(str(d), str(final))) from None
+        finally:
+            _remove_own_folder(d)
 
     def predictions(self, i: int) -> pd.DataFrame:
         return pd.read_parquet(self._dir(i) / "predictions.parquet")
@@ -478,6 +550,47 @@ class _MemorySink:
         return None if res.curve_probs is None else (res.curve_unit, res.curve_x, res.curve_probs)
 
 
+def _temporary_fold_dir(final: Path) -> Path:
+    import tempfile
+
+    from cellmorph.io import process_umask
+
+    with no_space_is_an_error(final):
+        try:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            d = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
+        except PermissionError as err:
+            raise CellmorphError(f"cannot write in {final.parent} ({err.strerror}). Choose a writable folder (--out).") from None
+    os.chmod(d, 0o777 & ~process_umask())  # mkdtemp makes 0700
+    return d
+
+
+def _move_fold_dir(d: Path, final: Path) -> None:
+    """Rename the complete temporary fold folder onto folds/NN. A folds/NN without predictions.parquet (left by
+    an older cellmorph that wrote fold files in place) holds only cellmorph's files: it is replaced."""
+    if (final / "predictions.parquet").is_file():  # another attempt of this fold finished first: keep it
+        return
+    if final.is_dir():
+        _remove_own_folder(final)
+        if final.exists():
+            raise CellmorphError(f"{final} holds files cellmorph did not write; move them away and rerun the same command.")
+    os.rename(d, final)
+
+
+def _remove_own_folder(folder: Path) -> None:
+    """Remove a fold folder's own files (cellmorph's file names and their temporaries), then the folder if empty."""
+    if not folder.is_dir():
+        return
+    pattern = re.compile(r"^\.?(" + "|".join(re.escape(n) for n in RUN_FILES) + r")(\.tmp-[A-Za-z0-9_]+)?$")
+    for f in folder.iterdir():
+        if f.is_file() and pattern.match(f.name):
+            f.unlink(missing_ok=True)
+    try:
+        folder.rmdir()
+    except OSError:  # something else is in it: leave it
+        pass
+
+
 # --- claiming and finishing a run folder --------------------------------------------------------------
 
 
@@ -494,7 +607,7 @@ def _claim_run_folder(out: Path, cfg: ExperimentConfig, store: Store) -> None:
     cfg_path, data_path = out / "config.toml", out / "dataset.json"
     fingerprint = {"store_key": store.key, "rows": int(len(store.index)), "dataset": cfg.dataset.name}
     if cfg_path.is_file():
-        if cfg_path.read_text() != resolved:
+        if _what_is_computed(cfg_path.read_text()) != _what_is_computed(resolved):
             raise CellmorphError(
                 f"{out} holds a run of a different config ({cfg_path} differs). Resume it with the same config, or choose another --out."
             )
@@ -511,10 +624,22 @@ def _claim_run_folder(out: Path, cfg: ExperimentConfig, store: Store) -> None:
     write_json(data_path, fingerprint)
 
 
+def _what_is_computed(config_toml: str) -> dict:
+    """A resolved config without its [execution] section: where the folds run does not change their numbers,
+    so a run started on Ray resumes locally (and back)."""
+    import tomllib
+
+    data = tomllib.loads(config_toml)
+    data.pop("execution", None)
+    return data
+
+
 def _clean_own_temporaries(out: Path) -> None:
     """Remove temporaries a killed run left: only `.NAME.tmp-*` of cellmorph's own file names, in the
     run folder's own subfolders (folds/, seeds/), never anything else."""
     pattern = re.compile(r"^\.(" + "|".join(re.escape(n) for n in RUN_FILES) + r")\.tmp-[A-Za-z0-9_]+$")
+    for tmp_fold in [*out.glob("folds/.[0-9][0-9].tmp-*"), *out.glob("seeds/*/folds/.[0-9][0-9].tmp-*")]:
+        _remove_own_folder(tmp_fold)  # a fold a killed run (or Ray task) was writing
     folders = [out, *out.glob("folds/[0-9][0-9]"), *out.glob("seeds/*"), *out.glob("seeds/*/folds/[0-9][0-9]")]
     for folder in folders:
         for f in folder.iterdir():

@@ -51,7 +51,7 @@ def write_confusion_png(path: Path, pred: pd.DataFrame, metrics: Metrics, label:
     plt.close(fig)
 
 
-_OWN_PNGS = {"confusion.png", "reliability.png", "coverage.png", "novelty.png"}  # placed by the report itself
+_OWN_PNGS = {"confusion.png", "reliability.png", "coverage.png", "novelty.png", "profiles.png"}  # placed by the report itself
 
 
 def _pyplot():
@@ -224,12 +224,30 @@ def _unit(w: dict) -> str:
     return f"{where}: true {w['true']}, predicted {w['predicted']}"
 
 
+def _profiles_section(folder: Path) -> str:
+    """NSC, NSCB and mAP with the profile plot, when `cellmorph profiles evaluate` wrote them here."""
+    import json
+
+    f = folder / "profile_metrics.json"
+    if not f.is_file():
+        return ""
+    m = json.loads(f.read_text())
+    cells = [[k.upper() if k != "map" else "mAP (copairs)",
+              f"{m[k]['correct']}/{m[k]['total']}" if k != "map" else f"{m[k].get('queries')} queries",
+              _fmt(m[k].get("accuracy")) if k != "map" else _fmt(m[k].get("mean"), pct=False), m[k]["protocol"]] for k in ("nsc", "nscb", "map")]
+    c = m["counts"]
+    plot = '<img src="profiles.png" style="max-width:100%">' if (folder / "profiles.png").is_file() else ""
+    return (f"<h2>Profiles (MoA retrieval)</h2><p>{html.escape(m['recipe'])}; {c['treatments']} treatments, {c['moas']} MoAs, "
+            f"{c['compounds']} compounds.</p>" + _table(["metric", "count", "value", "protocol"], cells) + plot)
+
+
 def write_report(path: Path, metrics: Metrics, cfg: ExperimentConfig) -> None:
     """report.html: scores per level, per-class scores and misclassified units of the headline level,
     spread over seeds, excluded groups, the confusion matrices and the config."""
     # plots of the config's extra outputs (outputs.py), written into the run folder before the report
     extra = "".join(f'<h2>{html.escape(p.stem.replace("_", " "))}</h2><img src="{html.escape(p.name)}" style="max-width:100%">'
                     for p in sorted(Path(path).parent.glob("*.png")) if p.name not in _OWN_PNGS)
+    extra += _profiles_section(Path(path).parent)
     m, ctx, head = metrics, metrics.context, metrics.headline_level
     several = len(m.seeds) > 1 and bool(m.spread)
     levels = [lv for lv in reversed(LEVELS) if lv in m.levels]
