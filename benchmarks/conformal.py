@@ -6,7 +6,10 @@ not ResNet50; logistic head C = 1; BBBC021 6-MoA subset; seed 0), through the CL
 1. `cellmorph run configs/quickstart.toml`: metrics.json's `conformal` block, leave-one-compound-out
    coverage and mean set size at 0.8/0.9/0.95 per level (18 compounds, 55 treatments), and the ECE.
 2. `cellmorph run configs/lomo.toml`: leave-one-MoA-out, nested calibration; the novelty AUROC and
-   flag rates at 0.9, per novel MoA and overall (treatments).
+   flag rates at 0.9, per novel MoA and overall (treatments). `--novelty-score distance|combined`
+   runs it with that evaluation.novelty_score (default softmax):
+
+    CELLMORPH_DATA=../shared/data python benchmarks/conformal.py --novelty-score distance
 
 Prints one JSON line. The acceptance targets of the conformal issue are checked and reported as
 booleans (`targets`), never asserted: the numbers are what they are.
@@ -28,16 +31,22 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run(config: str, out: Path) -> tuple[dict, float]:
+def run(config: str, out: Path, *overrides: str) -> tuple[dict, float]:
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "cellmorph", "run", str(REPO / "configs" / config), "--out", str(out)], check=True, capture_output=True)
+    sets = [a for o in overrides for a in ("--set", o)]
+    subprocess.run([sys.executable, "-m", "cellmorph", "run", str(REPO / "configs" / config), "--out", str(out), *sets], check=True, capture_output=True)
     return json.loads((out / "metrics.json").read_text()), time.perf_counter() - t0
 
 
 def main() -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--novelty-score", choices=["softmax", "distance", "combined"], default="softmax")
+    args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         qs, qs_s = run("quickstart.toml", Path(tmp) / "quickstart")
-        lomo, lomo_s = run("lomo.toml", Path(tmp) / "lomo")
+        lomo, lomo_s = run("lomo.toml", Path(tmp) / "lomo", f"evaluation.novelty_score={args.novelty_score}")
     conf = {}
     for lv, s in qs["conformal"]["levels"].items():
         conf[lv] = {"units": s["n_units"], "ece": round(s["ece"], 4), "methods": s["methods"],
@@ -60,7 +69,7 @@ def main() -> None:
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores", "load_avg_1min": round(os.getloadavg()[0], 2),
         "model": qs["context"]["model"], "mode": qs["context"]["mode"], "seed": qs["seeds"], "protocol": qs["protocol"],
         "library": qs["conformal"]["library"], "nonconformity": qs["conformal"]["nonconformity"], "min_per_class": qs["conformal"]["min_per_class"],
-        "conformal": conf, "lomo_treatments_overall": overall, "lomo_treatments_per_moa": per_moa,
+        "conformal": conf, "novelty_score": nov.get("score", "softmax"), "lomo_treatments_overall": overall, "lomo_treatments_per_moa": per_moa,
         "targets": targets, "wall_s_quickstart": round(qs_s, 1), "wall_s_lomo": round(lomo_s, 1),
     }))
 

@@ -119,6 +119,17 @@ class EvaluationConfig(_Strict):
     aggregate: Literal["median", "mean"] = "median"
     # Run only the first N folds (0 = all); for smoke tests and CI.
     max_folds: int = Field(0, ge=0)
+    # lomo only: what flags a unit as "none of the known MoAs" at 0.9 (cellmorph.novelty).
+    # "softmax": its conformal prediction set is empty (1 - the largest p-value of the classifier's
+    # probabilities); "distance": conformal anomaly detection on the frozen features (the p-value of
+    # its cosine distance to the nearest known unit is <= 0.1); "combined": either of the two.
+    novelty_score: Literal["softmax", "distance", "combined"] = "softmax"
+
+    @model_validator(mode="after")
+    def _check_novelty(self):
+        if self.novelty_score != "softmax" and self.protocol != "lomo":
+            raise ValueError(f"novelty_score = {self.novelty_score!r} applies to protocol = 'lomo' only (this config's protocol is {self.protocol!r})")
+        return self
 
 
 class ExecutionConfig(_Strict):

@@ -421,7 +421,8 @@ class _Engine:
         self._prepare()
         with make_progress() as progress:
             pred, block, units = run_lomo(self.features, self.y, self.index, plan.folds, plan.classes, plan.table.label, plan.levels,
-                                          cfg.evaluation.aggregate, cfg.frozen.C, cfg.frozen.class_weight, seed, progress=progress)
+                                          cfg.evaluation.aggregate, cfg.frozen.C, cfg.frozen.class_weight, seed, progress=progress,
+                                          novelty_score=cfg.evaluation.novelty_score)
         if isinstance(sink, _FolderSink):
             for lv, t in units.items():
                 write_text(sink.folder / f"novelty_{lv}s.csv", t.to_csv(index=False))

@@ -22,12 +22,37 @@ novelty score (1 - the largest conformal p-value) between novel and known held-o
 logistic heads (about 730 on the BBBC021 6-MoA subset): cheap on cached frozen features, hundreds
 of fine-tunes otherwise, so `lomo` requires mode = "frozen".
 
+Novelty scores (`evaluation.novelty_score`; the flag is always "p-value <= 1 - 0.9"):
+
+- "softmax" (the default, above): 1 - the largest conformal p-value of the head's probabilities;
+  flagged when the prediction set at 0.9 is empty. It cannot see that an input is far from every
+  training unit: a head that never saw a MoA may call it a known one with confidence.
+- "distance": conformal anomaly detection (Laxhammar & Falkman 2010/2015, k-nearest-neighbour
+  nonconformity) on the frozen features, specified before any lomo number of it was seen:
+  features of a fold are standardised per dimension with the mean and standard deviation of the
+  fold's REFERENCE images (its training rows: known MoAs, test compound out; a zero deviation
+  counts as 1); a unit's profile is its standardised image features (images), their median per
+  well (wells), the median of its wells (treatments; `evaluation.aggregate`'s median or mean, as
+  the probabilities); its nonconformity is the cosine distance (1 - cosine similarity) to the
+  nearest (k = 1) reference unit of the same level. p-value = (#{calibration distances >= the
+  unit's} + 1) / (n + 1), non-smoothed; novelty = 1 - p, flagged at p <= 0.1. Calibration
+  distances follow the nested structure of the heads: for a known held-out compound c, each other
+  known compound d's distance to the reference without m, c and d (the pair fold {c, d}); for the
+  novel MoA's units, each known compound's distance to the reference without it (the
+  leave-one-compound-out folds). No distance, statistic or reference ever includes the novel MoA
+  or the unit's own compound.
+- "combined": flagged when either flags; novelty = max of the two novelties (a variant reported
+  on its own; its false-flag rate is up to twice either's).
+
 Example:
     >>> from cellmorph.config import load_config
     >>> from cellmorph.experiment import run_experiment
     >>> m = run_experiment(load_config("configs/lomo.toml"), "runs/lomo")
     >>> round(m.novelty["overall"]["treatment"]["auroc"], 3)  # frozen EfficientNet-Lite0, seed 0
     0.703
+    >>> cfg = load_config("configs/lomo.toml", ["evaluation.novelty_score=distance"])
+    >>> round(run_experiment(cfg, "runs/lomo-distance").novelty["overall"]["treatment"]["auroc"], 3)
+    0.858
 """
 
 from __future__ import annotations
@@ -42,6 +67,18 @@ from cellmorph.errors import CellmorphError
 from cellmorph.splits import Fold, LeakageError, assert_no_leak, labelled_mask
 
 FLAG_CONFIDENCE = 0.9  # a unit is flagged "none of the known MoAs" when its prediction set at 0.9 is empty
+NOVELTY_SCORES = ("softmax", "distance", "combined")
+SCORE_TEXT = {
+    "softmax": "1 - the largest conformal p-value over the known classes",
+    "distance": ("1 - the conformal p-value of the cosine distance from the unit's standardised frozen-feature profile to the "
+                 "nearest (k = 1) known reference unit of its level (conformal anomaly detection, kNN nonconformity)"),
+    "combined": "the larger of the softmax and distance novelties (flagged when either flags)",
+}
+FLAG_TEXT = {
+    "softmax": "prediction set at 0.9 empty (novelty = 1 - max p-value >= 0.9)",
+    "distance": "distance p-value <= 0.1 (novelty = 1 - p >= 0.9): unlike every known compound's units",
+    "combined": "prediction set at 0.9 empty, or distance p-value <= 0.1",
+}
 
 
 @dataclass(frozen=True)
@@ -108,6 +145,90 @@ def nested_folds(novel_fold: NovelFold, known_folds: list[NovelFold], compounds:
     return out
 
 
+@dataclass(frozen=True)
+class UnitProfiles:
+    """Raw feature profiles of one level's units (median of images -> wells -> treatments, as the
+    probabilities): `unit_of_row[i]` is the unit of image row i, `profiles` U x D, `keys` the units'
+    key columns (one row per unit, in unit order). Units never span compounds, so a fold's reference
+    units are exactly the units of its training rows."""
+
+    level: str
+    unit_of_row: np.ndarray
+    profiles: np.ndarray
+    keys: pd.DataFrame
+
+
+def unit_profiles(features: np.ndarray, df: pd.DataFrame, level: str, label: str, how: str = "median") -> UnitProfiles:
+    """The level's unit profiles of all rows (each unit from its own images only).
+
+    >>> prof = unit_profiles(features, table.df, "treatment", "Metadata_MoA")
+    >>> prof.profiles.shape  # BBBC021 subset, EfficientNet-Lite0
+    (55, 1280)"""
+    from cellmorph.aggregate import _keys
+
+    meta = [c for c in df.columns if c.startswith("Metadata_")] + ([label] if not label.startswith("Metadata_") else [])
+    base = df[meta].reset_index(drop=True)
+    feats = np.asarray(features, dtype=np.float64)
+    if level == "image":
+        return UnitProfiles(level, np.arange(len(df)), feats, base)
+    cols = [f"_f{j}" for j in range(feats.shape[1])]
+    t = pd.concat([base, pd.DataFrame(feats, columns=cols)], axis=1)
+    wkeys = _keys(t, "well") + [label]
+    row_well = t.groupby(wkeys, sort=True, observed=True, dropna=False).ngroup().to_numpy()
+    wells = t.groupby(wkeys, sort=True, observed=True, dropna=False)[cols].agg(how).reset_index()
+    if level == "well":
+        return UnitProfiles(level, row_well, wells[cols].to_numpy(), wells[wkeys])
+    tkeys = _keys(wells, "treatment") + [label]
+    well_treat = wells.groupby(tkeys, sort=True, observed=True, dropna=False).ngroup().to_numpy()
+    treats = wells.groupby(tkeys, sort=True, observed=True, dropna=False)[cols].agg(how).reset_index()
+    return UnitProfiles(level, well_treat[row_well], treats[cols].to_numpy(), treats[tkeys])
+
+
+def nearest_distance(features: np.ndarray, prof: UnitProfiles, reference: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The kNN (k = 1) nonconformity of the units of `test` rows: cosine distance of each unit's
+    profile to the nearest unit of the `reference` rows, both standardised with the mean and
+    standard deviation of the reference images (a zero deviation counts as 1). Returns the test
+    units (in order of first appearance in `test`) and their distances.
+
+    Raises CellmorphError when a unit has rows on both sides (reference and test must be split by
+    compound) or the reference is empty.
+
+    >>> units, d = nearest_distance(features, prof, fold.train, fold.test)"""
+    reference, test = np.asarray(reference), np.asarray(test)
+    if not len(reference):
+        raise CellmorphError("distance novelty: the reference (training rows) is empty.")
+    ref_units = np.unique(prof.unit_of_row[reference])
+    _, first = np.unique(prof.unit_of_row[test], return_index=True)
+    test_units = prof.unit_of_row[test][np.sort(first)]
+    if np.isin(test_units, ref_units).any():
+        raise CellmorphError("distance novelty: a unit has rows in both the reference and the scored rows; split them by compound.")
+    ref_feats = np.asarray(features[reference], dtype=np.float64)
+    mu, sd = ref_feats.mean(axis=0), ref_feats.std(axis=0)
+    sd = np.where(sd > 0, sd, 1.0)
+
+    def unit_norm(x):
+        z = (x - mu) / sd
+        n = np.linalg.norm(z, axis=1, keepdims=True)
+        return z / np.where(n > 0, n, 1.0)
+
+    sim = unit_norm(prof.profiles[test_units]) @ unit_norm(prof.profiles[ref_units]).T
+    return test_units, 1.0 - sim.max(axis=1)
+
+
+def distance_p_values(distances: np.ndarray, calibration: np.ndarray) -> np.ndarray:
+    """Non-smoothed conformal p-values of `distances` against calibration distances:
+    (#{calibration >= d} + 1) / (n + 1). A unit farther from the known units than every
+    calibration unit gets 1 / (n + 1).
+
+    >>> distance_p_values(np.array([0.1, 0.9]), np.array([0.2, 0.3, 0.4]))
+    array([1.  , 0.25])"""
+    cal = np.sort(np.asarray(calibration, dtype=float))
+    if not len(cal):
+        raise CellmorphError("distance novelty: no calibration distances.")
+    d = np.asarray(distances, dtype=float)
+    return (len(cal) - np.searchsorted(cal, d, side="left") + 1) / (len(cal) + 1)
+
+
 def _head(features, y, train, test, n_classes, C, cw, seed):
     from cellmorph.features import logistic_head
 
@@ -116,14 +237,20 @@ def _head(features, y, train, test, n_classes, C, cw, seed):
 
 def run_lomo(features: np.ndarray, y: np.ndarray, df: pd.DataFrame, folds: list[NovelFold], classes: list[str], label: str,
              levels: list[str], how: str, C: float, class_weight: str | None, seed: int, group: str = "Metadata_Compound",
-             progress=None) -> tuple[pd.DataFrame, dict, dict[str, pd.DataFrame]]:
-    """Fit every head of `lomo` on frozen `features` and score novelty.
+             progress=None, novelty_score: str = "softmax") -> tuple[pd.DataFrame, dict, dict[str, pd.DataFrame]]:
+    """Fit every head of `lomo` on frozen `features` and score novelty (`novelty_score`: "softmax",
+    "distance" or "combined", see the module docstring).
 
     Returns the outer folds' image predictions (Metadata_*, fold, fold_held_out, novel_moa, role =
     "novel" | "known held-out", prob_<class>), the novelty block of metrics.json, and per level the
-    scored units (novel MoA, role, keys, label, prob_<class>, novelty, flagged, in-set at 0.9)."""
+    scored units (novel MoA, role, keys, label, prob_<class>, novelty, flagged, in-set at 0.9; with
+    the distance score also nn_distance, p_distance and both scores' novelty and flag)."""
     from cellmorph.conformal import Calibrator, level_table
 
+    if novelty_score not in NOVELTY_SCORES:
+        raise CellmorphError(f"novelty score {novelty_score!r} is not known: use one of {', '.join(NOVELTY_SCORES)}.")
+    use_distance = novelty_score != "softmax"
+    profiles = {lv: unit_profiles(features, df, lv, label, how) for lv in levels} if use_distance else {}
     compounds = df[group].astype(str).to_numpy()
     meta = [c for c in df.columns if c.startswith("Metadata_")]
     K = len(classes)
@@ -182,13 +309,60 @@ def run_lomo(features: np.ndarray, y: np.ndarray, df: pd.DataFrame, folds: list[
             t = pd.concat(tables, ignore_index=True).drop(columns=["novel_moa", "role", "fold", "fold_held_out"], errors="ignore")
             t.insert(0, "novel_moa", m)
             t.insert(1, "role", np.where(t[label].astype(str) == m, "novel", "known held-out"))
+            if use_distance:
+                t = _score_distance(t, _round_distances(features, profiles[lv], f_nov, [f for _, f in known], compounds), novelty_score)
             units_out[lv].append(t)
     if not rounds:
         raise CellmorphError("lomo scored no round: every novel MoA needs its novel fold and at least 2 known held-out compounds "
                              "(is evaluation.max_folds cutting the folds?).")
     units = {lv: pd.concat(ts, ignore_index=True) for lv, ts in units_out.items() if ts}
-    block = summarize(units, label, rounds)
+    block = summarize(units, label, rounds, novelty_score)
     return pd.concat(outer, ignore_index=True), block, units
+
+
+def _round_distances(features: np.ndarray, prof: UnitProfiles, novel_fold: NovelFold, known_folds: list[NovelFold],
+                     compounds: np.ndarray) -> pd.DataFrame:
+    """Distance p-values of one round's units at one level: the novel MoA's units against the known
+    compounds' leave-one-compound-out distances; each known held-out compound c's units against the
+    other known compounds' distances from the pair folds {c, d} (reference without m, c and d).
+    Returns the scored units: unit (index into prof), nn_distance, p_distance."""
+    loco = {f.held_out: nearest_distance(features, prof, f.train, f.test) for f in known_folds}
+    nested: dict[str, list[np.ndarray]] = {c: [] for c in loco}
+    rows_of = {f.held_out: f.test for f in known_folds}
+    for pair in nested_folds(novel_fold, known_folds, compounds):
+        c, d = pair.held_out.split("|")
+        nested[d].append(nearest_distance(features, prof, pair.train, rows_of[c])[1])  # c's distance calibrates d's test
+        nested[c].append(nearest_distance(features, prof, pair.train, rows_of[d])[1])
+    units, dist = nearest_distance(features, prof, novel_fold.train, novel_fold.test)
+    out = [pd.DataFrame({"unit": units, "nn_distance": dist,
+                         "p_distance": distance_p_values(dist, np.concatenate([d for _, d in loco.values()]))})]
+    for c, (units, dist) in loco.items():
+        out.append(pd.DataFrame({"unit": units, "nn_distance": dist, "p_distance": distance_p_values(dist, np.concatenate(nested[c]))}))
+    t = pd.concat(out, ignore_index=True)
+    return pd.concat([prof.keys.iloc[t["unit"]].reset_index(drop=True), t], axis=1)
+
+
+def _score_distance(t: pd.DataFrame, dist: pd.DataFrame, novelty_score: str) -> pd.DataFrame:
+    """Attach the distance p-values to the softmax-scored units `t` (matched on the units' key
+    columns) and make `novelty` / `flagged` the chosen score's."""
+    from cellmorph.conformal import in_set
+
+    keys = [c for c in dist.columns if c not in ("unit", "nn_distance", "p_distance")]
+    if dist.duplicated(keys).any():
+        keys = [*keys, "_order"]  # images without unique metadata: match by position within the round instead
+        dist, t = dist.assign(_order=np.arange(len(dist))), t.assign(_order=np.arange(len(t)))
+    out = t.merge(dist.drop(columns="unit"), on=keys, how="left", validate="one_to_one").drop(columns="_order", errors="ignore")
+    if out["p_distance"].isna().any() or len(out) != len(t):
+        raise CellmorphError("distance novelty: the distance units do not match the scored units (a bug; please report it).")
+    out["novelty_softmax"], out["flagged_softmax"] = out["novelty"], out["flagged"]
+    out["novelty_distance"] = 1 - out["p_distance"]
+    out["flagged_distance"] = ~in_set(out["p_distance"].to_numpy(), FLAG_CONFIDENCE)
+    if novelty_score == "distance":
+        out["novelty"], out["flagged"] = out["novelty_distance"], out["flagged_distance"]
+    else:
+        out["novelty"] = np.maximum(out["novelty_softmax"], out["novelty_distance"])
+        out["flagged"] = out["flagged_softmax"] | out["flagged_distance"]
+    return out
 
 
 def _n_heads(fs) -> int:
@@ -225,19 +399,30 @@ def _rates(t: pd.DataFrame) -> dict:
             "false_flag_rate": float(kn["flagged"].mean()) if len(kn) else None,
             "known_coverage": float(np.mean([str(lab) in s.split("|") for lab, s in zip(kn["_label"], kn["set_0.9"])])) if len(kn) else None,
             "auroc": float(roc_auc_score(t["role"] == "novel", t["novelty"])) if both else None,
+            # with the distance score, both components' flags (the combined rule flags when either does)
+            **({f"{k}_flagged_{s}": int(g[f"flagged_{s}"].sum()) for s in ("softmax", "distance") for k, g in (("novel", nov), ("known", kn))}
+               if "flagged_distance" in t.columns else {}),
             # which known class the plain classifier names for the novel units (argmax): a novel MoA that
             # looks like a known one is called that one with confidence, and conformal sets cannot flag it
             "novel_called": {str(k): int(v) for k, v in nov["predicted"].value_counts().items()} if len(nov) else {}}
 
 
-def summarize(units: dict[str, pd.DataFrame], label: str, rounds: dict) -> dict:
+def summarize(units: dict[str, pd.DataFrame], label: str, rounds: dict, novelty_score: str = "softmax") -> dict:
     """The novelty block: per level, per novel MoA and overall (units pooled over the rounds; each
     known treatment is scored once per round whose novel MoA is not its own), plus the mean of the
-    per-MoA AUROCs."""
-    out = {"flag_confidence": FLAG_CONFIDENCE, "flag_rule": "prediction set at 0.9 empty (novelty = 1 - max p-value >= 0.9)",
-           "novelty_score": "1 - the largest conformal p-value over the known classes",
-           "calibration": "nested: out-of-fold predictions of the other known compounds, from heads that saw neither the novel MoA nor the held-out compound",
+    per-MoA AUROCs. `score` names the novelty score used (evaluation.novelty_score)."""
+    calibration = "nested: out-of-fold predictions of the other known compounds, from heads that saw neither the novel MoA nor the held-out compound"
+    if novelty_score != "softmax":
+        calibration += ("; distances: each other known compound's distance to a reference without the novel MoA, the held-out "
+                        "compound and itself (features standardised with that reference's images)")
+    out = {"flag_confidence": FLAG_CONFIDENCE, "score": novelty_score, "flag_rule": FLAG_TEXT[novelty_score],
+           "novelty_score": SCORE_TEXT[novelty_score], "calibration": calibration,
            "rounds": rounds, "per_moa": {}, "overall": {}}
+    if novelty_score != "softmax":
+        out["distance"] = {"k": 1, "metric": "cosine (1 - cosine similarity)", "features": "frozen backbone features",
+                           "standardisation": "per dimension, mean and SD of the fold's reference (training) images",
+                           "profile": "image features; median per well; median of wells per treatment (evaluation.aggregate)",
+                           "p_values": "non-smoothed: (#{calibration distances >= distance} + 1) / (n + 1)"}
     for lv, t in units.items():
         t = t.assign(_label=t[label].astype(str))
         per = {m: _rates(g) for m, g in t.groupby("novel_moa", sort=True)}
@@ -271,7 +456,8 @@ def summary_line(block: dict) -> str:
     if lv is None:
         return "novelty: not scored"
     r = block["overall"][lv]
-    return (f"novelty ({lv}s, lomo, {r['n_moas']} novel MoAs): AUROC {r['auroc']:.3f} (mean over MoAs {r['auroc_mean_over_moas']:.3f}); "
+    return (f"novelty ({lv}s, lomo, {block.get('score', 'softmax')} score, {r['n_moas']} novel MoAs): "
+            f"AUROC {r['auroc']:.3f} (mean over MoAs {r['auroc_mean_over_moas']:.3f}); "
             f"flagged at 0.9: novel {r['novel_flag_rate']:.1%} ({r['novel_flagged']}/{r['novel_units']}), "
             f"known held-out {r['false_flag_rate']:.1%} ({r['known_flagged']}/{r['known_units']})")
 

@@ -141,7 +141,9 @@ def write_novelty_png(path: Path, folder: Path, metrics: Metrics, title: str) ->
     names = sorted(units["novel_moa"].unique())
     a2.axvline(0.9, color="k", lw=1, ls="--")
     a2.set_yticks(range(len(names)), names, fontsize=8)
-    a2.set(xlabel="novelty = 1 - max p-value (flagged at >= 0.9, dashed)", title="red: novel MoA's units; blue: known held-out units")
+    score = {"distance": "1 - distance p-value", "combined": "max(1 - max p-value, 1 - distance p-value)"}.get(
+        metrics.novelty.get("score", "softmax"), "1 - max p-value")
+    a2.set(xlabel=f"novelty = {score} (flagged at >= 0.9, dashed)", title="red: novel MoA's units; blue: known held-out units")
     fig.suptitle(title, fontsize=9)
     _save(fig, path)
 
@@ -191,7 +193,8 @@ def _novelty_html(m: Metrics) -> str:
                          _fmt(r["auroc"], pct=False)])
     head = lvs[0] if lvs else None
     mean_auc = block["overall"][head].get("auroc_mean_over_moas") if head else None
-    return (f"<h2>Novel mechanisms (leave-one-MoA-out)</h2><p>Flag: {html.escape(block['flag_rule'])}. Novelty score: "
+    return (f"<h2>Novel mechanisms (leave-one-MoA-out)</h2><p>Score: {html.escape(block.get('score', 'softmax'))} "
+            f"(evaluation.novelty_score). Flag: {html.escape(block['flag_rule'])}. Novelty score: "
             f"{html.escape(block['novelty_score'])}. Calibration: {html.escape(block['calibration'])}. "
             f"Mean of the per-MoA AUROCs ({html.escape(_PLURAL[head]) if head else ''}): {_fmt(mean_auc, pct=False)}.</p>"
             + _table(["level", "novel MoA", "novel units flagged at 0.9", "known held-out flagged (false flags)",
