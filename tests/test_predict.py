@@ -68,6 +68,43 @@ def test_run_writes_final_model_with_calibration(quick_run, subset_table):
 
 
 @pytest.mark.slow
+def test_final_model_from_the_feature_cache_is_the_classifier_bundle(quick_run, subset_table, tmp_path):
+    """The run saved its frozen final model from the cached features and backbone weights (no torch, no
+    timm): the same weights, head and bundle.json fields as Classifier.fit(...).save(...) of that config."""
+    from safetensors.numpy import load_file
+
+    from cellmorph.config import load_config
+
+    model = quick_run / "model"
+    assert (quick_run / "environment.json").is_file() and "model" in {p.name for p in quick_run.iterdir()}
+    clf = cm.Classifier(config=load_config(model / "config.toml")).fit(subset_table)
+    ref = clf.save(tmp_path / "ref")
+    got, want = load_file(str(model / "model.safetensors")), load_file(str(ref / "model.safetensors"))
+    assert sorted(got) == sorted(want) and any(k.startswith("head.") for k in got)
+    for k in want:
+        assert got[k].dtype == want[k].dtype and np.array_equal(got[k], want[k]), k
+    meta, ref_meta = (json.loads((d / "bundle.json").read_text()) for d in (model, ref))
+    for field in ("mode", "model", "init", "classes", "label", "input", "preprocessing", "trained_on", "format_version"):
+        assert meta[field] == ref_meta[field], field
+    assert (model / "config.toml").read_text() == (ref / "config.toml").read_text()
+
+
+@pytest.mark.slow
+def test_warm_frozen_run_saves_its_model_without_torch(quick_run, data_dir, tmp_path):
+    """With the features (and the backbone beside them) cached, a frozen run, final model included, imports
+    neither torch nor timm: what keeps the warm quickstart fast."""
+    code = (
+        "import sys; from cellmorph.config import load_config, override; from cellmorph.experiment import run_experiment; "
+        f"run_experiment(override(load_config({str(REPO / 'configs' / 'quickstart.toml')!r}), {{'evaluation.max_folds': 1}}), {str(tmp_path / 'warm')!r}); "
+        "print(sorted(m for m in ('torch', 'timm') if m in sys.modules))"
+    )
+    res = subprocess.run([sys.executable, "-c", code], env={**os.environ, "CELLMORPH_DATA": str(data_dir)}, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.strip().splitlines()[-1] == "[]"
+    assert (tmp_path / "warm" / "model" / "model.safetensors").read_bytes() == (quick_run / "model" / "model.safetensors").read_bytes()
+
+
+@pytest.mark.slow
 def test_predict_reproduces_the_loco_fold(quick_run, subset_table, tmp_path):
     """A bundle trained without the fold's compound (same recipe, the runner's fold seed), run through
     `cellmorph predict` on that compound's images from a LoadData CSV, gives the fold's probabilities."""

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cellmorph.bundle import load_bundle, load_state, save_bundle
+from cellmorph.bundle import bundle_meta, load_bundle, load_state, save_bundle
 from cellmorph.config import ExperimentConfig, load_config, override
 from cellmorph.datasets import ImageTable
 from cellmorph.datasets import load_dataset as _load_dataset
@@ -351,14 +351,9 @@ class Classifier:
         state = self._net.state_dict()
         if cfg.mode == "frozen":
             state = {**{f"backbone.{k}": v for k, v in state.items()}, **{f"head.{k}": v for k, v in self._head.items()}}
-        meta = {
-            "mode": cfg.mode, "model": cfg.model.name, "init": cfg.model.init, "classes": self.classes, "label": cfg.dataset.label,
-            "input": {"channels": self._channels, "size": spec.size, "mean": list(spec.mean), "std": list(spec.std), "normalize": spec.normalize_mode},
-            "preprocessing": f"uint8 N x C x H x W, as cellmorph's store (dataset.image_size = {cfg.dataset.image_size})",
-            "trained_on": self._trained_on,
-        }
-        if self.calibration is not None:
-            meta["calibration"] = {**self.calibration_info, "rows": int(len(self.calibration))}
+        cal = self.calibration is not None
+        meta = bundle_meta(cfg, self.classes, self._channels, spec.size, spec.mean, spec.std, spec.normalize_mode, self._trained_on,
+                           self.calibration_info if cal else None, len(self.calibration) if cal else 0)
         return save_bundle(path, state, meta, cfg, overwrite, calibration=self.calibration)
 
     @classmethod

@@ -31,9 +31,8 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
-import torch
-from torch import nn
 
 from cellmorph import __version__
 from cellmorph.config import ExperimentConfig, dump_toml, parse_config, read_toml
@@ -65,7 +64,8 @@ def save_bundle(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict, 
 
     Args:
         path: the bundle folder to create.
-        tensors: name -> tensor (any device; saved as contiguous CPU copies).
+        tensors: name -> tensor (any device; saved as contiguous CPU copies), or name -> numpy array
+            (all of them: then torch is not imported, e.g. a frozen model from cached backbone weights).
         meta: the bundle.json fields of META_FIELDS (format_version, version and time are added here).
         cfg: the resolved config, written as config.toml.
         overwrite: replace an existing bundle at `path` (never a folder holding anything else).
@@ -85,9 +85,14 @@ def save_bundle(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict, 
     except OSError as err:
         raise CellmorphError(f"cannot write the bundle {path}: {err.strerror} in {path.parent}. Choose a writable folder.") from None
     try:
-        from safetensors.torch import save_file
+        if all(isinstance(v, np.ndarray) for v in tensors.values()):  # the frozen fast path: no torch needed
+            from safetensors.numpy import save_file
 
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / WEIGHTS))
+            save_file({k: np.require(v, requirements="C") for k, v in tensors.items()}, str(tmp / WEIGHTS))  # (not ascontiguousarray: it makes 0-d arrays 1-d)
+        else:
+            from safetensors.torch import save_file
+
+            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / WEIGHTS))
         full = {"format_version": FORMAT_VERSION, "cellmorph_version": __version__, **meta,
                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         (tmp / META).write_text(json.dumps(full, indent=2) + "\n")
@@ -106,6 +111,20 @@ def save_bundle(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict, 
         if tmp.exists():
             shutil.rmtree(tmp)
     return path
+
+
+def bundle_meta(cfg: ExperimentConfig, classes: list[str], channels: int, size: int, mean, std, normalize: str, trained_on: dict,
+                calibration_info: dict | None = None, calibration_rows: int = 0) -> dict:
+    """The bundle.json fields (META_FIELDS and what the bundle was trained on) of a fitted classifier."""
+    meta = {
+        "mode": cfg.mode, "model": cfg.model.name, "init": cfg.model.init, "classes": list(classes), "label": cfg.dataset.label,
+        "input": {"channels": int(channels), "size": int(size), "mean": [float(x) for x in mean], "std": [float(x) for x in std], "normalize": normalize},
+        "preprocessing": f"uint8 N x C x H x W, as cellmorph's store (dataset.image_size = {cfg.dataset.image_size})",
+        "trained_on": trained_on,
+    }
+    if calibration_info is not None:
+        meta["calibration"] = {**calibration_info, "rows": int(calibration_rows)}
+    return meta
 
 
 def _check_replaceable(path: Path, overwrite: bool) -> None:

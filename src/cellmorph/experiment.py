@@ -230,7 +230,6 @@ def save_final_model(path: Path, cfg: ExperimentConfig, plan: Plan, store: Store
         >>> save_final_model(Path("runs/quickstart/model"), cfg, plan, store, pred)
         PosixPath('runs/quickstart/model')
     """
-    from cellmorph.api import Classifier
     from cellmorph.bundle import META
 
     seed = cfg.seed_list[0]
@@ -246,6 +245,10 @@ def save_final_model(path: Path, cfg: ExperimentConfig, plan: Plan, store: Store
             return path
     label = plan.table.label
     n = int(labelled_mask(plan.table.df, label).sum())
+    if cfg.mode == "frozen" and _save_frozen_from_cache(path, final_cfg, plan, store, oof):
+        return path
+    from cellmorph.api import Classifier
+
     clf = Classifier(config=final_cfg)
     with make_progress() as progress:
         if cfg.mode == "finetune":
@@ -256,14 +259,54 @@ def save_final_model(path: Path, cfg: ExperimentConfig, plan: Plan, store: Store
             task = progress.add_task(f"final model on all {n} labelled images", total=1)
             clf._fit_store(plan.table, store, final_cfg)
             progress.advance(task)
-    if label in oof.columns:
-        clf.calibration = oof[labelled_mask(oof, label)].reset_index(drop=True)
-        clf.calibration_info = {
-            "what": "out-of-fold predictions of the cross-validation (each row scored by a fold model that never saw its group)",
-            "protocol": cfg.evaluation.protocol, "folds": len(plan.folds), "seed": seed, "label": label,
-            "aggregate": cfg.evaluation.aggregate, "store_key": store.key,
-        }
+    clf.calibration, clf.calibration_info = _calibration(cfg, plan, store, oof, seed)
     return clf.save(path, overwrite=True)
+
+
+def _calibration(cfg: ExperimentConfig, plan: Plan, store: Store, oof: pd.DataFrame, seed: int) -> tuple[pd.DataFrame | None, dict | None]:
+    """The final model's calibration data: the labelled out-of-fold predictions, and what they are."""
+    label = plan.table.label
+    if label not in oof.columns:
+        return None, None
+    info = {"what": "out-of-fold predictions of the cross-validation (each row scored by a fold model that never saw its group)",
+            "protocol": cfg.evaluation.protocol, "folds": len(plan.folds), "seed": seed, "label": label,
+            "aggregate": cfg.evaluation.aggregate, "store_key": store.key}
+    return oof[labelled_mask(oof, label)].reset_index(drop=True), info
+
+
+def _save_frozen_from_cache(path: Path, cfg: ExperimentConfig, plan: Plan, store: Store, oof: pd.DataFrame) -> bool:
+    """A frozen final model from the cached features and the backbone weights cached beside them: the same
+    bundle `Classifier.fit(...).save(...)` writes (the same head fit on the same features, the same weights),
+    without importing torch or timm, so a warm frozen run stays fast. False when the weights are not cached
+    (a random backbone, or features cached by an older cellmorph): the caller then fits through Classifier."""
+    from cellmorph.bundle import bundle_meta, save_bundle
+    from cellmorph.features import cached_backbone, cached_features, fit_logistic_head
+
+    m, fz = cfg.model, cfg.frozen
+    if m.init in ("random", "xavier", "gaussian"):
+        return False
+    feats, backbone = cached_features(store, m, fz.tta), cached_backbone(store, m, fz.tta)
+    if feats is None or backbone is None:
+        return False
+    weights, spec = backbone
+    table = plan.table
+    idx = np.flatnonzero(labelled_mask(table.df, table.label))
+    y = table.df[table.label].astype(str).map({c: i for i, c in enumerate(plan.classes)}).to_numpy()[idx].astype(np.int64)
+    scaler, head = fit_logistic_head(feats[idx], y, fz.C, None if fz.class_weight == "none" else "balanced", cfg.seed)
+    coef, intercept = head.coef_, head.intercept_
+    if coef.shape[0] == 1:  # sklearn's binary head, as Classifier._fit_frozen stores it
+        coef, intercept = np.vstack([np.zeros_like(coef), coef]), np.concatenate([[0.0], intercept])
+    arrays = {"mean": scaler.mean_, "scale": scaler.scale_, "coef": coef, "intercept": intercept}
+    tensors = {**{f"backbone.{k}": v for k, v in weights.items()}, **{f"head.{k}": np.ascontiguousarray(v, dtype=np.float64) for k, v in arrays.items()}}
+    images = store.images
+    trained_on = {"dataset": table.name, "images": len(idx), "store_key": store.key, "seed": cfg.seed,
+                  "image_shape": list(images.shape[2:]), "channel_columns": table.path_columns}
+    calibration, info = _calibration(cfg, plan, store, oof, cfg.seed)
+    meta = bundle_meta(cfg, plan.classes, images.shape[1], spec["size"], spec["mean"], spec["std"], spec["normalize"], trained_on,
+                       info, len(calibration) if calibration is not None else 0)
+    save_bundle(path, tensors, meta, cfg, overwrite=True, calibration=calibration)
+    console.print(f"final model: {path} (frozen head on all {len(idx)} labelled images, backbone weights from the feature cache)")
+    return True
 
 
 @dataclass

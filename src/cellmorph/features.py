@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from cellmorph.config import ModelConfig
-from cellmorph.io import write_npy
+from cellmorph.io import write_json, write_npy
 from cellmorph.modelnames import default_input_size
 from cellmorph.progress import make_progress
 from cellmorph.store import Store, cache_dir
@@ -55,7 +55,32 @@ def extract_features(store: Store, model_cfg: ModelConfig, tta: bool, batch_size
         feats = forward_batches(model, images, spec, device, batch_size, tta=tta, on_batch=lambda n: progress.advance(task, n))
     feats = feats.numpy().astype(np.float32)
     write_npy(path, feats, what="cache")
+    if model_cfg.init not in ("random", "xavier", "gaussian"):  # fixed weights: keep them beside their features
+        _write_backbone(path, model, spec)
     return feats
+
+
+def _write_backbone(features_path: Path, model, spec) -> None:
+    """The backbone's weights and input spec beside its cached features, so that a warm frozen run can
+    save its final model (a bundle) without importing torch or timm."""
+    from safetensors.torch import save_file
+
+    from cellmorph.io import atomic_path
+
+    with atomic_path(features_path.with_suffix(".backbone.safetensors"), "cache") as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
+    write_json(features_path.with_suffix(".backbone.json"), {"size": spec.size, "mean": list(spec.mean), "std": list(spec.std), "normalize": spec.normalize_mode}, "cache")
+
+
+def cached_backbone(store: Store, model_cfg: ModelConfig, tta: bool, cache: Path | None = None) -> tuple[dict, dict] | None:
+    """The backbone weights (name -> numpy array) and input spec cached with these features, or None."""
+    path = (cache or cache_dir()) / "features" / f"{feature_key(store, model_cfg, tta)}.npy"
+    weights, spec = path.with_suffix(".backbone.safetensors"), path.with_suffix(".backbone.json")
+    if not (weights.is_file() and spec.is_file()):
+        return None
+    from safetensors.numpy import load_file
+
+    return load_file(str(weights)), json.loads(spec.read_text())
 
 
 def fit_logistic_head(features: np.ndarray, y: np.ndarray, C: float, class_weight: str | None, seed: int):
