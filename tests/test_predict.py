@@ -55,7 +55,13 @@ def _cli(monkeypatch, capsys, *args):
 @pytest.mark.slow
 def test_run_writes_final_model_with_calibration(quick_run, subset_table):
     model = quick_run / "model"
-    assert sorted(p.name for p in model.iterdir()) == ["bundle.json", "calibration.parquet", "config.toml", "model.safetensors"]
+    assert sorted(p.name for p in model.iterdir()) == ["bundle.json", "calibration.parquet", "config.toml", "model.safetensors", "reference_profiles.npz"]
+    ref = dict(np.load(model / "reference_profiles.npz"))  # the distance novelty score's reference: every labelled training unit
+    n_treat = subset_table.df.groupby(["Metadata_Compound", "Metadata_Concentration"]).ngroups
+    n_well = subset_table.df.groupby(["Metadata_Plate", "Metadata_Well"]).ngroups
+    assert ref["treatment_profiles"].shape == (n_treat, 1280) and ref["well_profiles"].shape == (n_well, 1280)
+    assert sorted(set(ref["treatment_groups"])) == sorted(ref["group_names"]) == sorted(subset_table.df["Metadata_Compound"].unique())
+    assert ref["group_n"].sum() == len(subset_table) and "image_profiles" not in ref
     meta = json.loads((model / "bundle.json").read_text())
     assert meta["trained_on"]["images"] == len(subset_table) and meta["classes"] == CLASSES
     assert meta["calibration"]["protocol"] == "loco" and meta["calibration"]["folds"] == 1
@@ -105,7 +111,7 @@ def test_warm_frozen_run_saves_its_model_without_torch(quick_run, data_dir, tmp_
 
 
 @pytest.mark.slow
-def test_predict_reproduces_the_loco_fold(quick_run, subset_table, tmp_path):
+def test_predict_reproduces_the_loco_fold(quick_run, subset_table, tmp_path, monkeypatch, capsys):
     """A bundle trained without the fold's compound (same recipe, the runner's fold seed), run through
     `cellmorph predict` on that compound's images from a LoadData CSV, gives the fold's probabilities."""
     fold = json.loads((quick_run / "folds" / "00" / "fold.json").read_text())
@@ -134,6 +140,39 @@ def test_predict_reproduces_the_loco_fold(quick_run, subset_table, tmp_path):
     info = json.loads((tmp_path / "pred" / "predict.json").read_text())
     assert "no out-of-fold" in info["calibration"]["treatment"]["none"]
     assert not [c for c in res.treatments.columns if c.startswith("pvalue_")]
+    # No reference profiles either: softmax (here: no flag at all), said so; asking for the distance score is a one-line error.
+    assert info["novelty_score"] == "softmax" and "no reference profiles" in info["novelty"]["treatment"]["distance"]
+    assert "distance" not in res.treatments.columns
+    monkeypatch.setattr(sys, "argv", ["cellmorph", "predict", str(bundle), str(tmp_path / "load_data.csv"), "--out", str(tmp_path / "o"), "--novelty", "distance"])
+    with pytest.raises(SystemExit) as e:
+        main()
+    text = " ".join(capsys.readouterr().err.split())
+    assert e.value.code == 2 and text.count("error:") == 1 and "no reference profiles" in text, text
+    # With the reference profiles of its training rows (the run's cached features), the unseen compound's distance
+    # p-values are novelty.py's: nearest training unit, calibrated on leave-one-compound-out distances.
+    from cellmorph.features import cached_features
+    from cellmorph.novelty import distance_p_values, nearest_distance, reference_profiles, unit_profiles
+    from cellmorph.store import build_store
+
+    feats = cached_features(build_store(subset_table, cfg.dataset.image_size), cfg.model, cfg.frozen.tta)
+    train = np.flatnonzero(~held.to_numpy())
+    clf.reference = reference_profiles(feats[train], subset_table.df.iloc[train], "Metadata_MoA")
+    res = cm.predict_images(clf.save(tmp_path / "with-reference"), tmp_path / "load_data.csv", tmp_path / "pred-distance")
+    info = json.loads((tmp_path / "pred-distance" / "predict.json").read_text())
+    assert info["novelty_score"] == "distance"  # the default without calibration data
+    compounds = subset_table.df["Metadata_Compound"].to_numpy()
+    for level in ("treatment", "well"):
+        prof = unit_profiles(feats, subset_table.df, level, "Metadata_MoA")
+        units, dist = nearest_distance(feats, prof, train, np.flatnonzero(held.to_numpy()))
+        cal = np.concatenate([nearest_distance(feats, prof, train[compounds[train] != c], np.flatnonzero(compounds == c))[1]
+                              for c in sorted(set(compounds[train]))])
+        want = prof.keys.iloc[units].assign(d=dist, p=distance_p_values(dist, cal)).drop(columns="Metadata_MoA")
+        got = res.level(level).merge(want, on=[c for c in want.columns if c.startswith("Metadata_")], validate="one_to_one")
+        assert len(got) == len(units) == len(res.level(level)) and info["novelty"][level]["calibration_distances"] == len(cal)
+        print(f"{level}s of {compound}: distance {got['distance'].round(3).tolist()}, p {got['distance_pvalue'].round(3).tolist()}")
+        np.testing.assert_allclose(got["distance"], got["d"], rtol=0, atol=1e-6)
+        np.testing.assert_allclose(got["distance_pvalue"], got["p"], rtol=0, atol=1e-12)
+        assert (got["none_of_known"] == (got["p"] <= 0.1)).all() and (got["flagged_by"] == np.where(got["p"] <= 0.1, "distance", "")).all()
 
 
 @pytest.mark.slow
@@ -160,13 +199,16 @@ def test_three_input_formats_agree_and_outputs_have_the_documented_columns(quick
     in_set = [p in s.split("; ") for p, s in zip(img["predicted"], img["prediction_set"])]
     p_top = img[[f"pvalue_{c}" for c in CLASSES]].to_numpy().max(axis=1)
     assert all(i == (p > 0.1) for i, p in zip(in_set, p_top))  # the top class is in the set exactly when its p-value > 1 - 0.9
-    assert (img["none_of_known"] == (img["set_size"] == 0)).all()
+    assert (img["none_of_known"] == (img["set_size"] == 0)).all()  # images: softmax only (no image-level reference)
+    info = json.loads((tmp_path / "out-loaddata" / "predict.json").read_text())
+    assert info["novelty_score"] == "combined" and info["novelty"]["treatment"]["score"] == "combined"
     out = tmp_path / "out-loaddata"
     assert sorted(p.name for p in out.iterdir()) == ["predict.json", "predictions.parquet", "report.html", "treatments.csv", "wells.csv"]
     wells, treatments = pd.read_csv(out / "wells.csv"), pd.read_csv(out / "treatments.csv")
     assert len(wells) == 2 and len(treatments) == 2 and (treatments["n"] == 1).all() and (wells["n"] == 4).all()
     for t in (wells, treatments):
-        assert {"predicted", "probability", "prediction_set", "set_size", "novelty", "none_of_known", *PROBS} <= set(t.columns)
+        assert {"predicted", "probability", "prediction_set", "set_size", "novelty", "none_of_known", "distance", "distance_pvalue", *PROBS} <= set(t.columns)
+        assert (t["none_of_known"] == ((t["set_size"] == 0) | (t["distance_pvalue"] <= 0.1))).all()  # the combined flag
     assert set(results["dir"].columns) >= {"Metadata_FileName", *PROBS} and not (tmp_path / "out-dir" / "treatments.csv").exists()
     report = (out / "report.html").read_text()
     assert report.count("data:image/png;base64,") == 3 * len(treatments) and "prediction set" in report  # 3 thumbnails per treatment

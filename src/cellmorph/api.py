@@ -130,6 +130,8 @@ class Classifier:
         # the conformal calibration data `cellmorph predict` uses. None for a model fitted outside a run.
         self.calibration = None
         self.calibration_info: dict = {}  # where it came from (run, protocol, aggregation), saved in bundle.json
+        # the training units' feature profiles for the distance novelty score (novelty.reference_profiles); None outside a run
+        self.reference = None
 
     def __repr__(self) -> str:
         m = self.config.model
@@ -354,7 +356,7 @@ class Classifier:
         cal = self.calibration is not None
         meta = bundle_meta(cfg, self.classes, self._channels, spec.size, spec.mean, spec.std, spec.normalize_mode, self._trained_on,
                            self.calibration_info if cal else None, len(self.calibration) if cal else 0)
-        return save_bundle(path, state, meta, cfg, overwrite, calibration=self.calibration)
+        return save_bundle(path, state, meta, cfg, overwrite, calibration=self.calibration, reference=self.reference)
 
     @classmethod
     def load(cls, path: str | Path, device: str | None = None) -> Classifier:
@@ -392,6 +394,7 @@ class Classifier:
         clf._spec = InputSpec(size=spec["size"], mean=tuple(spec["mean"]), std=tuple(spec["std"]), normalize_mode=spec["normalize"])
         clf.classes, clf._channels, clf._trained_on = list(meta["classes"]), spec["channels"], meta.get("trained_on", {})
         clf.calibration, clf.calibration_info = b.calibration, meta.get("calibration", {})
+        clf.reference = b.reference
         return clf
 
 

@@ -12,8 +12,13 @@
                         Metadata_*, the label column, prob_<class>; each compound scored by a fold model
                         that never saw it, so `cellmorph predict` calibrates conformal p-values on them.
                         A bundle saved by `Classifier.save` outside a run has none.
+    reference_profiles.npz (optional) the distance novelty score's reference (novelty.reference_profiles):
+                        the training units' raw well and treatment feature profiles, their compounds,
+                        and per compound the image count, feature sum and sum of squares. Written by
+                        `cellmorph run` for frozen models; about 2.6 MB on the BBBC021 subset.
 
-Format 2 adds the optional calibration.parquet; format 1 bundles (none) load unchanged. An older
+Format 2 adds the optional calibration.parquet; format 1 bundles (none) load unchanged. The optional
+reference_profiles.npz keeps format 2: a reader that does not know it predicts without it. An older
 cellmorph refuses a format 2 bundle with its "made by a newer cellmorph" error.
 
 A bundle is written into a temporary sibling folder and renamed into place, so a killed save leaves the
@@ -41,8 +46,9 @@ from cellmorph.io import process_umask  # the process umask, read without changi
 
 FORMAT_VERSION = 2
 WEIGHTS, META, CONFIG, CALIBRATION = "model.safetensors", "bundle.json", "config.toml", "calibration.parquet"
+REFERENCE = "reference_profiles.npz"  # optional: the training units' feature profiles (distance novelty, novelty.py)
 REQUIRED_FILES = (WEIGHTS, META, CONFIG)
-BUNDLE_FILES = (*REQUIRED_FILES, CALIBRATION)
+BUNDLE_FILES = (*REQUIRED_FILES, CALIBRATION, REFERENCE)
 META_FIELDS = ("mode", "model", "init", "classes", "label", "input")
 INPUT_FIELDS = ("channels", "size", "mean", "std", "normalize")
 
@@ -56,10 +62,11 @@ class Bundle:
     meta: dict
     config: ExperimentConfig
     calibration: pd.DataFrame | None = None  # out-of-fold predictions (calibration.parquet), when the bundle has them
+    reference: dict[str, np.ndarray] | None = None  # reference_profiles.npz (novelty.reference_profiles), when present
 
 
 def save_bundle(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict, cfg: ExperimentConfig, overwrite: bool = False,
-                calibration: pd.DataFrame | None = None) -> Path:
+                calibration: pd.DataFrame | None = None, reference: dict[str, np.ndarray] | None = None) -> Path:
     """Write a bundle folder atomically.
 
     Args:
@@ -70,6 +77,7 @@ def save_bundle(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict, 
         cfg: the resolved config, written as config.toml.
         overwrite: replace an existing bundle at `path` (never a folder holding anything else).
         calibration: out-of-fold predictions to store as calibration.parquet (None: none).
+        reference: novelty.reference_profiles of the training rows, stored as reference_profiles.npz (None: none).
     Returns:
         The bundle folder.
 
@@ -99,6 +107,8 @@ def save_bundle(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict, 
         (tmp / CONFIG).write_text(dump_toml(cfg) + "\n")
         if calibration is not None:
             calibration.to_parquet(tmp / CALIBRATION, index=False)
+        if reference is not None:
+            np.savez(tmp / REFERENCE, **reference)
         os.chmod(tmp, 0o777 & ~process_umask())  # mkdtemp makes 0700; give the folder the usual permissions
         if path.is_dir():  # an old bundle (checked above): move it aside, then swap in the new one
             old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old-"))
@@ -191,7 +201,14 @@ def load_bundle(path: str | Path) -> Bundle:
             calibration = pd.read_parquet(path / CALIBRATION)
         except Exception as err:  # noqa: BLE001 - any unreadable file is the same fix
             raise CellmorphError(f"{path / CALIBRATION}: cannot read the calibration data ({type(err).__name__}: {err}). Run the experiment again to rewrite the bundle.") from None
-    return Bundle(path, tensors, meta, cfg, calibration)
+    reference = None
+    if (path / REFERENCE).is_file():
+        try:
+            with np.load(path / REFERENCE, allow_pickle=False) as z:
+                reference = {k: z[k] for k in z.files}
+        except Exception as err:  # noqa: BLE001 - any unreadable file is the same fix
+            raise CellmorphError(f"{path / REFERENCE}: cannot read the reference profiles ({type(err).__name__}: {err}). Run the experiment again to rewrite the bundle.") from None
+    return Bundle(path, tensors, meta, cfg, calibration, reference)
 
 
 def _check_meta(where: Path, meta: dict) -> None:

@@ -82,6 +82,9 @@ def predict(
     level: float = typer.Option(0.9, "--level", help="Confidence of the conformal prediction sets (0-1); a unit whose set is empty is flagged as none of the known classes."),
     mc_dropout: int = typer.Option(0, "--mc-dropout", help="Fine-tuned models trained with dropout: N Monte Carlo dropout passes (mean and std per class)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier `cellmorph predict` output in --out."),
+    novelty: str = typer.Option(None, "--novelty", help="The none-of-known flag: softmax (empty prediction set), distance (far from every "
+                                "training unit, novelty.py) or combined (either). Default: combined when the bundle holds reference profiles "
+                                "(frozen runs), else softmax."),
 ) -> None:
     """Predict new plates: class probabilities per image, well and treatment, conformal prediction sets
     calibrated on the run's out-of-fold scores, and a "none of the known classes" flag.
@@ -90,12 +93,14 @@ def predict(
     """
     from cellmorph.predict import predict_images
 
-    res = predict_images(model, images, out, level, mc_dropout=mc_dropout, overwrite=overwrite)
+    res = predict_images(model, images, out, level, mc_dropout=mc_dropout, overwrite=overwrite, novelty=novelty)
     lv = "treatment" if res.treatments is not None else "well" if res.wells is not None else "image"
     units = res.level(lv)
     line = f"{len(res.images)} images, {len(units)} {lv}s; {res.info['images_per_s']} images/s"
     if "none_of_known" in units.columns:
-        line += f"; at confidence {level}: mean set size {units['set_size'].mean():.2f}, {int(units['none_of_known'].sum())} {lv}(s) flagged as none of the known classes"
+        size = f"mean set size {units['set_size'].mean():.2f}, " if "set_size" in units.columns else ""
+        score = res.novelty.get(lv, {}).get("score", "softmax")
+        line += f"; at confidence {level}: {size}{int(units['none_of_known'].sum())} {lv}(s) flagged as none of the known classes ({score} score)"
     else:
         line += "; no conformal calibration in this bundle (no prediction sets)"
     console.print(line)

@@ -260,6 +260,7 @@ def save_final_model(path: Path, cfg: ExperimentConfig, plan: Plan, store: Store
             clf._fit_store(plan.table, store, final_cfg)
             progress.advance(task)
     clf.calibration, clf.calibration_info = _calibration(cfg, plan, store, oof, seed)
+    clf.reference = _reference(cfg, plan, store)
     return clf.save(path, overwrite=True)
 
 
@@ -272,6 +273,23 @@ def _calibration(cfg: ExperimentConfig, plan: Plan, store: Store, oof: pd.DataFr
             "protocol": cfg.evaluation.protocol, "folds": len(plan.folds), "seed": seed, "label": label,
             "aggregate": cfg.evaluation.aggregate, "store_key": store.key}
     return oof[labelled_mask(oof, label)].reset_index(drop=True), info
+
+
+def _reference(cfg: ExperimentConfig, plan: Plan, store: Store, feats: np.ndarray | None = None) -> dict[str, np.ndarray] | None:
+    """The reference profiles of the distance novelty score (novelty.reference_profiles) of a frozen final
+    model: its labelled training rows' cached backbone features (numpy only). None for fine-tuned models
+    (their pre-logit features are not what novelty.py measured) and when the features are not cached."""
+    from cellmorph.features import cached_features
+    from cellmorph.novelty import reference_profiles
+
+    if cfg.mode != "frozen" or "Metadata_Compound" not in plan.table.df.columns:
+        return None
+    feats = cached_features(store, cfg.model, cfg.frozen.tta) if feats is None else feats
+    if feats is None:
+        return None
+    table = plan.table
+    idx = np.flatnonzero(labelled_mask(table.df, table.label))
+    return reference_profiles(feats[idx], table.df.iloc[idx], table.label, cfg.evaluation.aggregate)
 
 
 def _save_frozen_from_cache(path: Path, cfg: ExperimentConfig, plan: Plan, store: Store, oof: pd.DataFrame) -> bool:
@@ -304,7 +322,7 @@ def _save_frozen_from_cache(path: Path, cfg: ExperimentConfig, plan: Plan, store
     calibration, info = _calibration(cfg, plan, store, oof, cfg.seed)
     meta = bundle_meta(cfg, plan.classes, images.shape[1], spec["size"], spec["mean"], spec["std"], spec["normalize"], trained_on,
                        info, len(calibration) if calibration is not None else 0)
-    save_bundle(path, tensors, meta, cfg, overwrite=True, calibration=calibration)
+    save_bundle(path, tensors, meta, cfg, overwrite=True, calibration=calibration, reference=_reference(cfg, plan, store, feats))
     console.print(f"final model: {path} (frozen head on all {len(idx)} labelled images, backbone weights from the feature cache)")
     return True
 

@@ -204,15 +204,86 @@ def nearest_distance(features: np.ndarray, prof: UnitProfiles, reference: np.nda
         raise CellmorphError("distance novelty: a unit has rows in both the reference and the scored rows; split them by compound.")
     ref_feats = np.asarray(features[reference], dtype=np.float64)
     mu, sd = ref_feats.mean(axis=0), ref_feats.std(axis=0)
+    return test_units, cosine_nn(prof.profiles[test_units], prof.profiles[ref_units], mu, sd)
+
+
+def cosine_nn(test_profiles: np.ndarray, ref_profiles: np.ndarray, mu: np.ndarray, sd: np.ndarray) -> np.ndarray:
+    """The kNN (k = 1) nonconformity: cosine distance of each test profile to the nearest reference
+    profile, both standardised with the reference images' per-feature mean `mu` and deviation `sd`
+    (a zero deviation counts as 1).
+
+    >>> cosine_nn(np.array([[1.0, 0.0]]), np.array([[1.0, 0.0], [0.0, 1.0]]), np.zeros(2), np.ones(2))
+    array([0.])"""
     sd = np.where(sd > 0, sd, 1.0)
 
     def unit_norm(x):
-        z = (x - mu) / sd
+        z = (np.asarray(x, dtype=np.float64) - mu) / sd
         n = np.linalg.norm(z, axis=1, keepdims=True)
         return z / np.where(n > 0, n, 1.0)
 
-    sim = unit_norm(prof.profiles[test_units]) @ unit_norm(prof.profiles[ref_units]).T
-    return test_units, 1.0 - sim.max(axis=1)
+    return 1.0 - (unit_norm(test_profiles) @ unit_norm(ref_profiles).T).max(axis=1)
+
+
+REFERENCE_LEVELS = ("well", "treatment")  # images left out: their distance AUROC under lomo was 0.577
+
+
+def reference_profiles(features: np.ndarray, df: pd.DataFrame, label: str, how: str = "median",
+                       group: str = "Metadata_Compound") -> dict[str, np.ndarray]:
+    """What a model bundle stores for the distance score of new units (bundle.py's reference_profiles.npz):
+    the raw unit profiles of `df`'s rows at each level in REFERENCE_LEVELS that the data have (as
+    `unit_profiles`) with their compounds, and per compound the image count, feature sum and sum of
+    squares, from which the standardisation of any leave-compounds-out reference follows exactly.
+
+    >>> ref = reference_profiles(features, table.df, "Metadata_MoA")
+    >>> ref["treatment_profiles"].shape  # BBBC021 subset, EfficientNet-Lite0
+    (55, 1280)"""
+    from cellmorph.aggregate import available_levels
+
+    if group not in df.columns:
+        raise CellmorphError(f"distance novelty: the training table has no {group} column (the reference units' groups).")
+    feats = np.asarray(features, dtype=np.float64)
+    groups = df[group].astype(str).to_numpy()
+    names = np.array(sorted(set(groups)), dtype=str)  # fixed-width strings: the .npz loads without pickle
+    out: dict[str, np.ndarray] = {"group_names": names}
+    out["group_n"] = np.array([(groups == g).sum() for g in names], dtype=np.float64)
+    out["group_sum"] = np.stack([feats[groups == g].sum(axis=0) for g in names])
+    out["group_sumsq"] = np.stack([(feats[groups == g] ** 2).sum(axis=0) for g in names])
+    have = available_levels(df)
+    for lv in REFERENCE_LEVELS:
+        if lv not in have:
+            continue
+        prof = unit_profiles(feats, df.reset_index(drop=True), lv, label, how)
+        out[f"{lv}_profiles"] = prof.profiles
+        out[f"{lv}_groups"] = prof.keys[group].astype(str).to_numpy(dtype=str)
+    return out
+
+
+def _moments(ref: dict[str, np.ndarray], keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and standard deviation (population, as numpy's std) of the reference images of groups `keep`."""
+    n = ref["group_n"][keep].sum()
+    mu = ref["group_sum"][keep].sum(axis=0) / n
+    var = np.maximum(ref["group_sumsq"][keep].sum(axis=0) / n - mu ** 2, 0.0)
+    return mu, np.sqrt(var)
+
+
+def reference_distances(ref: dict[str, np.ndarray], level: str, profiles: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Distances of new units' raw `profiles` to the reference (all its compounds), and the calibration
+    distances: each reference unit's distance to the reference without its own compound (standardised
+    with that reduced reference's images), as novelty's leave-one-compound-out calibration of novel units.
+
+    >>> d, cal = reference_distances(ref, "treatment", new_profiles)
+    >>> distance_p_values(d, cal)"""
+    names, units, unit_groups = ref["group_names"], ref[f"{level}_profiles"], ref[f"{level}_groups"]
+    if len(names) < 2:
+        raise CellmorphError("distance novelty: the reference has fewer than 2 compounds; no leave-one-compound-out calibration.")
+    everyone = np.ones(len(names), dtype=bool)
+    d = cosine_nn(profiles, units, *_moments(ref, everyone))
+    cal = []
+    for i, g in enumerate(names):
+        mine = unit_groups == g
+        if mine.any():
+            cal.append(cosine_nn(units[mine], units[~mine], *_moments(ref, everyone & (np.arange(len(names)) != i))))
+    return d, np.concatenate(cal)
 
 
 def distance_p_values(distances: np.ndarray, calibration: np.ndarray) -> np.ndarray:

@@ -73,7 +73,8 @@ def write_predict_report(path: Path, result) -> None:
     shown = order[:MAX_ROWS]
     label = result.label if result.label in units.columns else None
     head = [*(k.removeprefix("Metadata_") for k in keys), "images" if level != "image" else None, f"known {label.removeprefix('Metadata_')}" if label else None,
-            "prediction", "probability", *(["prediction set", "novelty", "none of the known"] if calibrated else []), "thumbnails"]
+            "prediction", "probability", *(["prediction set", "novelty", "none of the known"] if calibrated else []),
+            *(["distance p-value", "flagged by"] if "flagged_by" in units.columns and "distance_pvalue" in units.columns else []), "thumbnails"]
     head = [h for h in head if h is not None]
     rows = []
     for i in shown:
@@ -91,8 +92,10 @@ def write_predict_report(path: Path, result) -> None:
         cells += [f"<b>{html.escape(str(u['predicted']))}</b>", f"{u['probability']:.2f}"]
         if calibrated:
             cells += [html.escape(u["prediction_set"]) or "<i>empty</i>", f"{u['novelty']:.2f}", "<b>yes</b>" if u["none_of_known"] else "no"]
+        if "flagged_by" in units.columns and "distance_pvalue" in units.columns:
+            cells += [f"{u['distance_pvalue']:.3f}", html.escape(u["flagged_by"]) or "-"]
         cells.append(thumbs)
-        flag = ' class="novel"' if calibrated and u["none_of_known"] else ""
+        flag = ' class="novel"' if "none_of_known" in units.columns and u["none_of_known"] else ""
         rows.append(f"<tr{flag}>" + "".join(f"<td>{c}</td>" for c in cells[:-1]) + f'<td class="thumbs">{cells[-1]}</td></tr>')
     table = "<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>" + "".join(rows) + "</table>"
     more = f"<p>The first {MAX_ROWS} of {len(units)} {_PLURAL[level]} are listed; predictions.parquet holds them all.</p>" if len(units) > MAX_ROWS else ""
@@ -128,6 +131,14 @@ def _summary(result, level: str, units: pd.DataFrame, calibrated: bool) -> str:
                  f"{1 - c:.2f}).</p>")
     else:
         text += "<p><b>No conformal calibration</b>: " + html.escape(result.calibration.get(level, {}).get("none", "")) + ".</p>"
+    nov = result.novelty.get(level, {})
+    if "flagged_by" in units.columns and nov.get("score") in ("distance", "combined"):
+        by = units["flagged_by"].value_counts()
+        text += (f"<p>Novelty score: <b>{html.escape(nov['score'])}</b> ({html.escape(str(result.info.get('none_of_known', '')))}); "
+                 f"{int(units['none_of_known'].sum())} {_PLURAL[level]} flagged"
+                 + "".join(f"; by {html.escape(k)}: {v}" for k, v in by.items() if k) + ".</p>")
+    elif nov.get("distance"):
+        text += f"<p>Novelty score: softmax only ({html.escape(str(nov['distance']))}).</p>"
     return text
 
 
