@@ -303,3 +303,40 @@ def test_report_renders_in_headless_chromium(quick_run, subset_table, tmp_path):
     im = np.asarray(Image.open(shot).convert("RGB"))
     assert im.shape[:2] == (1000, 1400)
     assert (im.std(axis=2) > 20).sum() > 10_000  # coloured pixels: the cell thumbnails were drawn
+
+
+@pytest.mark.slow
+def test_fold_ensemble_of_a_tiny_finetune_run(data_dir, subset_table, tmp_path, monkeypatch, capsys):
+    """`--ensemble` on a tiny CPU fine-tune (resnet18 from scratch, 32 px, 1 epoch, 2 LOCO folds, fold models
+    saved): each fold model, run by predict, reproduces its fold's out-of-fold probabilities, and the
+    ensemble's probabilities are their mean."""
+    from cellmorph.api import Classifier
+    from cellmorph.config import load_config
+    from cellmorph.experiment import run_experiment
+    from cellmorph.predict import ensemble_proba, fold_models
+
+    smoke = ["dataset.image_size=32", "model.input_size=32", "finetune.epochs=1", "finetune.save_models=true", "model.name=resnet18",
+             "model.init=xavier", "finetune.eval_every_iterations=0"]
+    run = tmp_path / "tiny"
+    run_experiment(load_config(REPO / "configs" / "finetune-cpu-smoke.toml", smoke), run, data_dir)
+    clf = Classifier.load(run / "model")
+    paths = fold_models(run, clf)
+    assert [p.parent.name for p in paths] == ["00", "01"]
+    fold0 = pd.read_parquet(run / "folds" / "00" / "predictions.parquet")
+    rows = subset_table.df[subset_table.df["Metadata_Compound"] == json.loads((run / "folds" / "00" / "fold.json").read_text())["held_out"]]
+    _loaddata(rows, tmp_path / "load.csv")
+    res = cm.predict_images(run, tmp_path / "load.csv", tmp_path / "pred", ensemble=True)
+    from cellmorph.predict import read_images
+    from cellmorph.store import build_store
+
+    mean, per = ensemble_proba(clf, paths, clf._images(build_store(read_images(tmp_path / "load.csv"), 32).images))
+    np.testing.assert_allclose(res.images[PROBS].to_numpy(), mean, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(mean, np.mean(per, axis=0), rtol=0, atol=1e-12)
+    assert not np.allclose(per[0], per[1], atol=1e-3)  # two different models were averaged
+    # fold 0's model on its held-out compound (rows in table order, as the fold's): its out-of-fold probabilities
+    assert len(fold0) == len(rows) and (fold0["Metadata_Well"].to_numpy() == rows["Metadata_Well"].to_numpy()).all()
+    np.testing.assert_allclose(per[0], fold0[PROBS].to_numpy(), rtol=0, atol=1e-5)
+    info = json.loads((tmp_path / "pred" / "predict.json").read_text())
+    assert len(info["ensemble"]["fold_models"]) == 2 and info["novelty_score"] == "softmax"
+    code, text = _cli(monkeypatch, capsys, "predict", run / "model", tmp_path / "load.csv", "--out", tmp_path / "o", "--ensemble")
+    assert code == 2 and text.count("error:") == 1 and "not a run folder" in text, text

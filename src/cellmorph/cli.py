@@ -85,6 +85,8 @@ def predict(
     novelty: str = typer.Option(None, "--novelty", help="The none-of-known flag: softmax (empty prediction set), distance (far from every "
                                 "training unit, novelty.py) or combined (either). Default: combined when the bundle holds reference profiles "
                                 "(frozen runs), else softmax."),
+    ensemble: bool = typer.Option(False, "--ensemble", help="MODEL is a fine-tuned run folder saved with finetune.save_models = true: "
+                                  "the mean of its fold models' probabilities."),
 ) -> None:
     """Predict new plates: class probabilities per image, well and treatment, conformal prediction sets
     calibrated on the run's out-of-fold scores, and a "none of the known classes" flag.
@@ -93,7 +95,7 @@ def predict(
     """
     from cellmorph.predict import predict_images
 
-    res = predict_images(model, images, out, level, mc_dropout=mc_dropout, overwrite=overwrite, novelty=novelty)
+    res = predict_images(model, images, out, level, mc_dropout=mc_dropout, overwrite=overwrite, novelty=novelty, ensemble=ensemble)
     lv = "treatment" if res.treatments is not None else "well" if res.wells is not None else "image"
     units = res.level(lv)
     line = f"{len(res.images)} images, {len(units)} {lv}s; {res.info['images_per_s']} images/s"

@@ -33,7 +33,8 @@ DIR receives, all at once (written in a temporary sibling folder and renamed):
     predictions.parquet   per image: Metadata_*, prob_<class>, predicted, probability, and with calibration
                           pvalue_<class>, prediction_set, set_size, novelty, none_of_known
                           (wells and treatments, with reference profiles: distance, distance_pvalue, flagged_by)
-                          (with --mc-dropout N: prob_<class> is the mean over N passes, mcstd_<class> the std)
+                          (with --mc-dropout N: prob_<class> is the mean over N passes, mcstd_<class> the std;
+                          with --ensemble and MODEL a fine-tuned RUN folder: the mean of its fold models' probabilities)
     wells.csv             per well (input with Metadata_Well), the same columns from the median probabilities
     treatments.csv        per treatment (input with Metadata_Compound and Metadata_Concentration)
     report.html           per unit: prediction, probability, prediction set, novelty flag, 3 thumbnails
@@ -203,7 +204,7 @@ class PlatePrediction:
 
 
 def predict_images(model, images, out: str | Path | None = None, confidence: float = 0.9, *, mc_dropout: int = 0,
-                   overwrite: bool = False, novelty: str | None = None) -> PlatePrediction:
+                   overwrite: bool = False, novelty: str | None = None, ensemble: bool = False) -> PlatePrediction:
     """Predict every image of `images` with the bundle `model`; aggregate; conformal sets; write `out`.
 
     Args:
@@ -219,6 +220,8 @@ def predict_images(model, images, out: str | Path | None = None, confidence: flo
             p-value of the distance to the bundle's reference profiles <= 1 - confidence) or "combined"
             (either). None: "combined" when the bundle has calibration data and reference profiles,
             "distance" with references only, else "softmax" (see `choose_novelty`).
+        ensemble: `model` is a fine-tuned run folder saved with finetune.save_models = true: the mean of
+            its fold models' probabilities (folds/NN/model.pt) instead of the final model's.
     Returns:
         A `PlatePrediction` (.images, .wells, .treatments DataFrames).
 
@@ -236,6 +239,9 @@ def predict_images(model, images, out: str | Path | None = None, confidence: flo
     if out is not None:
         _check_out(out, overwrite)
     clf = model if isinstance(model, Classifier) else Classifier.load(_check_model(model))
+    if ensemble and mc_dropout:
+        raise CellmorphError("--ensemble and --mc-dropout: choose one (the mean over fold models, or over dropout passes of the final model).")
+    folds = fold_models(model, clf) if ensemble else []
     label = clf.config.dataset.label
     table = images if isinstance(images, ImageTable) else read_images(images, label)
     table = match_channels(table, clf)
@@ -248,9 +254,12 @@ def predict_images(model, images, out: str | Path | None = None, confidence: flo
     store = build_store(table, clf.config.dataset.image_size)
     x = clf._images(store.images)
     with make_progress() as progress:
-        task = progress.add_task(f"predicting {len(x)} images" + (f" ({mc_dropout} MC dropout passes)" if mc_dropout else ""),
-                                 total=len(x) * max(1, mc_dropout))
-        res = clf._proba(x, on_batch=lambda n: progress.advance(task, n), mc_dropout=mc_dropout)
+        what = f" ({mc_dropout} MC dropout passes)" if mc_dropout else f" with {len(folds)} fold models" if folds else ""
+        task = progress.add_task(f"predicting {len(x)} images{what}", total=len(x) * max(1, mc_dropout, len(folds)))
+        if folds:
+            res = ensemble_proba(clf, folds, x, on_batch=lambda n: progress.advance(task, n))[0]
+        else:
+            res = clf._proba(x, on_batch=lambda n: progress.advance(task, n), mc_dropout=mc_dropout)
     probs, std = res if mc_dropout else (res, None)
     features = clf.embed(x) if score != "softmax" else None  # the frozen backbone's features, as the reference's
     seconds = time.perf_counter() - t0
@@ -266,6 +275,10 @@ def predict_images(model, images, out: str | Path | None = None, confidence: flo
         "novelty_score": score, "none_of_known": _FLAG_TEXT[score].format(c=confidence, a=round(1 - confidence, 6)),
         "novelty": result.novelty,
     }
+    if folds:
+        result.info["ensemble"] = {"fold_models": [str(f) for f in folds],
+                                   "note": ("prob_<class> is the mean of the fold models' probabilities; the conformal p-values compare it "
+                                            "with single fold models' out-of-fold scores, so treat them as approximate.")}
     if mc_dropout:
         result.info["mc_dropout_note"] = ("prob_<class> is the mean of the MC dropout passes (mcstd_<class> their std); the conformal "
                                           "p-values compare it with the deterministic out-of-fold scores, so treat them as approximate.")
@@ -307,6 +320,56 @@ def choose_novelty(requested: str | None, clf) -> str:
         raise CellmorphError(f"--novelty {requested}: {clf._source} holds no calibration data (calibration.parquet) for prediction sets; "
                              + ("use --novelty distance." if has_ref else "predict without --novelty (no flag is possible)."))
     return requested
+
+
+def fold_models(run, clf) -> list[Path]:
+    """The fold models of a fine-tuned run folder (`--ensemble`): RUN/folds/NN/model.pt (first seed's), every
+    fold's, checked against the final model's config; a one-line error naming what is missing otherwise.
+
+    >>> fold_models("runs/finetune", Classifier.load("runs/finetune/model"))
+    [PosixPath('runs/finetune/folds/00/model.pt'), PosixPath('runs/finetune/folds/01/model.pt')]"""
+    run = Path(run).expanduser() if not hasattr(run, "config") else None
+    if run is None or not (run / "model").is_dir():
+        raise CellmorphError(f"--ensemble: {run or clf._source} is not a run folder. Pass the run folder (RUN, not RUN/model) of a fine-tune "
+                             "run with finetune.save_models = true.")
+    cfg = clf.config
+    if cfg.mode != "finetune":
+        raise CellmorphError(f"--ensemble needs a fine-tuned run; {run} is {cfg.mode} (its fold models are logistic heads, not saved).")
+    if cfg.finetune.normalize not in ("imagenet", "raw"):
+        raise CellmorphError(f"--ensemble: {run} was fine-tuned with finetune.normalize = {cfg.finetune.normalize!r}, which subtracts each "
+                             "fold's training-image mean (not saved with the fold model); ensembles need 'imagenet' or 'raw'.")
+    base = run if len(cfg.seed_list) == 1 else run / "seeds" / str(cfg.seed_list[0])
+    folders = sorted(d for d in (base / "folds").glob("[0-9][0-9]") if d.is_dir()) if (base / "folds").is_dir() else []
+    missing = [d for d in folders if not (d / "model.pt").is_file()]
+    if not folders or missing:
+        raise CellmorphError(f"--ensemble: {run} has no saved fold model{f' in {missing[0]}' if missing else 's'}. Rerun the config with "
+                             "--set finetune.save_models=true (into a new --out).")
+    return [d / "model.pt" for d in folders]
+
+
+def ensemble_proba(clf, paths: list[Path], x, on_batch=None) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The mean of the fold models' probabilities of checked images `x`, and each model's: every fold model
+    run through the final model's code path (`Classifier._proba`, same input spec) with its own weights.
+
+    >>> mean, per_fold = ensemble_proba(clf, fold_models("runs/finetune", clf), clf._images(store.images))"""
+    import torch
+
+    from cellmorph.models import create_model
+
+    cfg, net = clf.config, clf._net
+    per = []
+    try:
+        for path in paths:
+            model = create_model(cfg.model.name, "random", num_classes=len(clf.classes), in_chans=clf.channels, drop_rate=cfg.model.drop_rate)
+            try:
+                model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+            except (RuntimeError, OSError, EOFError) as err:
+                raise CellmorphError(f"{path}: cannot load the fold model ({type(err).__name__}: {str(err)[:200]}). Run the experiment again.") from None
+            clf._net = model.eval()
+            per.append(np.asarray(clf._proba(x, on_batch=on_batch), dtype=np.float64))
+    finally:
+        clf._net = net
+    return np.mean(per, axis=0), per
 
 
 def score_images(df: pd.DataFrame, probs: np.ndarray, clf, confidence: float, std: np.ndarray | None = None,
