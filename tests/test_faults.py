@@ -223,12 +223,13 @@ def test_ctrl_c_says_resume_exits_130_and_resumes_to_the_same_metrics(world, ref
 
 @pytest.fixture
 def small_disk(tmp_path):
-    """A real 8 MiB file system (tmpfs; needs root or CAP_SYS_ADMIN): ENOSPC from the kernel, not a mock."""
+    """A real 64 MiB file system (tmpfs; needs root or CAP_SYS_ADMIN): ENOSPC from the kernel, not a mock.
+    Room for a whole run with its final model (a 14 MB bundle) once the tests' filler is gone."""
     mnt = tmp_path / "disk"
     mnt.mkdir()
     if not shutil.which("mount"):
         pytest.skip("no `mount` command: no real way to make a small file system here")
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mnt)], capture_output=True, text=True)
     if proc.returncode != 0:
         reason = f"cannot mount a small tmpfs for a real ENOSPC (not root?): {proc.stderr.strip()}"
         print(reason)
@@ -265,6 +266,18 @@ def test_full_disk_is_one_line_and_the_rerun_resumes(world, reference, small_dis
     assert code == 0, text
     assert metrics(out) == metrics(reference)
     assert_user_files(out)
+
+
+def test_full_disk_while_saving_the_final_model_is_one_line(world, small_disk):
+    """The folds fit, the final model (a 14 MB bundle) does not: one line naming the bundle, no half bundle."""
+    from cellmorph.bundle import save_bundle
+    from cellmorph.config import load_config
+    from cellmorph.errors import CellmorphError
+
+    _fill(small_disk, 2 * 1024 * 1024)
+    with pytest.raises(CellmorphError, match="no space left on the device writing .*model"):
+        save_bundle(small_disk / "model", {"w": np.zeros(1 << 20)}, {}, load_config(world.config))
+    assert [p.name for p in small_disk.iterdir() if p.name.startswith(".model")] == []
 
 
 def test_full_disk_during_prepare_keeps_the_old_store(world, mini_bbbc013, small_disk):

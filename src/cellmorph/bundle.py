@@ -42,7 +42,7 @@ import pandas as pd
 from cellmorph import __version__
 from cellmorph.config import ExperimentConfig, dump_toml, parse_config, read_toml
 from cellmorph.errors import CellmorphError
-from cellmorph.io import process_umask  # the process umask, read without changing it
+from cellmorph.io import is_no_space, no_space_error, process_umask  # process_umask: read without changing it
 
 FORMAT_VERSION = 2
 WEIGHTS, META, CONFIG, CALIBRATION = "model.safetensors", "bundle.json", "config.toml", "calibration.parquet"
@@ -117,6 +117,10 @@ def save_bundle(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict, 
             shutil.rmtree(old)
         else:
             os.replace(tmp, path)
+    except Exception as err:  # safetensors reports a full disk as its own error type
+        if not isinstance(err, CellmorphError) and (is_no_space(err) or "no space left" in str(err).lower()):
+            raise no_space_error(path, err) from None
+        raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
