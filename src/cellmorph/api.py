@@ -212,9 +212,15 @@ class Classifier:
             self._spec = make_input_spec(self._net, size, cfg.finetune.normalize, x)
             _fit(self._net, x, y, n_classes, cfg.finetune, self._spec, device, cfg.seed, on_step=on_step)
 
-    def _features(self, images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    def _features(self, images: torch.Tensor, device: torch.device, on_batch=None) -> torch.Tensor:
         fz = self.config.frozen
-        return forward_batches(self._net, images, self._spec, device, fz.batch_size, tta=fz.tta)
+        return forward_batches(self._net, images, self._spec, device, fz.batch_size, tta=fz.tta, on_batch=on_batch)
+
+    def _proba_and_features(self, x: torch.Tensor, on_batch=None) -> tuple[np.ndarray, np.ndarray]:
+        """Frozen: the probabilities and the backbone features of checked uint8 images from ONE backbone pass
+        (the same numbers as `_proba` and `embed`)."""
+        feats = self._features(x, pick_device(self.config.device), on_batch)
+        return _head_proba(feats, self._head), feats.numpy().astype(np.float32, copy=False)
 
     def predict_proba(self, images: np.ndarray | torch.Tensor | ImageTable) -> np.ndarray:
         """Class probabilities.
@@ -240,9 +246,7 @@ class Classifier:
         if self.config.mode == "frozen":
             if mc_dropout:
                 raise CellmorphError(f"{self._source}: MC dropout needs a fine-tuned model (mode = \"finetune\"); this one is frozen (a logistic head).")
-            fz = self.config.frozen
-            feats = forward_batches(self._net, x, self._spec, device, fz.batch_size, tta=fz.tta, on_batch=on_batch)
-            return _head_proba(feats, self._head)
+            return _head_proba(self._features(x, device, on_batch), self._head)
         ft = self.config.finetune
         batch = max(ft.batch_size, 64)
         if not mc_dropout:

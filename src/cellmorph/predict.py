@@ -256,12 +256,16 @@ def predict_images(model, images, out: str | Path | None = None, confidence: flo
     with make_progress() as progress:
         what = f" ({mc_dropout} MC dropout passes)" if mc_dropout else f" with {len(folds)} fold models" if folds else ""
         task = progress.add_task(f"predicting {len(x)} images{what}", total=len(x) * max(1, mc_dropout, len(folds)))
+        features = None  # the frozen backbone's features, as the reference profiles', for the distance score
         if folds:
             res = ensemble_proba(clf, folds, x, on_batch=lambda n: progress.advance(task, n))[0]
+        elif score != "softmax" and clf.config.mode == "frozen":
+            res, features = clf._proba_and_features(x, on_batch=lambda n: progress.advance(task, n))  # one backbone pass
         else:
             res = clf._proba(x, on_batch=lambda n: progress.advance(task, n), mc_dropout=mc_dropout)
     probs, std = res if mc_dropout else (res, None)
-    features = clf.embed(x) if score != "softmax" else None  # the frozen backbone's features, as the reference's
+    if score != "softmax" and features is None:
+        features = clf.embed(x)
     seconds = time.perf_counter() - t0
     result = score_images(table.df, probs, clf, confidence, std=std, features=features, novelty=score)
     result.store_images = store.images
