@@ -10,7 +10,10 @@ Two steps, each usable on its own:
     evaluate   any per-well profile table (cellmorph's, or CellProfiler's such as Ljosa et al. 2013):
                pycytominer normalisation (robust z-score, `mad_robustize`, per plate to its DMSO wells),
                pycytominer feature selection, optional sphering fitted on DMSO wells (pycytominer's
-               ZCA-cor), then treatment profiles (median of wells) and
+               ZCA-cor), then treatment profiles (median of wells) and, or the cytominer gallery's
+               published recipe for the Ljosa table (`Recipe.preset("cytominer-gallery[-snf]")`:
+               selection on raw wells incl. replicate correlation, z-score to DMSO, mean profiles,
+               Pearson correlation, optionally similarity network fusion by snfpy),
                  NSC / NSCB  1-nearest-neighbour MoA matching by cosine similarity, the neighbour drawn
                              from other compounds (NSC) or other compounds and other batches (NSCB)
                              (Ljosa et al. 2013; Ando et al. 2017). No maintained library computes
@@ -309,26 +312,80 @@ def annotate_bbbc021(profiles: pd.DataFrame, metadata_dir: str | Path) -> pd.Dat
     return out[meta + [c for c in out.columns if c not in meta]]
 
 
+SNF_K, SNF_MU, SNF_T = 20, 0.5, 20  # the cytominer gallery's SNFtool settings (affinityMatrix K, sigma; SNF K, t)
+
+
 @dataclass
 class Recipe:
-    """How profiles are prepared before they are compared (every step is pycytominer's)."""
+    """How profiles are prepared and compared (every normalisation and selection step is pycytominer's).
 
-    normalize: str = "mad_robustize"  # or "none"
+    The default is the Cell Painting recipe: robust z-score per plate to DMSO, then feature selection,
+    median treatment profiles, cosine similarity. `Recipe.preset("cytominer-gallery")` (and
+    `"cytominer-gallery-snf"`) is the published recipe of the cytominer gallery for the Ljosa et al.
+    table (docs/profiles.md): selection on the raw wells (variance, replicate correlation >= 0.5,
+    correlation 0.95), z-score per plate to DMSO, mean treatment profiles, Pearson correlation
+    (then similarity network fusion).
+
+    >>> Recipe.preset("cytominer-gallery-snf").name()
+    'cytominer-gallery-snf'
+    """
+
+    normalize: str = "mad_robustize"  # "mad_robustize", "standardize" or "none"
     feature_select: bool = True
     sphere: bool = False  # ZCA-cor fitted on the control wells (all wells without controls)
     control: str = "DMSO"
+    select_first: bool = False  # select features on the raw wells, before normalising (the gallery's order)
+    replicate_correlation: float | None = None  # drop features whose median replicate Pearson r is below this
+    replicates: int = 3  # ... computed over the treatments with exactly this many wells
+    correlation_threshold: float = 0.9
+    aggregate: str = "median"  # wells -> treatment profile: "median" or "mean"
+    similarity: str = "cosine"  # "cosine" or "pearson"
+    snf: bool = False  # similarity network fusion of the similarity (snfpy; K=20, mu=0.5, t=20)
+    preset: str = ""
+
+    @classmethod
+    def preset_names(cls) -> list[str]:
+        return list(PRESETS)
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "Recipe":
+        if name not in PRESETS:
+            raise CellmorphError(f"unknown profile recipe {name!r}: choose one of {', '.join(PRESETS)}.")
+        return cls(**{**PRESETS[name], **overrides, "preset": name})
+
+    def selection_steps(self) -> list[str]:
+        if not self.feature_select:
+            return []
+        if self.select_first:
+            return ["variance_threshold"] + ([f"replicate_correlation >= {self.replicate_correlation}"] if self.replicate_correlation is not None else []) + [
+                f"correlation_threshold {self.correlation_threshold}", "drop_na_columns (after normalising)"]
+        return [op if op != "correlation_threshold" else f"correlation_threshold {self.correlation_threshold}" for op in FEATURE_SELECTION]
 
     def describe(self) -> str:
-        steps = [f"robust z-score (pycytominer mad_robustize) per plate to its {self.control} wells" if self.normalize == "mad_robustize" else "no normalisation"]
+        how = {"mad_robustize": "robust z-score (pycytominer mad_robustize)", "standardize": "z-score (pycytominer standardize)"}
+        steps = [f"{how[self.normalize]} per plate to its {self.control} wells" if self.normalize in how else "no normalisation"]
         if self.feature_select:
-            steps.append("pycytominer feature_select (" + ", ".join(FEATURE_SELECTION) + ")")
+            steps.append(("feature selection on the raw wells before normalising: " if self.select_first else "pycytominer feature_select (")
+                         + ", ".join(self.selection_steps()) + ("" if self.select_first else ")"))
         if self.sphere:
             steps.append(f"sphering (pycytominer spherize, ZCA-cor, epsilon 1e-6) fitted on the {self.control} wells")
+        steps.append(f"treatment profile = {self.aggregate} of its wells")
+        steps.append(f"{'Pearson correlation' if self.similarity == 'pearson' else 'cosine similarity'}"
+                     + (f", fused by SNF (snfpy; K={SNF_K}, mu={SNF_MU}, t={SNF_T})" if self.snf else ""))
         return "; ".join(steps)
 
     def name(self) -> str:
-        parts = ["robustize" if self.normalize == "mad_robustize" else "raw"] + (["featsel"] if self.feature_select else []) + (["sphere"] if self.sphere else [])
+        if self.preset and self.preset != "default":
+            return self.preset
+        parts = [{"mad_robustize": "robustize", "standardize": "standardize"}.get(self.normalize, "raw")] + (["featsel"] if self.feature_select else []) + (["sphere"] if self.sphere else [])
         return "+".join(parts)
+
+
+PRESETS: dict[str, dict] = {
+    "default": {},
+    "cytominer-gallery": dict(normalize="standardize", select_first=True, replicate_correlation=0.5, correlation_threshold=0.95, aggregate="mean", similarity="pearson"),
+    "cytominer-gallery-snf": dict(normalize="standardize", select_first=True, replicate_correlation=0.5, correlation_threshold=0.95, aggregate="mean", similarity="pearson", snf=True),
+}
 
 
 @dataclass
@@ -336,6 +393,7 @@ class ProfileEvaluation:
     metrics: dict
     treatments: pd.DataFrame  # the processed treatment profiles compared (controls excluded)
     features: list[str] = field(default_factory=list)
+    recipe: Recipe = field(default_factory=Recipe)
 
 
 def _is_control(df: pd.DataFrame, control: str) -> pd.Series:
@@ -371,50 +429,127 @@ def check_profile_table(df: pd.DataFrame, source: str, control: str = "DMSO") ->
     return feats
 
 
+def replicate_correlation(wells: pd.DataFrame, features: list[str], strata: list[str], replicates: int = 3) -> tuple[pd.Series, int]:
+    """Per feature, how well replicate wells agree: cytominer's `replicate_correlation`, which pycytominer
+    does not have. Over the treatments (groups of `strata`) with exactly `replicates` wells, replicate k
+    being a treatment's k-th well in table order, the Pearson correlation across treatments between each
+    pair of replicates; the feature's value is the median over the pairs (NaN for a constant feature).
+    Returns (the values, the number of treatments used).
+
+    >>> r, n = replicate_correlation(wells, feats, ["Metadata_Compound", "Metadata_Concentration"])
+    >>> kept = r.index[~(r < 0.5)]
+    """
+    from itertools import combinations
+
+    size = wells.groupby(strata, sort=False, dropna=False)[features[0]].transform("size")
+    w = wells[size == replicates]
+    if w.empty:
+        raise CellmorphError(f"replicate correlation needs treatments with exactly {replicates} wells; the table has none (group by {strata}).")
+    w = w.assign(_replicate=w.groupby(strata, sort=False, dropna=False).cumcount()).sort_values(strata + ["_replicate"], kind="stable")
+    values = w[features].to_numpy(dtype=np.float64).reshape(-1, replicates, len(features))  # treatments x replicates x features
+    pairs = []
+    with np.errstate(invalid="ignore", divide="ignore"):
+        for i, j in combinations(range(replicates), 2):
+            x = values[:, i] - values[:, i].mean(axis=0)
+            y = values[:, j] - values[:, j].mean(axis=0)
+            pairs.append((x * y).sum(axis=0) / np.sqrt((x * x).sum(axis=0) * (y * y).sum(axis=0)))
+    return pd.Series(np.median(np.stack(pairs), axis=0), index=features), int(values.shape[0])
+
+
+def _select_on_raw_wells(df: pd.DataFrame, features: list[str], recipe: Recipe, info: dict) -> tuple[pd.DataFrame, list[str]]:
+    """The cytominer gallery's selection, on the wells before normalisation: constant features, features
+    whose replicates disagree (median replicate correlation below the threshold), then one feature of
+    each group correlated above `recipe.correlation_threshold`."""
+    from pycytominer import feature_select
+
+    # min_variance 0: only constant features go (the gallery's caret-style variance filter removed none
+    # here; pycytominer's default 1e-6 would drop raw features that merely have small units)
+    df = feature_select(df, features=features, samples="all", operation="variance_threshold", min_variance=0)
+    features = [f for f in features if f in df.columns]
+    steps = {"variance_threshold": len(features)}
+    if recipe.replicate_correlation is not None:
+        strata = [COMPOUND] + ([CONCENTRATION] if CONCENTRATION in df.columns else [])
+        r, n = replicate_correlation(df, features, strata, recipe.replicates)
+        low = [f for f in features if r[f] < recipe.replicate_correlation]  # NaN is kept, as cytominer's filter(median < t) keeps it
+        df = df.drop(columns=low)
+        features = [f for f in features if f not in low]
+        info["replicate_correlation"] = {"treatments": n, "replicates": recipe.replicates, "threshold": recipe.replicate_correlation,
+                                         "dropped": len(low), "undefined": int(r.isna().sum()), "median_over_features": float(np.nanmedian(r.to_numpy()))}
+        steps["replicate_correlation"] = len(features)
+    df = feature_select(df, features=features, samples="all", operation="correlation_threshold", corr_threshold=recipe.correlation_threshold)
+    features = [f for f in features if f in df.columns]
+    steps["correlation_threshold"] = len(features)
+    info["feature_selection"] = {"order": "before normalising", "operations": recipe.selection_steps(), "features_after": steps}
+    return df, features
+
+
+def _normalise(df: pd.DataFrame, features: list[str], recipe: Recipe, n_control: int) -> tuple[pd.DataFrame, str, list[str]]:
+    """Per plate to the plate's control wells (a plate without controls, or a table without any: to all
+    wells). Returns (wells, what was done, features with no z-score: zero spread in some reference)."""
+    from pycytominer import normalize
+
+    method = recipe.normalize
+    if method == "none":
+        return df, "none", []
+    label = {"mad_robustize": "robust z-score (mad_robustize)", "standardize": "z-score (standardize)"}[method]
+    kw = {"mad_robustize_epsilon": MAD_EPSILON} if method == "mad_robustize" else {}
+    meta = [c for c in df.columns if is_metadata(c)]
+    degenerate: set[str] = set()
+
+    def run(g: pd.DataFrame, use_controls: bool) -> pd.DataFrame:
+        ref = g[g["Metadata__Control"]] if use_controls else g
+        if method == "standardize":  # sklearn scales a zero-sd feature by 1 instead of leaving it undefined
+            sd = ref[features].std(axis=0, ddof=0)
+            degenerate.update(sd.index[~(sd > 0)])
+        return normalize(g, features=features, meta_features=meta, samples="Metadata__Control == True" if use_controls else "all", method=method, **kw)
+
+    if n_control == 0:
+        return run(df, False), f"{label} to all {len(df)} wells: no {recipe.control} wells in the table", sorted(degenerate)
+    plates = df.groupby("Metadata_Plate", sort=True) if "Metadata_Plate" in df.columns else [("all", df)]
+    parts, fallback = [], []
+    for plate, g in plates:
+        has = bool(g["Metadata__Control"].any())
+        if not has:
+            fallback.append(str(plate))
+        parts.append(run(g, has))
+    text = f"{label} per plate to its {recipe.control} wells ({n_control} {recipe.control} wells)"
+    if fallback:
+        text += f"; {len(fallback)} plate(s) without {recipe.control} to all their wells: {', '.join(fallback)}"
+    return pd.concat(parts).loc[df.index], text, sorted(degenerate)
+
+
 def prepare_profiles(wells: pd.DataFrame, features: list[str], recipe: Recipe) -> tuple[pd.DataFrame, list[str], dict]:
     """Normalise (per plate, to the plate's control wells; to all wells when the table has none), select
-    features and optionally sphere, all with pycytominer. Returns (wells, features kept, what was done)."""
+    features (after normalising, or before it in the cytominer-gallery order) and optionally sphere, all
+    with pycytominer. Returns (wells, features kept, what was done)."""
     from pycytominer import feature_select, normalize
 
     info: dict = {"features_in": len(features)}
     df = wells.copy()
     df["Metadata__Control"] = _is_control(df, recipe.control)
     n_control = int(df["Metadata__Control"].sum())
-    meta = [c for c in df.columns if is_metadata(c)]
-    query = "Metadata__Control == True"
     # columns with no finite value carry nothing; drop them before anything divides by them
     finite = np.isfinite(df[features].to_numpy(dtype=np.float64))
     features = [f for f, ok in zip(features, finite.any(axis=0)) if ok]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        if recipe.normalize == "mad_robustize":
-            plates = df.groupby("Metadata_Plate", sort=True) if "Metadata_Plate" in df.columns else [("all", df)]
-            if n_control == 0:
-                df = normalize(df, features=features, meta_features=meta, samples="all", method="mad_robustize", mad_robustize_epsilon=MAD_EPSILON)
-                info["normalisation"] = f"robust z-score (mad_robustize) to all {len(df)} wells: no {recipe.control} wells in the table"
-            else:
-                parts, fallback = [], []
-                for plate, g in plates:
-                    has = bool(g["Metadata__Control"].any())
-                    if not has:
-                        fallback.append(str(plate))
-                    parts.append(normalize(g, features=features, meta_features=meta, samples=query if has else "all", method="mad_robustize", mad_robustize_epsilon=MAD_EPSILON))
-                df = pd.concat(parts).loc[df.index]
-                info["normalisation"] = f"robust z-score (mad_robustize) per plate to its {recipe.control} wells ({n_control} {recipe.control} wells)"
-                if fallback:
-                    info["normalisation"] += f"; {len(fallback)} plate(s) without {recipe.control} to all their wells: {', '.join(fallback)}"
-        else:
-            info["normalisation"] = "none"
+        if recipe.feature_select and recipe.select_first:
+            df, features = _select_on_raw_wells(df, features, recipe, info)
+        df, info["normalisation"], degenerate = _normalise(df, features, recipe, n_control)
         values = df[features].to_numpy(dtype=np.float64, copy=True)
-        undefined = ~np.isfinite(values)
-        if recipe.normalize == "mad_robustize" and undefined.any(axis=0).any():
-            # MAD 0 in the reference wells (e.g. a CNN channel that is 0 in most wells): no robust z-score
+        undefined = ~np.isfinite(values) | np.isin(np.array(features), degenerate)[None, :]
+        if recipe.normalize != "none" and undefined.any(axis=0).any():
+            # zero spread (MAD or sd) in the reference wells, e.g. a CNN channel that is 0 in most wells: no z-score
             n = int(undefined.any(axis=0).sum())
-            info["normalisation"] += f"; {n} of {len(features)} features have MAD 0 in the reference wells somewhere (no robust z-score) and are dropped"
+            spread = "MAD" if recipe.normalize == "mad_robustize" else "standard deviation"
+            info["normalisation"] += f"; {n} of {len(features)} features have {spread} 0 in the reference wells somewhere (no z-score) and are dropped"
         values[undefined] = np.nan
         df[features] = values
-        if recipe.feature_select:
-            df = feature_select(df, features=features, samples="all", operation=FEATURE_SELECTION)
+        if recipe.feature_select and recipe.select_first:
+            df = feature_select(df, features=features, samples="all", operation="drop_na_columns")
+            features = [f for f in features if f in df.columns]
+        elif recipe.feature_select:
+            df = feature_select(df, features=features, samples="all", operation=FEATURE_SELECTION, corr_threshold=recipe.correlation_threshold)
             features = [f for f in features if f in df.columns]
             info["feature_selection"] = {"operations": FEATURE_SELECTION, "features_kept": len(features)}
         bad = [f for f in features if not np.isfinite(df[f].to_numpy(dtype=np.float64)).all()]
@@ -424,32 +559,67 @@ def prepare_profiles(wells: pd.DataFrame, features: list[str], recipe: Recipe) -
         if not features:
             raise CellmorphError("no feature is left after normalisation and feature selection (every feature NaN, constant or blocklisted).")
         if recipe.sphere:
-            fit_on = query if n_control else "all"
+            fit_on = "Metadata__Control == True" if n_control else "all"
             df = normalize(df, features=features, meta_features=[c for c in df.columns if is_metadata(c)], samples=fit_on,
                            method="spherize", spherize_method="ZCA-cor", spherize_center=True, spherize_epsilon=1e-6)
             info["sphering"] = f"ZCA-cor (epsilon 1e-6) fitted on {n_control or len(df)} {'control' if n_control else ''} wells".replace("  ", " ")
+    if recipe.select_first and "feature_selection" in info:
+        info["feature_selection"]["features_kept"] = len(features)
     info["features_used"] = len(features)
     return df, features, info
 
 
-def nearest_neighbour_matching(X: np.ndarray, moa, compound, batch=None) -> dict:
-    """NSC (or NSCB with `batch`): each profile's nearest neighbour by cosine similarity among the
-    profiles of other compounds (and other batches), correct when it shares the MoA.
+def similarity_matrix(X: np.ndarray, recipe: Recipe | None = None) -> tuple[np.ndarray, str]:
+    """Treatment-by-treatment similarity: cosine, or Pearson correlation (cosine of the centred profiles),
+    optionally fused by similarity network fusion (snfpy, the Python port of SNFtool, as the cytominer
+    gallery: affinity of 1 - r with K neighbours and mu 0.5, the affinity fused with itself for t rounds).
+    Returns (the matrix, its description).
+
+    >>> S, how = similarity_matrix(X, Recipe.preset("cytominer-gallery-snf"))
+    """
+    recipe = recipe or Recipe()
+    X = np.asarray(X, dtype=np.float64)
+    if recipe.similarity == "pearson":
+        X = X - X.mean(axis=1, keepdims=True)
+    norm = np.linalg.norm(X, axis=1, keepdims=True)
+    U = X / np.where(norm > 0, norm, 1)
+    S = U @ U.T
+    how = "Pearson correlation" if recipe.similarity == "pearson" else "cosine similarity"
+    if recipe.snf:
+        import snf
+
+        k = min(SNF_K, len(X) - 1)
+        if k < 2:
+            raise CellmorphError(f"similarity network fusion needs at least 3 treatment profiles; there are {len(X)}.")
+        aff = snf.compute.affinity_matrix(np.clip(1.0 - S, 0.0, None), K=k, mu=SNF_MU)
+        S = snf.snf(aff, aff, K=k, t=SNF_T)
+        how = f"{how} fused by SNF (snfpy {_version('snfpy')}: affinity_matrix(1 - r, K={k}, mu={SNF_MU}), snf(A, A, K={k}, t={SNF_T}))"
+    return S, how
+
+
+def _version(pkg: str) -> str:
+    from importlib.metadata import version
+
+    return version(pkg)
+
+
+def nearest_neighbour_matching(X: np.ndarray | None, moa, compound, batch=None, similarity: np.ndarray | None = None) -> dict:
+    """NSC (or NSCB with `batch`): each profile's nearest neighbour by cosine similarity (or by the given
+    `similarity` matrix) among the profiles of other compounds (and other batches), correct when it
+    shares the MoA.
 
     A batch value may name several batches joined by "|" (a treatment whose wells span weeks): any
     shared batch excludes the neighbour. Queries left with no candidate are counted apart.
 
     >>> nearest_neighbour_matching(X, moa, compound)["correct"]"""
-    X = np.asarray(X, dtype=np.float64)
-    norm = np.linalg.norm(X, axis=1, keepdims=True)
-    S = (X / np.where(norm > 0, norm, 1)) @ (X / np.where(norm > 0, norm, 1)).T
+    S = similarity if similarity is not None else similarity_matrix(X)[0]
     moa, compound = np.asarray(moa).astype(str), np.asarray(compound).astype(str)
     allowed = compound[:, None] != compound[None, :]
     if batch is not None:
         sets = [set(str(b).split("|")) for b in batch]
         allowed &= np.array([[not (a & b) for b in sets] for a in sets])
     rows, correct, no_candidate = [], 0, 0
-    for i in range(len(X)):
+    for i in range(len(S)):
         cand = np.flatnonzero(allowed[i])
         if cand.size == 0:
             no_candidate += 1
@@ -459,21 +629,31 @@ def nearest_neighbour_matching(X: np.ndarray, moa, compound, batch=None) -> dict
         ok = bool(moa[j] == moa[i])
         correct += ok
         rows.append({"index": i, "neighbour": j, "similarity": float(S[i, j]), "correct": ok})
-    total = len(X) - no_candidate
+    total = len(S) - no_candidate
     return {"correct": correct, "total": total, "accuracy": correct / total if total else None, "no_candidate": no_candidate, "queries": rows}
 
 
-def map_copairs(meta: pd.DataFrame, X: np.ndarray, null_size: int = 10000, seed: int = 0) -> dict:
+def map_copairs(meta: pd.DataFrame, X: np.ndarray, null_size: int = 10000, seed: int = 0, distance: str = "cosine",
+                similarity: np.ndarray | None = None) -> dict:
     """mAP of MoA retrieval by copairs: per query, average precision of ranking the other compounds'
-    profiles of its MoA (positives) above the other MoAs' (negatives) by cosine similarity."""
+    profiles of its MoA (positives) above the other MoAs' (negatives) by cosine similarity (copairs'
+    `distance`, e.g. "correlation"), or by a precomputed `similarity` matrix (e.g. SNF's), which copairs
+    reads through a callable over row indices."""
     from importlib.metadata import version
 
     from copairs.map import average_precision, mean_average_precision
 
     m = meta[[MOA, COMPOUND]].astype(str).reset_index(drop=True)
+    feats = np.asarray(X, dtype=np.float64)
+    how = distance
+    if similarity is not None:
+        S = np.asarray(similarity, dtype=np.float64)
+        feats = np.arange(len(S), dtype=np.float64)[:, None]
+        distance = lambda x, y: S[x[:, 0].astype(np.int64), y[:, 0].astype(np.int64)]  # noqa: E731
+        how = "a precomputed similarity matrix"
     try:
-        ap = average_precision(m, np.asarray(X, dtype=np.float64), pos_sameby=[MOA], pos_diffby=[COMPOUND], neg_sameby=[], neg_diffby=[MOA],
-                               distance="cosine", progress_bar=False)
+        ap = average_precision(m, feats, pos_sameby=[MOA], pos_diffby=[COMPOUND], neg_sameby=[], neg_diffby=[MOA],
+                               distance=distance, progress_bar=False)
     except Exception as err:  # copairs raises UnpairedException (and others) when no pair can be formed
         raise CellmorphError(f"copairs could not form pairs for mAP ({type(err).__name__}: {err}): every MoA needs profiles of 2 compounds.") from None
     scored = ap[ap["n_pos_pairs"] > 0]
@@ -486,7 +666,7 @@ def map_copairs(meta: pd.DataFrame, X: np.ndarray, null_size: int = 10000, seed:
         "n_pos_pairs": [int(v) for v in ap["n_pos_pairs"]],
         "per_moa": {r[MOA]: {"map": float(r["mean_average_precision"]), "p_value": float(r["p_value"]), "corrected_p_value": float(r["corrected_p_value"]),
                              "below_p": bool(r["below_corrected_p"])} for _, r in per_moa.iterrows()},
-        "method": f"copairs {version('copairs')} copairs.map.average_precision (cosine; pos_sameby=[{MOA}], pos_diffby=[{COMPOUND}], "
+        "method": f"copairs {version('copairs')} copairs.map.average_precision ({how}; pos_sameby=[{MOA}], pos_diffby=[{COMPOUND}], "
                   f"neg_diffby=[{MOA}]); per-MoA copairs.map.mean_average_precision (null_size={null_size}, threshold 0.05, seed {seed})",
     }
 
@@ -497,7 +677,8 @@ def evaluate_profiles(profiles: pd.DataFrame, recipe: Recipe | None = None, sour
 
     Rows are first aggregated to wells (median per plate and well, when those columns exist), then
     normalised and selected (`prepare_profiles`), then aggregated to treatments (median of wells per
-    compound and concentration). Control (DMSO) and unlabelled treatments are neither queries nor neighbours.
+    compound and concentration; the mean in the cytominer-gallery recipe), then compared by the recipe's
+    similarity. Control (DMSO) and unlabelled treatments are neither queries nor neighbours.
 
     Example:
         >>> ev = evaluate_profiles(pd.read_parquet("runs/quickstart/profiles_well.parquet"))
@@ -523,11 +704,13 @@ def evaluate_profiles(profiles: pd.DataFrame, recipe: Recipe | None = None, sour
     has_batch = BATCH in scored_wells.columns
     if has_batch:
         meta[BATCH] = groups[BATCH].agg(lambda s: "|".join(sorted(set(map(str, s)))))
-    treat = pd.concat([pd.DataFrame(meta), groups[used].median()], axis=1).reset_index()
+    profiles_of = groups[used].mean() if recipe.aggregate == "mean" else groups[used].median()
+    treat = pd.concat([pd.DataFrame(meta), profiles_of], axis=1).reset_index()
     X = treat[used].to_numpy(dtype=np.float64)
-    nsc = nearest_neighbour_matching(X, treat[MOA], treat[COMPOUND])
-    nscb = nearest_neighbour_matching(X, treat[MOA], treat[COMPOUND], treat[BATCH]) if has_batch else None
-    mp = map_copairs(treat, X)
+    S, sim = similarity_matrix(X, recipe)
+    nsc = nearest_neighbour_matching(None, treat[MOA], treat[COMPOUND], similarity=S)
+    nscb = nearest_neighbour_matching(None, treat[MOA], treat[COMPOUND], treat[BATCH], similarity=S) if has_batch else None
+    mp = map_copairs(treat, X, similarity=S) if recipe.snf else map_copairs(treat, X, distance="correlation" if recipe.similarity == "pearson" else "cosine")
     label = lambda i: None if i is None else {k: (v.item() if hasattr(v, "item") else v) for k, v in treat.loc[i, tkeys + [MOA]].items()}  # noqa: E731
     for res in (nsc, nscb):
         if res is not None:
@@ -543,12 +726,13 @@ def evaluate_profiles(profiles: pd.DataFrame, recipe: Recipe | None = None, sour
                    "compounds": int(treat[COMPOUND].nunique()), "moas": int(treat[MOA].nunique()),
                    "batches": int(scored_wells[BATCH].nunique()) if has_batch else None},
         "preparation": info,
-        "nsc": {"protocol": "1-NN by cosine similarity among treatment profiles of other compounds (Ljosa et al. 2013)", **nsc},
-        "nscb": ({"protocol": f"1-NN by cosine similarity among treatment profiles of other compounds and other batches ({BATCH})", **nscb} if nscb is not None
+        "similarity": sim,
+        "nsc": {"protocol": f"1-NN by {sim} among treatment profiles of other compounds (Ljosa et al. 2013)", **nsc},
+        "nscb": ({"protocol": f"1-NN by {sim} among treatment profiles of other compounds and other batches ({BATCH})", **nscb} if nscb is not None
                  else {"protocol": f"not computed: the table has no {BATCH} column", "correct": None, "total": None, "accuracy": None}),
         "map": {"protocol": "copairs mAP of MoA retrieval among treatment profiles: positives same MoA and other compound, negatives other MoA", **mp},
     }
-    return ProfileEvaluation(metrics, treat, used)
+    return ProfileEvaluation(metrics, treat, used, recipe)
 
 
 def plot_profiles(path: Path, ev: ProfileEvaluation, title: str) -> None:
@@ -563,7 +747,9 @@ def plot_profiles(path: Path, ev: ProfileEvaluation, title: str) -> None:
 
     t, m = ev.treatments, ev.metrics
     X = t[ev.features].to_numpy(dtype=np.float64)
-    X = X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)  # the cosine geometry the metrics use
+    if ev.recipe.similarity == "pearson":
+        X = X - X.mean(axis=1, keepdims=True)
+    X = X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)  # the cosine (or correlation) geometry the metrics use
     pca = PCA(n_components=2, random_state=0).fit(X)
     xy = pca.transform(X)
     moas = sorted(t[MOA].astype(str).unique())
