@@ -13,7 +13,7 @@ Two steps, each usable on its own:
                ZCA-cor), then treatment profiles (median of wells) and, or the cytominer gallery's
                published recipe for the Ljosa table (`Recipe.preset("cytominer-gallery[-snf]")`:
                selection on raw wells incl. replicate correlation, z-score to DMSO, mean profiles,
-               Pearson correlation, optionally similarity network fusion by snfpy),
+               Pearson correlation, optionally similarity network fusion),
                  NSC / NSCB  1-nearest-neighbour MoA matching by cosine similarity, the neighbour drawn
                              from other compounds (NSC) or other compounds and other batches (NSCB)
                              (Ljosa et al. 2013; Ando et al. 2017). No maintained library computes
@@ -340,7 +340,7 @@ class Recipe:
     correlation_threshold: float = 0.9
     aggregate: str = "median"  # wells -> treatment profile: "median" or "mean"
     similarity: str = "cosine"  # "cosine" or "pearson"
-    snf: bool = False  # similarity network fusion of the similarity (snfpy; K=20, mu=0.5, t=20)
+    snf: bool = False  # similarity network fusion of the similarity (SNFtool's algorithm; K=20, sigma=0.5, t=20)
     preset: str = ""
 
     @classmethod
@@ -371,7 +371,7 @@ class Recipe:
             steps.append(f"sphering (pycytominer spherize, ZCA-cor, epsilon 1e-6) fitted on the {self.control} wells")
         steps.append(f"treatment profile = {self.aggregate} of its wells")
         steps.append(f"{'Pearson correlation' if self.similarity == 'pearson' else 'cosine similarity'}"
-                     + (f", fused by SNF (snfpy; K={SNF_K}, mu={SNF_MU}, t={SNF_T})" if self.snf else ""))
+                     + (f", fused by SNF (K={SNF_K}, sigma={SNF_MU}, t={SNF_T})" if self.snf else ""))
         return "; ".join(steps)
 
     def name(self) -> str:
@@ -569,11 +569,61 @@ def prepare_profiles(wells: pd.DataFrame, features: list[str], recipe: Recipe) -
     return df, features, info
 
 
+def snf_affinity(dist: np.ndarray, K: int = SNF_K, mu: float = SNF_MU) -> np.ndarray:
+    """SNFtool's `affinityMatrix(diff, K, sigma)`: a scaled exponential kernel of a distance matrix whose
+    width for a pair is mu times the mean of (the two points' mean distance to their K nearest
+    neighbours, twice, and their own distance) (Wang et al., Nat Methods 2014).
+
+    >>> A = snf_affinity(1 - pearson_r)"""
+    from scipy.stats import norm
+
+    eps = np.finfo(np.float64).eps
+    d = (dist + dist.T) / 2
+    np.fill_diagonal(d, 0.0)
+    means = np.sort(d, axis=1)[:, 1:K + 1].mean(axis=1) + eps
+    sig = (means[:, None] + means[None, :]) / 3 + d / 3 + eps
+    sig[sig <= eps] = eps
+    dens = norm.pdf(d, loc=0.0, scale=mu * sig)
+    return (dens + dens.T) / 2
+
+
+def snf_fuse(*affinities: np.ndarray, K: int = SNF_K, t: int = SNF_T) -> np.ndarray:
+    """SNFtool 2.3.0's `SNF(Wall, K, t)`: each network diffused through the K-nearest-neighbour graphs of
+    the others for t rounds, then averaged (Wang et al., Nat Methods 2014). Our port of the R code the
+    cytominer gallery ran: snfpy 0.2.2, the only Python port on PyPI, is unmaintained and fails with
+    scikit-learn >= 1.8 (`check_array(force_all_finite=...)` was removed), and normalises slightly
+    differently from SNFtool.
+
+    >>> W = snf_fuse(A, A, K=20, t=20)"""
+
+    def normalise(X):
+        off = X.sum(axis=1) - np.diag(X)
+        off[off == 0] = 1.0
+        X = X / (2 * off[:, None])
+        np.fill_diagonal(X, 0.5)
+        return (X + X.T) / 2
+
+    def dominate(X):  # keep each row's K largest entries, rows summing to 1
+        A = np.zeros_like(X)
+        top = np.argsort(X, axis=1, kind="stable")[:, -K:]
+        np.put_along_axis(A, top, np.take_along_axis(X, top, axis=1), axis=1)
+        return A / A.sum(axis=1, keepdims=True)
+
+    if len(affinities) < 2:
+        raise CellmorphError("SNF fuses at least two networks (the cytominer gallery fuses the affinity with itself).")
+    W = [normalise(np.asarray(a, dtype=np.float64)) for a in affinities]
+    local = [dominate(w) for w in W]
+    for _ in range(t):
+        nxt = [local[j] @ (sum(W[k] for k in range(len(W)) if k != j) / (len(W) - 1)) @ local[j].T for j in range(len(W))]
+        W = [normalise(x) for x in nxt]
+    fused = normalise(sum(W) / len(W))
+    return (fused + fused.T + np.eye(len(fused))) / 2
+
+
 def similarity_matrix(X: np.ndarray, recipe: Recipe | None = None) -> tuple[np.ndarray, str]:
     """Treatment-by-treatment similarity: cosine, or Pearson correlation (cosine of the centred profiles),
-    optionally fused by similarity network fusion (snfpy, the Python port of SNFtool, as the cytominer
-    gallery: affinity of 1 - r with K neighbours and mu 0.5, the affinity fused with itself for t rounds).
-    Returns (the matrix, its description).
+    optionally fused by similarity network fusion as the cytominer gallery does (`snf_affinity(1 - r,
+    K=20, mu=0.5)` fused with itself, `snf_fuse(A, A, K=20, t=20)`). Returns (the matrix, its description).
 
     >>> S, how = similarity_matrix(X, Recipe.preset("cytominer-gallery-snf"))
     """
@@ -586,21 +636,13 @@ def similarity_matrix(X: np.ndarray, recipe: Recipe | None = None) -> tuple[np.n
     S = U @ U.T
     how = "Pearson correlation" if recipe.similarity == "pearson" else "cosine similarity"
     if recipe.snf:
-        import snf
-
         k = min(SNF_K, len(X) - 1)
         if k < 2:
             raise CellmorphError(f"similarity network fusion needs at least 3 treatment profiles; there are {len(X)}.")
-        aff = snf.compute.affinity_matrix(np.clip(1.0 - S, 0.0, None), K=k, mu=SNF_MU)
-        S = snf.snf(aff, aff, K=k, t=SNF_T)
-        how = f"{how} fused by SNF (snfpy {_version('snfpy')}: affinity_matrix(1 - r, K={k}, mu={SNF_MU}), snf(A, A, K={k}, t={SNF_T}))"
+        A = snf_affinity(1.0 - S, K=k, mu=SNF_MU)
+        S = snf_fuse(A, A, K=k, t=SNF_T)
+        how = f"{how} fused by SNF (SNFtool 2.3.0's affinityMatrix(1 - r, K={k}, sigma={SNF_MU}) and SNF(list(A, A), K={k}, t={SNF_T}), ported to numpy)"
     return S, how
-
-
-def _version(pkg: str) -> str:
-    from importlib.metadata import version
-
-    return version(pkg)
 
 
 def nearest_neighbour_matching(X: np.ndarray | None, moa, compound, batch=None, similarity: np.ndarray | None = None) -> dict:
