@@ -341,6 +341,7 @@ class Recipe:
     aggregate: str = "median"  # wells -> treatment profile: "median" or "mean"
     similarity: str = "cosine"  # "cosine" or "pearson"
     snf: bool = False  # similarity network fusion of the similarity (SNFtool's algorithm; K=20, sigma=0.5, t=20)
+    snf_update: str = "2.2"  # SNFtool <= 2.2's update (what the gallery ran) or "2.3" (SNFtool >= 2.2.1)
     preset: str = ""
 
     @classmethod
@@ -371,12 +372,12 @@ class Recipe:
             steps.append(f"sphering (pycytominer spherize, ZCA-cor, epsilon 1e-6) fitted on the {self.control} wells")
         steps.append(f"treatment profile = {self.aggregate} of its wells")
         steps.append(f"{'Pearson correlation' if self.similarity == 'pearson' else 'cosine similarity'}"
-                     + (f", fused by SNF (K={SNF_K}, sigma={SNF_MU}, t={SNF_T})" if self.snf else ""))
+                     + (f", fused by SNF (SNFtool {'<= 2.2' if self.snf_update == '2.2' else '>= 2.2.1'} update; K={SNF_K}, sigma={SNF_MU}, t={SNF_T})" if self.snf else ""))
         return "; ".join(steps)
 
     def name(self) -> str:
         if self.preset and self.preset != "default":
-            return self.preset
+            return self.preset + ("+snftool2.3" if self.snf and self.snf_update == "2.3" else "")
         parts = [{"mad_robustize": "robustize", "standardize": "standardize"}.get(self.normalize, "raw")] + (["featsel"] if self.feature_select else []) + (["sphere"] if self.sphere else [])
         return "+".join(parts)
 
@@ -587,36 +588,52 @@ def snf_affinity(dist: np.ndarray, K: int = SNF_K, mu: float = SNF_MU) -> np.nda
     return (dens + dens.T) / 2
 
 
-def snf_fuse(*affinities: np.ndarray, K: int = SNF_K, t: int = SNF_T) -> np.ndarray:
-    """SNFtool 2.3.0's `SNF(Wall, K, t)`: each network diffused through the K-nearest-neighbour graphs of
-    the others for t rounds, then averaged (Wang et al., Nat Methods 2014). Our port of the R code the
-    cytominer gallery ran: snfpy 0.2.2, the only Python port on PyPI, is unmaintained and fails with
-    scikit-learn >= 1.8 (`check_array(force_all_finite=...)` was removed), and normalises slightly
-    differently from SNFtool.
+def snf_fuse(*affinities: np.ndarray, K: int = SNF_K, t: int = SNF_T, update: str = "2.2") -> np.ndarray:
+    """SNFtool's `SNF(Wall, K, t)`: each network diffused through the K-nearest-neighbour graphs of the
+    others for t rounds, then averaged (Wang et al., Nat Methods 2014). Two lineages of the R code:
+
+      update "2.2"  SNFtool <= 2.2 (and Wang's MATLAB, snfpy): rows normalised to sum 1 once, and after
+                    each round the identity added (`Wall[[j]] = nextW[[j]] + diag(n)`). The cytominer
+                    gallery's SNF result (rendered 2017-10-03) was computed with it.
+      update "2.3"  SNFtool >= 2.2.1 (2017-11-24): after each round the rows renormalised with self-weight
+                    1/2 (`normalize(X) = X / (2 (rowSums(X) - diag(X))); diag(X) <- 0.5`).
+
+    Our numpy port of the R code: snfpy 0.2.2, the only Python port on PyPI, is unmaintained and fails
+    with scikit-learn >= 1.8 (`check_array(force_all_finite=...)` was removed).
 
     >>> W = snf_fuse(A, A, K=20, t=20)"""
+    if update not in ("2.2", "2.3"):
+        raise CellmorphError(f"SNF update {update!r}: choose 2.2 (SNFtool <= 2.2) or 2.3 (SNFtool >= 2.2.1).")
 
-    def normalise(X):
+    def symmetric(X):
+        return (X + X.T) / 2
+
+    def rows_to_one(X):
+        return X / X.sum(axis=1, keepdims=True)
+
+    def half_self(X):  # SNFtool >= 2.2.1's normalize
         off = X.sum(axis=1) - np.diag(X)
         off[off == 0] = 1.0
         X = X / (2 * off[:, None])
         np.fill_diagonal(X, 0.5)
-        return (X + X.T) / 2
+        return X
 
-    def dominate(X):  # keep each row's K largest entries, rows summing to 1
+    def dominate(X):  # .dominateset: keep each row's K largest entries, rows summing to 1
         A = np.zeros_like(X)
         top = np.argsort(X, axis=1, kind="stable")[:, -K:]
         np.put_along_axis(A, top, np.take_along_axis(X, top, axis=1), axis=1)
-        return A / A.sum(axis=1, keepdims=True)
+        return rows_to_one(A)
 
     if len(affinities) < 2:
         raise CellmorphError("SNF fuses at least two networks (the cytominer gallery fuses the affinity with itself).")
-    W = [normalise(np.asarray(a, dtype=np.float64)) for a in affinities]
+    normalise = rows_to_one if update == "2.2" else half_self
+    W = [symmetric(normalise(np.asarray(a, dtype=np.float64))) for a in affinities]
     local = [dominate(w) for w in W]
+    n = len(W)
     for _ in range(t):
-        nxt = [local[j] @ (sum(W[k] for k in range(len(W)) if k != j) / (len(W) - 1)) @ local[j].T for j in range(len(W))]
-        W = [normalise(x) for x in nxt]
-    fused = normalise(sum(W) / len(W))
+        nxt = [local[j] @ (sum(W[k] for k in range(n) if k != j) / (n - 1)) @ local[j].T for j in range(n)]
+        W = [symmetric(x + np.eye(len(x))) if update == "2.2" else symmetric(half_self(x)) for x in nxt]
+    fused = normalise(sum(W) / n)
     return (fused + fused.T + np.eye(len(fused))) / 2
 
 
@@ -640,8 +657,9 @@ def similarity_matrix(X: np.ndarray, recipe: Recipe | None = None) -> tuple[np.n
         if k < 2:
             raise CellmorphError(f"similarity network fusion needs at least 3 treatment profiles; there are {len(X)}.")
         A = snf_affinity(1.0 - S, K=k, mu=SNF_MU)
-        S = snf_fuse(A, A, K=k, t=SNF_T)
-        how = f"{how} fused by SNF (SNFtool 2.3.0's affinityMatrix(1 - r, K={k}, sigma={SNF_MU}) and SNF(list(A, A), K={k}, t={SNF_T}), ported to numpy)"
+        S = snf_fuse(A, A, K=k, t=SNF_T, update=recipe.snf_update)
+        version = "<= 2.2" if recipe.snf_update == "2.2" else ">= 2.2.1"
+        how = f"{how} fused by SNF (SNFtool {version}: affinityMatrix(1 - r, K={k}, sigma={SNF_MU}), SNF(list(A, A), K={k}, t={SNF_T}); numpy port)"
     return S, how
 
 
