@@ -10,7 +10,8 @@ Representations (one JSON line per representation and recipe, every variant that
   - CellProfiler per-well means of Ljosa et al. 2013 on the same 55 treatments (with the DMSO wells of
     their plates), and on all 103 treatments / 12 MoAs.
 Recipes: none (raw profiles, the baseline); robust z-score per plate to DMSO (to all wells where the table has no DMSO), with/without
-pycytominer feature selection, with/without ZCA-cor sphering fitted on DMSO (all wells without DMSO).
+pycytominer feature selection, with/without ZCA-cor sphering fitted on DMSO (all wells without DMSO); the cytominer gallery's
+published recipe without and with similarity network fusion (SNFtool >= 2.2.1's update, then <= 2.2's, the one the gallery ran).
 Also one timing line: `cellmorph embed` on the quickstart run vs the quickstart's feature step.
 """
 
@@ -29,7 +30,9 @@ import pandas as pd
 
 REPO = Path(__file__).resolve().parents[1]
 DEVICE = "this project's 2-core x86_64 CPU, shared with other jobs"
-RECIPES = [dict(normalize="none", feature_select=False), dict(feature_select=False), dict(feature_select=True), dict(feature_select=False, sphere=True), dict(feature_select=True, sphere=True)]
+# every recipe that was ever run on these tables (docs/profiles.md says in which order and why)
+RECIPES = [dict(normalize="none", feature_select=False), dict(feature_select=False), dict(feature_select=True), dict(feature_select=False, sphere=True), dict(feature_select=True, sphere=True),
+           dict(preset="cytominer-gallery"), dict(preset="cytominer-gallery-snf", snf_update="2.3"), dict(preset="cytominer-gallery-snf")]
 
 
 def row(representation: str, m: dict | None, **extra) -> dict:
@@ -39,8 +42,9 @@ def row(representation: str, m: dict | None, **extra) -> dict:
     c, nsc, nscb, mp = m["counts"], m["nsc"], m["nscb"], m["map"]
     r3 = lambda x: None if x is None else round(x, 4)  # noqa: E731
     return {**base, "recipe": m["recipe_name"], "treatments": c["treatments"], "moas": c["moas"], "compounds": c["compounds"],
-            "nsc": r3(nsc["accuracy"]), "nsc_correct": nsc["correct"], "nsc_total": nsc["total"],
-            "nscb": r3(nscb["accuracy"]), "nscb_correct": nscb["correct"], "nscb_total": nscb["total"],
+            "nsc": r3(nsc["accuracy"]), "nsc_correct": nsc["correct"], "nsc_total": nsc["total"], "nsc_ci95": [r3(v) for v in nsc.get("ci95") or []] or None,
+            "nscb": r3(nscb["accuracy"]), "nscb_correct": nscb["correct"], "nscb_total": nscb["total"], "nscb_ci95": [r3(v) for v in nscb.get("ci95") or []] or None,
+            "similarity": m.get("similarity"),
             "map": r3(mp["mean"]), "map_queries": mp["queries"], "wells": c["wells"], "control_wells": c["control_wells"],
             "features_used": m["preparation"]["features_used"], "normalisation": m["preparation"]["normalisation"], **extra}
 
@@ -87,7 +91,9 @@ def main() -> None:
               ("CellProfiler per-well means (Ljosa et al. 2013), all 103 treatments", ljosa)]
     for name, df in tables:
         for kw in RECIPES:
-            ev = evaluate_profiles(df, Recipe(**kw), source=name, representation=name)
+            kw = dict(kw)
+            recipe = Recipe.preset(kw.pop("preset"), **kw) if "preset" in kw else Recipe(**kw)
+            ev = evaluate_profiles(df, recipe, source=name, representation=name)
             print(json.dumps(row(name, ev.metrics)), flush=True)
         if name.startswith("frozen"):
             print(json.dumps(row("fine-tuned EfficientNet-Lite0 fold-model embeddings, 6-MoA subset", None,

@@ -95,6 +95,65 @@ def test_evaluate_profiles_small_table_counts():
     assert len(m["map"]["per_query"]) == 4 and set(m) >= {"nsc", "nscb", "map"}
 
 
+def test_replicate_correlation_by_hand():
+    from cellmorph.profiles import replicate_correlation
+
+    # 4 treatments x 3 replicate wells (replicate k = a treatment's k-th row); "good" repeats across
+    # replicates up to a small shift, "bad" is reversed in replicate 2, so its 3 pairwise r are 1, -1, -1;
+    # treatment t4 has only 2 wells and is left out, as cytominer leaves out groups of another size
+    good = {"t0": [0, 0.1, 0], "t1": [1, 1.1, 1], "t2": [2, 2.1, 2], "t3": [3, 3.1, 3]}
+    bad = {"t0": [0, 0, 3], "t1": [1, 1, 2], "t2": [2, 2, 1], "t3": [3, 3, 0]}
+    rows = [{"Metadata_Compound": t, "Metadata_Concentration": 1.0, "Cells_good": good[t][k], "Cells_bad": bad[t][k]} for k in range(3) for t in good]
+    rows += [{"Metadata_Compound": "t4", "Metadata_Concentration": 1.0, "Cells_good": 50.0, "Cells_bad": -50.0}] * 2
+    df = pd.DataFrame(rows)
+    r, n = replicate_correlation(df, ["Cells_good", "Cells_bad"], ["Metadata_Compound", "Metadata_Concentration"], 3)
+    assert n == 4
+    assert r["Cells_good"] == pytest.approx(1.0) and r["Cells_bad"] == pytest.approx(-1.0)
+
+
+def test_snf_updates_fuse_two_clusters_and_differ():
+    from cellmorph.profiles import snf_affinity, snf_fuse
+
+    rng = np.random.default_rng(0)
+    X = np.concatenate([rng.normal(0, 1, (25, 8)) + 2, rng.normal(0, 1, (25, 8)) - 2])
+    D = ((X[:, None] - X[None]) ** 2).sum(-1)
+    A = snf_affinity(D, K=10)
+    assert np.allclose(A, A.T) and (A > 0).all()
+    fused = {u: snf_fuse(A, A, K=10, t=20, update=u) for u in ("2.2", "2.3")}
+    for W in fused.values():
+        assert np.allclose(W, W.T)
+        within = np.r_[W[:25, :25][np.triu_indices(25, 1)], W[25:, 25:][np.triu_indices(25, 1)]].mean()
+        assert within > 10 * W[:25, 25:].mean()  # the diffusion concentrates similarity inside each cluster
+    assert not np.allclose(fused["2.2"], fused["2.3"])  # the two SNFtool lineages are different updates
+    with pytest.raises(Exception, match="2.2"):
+        snf_fuse(A, A, update="2.1")
+
+
+def test_recipe_presets_and_names():
+    g = Recipe.preset("cytominer-gallery-snf")
+    assert (g.normalize, g.aggregate, g.similarity, g.snf, g.snf_update, g.replicate_correlation, g.correlation_threshold) == ("standardize", "mean", "pearson", True, "2.2", 0.5, 0.95)
+    assert g.name() == "cytominer-gallery-snf" and Recipe.preset("default").name() == Recipe().name() == "robustize+featsel"
+    assert Recipe.preset("cytominer-gallery-snf", snf_update="2.3").name() == "cytominer-gallery-snf(snf_update=2.3)"  # a changed preset says so
+    with pytest.raises(Exception, match="cytominer-gallery"):
+        Recipe.preset("nope")
+
+
+def test_gallery_recipe_uses_means_and_pearson():
+    wells = pd.concat([_wells(moas=("X", "X", "Y", "Y", "Z", "Z"), seed=s).assign(Metadata_Plate=f"P{s}") for s in range(3)], ignore_index=True)
+    wells["Metadata_Well"] = [f"W{i}" for i in range(len(wells))]
+    ev = evaluate_profiles(wells, Recipe.preset("cytominer-gallery", replicate_correlation=None))
+    feats = ev.features
+    # no controls: z-scored to all wells of the table (one group), then the treatment profile is the mean of its wells
+    z = wells[feats].sub(wells[feats].mean()).div(wells[feats].std(ddof=0))
+    expected = z.assign(c=wells["Metadata_Compound"]).groupby("c")[feats].mean()
+    got = ev.treatments.set_index("Metadata_Compound")[feats]
+    assert np.allclose(got.loc[expected.index].to_numpy(), expected.to_numpy())
+    assert ev.metrics["similarity"] == "Pearson correlation" and "correlation" in ev.metrics["map"]["method"]
+    snf = evaluate_profiles(wells, Recipe.preset("cytominer-gallery-snf", replicate_correlation=None))
+    assert "SNF" in snf.metrics["similarity"] and "precomputed similarity" in snf.metrics["map"]["method"]
+    assert snf.metrics["nsc"]["ci95"][0] <= snf.metrics["nsc"]["accuracy"] <= snf.metrics["nsc"]["ci95"][1]
+
+
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "cellmorph", *args], capture_output=True, text=True, cwd=cwd, env={**os.environ})
 
@@ -151,6 +210,24 @@ def test_ljosa_table_end_to_end_counts(ljosa, tmp_path):
     assert m["map"]["queries"] + m["map"]["queries_without_positive"] == 103 and len(m["map"]["per_moa"]) == 12
     assert "per plate to its DMSO wells (330 DMSO wells)" in m["preparation"]["normalisation"]
     assert 0 < m["preparation"]["feature_selection"]["features_kept"] < 516
+
+
+@pytest.mark.realdata
+@pytest.mark.slow
+def test_ljosa_table_gallery_recipe_through_the_cli(data_dir, tmp_path):
+    meta = data_dir / "bbbc021-metadata"
+    r = _cli("profiles", "evaluate", str(meta / "ljosa_jbiomolscreen_2013_per_well_mean.csv.gz"), "--bbbc021-metadata", str(meta),
+             "--recipe", "cytominer-gallery-snf", "--out", str(tmp_path / "ljosa"), cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    m = json.loads((tmp_path / "ljosa" / "profile_metrics.json").read_text())
+    assert m["recipe_name"] == "cytominer-gallery-snf" and "SNF" in m["similarity"]
+    sel = m["preparation"]["feature_selection"]["features_after"]
+    assert 516 >= sel["variance_threshold"] >= sel["replicate_correlation"] >= sel["correlation_threshold"] > 0
+    # replicate correlation is computed over the treatments with exactly 3 wells (96 of the 103)
+    assert m["preparation"]["replicate_correlation"]["treatments"] == 96
+    assert "z-score (standardize) per plate to its DMSO wells (330 DMSO wells)" in m["preparation"]["normalisation"]
+    assert m["nsc"]["total"] == 103 and m["counts"]["moas"] == 12 and len(m["nsc"]["ci95"]) == 2
+    assert f"/{m['nsc']['total']};" in (r.stdout + r.stderr) and (tmp_path / "ljosa" / "profiles.png").stat().st_size > 10_000
 
 
 @pytest.fixture(scope="module")

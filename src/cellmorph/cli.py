@@ -229,21 +229,25 @@ def profiles_evaluate(
     profiles: Path = typer.Argument(..., help="Per-well profiles: a run folder after `cellmorph embed`, or a parquet/CSV table (Metadata_Compound, Metadata_MoA, Metadata_Plate/Well, features)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for profile_metrics.json and profiles.png (default: the run folder, whose report.html then shows them)."),
     bbbc021_metadata: Optional[Path] = typer.Option(None, "--bbbc021-metadata", help="Annotate a BBBC021 table keyed by plate/well (e.g. Ljosa et al.'s CellProfiler per-well means) from this folder's BBBC021_v1_image.csv.gz and BBBC021_v1_moa.csv."),
-    normalize: str = typer.Option("mad_robustize", "--normalize", help="mad_robustize (robust z-score per plate to its DMSO wells; to all wells without DMSO) or none."),
-    feature_select: bool = typer.Option(True, "--feature-select/--no-feature-select", help="pycytominer feature_select: variance_threshold, correlation_threshold, drop_na_columns, blocklist."),
-    sphere: bool = typer.Option(False, "--sphere/--no-sphere", help="Sphering (pycytominer ZCA-cor) fitted on the DMSO wells, after feature selection."),
+    recipe: str = typer.Option("default", "--recipe", help="default (robust z-score per plate to DMSO, pycytominer feature selection, median treatment profiles, cosine), "
+                               "cytominer-gallery (the cytominer gallery's published recipe for the Ljosa table: selection on raw wells incl. replicate correlation >= 0.5, "
+                               "z-score per plate to DMSO, mean treatment profiles, Pearson correlation) or cytominer-gallery-snf (the same, then similarity network fusion). See docs/profiles.md."),
+    normalize: Optional[str] = typer.Option(None, "--normalize", help="Override the recipe's normalisation: mad_robustize (robust z-score per plate to its DMSO wells; to all wells without DMSO), standardize (z-score) or none."),
+    feature_select: Optional[bool] = typer.Option(None, "--feature-select/--no-feature-select", help="Override the recipe's feature selection (default recipe: pycytominer variance_threshold, correlation_threshold, drop_na_columns, blocklist)."),
+    sphere: Optional[bool] = typer.Option(None, "--sphere/--no-sphere", help="Sphering (pycytominer ZCA-cor) fitted on the DMSO wells, after feature selection (off in every recipe)."),
     control: str = typer.Option("DMSO", "--control", help="The control's name in Metadata_Compound or Metadata_MoA."),
     name: Optional[str] = typer.Option(None, "--name", help="Name of the representation in the results (default: the file's name)."),
 ) -> None:
-    """NSC and NSCB (1-NN cosine, not-same-compound / -or-batch) and copairs mAP of treatment profiles by MoA.
+    """NSC and NSCB (1-NN, not-same-compound / -or-batch; cosine, or the recipe's similarity) and copairs mAP of treatment profiles by MoA.
 
-    Example: cellmorph profiles evaluate ljosa_jbiomolscreen_2013_per_well_mean.csv.gz --bbbc021-metadata DIR --out runs/ljosa
+    Example: cellmorph profiles evaluate ljosa_jbiomolscreen_2013_per_well_mean.csv.gz --bbbc021-metadata DIR --out runs/ljosa --recipe cytominer-gallery-snf
     """
     from cellmorph.profiles import Recipe, evaluate, summary_line
 
-    if normalize not in ("mad_robustize", "none"):
-        raise CellmorphError(f"--normalize {normalize!r}: choose mad_robustize or none.")
-    ev = evaluate(profiles, out, Recipe(normalize=normalize, feature_select=feature_select, sphere=sphere, control=control), bbbc021_metadata, name)
+    if normalize is not None and normalize not in ("mad_robustize", "standardize", "none"):
+        raise CellmorphError(f"--normalize {normalize!r}: choose mad_robustize, standardize or none.")
+    overrides = {k: v for k, v in dict(normalize=normalize, feature_select=feature_select, sphere=sphere).items() if v is not None}
+    ev = evaluate(profiles, out, Recipe.preset(recipe, control=control, **overrides), bbbc021_metadata, name)
     console.print(summary_line(ev.metrics), highlight=False, markup=False)
     where = out if out is not None else (profiles if profiles.is_dir() else profiles.parent)
     console.print(f"written: {where}/profile_metrics.json, profiles.png")

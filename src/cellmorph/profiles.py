@@ -376,8 +376,11 @@ class Recipe:
         return "; ".join(steps)
 
     def name(self) -> str:
-        if self.preset and self.preset != "default":
-            return self.preset + ("+snftool2.3" if self.snf and self.snf_update == "2.3" else "")
+        if self.preset in PRESETS:
+            base = Recipe(**PRESETS[self.preset], control=self.control, preset=self.preset)
+            changed = [f"{k}={v}" for k, v in vars(self).items() if v != getattr(base, k)]
+            if self.preset != "default":
+                return self.preset + (f"({', '.join(changed)})" if changed else "")
         parts = [{"mad_robustize": "robustize", "standardize": "standardize"}.get(self.normalize, "raw")] + (["featsel"] if self.feature_select else []) + (["sphere"] if self.sphere else [])
         return "+".join(parts)
 
@@ -690,7 +693,13 @@ def nearest_neighbour_matching(X: np.ndarray | None, moa, compound, batch=None, 
         correct += ok
         rows.append({"index": i, "neighbour": j, "similarity": float(S[i, j]), "correct": ok})
     total = len(S) - no_candidate
-    return {"correct": correct, "total": total, "accuracy": correct / total if total else None, "no_candidate": no_candidate, "queries": rows}
+    ci = None
+    if total:  # exact (Clopper-Pearson) 95% interval of the accuracy, as caret's confusionMatrix reports it
+        from scipy.stats import binomtest
+
+        lo, hi = binomtest(correct, total).proportion_ci(confidence_level=0.95, method="exact")
+        ci = [float(lo), float(hi)]
+    return {"correct": correct, "total": total, "accuracy": correct / total if total else None, "ci95": ci, "no_candidate": no_candidate, "queries": rows}
 
 
 def map_copairs(meta: pd.DataFrame, X: np.ndarray, null_size: int = 10000, seed: int = 0, distance: str = "cosine",
@@ -882,7 +891,8 @@ def refresh_report(run: Path) -> None:
 def summary_line(m: dict) -> str:
     """One line: NSC, NSCB and mAP with their counts."""
     nsc, nscb, mp = m["nsc"], m["nscb"], m["map"]
-    pct = lambda r: "–" if r.get("accuracy") is None else f"{r['accuracy']:.1%} ({r['correct']}/{r['total']})"  # noqa: E731
+    pct = lambda r: "–" if r.get("accuracy") is None else f"{r['accuracy']:.1%} ({r['correct']}/{r['total']}" + (  # noqa: E731
+        f"; 95% CI {r['ci95'][0]:.2f}-{r['ci95'][1]:.2f})" if r.get("ci95") else ")")
     mean = "–" if mp.get("mean") is None else f"{mp['mean']:.3f} over {mp['queries']} queries"
     c = m["counts"]
     return f"{m['representation']} [{m['recipe_name']}]: NSC {pct(nsc)}, NSCB {pct(nscb)}, mAP {mean}; {c['treatments']} treatments, {c['moas']} MoAs, {c['compounds']} compounds"
