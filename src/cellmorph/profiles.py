@@ -345,10 +345,6 @@ class Recipe:
     preset: str = ""
 
     @classmethod
-    def preset_names(cls) -> list[str]:
-        return list(PRESETS)
-
-    @classmethod
     def preset(cls, name: str, **overrides) -> "Recipe":
         if name not in PRESETS:
             raise CellmorphError(f"unknown profile recipe {name!r}: choose one of {', '.join(PRESETS)}.")
@@ -448,7 +444,8 @@ def replicate_correlation(wells: pd.DataFrame, features: list[str], strata: list
     size = wells.groupby(strata, sort=False, dropna=False)[features[0]].transform("size")
     w = wells[size == replicates]
     if w.empty:
-        raise CellmorphError(f"replicate correlation needs treatments with exactly {replicates} wells; the table has none (group by {strata}).")
+        raise CellmorphError(f"replicate correlation needs treatments with exactly {replicates} wells (grouped by {', '.join(strata)}); the table has none. "
+                             "Use a recipe without it (--recipe default), or Recipe(..., replicates=N) for N replicate wells per treatment.")
     w = w.assign(_replicate=w.groupby(strata, sort=False, dropna=False).cumcount()).sort_values(strata + ["_replicate"], kind="stable")
     values = w[features].to_numpy(dtype=np.float64).reshape(-1, replicates, len(features))  # treatments x replicates x features
     pairs = []
