@@ -637,6 +637,16 @@ def snf_fuse(*affinities: np.ndarray, K: int = SNF_K, t: int = SNF_T, update: st
     return (fused + fused.T + np.eye(len(fused))) / 2
 
 
+def unit_rows(X: np.ndarray, similarity: str = "cosine") -> np.ndarray:
+    """Profiles scaled to unit length (centred first for Pearson), so that their dot products are the
+    recipe's similarity; an all-zero profile stays zero."""
+    X = np.asarray(X, dtype=np.float64)
+    if similarity == "pearson":
+        X = X - X.mean(axis=1, keepdims=True)
+    norm = np.linalg.norm(X, axis=1, keepdims=True)
+    return X / np.where(norm > 0, norm, 1)
+
+
 def similarity_matrix(X: np.ndarray, recipe: Recipe | None = None) -> tuple[np.ndarray, str]:
     """Treatment-by-treatment similarity: cosine, or Pearson correlation (cosine of the centred profiles),
     optionally fused by similarity network fusion as the cytominer gallery does (`snf_affinity(1 - r,
@@ -645,11 +655,7 @@ def similarity_matrix(X: np.ndarray, recipe: Recipe | None = None) -> tuple[np.n
     >>> S, how = similarity_matrix(X, Recipe.preset("cytominer-gallery-snf"))
     """
     recipe = recipe or Recipe()
-    X = np.asarray(X, dtype=np.float64)
-    if recipe.similarity == "pearson":
-        X = X - X.mean(axis=1, keepdims=True)
-    norm = np.linalg.norm(X, axis=1, keepdims=True)
-    U = X / np.where(norm > 0, norm, 1)
+    U = unit_rows(X, recipe.similarity)
     S = U @ U.T
     how = "Pearson correlation" if recipe.similarity == "pearson" else "cosine similarity"
     if recipe.snf:
@@ -812,10 +818,7 @@ def plot_profiles(path: Path, ev: ProfileEvaluation, title: str) -> None:
     from cellmorph.io import atomic_path
 
     t, m = ev.treatments, ev.metrics
-    X = t[ev.features].to_numpy(dtype=np.float64)
-    if ev.recipe.similarity == "pearson":
-        X = X - X.mean(axis=1, keepdims=True)
-    X = X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)  # the cosine (or correlation) geometry the metrics use
+    X = unit_rows(t[ev.features].to_numpy(dtype=np.float64), ev.recipe.similarity)  # the geometry the metrics use
     pca = PCA(n_components=2, random_state=0).fit(X)
     xy = pca.transform(X)
     moas = sorted(t[MOA].astype(str).unique())
