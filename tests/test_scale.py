@@ -156,13 +156,35 @@ def _cli(args: list[str], **kw) -> subprocess.Popen:
                             text=True, start_new_session=True, **kw)
 
 
-def _kill_group(pgid: int) -> None:
-    """Stop what is left of a local Ray cluster whose driver was SIGKILLed: its raylet and GCS exit with the
-    driver, two agents (dashboard, runtime-env) may linger in the driver's process group."""
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+def _session_processes(sid: int) -> list[int]:
+    """The live processes of session `sid` (zombies, which no longer run, left out), read from /proc."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            fields = (d / "stat").read_text().rsplit(")", 1)[1].split()  # state ppid pgrp session ...
+        except OSError:  # the process ended meanwhile
+            continue
+        if int(fields[3]) == sid and fields[0] != "Z":
+            pids.append(int(d.name))
+    return pids
+
+
+def _kill_session(sid: int, timeout: float = 30) -> None:
+    """Stop everything a CLI process started with start_new_session (the session id is its pid) left running,
+    and wait until it is gone. A local Ray cluster's raylet and GCS share the driver's process group, but each
+    Ray worker runs in a process group of its own: after the driver is SIGKILLed, a worker may still be
+    finishing its fold (and write it, whole, a moment later), so killing the group alone is not enough."""
+    deadline = time.time() + timeout
+    while pids := _session_processes(sid):
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        assert time.time() < deadline, f"processes of session {sid} still alive after SIGKILL: {pids}"
+        time.sleep(0.1)
 
 
 @pytest.mark.slow
@@ -181,8 +203,7 @@ def test_killed_driver_resumes_with_finished_folds_kept(tiny_local, data_dir, tm
         os.kill(proc.pid, signal.SIGKILL)  # the driver only, as `kill -9` would
         proc.wait(timeout=30)
     finally:
-        time.sleep(1)
-        _kill_group(proc.pid)  # start_new_session: the group id is the driver's pid
+        _kill_session(proc.pid)  # what the killed driver left running: after this no process writes a fold
     done = sorted(p.parent for p in out.glob("folds/[0-9][0-9]/predictions.parquet"))
     if len(done) == 3:
         pytest.fail("the driver was killed too late: every fold had finished (nothing left to resume)")
@@ -191,7 +212,7 @@ def test_killed_driver_resumes_with_finished_folds_kept(tiny_local, data_dir, tm
     try:
         _, err = rerun.communicate(timeout=480)
     finally:
-        _kill_group(rerun.pid)
+        _kill_session(rerun.pid)
     assert rerun.returncode == 0, err[-2000:]
     assert f"resuming {out}: {len(done)} of 3 folds already done" in " ".join(err.split())
     assert {p: (p / "predictions.parquet").stat().st_mtime_ns for p in done} == mtimes, "finished folds were recomputed"
@@ -211,7 +232,7 @@ def test_failing_task_stops_the_run_with_one_line_and_no_half_fold(data_dir, tmp
     try:
         _, err = proc.communicate(timeout=300)
     finally:
-        _kill_group(proc.pid)
+        _kill_session(proc.pid)
     assert proc.returncode == 2, err[-2000:]
     lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
     assert len(lines) == 1 and f"{bad}: cannot read weights" in lines[0], err[-2000:]
@@ -286,7 +307,7 @@ def test_sweep_cli_on_ray_runs_every_point_and_summarizes(data_dir, tmp_path):
     try:
         _, err = proc.communicate(timeout=400)
     finally:
-        _kill_group(proc.pid)
+        _kill_session(proc.pid)
     assert proc.returncode == 0, err[-2000:]
     points = sorted(p.name for p in out.iterdir() if p.name != "summary")
     assert points == ["frozen.C=0.5__seed=0", "frozen.C=0.5__seed=1", "frozen.C=1.0__seed=0", "frozen.C=1.0__seed=1"]
