@@ -59,16 +59,18 @@ def test_nearest_distance_is_the_cosine_distance_of_standardised_profiles():
     ref, test = np.flatnonzero(cpd != "A0"), np.flatnonzero(cpd == "A0")
     units, d = nearest_distance(feats, prof, ref, test)
     assert set(prof.keys["Metadata_Compound"].iloc[units]) == {"A0"} and len(units) == 2
-    # by hand: the treatment profile is the median over its 2 wells of the median over 3 images
-    mu, sd = feats[ref].mean(axis=0), feats[ref].std(axis=0)
+    # by hand, in float64 as novelty.py computes (a float32 reference differs by ~1e-7 in 1 - cosine): the
+    # treatment profile is the median over its 2 wells of the median over 3 images
+    f64 = feats.astype(np.float64)
+    mu, sd = f64[ref].mean(axis=0), f64[ref].std(axis=0)
     def profile(c, conc):
-        wells = [np.median(feats[(cpd == c) & (df["Metadata_Concentration"] == conc).to_numpy() & (df["Metadata_Plate"] == p).to_numpy()], axis=0)
+        wells = [np.median(f64[(cpd == c) & (df["Metadata_Concentration"] == conc).to_numpy() & (df["Metadata_Plate"] == p).to_numpy()], axis=0)
                  for p in ("P1", "P2")]
         z = (np.median(wells, axis=0) - mu) / sd
         return z / np.linalg.norm(z)
     refs = [(c, x) for c in sorted(set(cpd) - {"A0"}) for x in (0.1, 1.0)]
     expected = [1 - max(profile("A0", x) @ profile(c, xx) for c, xx in refs) for x in (0.1, 1.0)]
-    np.testing.assert_allclose(d, expected, rtol=1e-6)
+    np.testing.assert_allclose(d, expected, rtol=1e-9)
     with pytest.raises(CellmorphError, match="both the reference and the scored rows"):
         nearest_distance(feats, prof, np.arange(len(df)), test)
 
