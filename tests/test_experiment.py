@@ -191,6 +191,31 @@ def test_only_own_temporaries_are_cleaned(quickstart_run, data_dir, tmp_path):
     assert (out / "model" / "model.safetensors").stat().st_mtime_ns == model_mtime  # resumed: the final model is kept, not refitted
 
 
+def test_fold_renamed_by_another_attempt_meanwhile_is_kept(tmp_path, monkeypatch):
+    """Two attempts of one fold (a Ray retry; a killed driver's worker still finishing while the rerun computes
+    the same fold): the other attempt renames its complete folder onto folds/NN between this one's check and
+    its rename. The rename onto a non-empty folder fails; the other attempt's fold is kept, no error."""
+    from cellmorph import experiment
+
+    final = tmp_path / "folds" / "03"
+    ours, theirs = tmp_path / "folds" / ".03.tmp-ours", tmp_path / "folds" / ".03.tmp-theirs"
+    for d in (ours, theirs):
+        d.mkdir(parents=True)
+        (d / "predictions.parquet").write_text(d.name)
+    rename = os.rename
+
+    def the_other_attempt_renames_first(src, dst):
+        rename(theirs, final)
+        rename(src, dst)
+
+    monkeypatch.setattr(experiment.os, "rename", the_other_attempt_renames_first)
+    experiment._move_fold_dir(ours, final)
+    monkeypatch.undo()
+    assert (final / "predictions.parquet").read_text() == ".03.tmp-theirs"
+    experiment._remove_own_folder(ours)  # what _FolderSink.save does with its temporary folder afterwards
+    assert not ours.exists()
+
+
 @pytest.mark.parametrize("protocol", ["logo", "group-kfold"])
 def test_folder_dataset_grouped_by_patient_cli(data_dir, tmp_path, protocol):
     """Your own data: only image paths, a label and a patient column; grouped by that column through

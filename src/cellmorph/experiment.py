@@ -686,14 +686,23 @@ def _temporary_fold_dir(final: Path) -> Path:
 
 def _move_fold_dir(d: Path, final: Path) -> None:
     """Rename the complete temporary fold folder onto folds/NN. A folds/NN without predictions.parquet (left by
-    an older cellmorph that wrote fold files in place) holds only cellmorph's files: it is replaced."""
+    an older cellmorph that wrote fold files in place) holds only cellmorph's files: it is replaced.
+
+    Another attempt of the same fold (a Ray retry, or a worker of a killed driver still finishing while the
+    rerun computes that fold) may finish first: its complete folder is kept, also when it lands between the
+    check and the rename here."""
     if (final / "predictions.parquet").is_file():  # another attempt of this fold finished first: keep it
         return
     if final.is_dir():
         _remove_own_folder(final)
         if final.exists():
             raise CellmorphError(f"{final} holds files cellmorph did not write; move them away and rerun the same command.")
-    os.rename(d, final)
+    try:
+        os.rename(d, final)
+    except OSError:
+        if (final / "predictions.parquet").is_file():  # renamed by the other attempt just now: keep that one
+            return
+        raise
 
 
 def _remove_own_folder(folder: Path) -> None:
