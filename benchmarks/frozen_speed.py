@@ -54,8 +54,8 @@ def bare_loop(model_name: str, batch: int, size: int, n: int, dev: torch.device)
 
 
 def load_subset(data: str | None, n: int):
-    from cellmorph.datasets import load_dataset
-    from cellmorph.store import Store, build_store
+    from cellmorph.data.catalog import load_dataset
+    from cellmorph.data.store import Store, build_store
 
     table = load_dataset("bbbc021-subset", data)
     store = build_store(table, 0)
@@ -66,7 +66,7 @@ def load_subset(data: str | None, n: int):
 
 def cellmorph_extract(store, model_name: str, batch: int, size: int, dev: torch.device) -> tuple[float, np.ndarray]:
     from cellmorph.config import ModelConfig
-    from cellmorph.features import extract_features
+    from cellmorph.models.features import extract_features
 
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
@@ -76,8 +76,8 @@ def cellmorph_extract(store, model_name: str, batch: int, size: int, dev: torch.
 
 def head_seconds(features: np.ndarray, store, classes: list[str], max_folds: int, blas_default: bool = False) -> tuple[float, int]:
     """Mean seconds per LOCO fold of the quickstart's head; the number of folds timed."""
-    from cellmorph.features import logistic_head
-    from cellmorph.splits import leave_one_group_out
+    from cellmorph.models.features import logistic_head
+    from cellmorph.evaluation.splits import leave_one_group_out
 
     label = "Metadata_MoA"
     y = store.index[label].astype(str).map({c: i for i, c in enumerate(classes)}).to_numpy()
@@ -104,7 +104,7 @@ def synthetic_rows(features: np.ndarray, store, rows: int, seed: int = 0):
     rng = np.random.default_rng(seed)
     pick = rng.integers(0, len(features), rows)
     f = features[pick] + 0.05 * features.std(0) * rng.standard_normal((rows, features.shape[1])).astype(np.float32)
-    from cellmorph.store import Store
+    from cellmorph.data.store import Store
 
     return f.astype(np.float32), Store(store.images[:0], store.index.iloc[pick].reset_index(drop=True), "synthetic")
 
@@ -124,8 +124,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--data", default=None, help="datasets folder (default $CELLMORPH_DATA)")
     args = ap.parse_args(argv)
 
-    from cellmorph.models import default_input_size
-    from cellmorph.train import pick_device
+    from cellmorph.models.factory import default_input_size
+    from cellmorph.models.train import pick_device
 
     dev = pick_device(args.device)
     if args.threads:

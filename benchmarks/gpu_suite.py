@@ -137,7 +137,7 @@ class Suite:
 
     def cellmorph_run(self, config: str, overrides: dict, folder: Path):
         """`cellmorph run` of configs/<config>.toml with overrides; its Metrics, or None if the budget ran out."""
-        from cellmorph.metrics import Metrics
+        from cellmorph.evaluation.metrics import Metrics
 
         sets = [f"{k}={_toml_value(v)}" for k, v in {"device": self.device, **overrides}.items()]
         args = [sys.executable, "-m", "cellmorph", "run", str(REPO / "configs" / f"{config}.toml"), "--out", str(folder)]

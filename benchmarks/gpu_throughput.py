@@ -55,8 +55,8 @@ def bare_loop(model_name: str, batch: int, size: int, steps: int, warmup: int, c
 
 def real_batch_source(batch: int, data: str | None):
     """The real subset as uint8 (whole batches only, as the bare loop), its labels and class count."""
-    from cellmorph.datasets import load_dataset
-    from cellmorph.store import build_store
+    from cellmorph.data.catalog import load_dataset
+    from cellmorph.data.store import build_store
 
     table = load_dataset("bbbc021-subset", data)
     store = build_store(table, 0)
@@ -69,8 +69,8 @@ def real_batch_source(batch: int, data: str | None):
 
 def cellmorph_loop(model_name: str, batch: int, size: int, steps: int, compile_: bool, real: tuple, dev: torch.device, profile: bool = False, sync_debug: bool = False) -> dict:
     from cellmorph.config import FinetuneConfig
-    from cellmorph.models import create_model, normalization
-    from cellmorph.train import InputSpec, fit
+    from cellmorph.models.factory import create_model, normalization
+    from cellmorph.models.train import InputSpec, fit
 
     images, y, n_classes = real
     n = len(images)
@@ -109,7 +109,7 @@ def augment_ms(batch: int, size: int, images: torch.Tensor, dev: torch.device, r
     """Milliseconds per batch for what cellmorph adds in front of the network, on its own: `fit`'s own
     per-step `training_batch` (index, augment, normalise, channels_last) on the already resized stack."""
     from cellmorph.config import AugmentConfig
-    from cellmorph.train import InputSpec, resize_uint8_stack, training_batch
+    from cellmorph.models.train import InputSpec, resize_uint8_stack, training_batch
 
     x_all = resize_uint8_stack(images.to(dev), size)
     spec = InputSpec(size=size, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))

@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 
 from cellmorph.config import load_config
-from cellmorph.datasets import load_dataset
-from cellmorph.experiment import run_experiment
-from cellmorph.store import build_store
+from cellmorph.data.catalog import load_dataset
+from cellmorph.engine.runner import run_experiment
+from cellmorph.data.store import build_store
 
 
 def main() -> None:

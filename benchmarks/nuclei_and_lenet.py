@@ -55,8 +55,8 @@ def main(argv=None) -> list[dict]:
 
     from cellmorph.config import load_config, override
     from cellmorph.errors import CellmorphError
-    from cellmorph.experiment import run_experiment
-    from cellmorph.summary import summarize_runs
+    from cellmorph.engine.runner import run_experiment
+    from cellmorph.reporting.summary import summarize_runs
 
     parts = {p.strip() for p in args.parts.split(",") if p.strip()}
     wanted = [r for r in args.runs.split(",") if r]
@@ -80,7 +80,7 @@ def main(argv=None) -> list[dict]:
     try:
         if args.backend == "ray":  # one local Ray cluster for all the runs
             from cellmorph.config import ExecutionConfig
-            from cellmorph.scale import ray_session
+            from cellmorph.engine.ray_backend import ray_session
 
             cluster.enter_context(ray_session(ExecutionConfig(backend="ray")))
         if "nuclei" in parts:

@@ -51,11 +51,11 @@ def row(representation: str, m: dict | None, **extra) -> dict:
 
 def main() -> None:
     from cellmorph.config import load_config
-    from cellmorph.datasets import load_dataset
-    from cellmorph.features import extract_features
-    from cellmorph.profiles import Recipe, annotate_bbbc021, evaluate_profiles, read_profiles
-    from cellmorph.store import build_store
-    from cellmorph.train import pick_device
+    from cellmorph.data.catalog import load_dataset
+    from cellmorph.models.features import extract_features
+    from cellmorph.profiling.profiles import Recipe, annotate_bbbc021, evaluate_profiles, read_profiles
+    from cellmorph.data.store import build_store
+    from cellmorph.models.train import pick_device
 
     data = Path(os.environ.get("CELLMORPH_DATA", REPO.parent / "shared" / "data")).resolve()
     meta_dir = data / "bbbc021-metadata"

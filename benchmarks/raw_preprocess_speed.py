@@ -31,7 +31,7 @@ import pandas as pd
 def write_plate(root: Path, wells: int, sites: int, dmso_wells: int, distinct: int, shape=(1024, 1280)) -> None:
     import tifffile
 
-    from cellmorph.datasets.synthetic import CHANNEL_CODES, synthetic_field
+    from cellmorph.data.datasets.synthetic import CHANNEL_CODES, synthetic_field
 
     rng = np.random.default_rng(0)
     plate = "Week1_90001"
@@ -78,7 +78,7 @@ def main(argv=None) -> int:
     ap.add_argument("--tmp", type=Path, default=None, help="scratch folder (default: a temporary folder, removed after)")
     args = ap.parse_args(argv)
 
-    from cellmorph.prepare import prepare_bbbc021
+    from cellmorph.data.prepare import prepare_bbbc021
 
     root = Path(tempfile.mkdtemp(prefix="cellmorph-speed-", dir=args.tmp))
     try:

@@ -34,7 +34,7 @@ sys.path.insert(0, str(REPO / "src"))
 
 
 def _timed(cfg, out: Path, data) -> float:
-    from cellmorph.experiment import run_experiment
+    from cellmorph.engine.runner import run_experiment
 
     t0 = time.perf_counter()
     run_experiment(cfg, out, data)
@@ -74,8 +74,8 @@ def main(argv=None) -> dict:
         if args.only in (None, "finetune"):
             ft = REPO / "configs" / "finetune-cpu-smoke.toml"
             r = {"folds": args.folds, "config": "finetune-cpu-smoke.toml + " + " ".join(FINETUNE)}
-            from cellmorph.experiment import plan_run
-            from cellmorph.store import build_store
+            from cellmorph.engine.runner import plan_run
+            from cellmorph.data.store import build_store
 
             cfg = load_config(ft, FINETUNE)
             build_store(plan_run(cfg, args.data).table, cfg.dataset.image_size)  # the 32 px store into the cache, untimed

@@ -53,8 +53,8 @@ def main(argv=None) -> list[dict]:
 
     from cellmorph.config import load_config, override
     from cellmorph.errors import CellmorphError
-    from cellmorph.experiment import run_experiment
-    from cellmorph.summary import summarize_runs
+    from cellmorph.engine.runner import run_experiment
+    from cellmorph.reporting.summary import summarize_runs
 
     changes: dict = {"device": args.device, "execution.backend": args.backend, "execution.gpus_per_task": args.gpus_per_task}
     if args.replicates:
@@ -73,7 +73,7 @@ def main(argv=None) -> list[dict]:
     try:
         if args.backend == "ray":  # one local Ray cluster for all the runs
             from cellmorph.config import ExecutionConfig
-            from cellmorph.scale import ray_session
+            from cellmorph.engine.ray_backend import ray_session
 
             cluster.enter_context(ray_session(ExecutionConfig(backend="ray")))
         for setting in [s.strip() for s in args.settings.split(",") if s.strip()]:

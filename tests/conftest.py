@@ -40,7 +40,7 @@ def data_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def subset_table(data_dir):
-    from cellmorph.datasets import load_dataset
+    from cellmorph.data.catalog import load_dataset
 
     return load_dataset("bbbc021-subset", data_dir)
 
@@ -48,7 +48,7 @@ def subset_table(data_dir):
 @pytest.fixture(scope="session")
 def crchisto_table(data_dir):
     """The real CRCHistoPhenotypes nuclei (3 classes), or a skip/fail with the reason like data_dir."""
-    from cellmorph.datasets import load_dataset
+    from cellmorph.data.catalog import load_dataset
 
     if not (data_dir / "crchistophenotypes" / "img1" / "img1.png").is_file():
         msg = f"CRCHistoPhenotypes not found under {data_dir}/crchistophenotypes"

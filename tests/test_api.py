@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 import cellmorph as cm
-from cellmorph.datasets import ImageTable
+from cellmorph.data.table import ImageTable
 
 TINY = {"model.input_size": 32, "finetune.epochs": 1, "finetune.batch_size": 4, "finetune.amp": False, "device": "cpu"}
 
@@ -95,7 +95,7 @@ def test_finetune_round_trip_is_bit_identical(tiny_bundle, toy):
     assert loaded.classes == clf.classes and loaded.config == clf.config
     assert np.array_equal(loaded.predict_proba(toy), probs)
     # An array of the store's images gives the same answer as the table; predict is the argmax.
-    from cellmorph.store import build_store
+    from cellmorph.data.store import build_store
 
     images = build_store(toy, 0).images
     assert np.array_equal(loaded.predict_proba(torch.from_numpy(images)), probs)
@@ -104,9 +104,9 @@ def test_finetune_round_trip_is_bit_identical(tiny_bundle, toy):
 
 def test_frozen_binary_head_is_the_runners_and_survives_a_save(toy, tmp_path):
     # Two classes: sklearn keeps one coefficient row; the saved head must still give both columns.
-    from cellmorph.features import logistic_head
-    from cellmorph.store import build_store
-    from cellmorph.train import forward_batches
+    from cellmorph.models.features import logistic_head
+    from cellmorph.data.store import build_store
+    from cellmorph.models.train import forward_batches
 
     clf = cm.Classifier("resnet18", init="random", mode="frozen", overrides=TINY).fit(toy)
     probs = clf.predict_proba(toy)
@@ -185,7 +185,7 @@ def test_frozen_lite0_bundle_bit_identical_in_fresh_process(subset_table, tmp_pa
     clf = cm.Classifier("tf_efficientnet_lite0", init="imagenet", mode="frozen", overrides={"frozen.C": 1.0}).fit(train)
     assert clf.classes == subset_table.classes
 
-    from cellmorph.store import build_store
+    from cellmorph.data.store import build_store
 
     images = build_store(test, 0).images
     # One CPU thread on both sides: a float32 convolution's sum order depends on the thread count, and

@@ -2,10 +2,10 @@ import numpy as np
 import pytest
 import torch
 
-from cellmorph.augment import augment, blur3x3, dihedral, gaussian_noise, random_dihedral
+from cellmorph.models.augment import augment, blur3x3, dihedral, gaussian_noise, random_dihedral
 from cellmorph.config import AugmentConfig, FinetuneConfig
-from cellmorph.models import create_model
-from cellmorph.train import InputSpec, class_weights, fit, predict_proba
+from cellmorph.models.factory import create_model
+from cellmorph.models.train import InputSpec, class_weights, fit, predict_proba
 
 
 def test_dihedral_group_has_eight_distinct_elements():
@@ -97,7 +97,7 @@ def _tiny():
 
 
 def test_layer_lr_multipliers_and_inv_schedule():
-    from cellmorph.train import make_optimizer, make_scheduler
+    from cellmorph.models.train import make_optimizer, make_scheduler
 
     model = _tiny()
     cfg = FinetuneConfig(lr=0.001, head_lr_mult=10.0, backbone_lr_mult=1.0, schedule="inv", inv_gamma=0.001, inv_power=0.75)
@@ -116,7 +116,7 @@ def test_layer_lr_multipliers_and_inv_schedule():
 
 
 def test_mean_subtraction_uses_training_images():
-    from cellmorph.train import channel_mean, make_input_spec
+    from cellmorph.models.train import channel_mean, make_input_spec
 
     images = torch.zeros(4, 3, 2, 2, dtype=torch.uint8)
     images[:, 0] = 255
@@ -128,7 +128,7 @@ def test_mean_subtraction_uses_training_images():
 
 
 def test_iteration_hook_and_one_sample_tail():
-    from cellmorph.models import create_model as cm
+    from cellmorph.models.factory import create_model as cm
 
     seen = []
     images = torch.randint(0, 255, (11, 3, 16, 16), dtype=torch.uint8)

@@ -11,13 +11,13 @@ import pytest
 import tifffile
 
 from cellmorph.cli import main
-from cellmorph.datasets import load_dataset
-from cellmorph.datasets.bbbc021_raw import attach_paths, read_metadata, select_fields
-from cellmorph.datasets.synthetic import write_bbbc021_metadata, write_bbbc021_plate
+from cellmorph.data.catalog import load_dataset
+from cellmorph.data.datasets.bbbc021_raw import attach_paths, read_metadata, select_fields
+from cellmorph.data.datasets.synthetic import write_bbbc021_metadata, write_bbbc021_plate
 from cellmorph.errors import CellmorphError
-from cellmorph.preprocess import anscombe_stats, pixel_histogram
-from cellmorph.prepare import prepare_bbbc021, read_raw_field
-from cellmorph.store import build_store
+from cellmorph.data.preprocess import anscombe_stats, pixel_histogram
+from cellmorph.data.prepare import prepare_bbbc021, read_raw_field
+from cellmorph.data.store import build_store
 
 SAMPLE = "bbbc021-raw-sample/Week1_150607_C02_s3_w1E54F0108-F44A-4F6E-9637-6A9DE80F0823.tif"
 
@@ -51,7 +51,7 @@ def test_real_raw_tiff_and_missing_channels(data_dir, tmp_path):
     a = 2.0 * np.sqrt(field[0].astype(np.float64) + 0.375)
     assert mean == pytest.approx(a.mean(), rel=1e-9) and std == pytest.approx(a.std(), rel=1e-9)
     # the whole per-field path on the real 16-bit pixels (the DAPI plane as each of 3 channels, its own stats)
-    from cellmorph.preprocess import normalize_field, zscore_tables
+    from cellmorph.data.preprocess import normalize_field, zscore_tables
 
     field3 = np.repeat(field, 3, axis=0)
     crops, kept = normalize_field(field3, zscore_tables([mean] * 3, [std] * 3, 65536))
@@ -150,7 +150,7 @@ def test_cli_prepare_then_train_reads_it(raw_plate, monkeypatch, capsys):
 def test_run_experiment_on_prepared_store(tmp_path):
     """`cellmorph run` with dataset.name = "prepared": the store from `prepare` feeds the LOCO experiment unchanged."""
     from cellmorph.config import parse_config
-    from cellmorph.experiment import run_experiment
+    from cellmorph.engine.runner import run_experiment
 
     treatments = {"D03": ("taxol", 3.0, "Microtubule stabilizers"), "D05": ("docetaxel", 1.0, "Microtubule stabilizers"),
                   "E05": ("AZ138", 1.0, "Eg5 inhibitors"), "E07": ("ispinesib", 0.3, "Eg5 inhibitors")}

@@ -1,4 +1,4 @@
-"""Conformal prediction (cellmorph.conformal) and the lomo protocol (cellmorph.novelty): the coverage
+"""Conformal prediction (cellmorph.evaluation.conformal) and the lomo protocol (cellmorph.evaluation.novelty): the coverage
 guarantee on synthetic exchangeable data, Mondrian vs pooled calibration, bad input, the conformal
 block of a real quickstart run, and lomo's folds never training on the novel MoA or the test compound."""
 
@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cellmorph.conformal import Calibrator, combine, ece, evaluate, in_set, level_table
+from cellmorph.evaluation.conformal import Calibrator, combine, ece, evaluate, in_set, level_table
 from cellmorph.errors import CellmorphError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -182,8 +182,8 @@ def test_level_table_of_unlabelled_predictions():
 
 def test_lomo_folds_never_train_on_the_novel_moa_or_the_test_compound(subset_table):
     from cellmorph.config import EvaluationConfig
-    from cellmorph.novelty import NovelFold, nested_folds
-    from cellmorph.splits import make_folds
+    from cellmorph.evaluation.novelty import NovelFold, nested_folds
+    from cellmorph.evaluation.splits import make_folds
 
     df = subset_table.df
     folds, excluded, text = make_folds(df, "Metadata_MoA", EvaluationConfig(protocol="lomo"))
@@ -216,7 +216,7 @@ def test_lomo_folds_never_train_on_the_novel_moa_or_the_test_compound(subset_tab
 
 def test_lomo_refuses_finetune(data_dir):
     from cellmorph.config import load_config
-    from cellmorph.experiment import plan_run
+    from cellmorph.engine.runner import plan_run
 
     cfg = load_config(REPO / "configs" / "lomo.toml", ["mode=finetune"])
     with pytest.raises(CellmorphError, match="needs mode = \"frozen\""):
@@ -229,8 +229,8 @@ def test_lomo_refuses_finetune(data_dir):
 @pytest.mark.slow
 def test_quickstart_run_has_a_sane_conformal_block(data_dir, tmp_path):
     from cellmorph.config import load_config
-    from cellmorph.experiment import run_experiment
-    from cellmorph.metrics import Metrics
+    from cellmorph.engine.runner import run_experiment
+    from cellmorph.evaluation.metrics import Metrics
 
     out = tmp_path / "qs"
     run_experiment(load_config(REPO / "configs" / "quickstart.toml"), out, data_dir)
@@ -256,7 +256,7 @@ def test_quickstart_run_has_a_sane_conformal_block(data_dir, tmp_path):
 def test_lomo_one_round_on_real_data(data_dir, tmp_path):
     # The first round only (novel = Aurora kinase inhibitors: 1 novel fold + 15 known folds; 121 heads)
     from cellmorph.config import load_config
-    from cellmorph.experiment import run_experiment
+    from cellmorph.engine.runner import run_experiment
 
     out = tmp_path / "lomo"
     m = run_experiment(load_config(REPO / "configs" / "lomo.toml", ["evaluation.max_folds=16"]), out, data_dir)

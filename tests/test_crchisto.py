@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cellmorph.datasets import load_dataset
-from cellmorph.datasets.crchisto import read_centres
+from cellmorph.data.catalog import load_dataset
+from cellmorph.data.datasets.crchisto import read_centres
 from cellmorph.errors import CellmorphError
-from cellmorph.store import build_store, cut_patches
+from cellmorph.data.store import build_store, cut_patches
 
 
 def test_nucleus_table_counts_real(crchisto_table, data_dir):

@@ -4,8 +4,8 @@ import pytest
 import tifffile
 from PIL import Image
 
-from cellmorph.datasets import load_dataset
-from cellmorph.datasets.download import read_manifest, verify_manifest
+from cellmorph.data.catalog import load_dataset
+from cellmorph.data.datasets.download import read_manifest, verify_manifest
 from cellmorph.errors import CellmorphError
 
 
@@ -85,7 +85,7 @@ def _write_folder_dataset(tmp_path, n=6, bits=16):
 
 
 def test_folder_dataset_16bit_tiffs(tmp_path):
-    from cellmorph.store import build_store
+    from cellmorph.data.store import build_store
 
     _write_folder_dataset(tmp_path)
     table = load_dataset("folder", tmp_path, csv="plates.csv")
@@ -124,7 +124,7 @@ def _write_nuclei_patches(tmp_path, labels):
 
 
 def test_folder_needs_only_paths_and_label(tmp_path):
-    from cellmorph.store import build_store
+    from cellmorph.data.store import build_store
 
     _write_nuclei_patches(tmp_path, ["tumour", "stroma", None, "immune", "tumour", None])
     table = load_dataset("folder", tmp_path, csv="nuclei.csv", label="Metadata_Label")

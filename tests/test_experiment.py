@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 
 from cellmorph.config import load_config, override
-from cellmorph.experiment import cross_validate_config, run_experiment
-from cellmorph.metrics import Metrics
+from cellmorph.engine.runner import cross_validate_config, run_experiment
+from cellmorph.evaluation.metrics import Metrics
 from tests.conftest import REPO
 
 QUICKSTART = REPO / "configs" / "quickstart.toml"
@@ -195,7 +195,7 @@ def test_fold_renamed_by_another_attempt_meanwhile_is_kept(tmp_path, monkeypatch
     """Two attempts of one fold (a Ray retry; a killed driver's worker still finishing while the rerun computes
     the same fold): the other attempt renames its complete folder onto folds/NN between this one's check and
     its rename. The rename onto a non-empty folder fails; the other attempt's fold is kept, no error."""
-    from cellmorph import experiment
+    from cellmorph.engine import runner as experiment
 
     final = tmp_path / "folds" / "03"
     ours, theirs = tmp_path / "folds" / ".03.tmp-ours", tmp_path / "folds" / ".03.tmp-theirs"

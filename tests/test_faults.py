@@ -173,7 +173,7 @@ def test_good_run_keeps_user_files(reference):
 _SLOW_THIRD_FOLD = """
 import os, sys, time
 from pathlib import Path
-import cellmorph.features as features
+import cellmorph.models.features as features
 
 real, calls = features.logistic_head, []
 def slow(*args, **kw):
@@ -270,7 +270,7 @@ def test_full_disk_is_one_line_and_the_rerun_resumes(world, reference, small_dis
 
 def test_full_disk_while_saving_the_final_model_is_one_line(world, small_disk):
     """The folds fit, the final model (a 14 MB bundle) does not: one line naming the bundle, no half bundle."""
-    from cellmorph.bundle import save_bundle
+    from cellmorph.models.bundle import save_bundle
     from cellmorph.config import load_config
     from cellmorph.errors import CellmorphError
 
@@ -318,7 +318,7 @@ def mini_bbbc013(world) -> Path:
 # Die by SIGKILL halfway through writing the store: no cleanup code runs.
 _KILLED_PREPARE = """
 import os, signal, sys
-import cellmorph.prepare as prepare
+import cellmorph.data.prepare as prepare
 
 real, n = prepare.StoreWriter.add, []
 def add_then_die(self, image, row):

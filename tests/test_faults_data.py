@@ -17,10 +17,10 @@ import pytest
 import tifffile
 from PIL import Image
 
-from cellmorph.datasets import load_dataset
+from cellmorph.data.catalog import load_dataset
 from cellmorph.errors import CellmorphError
-from cellmorph.preprocess import read_image
-from cellmorph.store import build_store
+from cellmorph.data.preprocess import read_image
+from cellmorph.data.store import build_store
 
 REPO = Path(__file__).resolve().parents[1]
 GFP = "Channel1-01-A-01.tif"  # 640 x 640 uint8, two zlib (deflate) strips
@@ -74,7 +74,7 @@ _WITHOUT_IMAGECODECS = """
 import sys
 sys.modules["imagecodecs"] = None
 from cellmorph.errors import CellmorphError
-from cellmorph.preprocess import read_image
+from cellmorph.data.preprocess import read_image
 for path in sys.argv[1:]:
     try:
         read_image(path)
@@ -142,8 +142,8 @@ def test_other_size_says_image_size(tmp_path):
 _KILLED_BUILD = """
 import os, signal, sys
 import numpy as np
-from cellmorph.datasets import load_dataset
-from cellmorph.store import build_store
+from cellmorph.data.catalog import load_dataset
+from cellmorph.data.store import build_store
 
 def half_then_die(f, arr):
     f.write(arr.tobytes()[: arr.nbytes // 2])

@@ -9,14 +9,14 @@ import pytest
 import torch
 from torch import nn
 
-from cellmorph.augment import dihedral
-from cellmorph.train import InputSpec, forward_batches
+from cellmorph.models.augment import dihedral
+from cellmorph.models.train import InputSpec, forward_batches
 from tests.conftest import REPO
 
 
 @pytest.fixture(scope="module")
 def subset_images(subset_table):
-    from cellmorph.store import build_store
+    from cellmorph.data.store import build_store
 
     store = build_store(subset_table, 0)
     return torch.from_numpy(np.ascontiguousarray(store.images[:6]))  # 6 real images, 256 x 256 uint8
@@ -24,7 +24,7 @@ def subset_images(subset_table):
 
 @pytest.fixture(scope="module")
 def lite0():
-    from cellmorph.models import create_model, normalization
+    from cellmorph.models.factory import create_model, normalization
 
     model = create_model("tf_efficientnet_lite0", "imagenet", num_classes=0)
     mean, std = normalization(model)

@@ -6,9 +6,9 @@ import torch
 
 from cellmorph.config import AugmentConfig, FinetuneConfig
 from cellmorph.errors import CellmorphError
-from cellmorph.gendernet import GenderNet
-from cellmorph.models import classifier_module, create_model, default_input_size, normalization
-from cellmorph.train import fit, make_input_spec
+from cellmorph.models.gendernet import GenderNet
+from cellmorph.models.factory import classifier_module, create_model, default_input_size, normalization
+from cellmorph.models.train import fit, make_input_spec
 
 
 def test_parameter_count_and_layers():

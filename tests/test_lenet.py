@@ -2,8 +2,8 @@
 
 import torch
 
-from cellmorph.lenet import LeNet
-from cellmorph.models import classifier_module, create_model, default_input_size
+from cellmorph.models.lenet import LeNet
+from cellmorph.models.factory import classifier_module, create_model, default_input_size
 
 
 def test_parameter_count_is_the_labs():

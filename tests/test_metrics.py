@@ -9,7 +9,7 @@ import pytest
 from sklearn.metrics import balanced_accuracy_score, f1_score, precision_recall_fscore_support
 
 from cellmorph.errors import CellmorphError
-from cellmorph.metrics import Metrics, aggregate, available_levels, combine_seeds, compute_metrics
+from cellmorph.evaluation.metrics import Metrics, aggregate, available_levels, combine_seeds, compute_metrics
 from tests.conftest import REPO
 
 COLS = ["Metadata_Plate", "Metadata_Well", "Metadata_Compound", "Metadata_Concentration", "Metadata_MoA", "prob_A", "prob_B", "prob_C"]
@@ -203,7 +203,7 @@ def _screen_run(seed: int, shift: float) -> Metrics:
 
 
 def test_summarize_runs_with_and_without_treatments(tmp_path):
-    from cellmorph.summary import summarize_runs
+    from cellmorph.reporting.summary import summarize_runs
 
     runs = []
     for i, m in enumerate([_screen_run(0, 0.0), _screen_run(1, 0.9), _multi_seed().per_seed[0], combine_seeds(_multi_seed().per_seed[1:])]):
@@ -229,7 +229,7 @@ def test_summarize_runs_with_and_without_treatments(tmp_path):
 
 def test_report_and_confusion_for_screens_and_nuclei(tmp_path):
     from cellmorph.config import load_config
-    from cellmorph.report import write_confusion_png, write_report
+    from cellmorph.reporting.report import write_confusion_png, write_report
 
     cfg = load_config(REPO / "configs" / "quickstart.toml")
     pred = screen(unlabelled="")

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from cellmorph.errors import CellmorphError
-from cellmorph.models import create_model, default_input_size, normalization, offline_weights_path
+from cellmorph.models.factory import create_model, default_input_size, normalization, offline_weights_path
 
 
 def _classify(model, img: np.ndarray) -> torch.Tensor:
@@ -97,7 +97,7 @@ def test_unknown_model_and_bad_init():
 @pytest.mark.parametrize("name", ["alexnet", "googlenet", "vgg16"])
 def test_paper_architectures_from_scratch(name):
     """Bayramoglu & Heikkilae's networks (torchvision AlexNet/GoogLeNet, timm VGG16) through the one factory."""
-    from cellmorph.models import classifier_module
+    from cellmorph.models.factory import classifier_module
 
     model = create_model(name, "xavier", num_classes=3).train()
     out = model(torch.rand(2, 3, 64 if name == "alexnet" else 32, 64 if name == "alexnet" else 32))  # AlexNet needs >= 63 px
@@ -135,7 +135,7 @@ def test_gaussian_init_is_caffes_filler(name):
 
 
 def test_gaussian_init_keeps_batch_norm_and_is_a_valid_init():
-    from cellmorph.models import check_model_config, gaussian_init_
+    from cellmorph.models.factory import check_model_config, gaussian_init_
 
     for name in ("resnet18", "alexnet"):
         check_model_config(name, "gaussian")

@@ -1,4 +1,4 @@
-"""The distance novelty score of `lomo` (cellmorph.novelty, evaluation.novelty_score = "distance" |
+"""The distance novelty score of `lomo` (cellmorph.evaluation.novelty, evaluation.novelty_score = "distance" |
 "combined"): conformal p-values of the nearest-known-unit distance by hand, a constructed screen whose
 novel MoA is far from every known one (AUROC 1 by construction), no distance computation ever seeing
 the novel MoA or the scored compound (asserted on the row indices of every call), and a real run."""
@@ -11,9 +11,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cellmorph import novelty
+from cellmorph.evaluation import novelty
 from cellmorph.errors import CellmorphError
-from cellmorph.novelty import distance_p_values, lomo_folds, nearest_distance, run_lomo, unit_profiles
+from cellmorph.evaluation.novelty import distance_p_values, lomo_folds, nearest_distance, run_lomo, unit_profiles
 
 REPO = Path(__file__).resolve().parents[1]
 MOAS = ["A", "B", "C", "D"]
@@ -150,7 +150,7 @@ def test_novelty_score_is_lomo_only_and_strict():
 def test_lomo_distance_one_round_on_real_data(data_dir, tmp_path):
     # The first round only (novel = Aurora kinase inhibitors; 121 heads), real frozen EfficientNet-Lite0 features
     from cellmorph.config import load_config
-    from cellmorph.experiment import run_experiment
+    from cellmorph.engine.runner import run_experiment
 
     out = tmp_path / "lomo"
     m = run_experiment(load_config(REPO / "configs" / "lomo.toml", ["evaluation.max_folds=16", "evaluation.novelty_score=distance"]), out, data_dir)

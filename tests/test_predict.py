@@ -17,7 +17,7 @@ from PIL import Image
 
 import cellmorph as cm
 from cellmorph.cli import main
-from cellmorph.datasets import ImageTable
+from cellmorph.data.table import ImageTable
 from tests.conftest import REPO
 
 CLASSES = ["Aurora kinase inhibitors", "Cholesterol-lowering", "DNA damage", "DNA replication", "Eg5 inhibitors", "Protein synthesis"]
@@ -100,7 +100,7 @@ def test_warm_frozen_run_saves_its_model_without_torch(quick_run, data_dir, tmp_
     """With the features (and the backbone beside them) cached, a frozen run, final model included, imports
     neither torch nor timm: what keeps the warm quickstart fast."""
     code = (
-        "import sys; from cellmorph.config import load_config, override; from cellmorph.experiment import run_experiment; "
+        "import sys; from cellmorph.config import load_config, override; from cellmorph.engine.runner import run_experiment; "
         f"run_experiment(override(load_config({str(REPO / 'configs' / 'quickstart.toml')!r}), {{'evaluation.max_folds': 1}}), {str(tmp_path / 'warm')!r}); "
         "print(sorted(m for m in ('torch', 'timm') if m in sys.modules))"
     )
@@ -150,9 +150,9 @@ def test_predict_reproduces_the_loco_fold(quick_run, subset_table, tmp_path, mon
     assert e.value.code == 2 and text.count("error:") == 1 and "no reference profiles" in text, text
     # With the reference profiles of its training rows (the run's cached features), the unseen compound's distance
     # p-values are novelty.py's: nearest training unit, calibrated on leave-one-compound-out distances.
-    from cellmorph.features import cached_features
-    from cellmorph.novelty import distance_p_values, nearest_distance, reference_profiles, unit_profiles
-    from cellmorph.store import build_store
+    from cellmorph.models.features import cached_features
+    from cellmorph.evaluation.novelty import distance_p_values, nearest_distance, reference_profiles, unit_profiles
+    from cellmorph.data.store import build_store
 
     feats = cached_features(build_store(subset_table, cfg.dataset.image_size), cfg.model, cfg.frozen.tta)
     train = np.flatnonzero(~held.to_numpy())
@@ -312,8 +312,8 @@ def test_fold_ensemble_of_a_tiny_finetune_run(data_dir, subset_table, tmp_path, 
     ensemble's probabilities are their mean."""
     from cellmorph.api import Classifier
     from cellmorph.config import load_config
-    from cellmorph.experiment import run_experiment
-    from cellmorph.predict import ensemble_proba, fold_models
+    from cellmorph.engine.runner import run_experiment
+    from cellmorph.prediction.predict import ensemble_proba, fold_models
 
     smoke = ["dataset.image_size=32", "model.input_size=32", "finetune.epochs=1", "finetune.save_models=true", "model.name=resnet18",
              "model.init=xavier", "finetune.eval_every_iterations=0"]
@@ -326,8 +326,8 @@ def test_fold_ensemble_of_a_tiny_finetune_run(data_dir, subset_table, tmp_path, 
     rows = subset_table.df[subset_table.df["Metadata_Compound"] == json.loads((run / "folds" / "00" / "fold.json").read_text())["held_out"]]
     _loaddata(rows, tmp_path / "load.csv")
     res = cm.predict_images(run, tmp_path / "load.csv", tmp_path / "pred", ensemble=True)
-    from cellmorph.predict import read_images
-    from cellmorph.store import build_store
+    from cellmorph.prediction.predict import read_images
+    from cellmorph.data.store import build_store
 
     mean, per = ensemble_proba(clf, paths, clf._images(build_store(read_images(tmp_path / "load.csv"), 32).images))
     np.testing.assert_allclose(res.images[PROBS].to_numpy(), mean, rtol=0, atol=1e-6)

@@ -7,10 +7,10 @@ import pandas as pd
 import pytest
 import tifffile
 
-from cellmorph.datasets.synthetic import write_bbbc021_metadata, write_bbbc021_plate
-from cellmorph.preprocess import anscombe_stats, near_empty, normalize_field, pixel_histogram, scaled_tables, tile_boxes, zscore_tables
-from cellmorph.prepare import _shrink_npy, prepare_bbbc021
-from cellmorph.store import open_prepared
+from cellmorph.data.datasets.synthetic import write_bbbc021_metadata, write_bbbc021_plate
+from cellmorph.data.preprocess import anscombe_stats, near_empty, normalize_field, pixel_histogram, scaled_tables, tile_boxes, zscore_tables
+from cellmorph.data.prepare import _shrink_npy, prepare_bbbc021
+from cellmorph.data.store import open_prepared
 
 
 def reference_plate(image_csv: pd.DataFrame, folder, plate: str, treated_wells: set[str]):

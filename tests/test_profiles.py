@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cellmorph.profiles import Recipe, evaluate_profiles, map_copairs, nearest_neighbour_matching
+from cellmorph.profiling.profiles import Recipe, evaluate_profiles, map_copairs, nearest_neighbour_matching
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -96,7 +96,7 @@ def test_evaluate_profiles_small_table_counts():
 
 
 def test_replicate_correlation_by_hand():
-    from cellmorph.profiles import replicate_correlation
+    from cellmorph.profiling.profiles import replicate_correlation
 
     # 4 treatments x 3 replicate wells (replicate k = a treatment's k-th row); "good" repeats across
     # replicates up to a small shift, "bad" is reversed in replicate 2, so its 3 pairwise r are 1, -1, -1;
@@ -112,7 +112,7 @@ def test_replicate_correlation_by_hand():
 
 
 def test_snf_updates_fuse_two_clusters_and_differ():
-    from cellmorph.profiles import snf_affinity, snf_fuse
+    from cellmorph.profiling.profiles import snf_affinity, snf_fuse
 
     rng = np.random.default_rng(0)
     X = np.concatenate([rng.normal(0, 1, (25, 8)) + 2, rng.normal(0, 1, (25, 8)) - 2])
@@ -191,7 +191,7 @@ def test_evaluate_outside_a_run_folder_needs_out(tmp_path):
 
 @pytest.fixture(scope="module")
 def ljosa(data_dir):
-    from cellmorph.profiles import annotate_bbbc021, read_profiles
+    from cellmorph.profiling.profiles import annotate_bbbc021, read_profiles
 
     meta = data_dir / "bbbc021-metadata"
     return annotate_bbbc021(read_profiles(meta / "ljosa_jbiomolscreen_2013_per_well_mean.csv.gz"), meta)
@@ -233,7 +233,7 @@ def test_ljosa_table_gallery_recipe_through_the_cli(data_dir, tmp_path):
 @pytest.fixture(scope="module")
 def quickstart_run(data_dir, tmp_path_factory):
     from cellmorph.config import load_config
-    from cellmorph.experiment import run_experiment
+    from cellmorph.engine.runner import run_experiment
 
     out = tmp_path_factory.mktemp("profiles") / "quickstart"
     run_experiment(load_config(REPO / "configs" / "quickstart.toml"), out, data_dir)
@@ -245,7 +245,7 @@ def quickstart_run(data_dir, tmp_path_factory):
 def test_embed_subset_roundtrips_through_pycytominer(quickstart_run, data_dir, tmp_path):
     from pycytominer import aggregate
 
-    from cellmorph.profiles import EMBEDDINGS, TREATMENT_PROFILES, WELL_PROFILES, embed
+    from cellmorph.profiling.profiles import EMBEDDINGS, TREATMENT_PROFILES, WELL_PROFILES, embed
 
     res = embed(quickstart_run, data=data_dir)
     emb = pd.read_parquet(quickstart_run / EMBEDDINGS)
@@ -265,7 +265,7 @@ def test_embed_subset_roundtrips_through_pycytominer(quickstart_run, data_dir, t
 @pytest.mark.realdata
 @pytest.mark.slow
 def test_evaluate_run_folder_writes_metrics_plot_and_report(quickstart_run, data_dir):
-    from cellmorph.profiles import embed
+    from cellmorph.profiling.profiles import embed
 
     if not (quickstart_run / "profiles_well.parquet").is_file():
         embed(quickstart_run, data=data_dir)
@@ -298,8 +298,8 @@ def test_finetuned_run_without_fold_models_is_refused(quickstart_run, data_dir, 
 def test_classifier_embed_equals_the_cached_features(quickstart_run, subset_table):
     from cellmorph.api import Classifier
     from cellmorph.config import load_config
-    from cellmorph.features import cached_features
-    from cellmorph.store import build_store
+    from cellmorph.models.features import cached_features
+    from cellmorph.data.store import build_store
 
     cfg = load_config(quickstart_run / "config.toml")
     store = build_store(subset_table, cfg.dataset.image_size)
@@ -314,8 +314,8 @@ def test_pre_logits_are_what_the_classifier_reads():
     """Fine-tuned embeddings are the pooled features fed to the fold model's classifier: logits = head(embedding)."""
     import torch
 
-    from cellmorph.models import create_model
-    from cellmorph.profiles import pre_logits
+    from cellmorph.models.factory import create_model
+    from cellmorph.profiling.profiles import pre_logits
 
     torch.manual_seed(0)
     model = create_model("tf_efficientnet_lite0", "random", num_classes=3, in_chans=3).eval()

@@ -1,4 +1,4 @@
-"""Scale out on Ray (cellmorph.scale, [execution]): a real local Ray cluster, the real BBBC021 images and
+"""Scale out on Ray (cellmorph.engine.ray_backend, [execution]): a real local Ray cluster, the real BBBC021 images and
 the real offline ImageNet weights. The in-process tests share one 2-CPU cluster (module fixture); the CLI
 tests start their own, as a user's `cellmorph run ... --set execution.backend=ray` does."""
 
@@ -39,7 +39,7 @@ def test_execution_section_defaults_and_overrides():
 def test_backend_is_not_part_of_what_a_run_folder_holds(tmp_path):
     """A run started on Ray resumes locally and back: [execution] is left out of the config check."""
     from cellmorph.config import dump_toml
-    from cellmorph.experiment import _what_is_computed
+    from cellmorph.engine.runner import _what_is_computed
 
     a, b = load_config(QUICKSTART), load_config(QUICKSTART, ["execution.backend=ray", "execution.num_cpus=2"])
     assert dump_toml(a) != dump_toml(b)
@@ -48,7 +48,7 @@ def test_backend_is_not_part_of_what_a_run_folder_holds(tmp_path):
 
 
 def test_ray_not_installed_is_one_line(monkeypatch):
-    from cellmorph.scale import check_ray
+    from cellmorph.engine.ray_backend import check_ray
 
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError, as without the extra
     with pytest.raises(CellmorphError, match=r"pip install 'cellmorph\[ray\]'"):
@@ -58,7 +58,7 @@ def test_ray_not_installed_is_one_line(monkeypatch):
 def test_unreachable_address_is_one_line_before_any_work(tmp_path):
     import socket
 
-    from cellmorph.scale import check_ray
+    from cellmorph.engine.ray_backend import check_ray
 
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
@@ -72,7 +72,7 @@ def test_unreachable_address_is_one_line_before_any_work(tmp_path):
 @pytest.fixture(scope="module")
 def ray_cluster():
     """One local 2-CPU Ray cluster for this module's in-process runs (run_experiment reuses it)."""
-    from cellmorph.scale import ray_session
+    from cellmorph.engine.ray_backend import ray_session
 
     with ray_session(ExecutionConfig(backend="ray", num_cpus=2)) as ray:
         assert ray.cluster_resources().get("CPU") == 2
@@ -82,7 +82,7 @@ def ray_cluster():
 @pytest.mark.slow
 def test_worker_imports_the_drivers_cellmorph(ray_cluster):
     import cellmorph
-    from cellmorph.scale import worker_cellmorph_file
+    from cellmorph.engine.ray_backend import worker_cellmorph_file
 
     assert Path(worker_cellmorph_file()).resolve() == Path(cellmorph.__file__).resolve()
 
@@ -99,7 +99,7 @@ def _same_run(a: Path, b: Path, folds: int) -> None:
 def test_quickstart_on_ray_gives_the_local_numbers(ray_cluster, data_dir, tmp_path):
     import json
 
-    from cellmorph.experiment import run_experiment
+    from cellmorph.engine.runner import run_experiment
 
     local = run_experiment(load_config(QUICKSTART), tmp_path / "local", data_dir)
     on_ray = run_experiment(load_config(QUICKSTART, ["execution.backend=ray"]), tmp_path / "ray", data_dir)
@@ -118,7 +118,7 @@ def test_seeds_of_a_run_are_tasks_of_one_pool(ray_cluster, data_dir, tmp_path):
     """seeds = [0, 1]: every (fold, seed) pair is one task; per-seed folders and the pooled predictions are the local run's."""
     import json
 
-    from cellmorph.experiment import run_experiment
+    from cellmorph.engine.runner import run_experiment
 
     sets = ["evaluation.max_folds=3", "seeds=[0, 1]", "frozen.C=0.05"]
     run_experiment(load_config(QUICKSTART, sets), tmp_path / "local", data_dir)
@@ -132,7 +132,7 @@ def test_seeds_of_a_run_are_tasks_of_one_pool(ray_cluster, data_dir, tmp_path):
 @pytest.fixture(scope="module")
 def tiny_local(data_dir, tmp_path_factory):
     """The tiny fine-tune, run locally: the reference for the Ray runs below."""
-    from cellmorph.experiment import run_experiment
+    from cellmorph.engine.runner import run_experiment
 
     out = tmp_path_factory.mktemp("tiny") / "local"
     m = run_experiment(load_config(SMOKE, TINY), out, data_dir)
@@ -142,7 +142,7 @@ def tiny_local(data_dir, tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.realdata
 def test_tiny_finetune_on_ray_gives_the_local_numbers(ray_cluster, tiny_local, data_dir, tmp_path):
-    from cellmorph.experiment import run_experiment
+    from cellmorph.engine.runner import run_experiment
 
     local_out, local_m = tiny_local
     m = run_experiment(load_config(SMOKE, TINY + ["execution.backend=ray"]), tmp_path / "ray", data_dir)
@@ -246,7 +246,7 @@ def test_failing_task_stops_the_run_with_one_line_and_no_half_fold(data_dir, tmp
 def test_dead_worker_is_retried_and_gives_the_same_numbers(ray_cluster, data_dir, tmp_path, monkeypatch):
     """The worker running fold 1 dies once (os._exit, as a worker killed for memory): Ray retries the task and the
     run ends with the local numbers. The crash comes from the documented test hook CELLMORPH_TEST_CRASH_FOLD."""
-    from cellmorph.experiment import run_experiment
+    from cellmorph.engine.runner import run_experiment
 
     sets = ["evaluation.max_folds=3"]
     local = run_experiment(load_config(QUICKSTART, sets), tmp_path / "local", data_dir)
@@ -261,7 +261,7 @@ def test_dead_worker_is_retried_and_gives_the_same_numbers(ray_cluster, data_dir
 @pytest.mark.slow
 @pytest.mark.realdata
 def test_task_that_keeps_failing_stops_the_run_and_keeps_finished_folds(ray_cluster, data_dir, tmp_path, monkeypatch):
-    from cellmorph.experiment import run_experiment
+    from cellmorph.engine.runner import run_experiment
 
     monkeypatch.setenv("CELLMORPH_TEST_CRASH_FOLD", "1")  # every attempt of fold 1 dies
     out = tmp_path / "ray"
@@ -283,7 +283,7 @@ def test_task_that_keeps_failing_stops_the_run_and_keeps_finished_folds(ray_clus
 
 
 def test_grid_parsing():
-    from cellmorph.sweep import parse_grid, point_name
+    from cellmorph.engine.sweep import parse_grid, point_name
 
     assert parse_grid(["model.name=resnet50,inception_v3", "seed=0,1", "seeds=[0,1],[2,3]"]) == [
         ("model.name", ["resnet50", "inception_v3"]), ("seed", [0, 1]), ("seeds", [[0, 1], [2, 3]])]
@@ -298,7 +298,7 @@ def test_grid_parsing():
 def test_sweep_cli_on_ray_runs_every_point_and_summarizes(data_dir, tmp_path):
     """`cellmorph sweep` on Ray: 2 x 2 grid points, one run folder each, the numbers of a local run, one summary row
     per setting with its seeds pooled; a bad grid value is one line and exit 2 before anything runs."""
-    from cellmorph.experiment import run_experiment
+    from cellmorph.engine.runner import run_experiment
 
     out = tmp_path / "sweep"
     base = ["--set", "evaluation.max_folds=3"]

@@ -3,8 +3,8 @@ import pytest
 from PIL import Image
 
 from cellmorph.errors import CellmorphError
-from cellmorph.preprocess import read_image, resize_uint8, to_uint8
-from cellmorph.store import build_store
+from cellmorph.data.preprocess import read_image, resize_uint8, to_uint8
+from cellmorph.data.store import build_store
 
 
 def test_store_real_subset(subset_table, tmp_path):

@@ -6,9 +6,9 @@ import pytest
 
 from cellmorph.config import load_config
 from cellmorph.errors import CellmorphError
-from cellmorph.experiment import run_experiment
-from cellmorph.metrics import Metrics
-from cellmorph.summary import summarize_runs
+from cellmorph.engine.runner import run_experiment
+from cellmorph.evaluation.metrics import Metrics
+from cellmorph.reporting.summary import summarize_runs
 from tests.conftest import REPO
 
 SMOKE = REPO / "configs" / "finetune-cpu-smoke.toml"
@@ -53,7 +53,7 @@ def test_summarize_pools_seeds(tiny_runs, tmp_path):
 
 
 def test_explain_before_after_and_gradcam(tiny_runs, data_dir, tmp_path):
-    from cellmorph.explain import explain_run
+    from cellmorph.reporting.explain import explain_run
 
     cfg = load_config(SMOKE, [*TINY, "seed=0"])
     info = explain_run(cfg, tiny_runs[0] / "folds" / "00" / "model.pt", tmp_path / "x", data_dir, layers=["layer1", "layer3"], filters=[0, 1], n_images=3, steps=4, am_size=32, device_name="cpu")
@@ -67,9 +67,9 @@ def test_explain_before_after_and_gradcam(tiny_runs, data_dir, tmp_path):
 def test_activation_maximization_raises_the_activation():
     import torch
 
-    from cellmorph.explain import activation_maximization, grad_cam
-    from cellmorph.models import create_model
-    from cellmorph.train import InputSpec
+    from cellmorph.reporting.explain import activation_maximization, grad_cam
+    from cellmorph.models.factory import create_model
+    from cellmorph.models.train import InputSpec
 
     torch.manual_seed(0)
     model = create_model("resnet18", "xavier", num_classes=3).eval()
@@ -99,7 +99,7 @@ def test_set_overrides(tmp_path):
 
 def test_explain_and_summarize_on_a_run_without_treatments(data_dir, tmp_path):
     """Nuclei (no compounds, no wells): explain picks the fold's held-out nuclei, summarize reads the image level."""
-    from cellmorph.explain import explain_run
+    from cellmorph.reporting.explain import explain_run
 
     cfg = load_config(REPO / "configs" / "nuclei" / "scratch-image-grouped.toml",
                       ["dataset.options.max_images=3", "model.name=resnet18", "model.input_size=32", "finetune.epochs=1",

@@ -29,22 +29,22 @@ _LAZY = {
     "cross_validate": "cellmorph.api",
     "load_dataset": "cellmorph.api",
     "run": "cellmorph.api",
-    "CVResult": "cellmorph.experiment",
+    "CVResult": "cellmorph.engine.runner",
     "ExperimentConfig": "cellmorph.config",
     "load_config": "cellmorph.config",
     "ImageTable": "cellmorph.datasets",
-    "Metrics": "cellmorph.metrics",
-    "predict_images": "cellmorph.predict",
+    "Metrics": "cellmorph.evaluation.metrics",
+    "predict_images": "cellmorph.prediction.predict",
 }
 __all__ = ["CellmorphError", "__version__", *_LAZY]
 
 if TYPE_CHECKING:
     from cellmorph.api import Classifier, cross_validate, load_dataset, run
     from cellmorph.config import ExperimentConfig, load_config
-    from cellmorph.datasets import ImageTable
-    from cellmorph.experiment import CVResult
-    from cellmorph.metrics import Metrics
-    from cellmorph.predict import predict_images
+    from cellmorph.data.table import ImageTable
+    from cellmorph.engine.runner import CVResult
+    from cellmorph.evaluation.metrics import Metrics
+    from cellmorph.prediction.predict import predict_images
 
 
 def __getattr__(name: str):

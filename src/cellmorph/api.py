@@ -14,17 +14,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cellmorph.bundle import bundle_meta, load_bundle, load_state, save_bundle
+from cellmorph.models.bundle import bundle_meta, load_bundle, load_state, save_bundle
 from cellmorph.config import ExperimentConfig, load_config, override
-from cellmorph.datasets import ImageTable
-from cellmorph.datasets import load_dataset as _load_dataset
+from cellmorph.data.table import ImageTable
+from cellmorph.data.catalog import load_dataset as _load_dataset
 from cellmorph.errors import CellmorphError
-from cellmorph.experiment import CVResult, cross_validate_config, run_experiment
-from cellmorph.metrics import Metrics
-from cellmorph.models import INIT_WORDS, check_model_config, create_model, default_input_size, normalization
-from cellmorph.splits import labelled_mask
-from cellmorph.store import build_store
-from cellmorph.train import InputSpec, fit as _fit, forward_batches, make_input_spec, pick_device, resize_uint8_stack
+from cellmorph.engine.runner import CVResult, cross_validate_config, run_experiment
+from cellmorph.evaluation.metrics import Metrics
+from cellmorph.models.factory import INIT_WORDS, check_model_config, create_model, default_input_size, normalization
+from cellmorph.evaluation.splits import labelled_mask
+from cellmorph.data.store import build_store
+from cellmorph.models.train import InputSpec, fit as _fit, forward_batches, make_input_spec, pick_device, resize_uint8_stack
 
 __all__ = ["Classifier", "cross_validate", "load_dataset", "run"]
 
@@ -181,7 +181,7 @@ class Classifier:
     def _fit_frozen(self, store, images: torch.Tensor, idx: np.ndarray, y: np.ndarray, device: torch.device) -> None:
         """Backbone features (as the runner: cached when the weights are fixed) + the standardised multinomial
         logistic head of features.logistic_head, kept as plain tensors."""
-        from cellmorph.features import fit_logistic_head
+        from cellmorph.models.features import fit_logistic_head
 
         cfg = self.config
         m, fz = cfg.model, cfg.frozen
@@ -190,7 +190,7 @@ class Classifier:
             mean, std = normalization(self._net)
             self._spec = InputSpec(size=m.input_size or default_input_size(m.name), mean=mean, std=std)
             if m.init == "imagenet" or m.init not in INIT_WORDS:  # fixed weights: the runner's cached features are this backbone's
-                from cellmorph.features import extract_features
+                from cellmorph.models.features import extract_features
 
                 feats = extract_features(store, m, fz.tta, fz.batch_size, device)[idx]
             else:
@@ -299,7 +299,7 @@ class Classifier:
 
     def embed(self, images: np.ndarray | torch.Tensor | ImageTable) -> np.ndarray:
         """Per-image embeddings: the pooled features the classifier's head reads (frozen: the backbone's
-        features; fine-tuned: the network's pre-logit features), for profiling (`cellmorph.profiles`).
+        features; fine-tuned: the network's pre-logit features), for profiling (`cellmorph.profiling.profiles`).
 
         Args:
             images: as `predict_proba`.
@@ -314,7 +314,7 @@ class Classifier:
         device = pick_device(self.config.device)
         if self.config.mode == "frozen":
             return self._features(x, device).numpy().astype(np.float32, copy=False)
-        from cellmorph.profiles import pre_logits
+        from cellmorph.profiling.profiles import pre_logits
 
         x = resize_uint8_stack(x.to(device), self._spec.size)
         net = pre_logits(self._net, self._source)

@@ -35,7 +35,7 @@ def run(
     (pip install 'cellmorph[ray]'; docs/scaling.md); the numbers are the same.
     """
     from cellmorph.config import load_config
-    from cellmorph.experiment import run_experiment
+    from cellmorph.engine.runner import run_experiment
 
     cfg = load_config(config, set_)
     out = out or Path("runs") / config.stem
@@ -43,11 +43,11 @@ def run(
     seeds = cfg.seed_list
     console.print(f"[bold green]{cfg.name}[/]: {m.summary_line()}, {m.context['n_folds']} folds, seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}")
     if m.novelty:
-        from cellmorph.novelty import summary_line as novelty_line
+        from cellmorph.evaluation.novelty import summary_line as novelty_line
 
         console.print(novelty_line(m.novelty))
     elif m.conformal:
-        from cellmorph.conformal import summary_line as conformal_line
+        from cellmorph.evaluation.conformal import summary_line as conformal_line
 
         console.print(conformal_line(m.conformal))
     console.print(f"run folder: {out} (metrics.json, predictions.parquet, report.html)")
@@ -65,7 +65,7 @@ def sweep(
 
     Example: cellmorph sweep configs/quickstart.toml --grid frozen.C=0.1,1.0 --grid seed=0,1 --set execution.backend=ray
     """
-    from cellmorph.sweep import run_sweep
+    from cellmorph.engine.sweep import run_sweep
 
     out = out or Path("runs") / f"{config.stem}-sweep"
     runs, table = run_sweep(config, grid, out, data, set_)
@@ -93,7 +93,7 @@ def predict(
 
     Example: cellmorph predict runs/quickstart/model plate7/load_data.csv --out runs/plate7 --level 0.9
     """
-    from cellmorph.predict import predict_images
+    from cellmorph.prediction.predict import predict_images
 
     res = predict_images(model, images, out, level, mc_dropout=mc_dropout, overwrite=overwrite, novelty=novelty, ensemble=ensemble)
     lv = "treatment" if res.treatments is not None else "well" if res.wells is not None else "image"
@@ -114,7 +114,7 @@ def summarize(
     out: Path = typer.Option(Path("runs/summary"), "--out", "-o", help="Folder for summary.csv, summary.md and curves.png."),
 ) -> None:
     """Table of final accuracies (mean +- SEM over seeds) and accuracy-vs-epoch curves across runs."""
-    from cellmorph.summary import summarize_runs
+    from cellmorph.reporting.summary import summarize_runs
 
     table = summarize_runs(runs, out)
     console.print(table.to_string(index=False))
@@ -134,7 +134,7 @@ def explain(
 ) -> None:
     """Look inside: activation maximisation (before vs after fine-tuning) and Grad-CAM overlays."""
     from cellmorph.config import load_config
-    from cellmorph.explain import explain_run
+    from cellmorph.reporting.explain import explain_run
 
     try:
         filter_ids = [int(f) for f in filters.split(",") if f.strip()]
@@ -148,7 +148,7 @@ def explain(
 @app.command()
 def datasets() -> None:
     """List the datasets cellmorph knows."""
-    from cellmorph.datasets import available
+    from cellmorph.data.catalog import available
 
     t = Table("name", "description")
     for name, desc in sorted(available().items()):
@@ -164,7 +164,7 @@ def download(
     """Download a dataset from its public source into the data folder, checking every file's SHA-256."""
     import os
 
-    from cellmorph.datasets.registry import downloader
+    from cellmorph.data.registry import downloader
 
     fetch = downloader(name)
     folder = data or os.environ.get("CELLMORPH_DATA")
@@ -185,8 +185,8 @@ def prepare(
     workers: Optional[int] = typer.Option(None, "--workers", help="Threads reading and normalising fields (default: CPU count)."),
 ) -> None:
     """Preprocess raw plates as Kensert et al. 2019 into a store that training reads (dataset.name = "prepared")."""
-    from cellmorph.datasets import resolve_data_dir
-    from cellmorph.prepare import prepare as run_prepare
+    from cellmorph.data.registry import resolve_data_dir
+    from cellmorph.data.prepare import prepare as run_prepare
 
     kw = {"workers": workers}
     if name == "bbbc021":
@@ -209,7 +209,7 @@ def embed(
 
     Example: cellmorph embed runs/quickstart
     """
-    from cellmorph.profiles import embed as run_embed
+    from cellmorph.profiling.profiles import embed as run_embed
 
     res = run_embed(source, out, data)
     e = res.embeddings
@@ -242,7 +242,7 @@ def profiles_evaluate(
 
     Example: cellmorph profiles evaluate ljosa_jbiomolscreen_2013_per_well_mean.csv.gz --bbbc021-metadata DIR --out runs/ljosa --recipe cytominer-gallery-snf
     """
-    from cellmorph.profiles import Recipe, evaluate, summary_line
+    from cellmorph.profiling.profiles import Recipe, evaluate, summary_line
 
     if normalize is not None and normalize not in ("mad_robustize", "standardize", "none"):
         raise CellmorphError(f"--normalize {normalize!r}: choose mad_robustize, standardize or none.")

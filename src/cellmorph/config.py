@@ -119,7 +119,7 @@ class EvaluationConfig(_Strict):
     aggregate: Literal["median", "mean"] = "median"
     # Run only the first N folds (0 = all); for smoke tests and CI.
     max_folds: int = Field(0, ge=0)
-    # lomo only: what flags a unit as "none of the known MoAs" at 0.9 (cellmorph.novelty).
+    # lomo only: what flags a unit as "none of the known MoAs" at 0.9 (cellmorph.evaluation.novelty).
     # "softmax": its conformal prediction set is empty (1 - the largest p-value of the classifier's
     # probabilities); "distance": conformal anomaly detection on the frozen features (the p-value of
     # its cosine distance to the nearest known unit is <= 0.1); "combined": either of the two.

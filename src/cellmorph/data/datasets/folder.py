@@ -1,0 +1,49 @@
+"""Bring your own images: one CSV with image path column(s), a label column and any Metadata_* columns.
+
+    dataset.name = "folder"
+    dataset.label = "Metadata_Label"                       # default Metadata_MoA
+    dataset.options = {csv = "my_nuclei/patches.csv"}      # relative to the data folder
+
+    Image_Path_HE,Metadata_Label,Metadata_Patient
+    patches/p1_0001.png,tumour,P1
+    patches/p1_0002.png,stroma,P1
+    patches/p2_0001.png,,P2
+
+One row per image, one column per image file named `Image_Path_<Channel>` (paths relative to the CSV's
+folder, or absolute; each file 8- or 16-bit PNG/TIFF, grey or RGB; every row with the same channels).
+Only the path column(s) and the label column are required. Every other column is optional and carried
+through to the predictions: a drug screen adds Metadata_Plate, Metadata_Well, Metadata_Compound and
+Metadata_Concentration (treatment-level results), a grouping column such as Metadata_Patient keeps a
+patient's images together when the evaluation protocol groups by it.
+
+A row with an empty label is predicted but not scored (e.g. the middle doses of a dose series), as
+long as the labelled rows hold at least 2 classes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from cellmorph.data.registry import register
+from cellmorph.data.table import PATH_PREFIX, ImageTable
+from cellmorph.errors import CellmorphError
+
+
+@register("folder", "your own images: a CSV with Image_Path_<Channel> columns, a label column and any Metadata_* columns (option: csv)")
+def load_folder(data_dir: Path, csv: str | None = None, label: str = "Metadata_MoA") -> ImageTable:
+    if csv is None:
+        raise CellmorphError("dataset 'folder' needs dataset.options = {csv = \"path/to/images.csv\"} in the config.")
+    csv_path = Path(csv) if Path(csv).is_absolute() else Path(data_dir) / csv
+    if not csv_path.is_file():
+        raise CellmorphError(f"{csv_path}: CSV not found (dataset.options.csv, relative to the data folder {data_dir}).")
+    try:
+        df = pd.read_csv(csv_path, dtype={label: str})  # labels 0/1 stay "0"/"1" even beside empty cells
+    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as err:
+        raise CellmorphError(f"{csv_path}: cannot be read as CSV ({err}).") from None
+    for col in [c for c in df.columns if c.startswith(PATH_PREFIX)]:
+        df[col] = [p if pd.isna(p) else str(p if Path(str(p)).is_absolute() else csv_path.parent / str(p)) for p in df[col]]
+    table = ImageTable(df, name=f"folder:{csv_path.name}", label=label, source=str(csv_path), required=())
+    table.check_files_exist()
+    return table

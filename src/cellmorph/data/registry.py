@@ -1,0 +1,61 @@
+"""Dataset registry: one place per dataset name for its loader (-> ImageTable), its download and its
+raw-plate preparation, and the data-folder lookup.
+
+A new dataset is one module in data/datasets/ with `@register(name, description)` on its loader and, where
+it has them, `register_download(name, fn)` and `register_prepare(name, fn)`; add the module to
+`cellmorph.data.catalog.BUILTIN` and `cellmorph datasets`, `download`, `prepare` and `run` find it.
+
+This module holds the registrations only (it imports no dataset); the lookups are in catalog.py.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable
+
+from cellmorph.data.table import ImageTable
+from cellmorph.errors import CellmorphError
+
+DATA_ENV = "CELLMORPH_DATA"
+
+# name -> loader(data_dir, **options) -> ImageTable
+LOADERS: dict[str, Callable[..., ImageTable]] = {}
+DESCRIPTIONS: dict[str, str] = {}
+# name -> fn(data_dir) -> Path (fetch from the public source, checksums verified)
+DOWNLOADS: dict[str, Callable] = {}
+# name -> fn(data_dir, out, **options) -> recipe dict (raw plates -> a prepared store)
+PREPARES: dict[str, Callable] = {}
+
+
+def register(name: str, description: str):
+    def deco(fn: Callable[..., ImageTable]):
+        LOADERS[name] = fn
+        DESCRIPTIONS[name] = description
+        return fn
+
+    return deco
+
+
+def register_download(name: str, fn: Callable) -> None:
+    DOWNLOADS[name] = fn
+
+
+def register_prepare(name: str, fn: Callable) -> None:
+    PREPARES[name] = fn
+
+
+def resolve_data_dir(data_dir: str | Path | None) -> Path:
+    """The data folder: the explicit option first, then $CELLMORPH_DATA."""
+    if data_dir is None:
+        env = os.environ.get(DATA_ENV)
+        if not env:
+            raise CellmorphError(
+                f"no data folder given. Pass --data DIR or set {DATA_ENV}=DIR (the folder that holds "
+                "bbbc021-subset/ etc.; `cellmorph download bbbc021-subset --data DIR` fetches it)."
+            )
+        data_dir = env
+    path = Path(data_dir).expanduser()
+    if not path.is_dir():
+        raise CellmorphError(f"data folder {path} does not exist. Pass --data DIR or set {DATA_ENV} to an existing folder.")
+    return path.resolve()

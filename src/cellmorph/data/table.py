@@ -1,0 +1,103 @@
+"""ImageTable: one row per field of view (or per nucleus patch), CellProfiler-style columns.
+
+Metadata columns follow CellProfiler/pycytominer (`Metadata_Plate`, `Metadata_Well`, ...).
+Image files are named by `Image_Path_<Channel>` columns holding absolute paths; a file may
+hold one grey channel or several (an RGB PNG holds three). The label column may be empty in some
+rows: those are predicted, never trained on or scored.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from cellmorph.errors import CellmorphError
+
+REQUIRED = ("Metadata_Plate", "Metadata_Well", "Metadata_Compound", "Metadata_Concentration")
+PATH_PREFIX = "Image_Path_"
+
+
+@dataclass
+class ImageTable:
+    """A validated table of images: `df` has Metadata_* and Image_Path_* columns."""
+
+    df: pd.DataFrame
+    name: str
+    label: str = "Metadata_MoA"
+    source: str = "<table>"
+    # The columns every row must fill, besides the image paths. Drug screens need plate/well/compound/
+    # concentration; a table of nucleus patches (datasets/crchisto.py) needs its image and centre columns
+    # instead; a user's own table (datasets/folder.py) none. The label column must exist but may be empty
+    # in some rows (see `classes`).
+    required: tuple[str, ...] = REQUIRED
+    # > 0: each row is a patch_size x patch_size patch centred on (Metadata_Center_X, Metadata_Center_Y)
+    # (0-based pixel column and row) of its image, not the whole image (see store.py).
+    patch_size: int = 0
+    # A prepared store (`cellmorph prepare`): the images are already decoded there, one row per image.
+    store_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        self.df = self.df.reset_index(drop=True)
+        self.validate()
+
+    @property
+    def path_columns(self) -> list[str]:
+        return [c for c in self.df.columns if c.startswith(PATH_PREFIX)]
+
+    @property
+    def classes(self) -> list[str]:
+        """Sorted names of the non-empty labels: the model's output order. Rows with an empty label
+        (e.g. the middle doses of a dose series) are predicted but never trained on or scored."""
+        from cellmorph.evaluation.splits import labelled_mask
+
+        return sorted(self.df.loc[labelled_mask(self.df, self.label), self.label].astype(str).unique())
+
+    def __len__(self) -> int:
+        return len(self.df)
+
+    def validate(self) -> None:
+        missing = [c for c in (*self.required, self.label) if c not in self.df.columns]
+        if missing:
+            raise CellmorphError(
+                f"{self.source}: missing column(s) {missing}. The table needs "
+                f"{f'{list(self.required)} and ' if self.required else ''}the label column '{self.label}' "
+                f"(present: {list(self.df.columns)}). Add or rename the columns."
+            )
+        if not self.path_columns and self.store_dir is None:
+            raise CellmorphError(
+                f"{self.source}: no image path column. Name one column per image file "
+                f"'{PATH_PREFIX}<Channel>' (e.g. Image_Path_DAPI)."
+            )
+        if len(self.df) == 0:
+            raise CellmorphError(f"{self.source}: the table has no rows.")
+        for col in (*self.required, *self.path_columns):
+            bad = self.df[col].isna()
+            if bad.any():
+                rows = list(self.df.index[bad][:5])
+                raise CellmorphError(f"{self.source}: column '{col}' is empty in row(s) {rows}. Fill it in or drop those rows.")
+        if len(self.classes) < 2:
+            raise CellmorphError(
+                f"{self.source}: label column '{self.label}' has fewer than 2 classes among its labelled rows "
+                f"({self.classes}); nothing to classify. Rows with an empty label are only predicted."
+            )
+
+    def check_files_exist(self) -> None:
+        if self.store_dir is not None:
+            return
+        for col in self.path_columns:
+            for p in self.df[col]:
+                if not Path(p).is_file():
+                    raise CellmorphError(
+                        f"{self.source}: image file {p} (column {col}) does not exist. "
+                        "Check the data folder (--data or CELLMORPH_DATA) and the table's paths."
+                    )
+
+    @property
+    def has_treatments(self) -> bool:
+        """Whether rows carry compounds and concentrations (a drug screen), so that treatment-level
+        aggregation means something."""
+        from cellmorph.evaluation.aggregate import has_treatments
+
+        return has_treatments(self.df)

@@ -1,0 +1,235 @@
+"""Scale out: every (fold, seed) of a run as a Ray task (`[execution] backend = "ray"`).
+
+The runner (experiment.py) decides what to compute; this module only decides where. A task runs the
+very code a local run runs for one fold (`_Engine._fold`, then `_FolderSink.save`), so a fold's
+predictions are a pure function of (config, store, fold, seed), whichever process computes them:
+
+- frozen mode: the features are extracted once, on the driver (or read from the feature cache), and
+  reach the workers once, in Ray's object store, with the rest of the engine (labels, folds, metadata);
+- fine-tuning: the uint8 store reaches the workers once, in the object store (shared memory on a
+  node, read without a copy); each worker process resizes it to the network input once and keeps it
+  for the next folds it runs;
+- torch runs `threads` (default: `cpus_per_task`) threads in a task; a local run runs `threads` too when
+  set. A CPU fine-tune is bitwise the same on both backends at the same thread count (not across counts:
+  float sums are split differently); the logistic heads run BLAS on one thread either way.
+
+Each task writes its own fold folder (folds/NN, atomically: a temporary folder renamed), so a killed
+driver loses only the folds in flight, and a rerun resumes with the others. The run folder must be on a
+filesystem every worker sees (always true for the local cluster started here).
+
+A task that raises a CellmorphError (the user's input is at fault: a bad weights file, ...) stops the run
+at once with that message. Any other failure (an unexpected exception, a worker that died, e.g. killed for
+memory) is retried `max_retries` times, then stops the run with a one-line error naming the fold; the
+folds already written stay.
+
+Example:
+    >>> from cellmorph.config import load_config
+    >>> from cellmorph.engine.runner import run_experiment
+    >>> cfg = load_config("configs/quickstart.toml", ["execution.backend=ray"])
+    >>> run_experiment(cfg, "runs/quickstart-ray").level("treatment").correct
+    55
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+
+from cellmorph.config import ExecutionConfig
+from cellmorph.errors import CellmorphError
+
+RAY_MISSING = "execution.backend = 'ray' needs Ray, an optional dependency: pip install 'cellmorph[ray]' (or set execution.backend = 'local')."
+
+
+def _import_ray():
+    try:
+        import ray
+    except ImportError:
+        raise CellmorphError(RAY_MISSING) from None
+    return ray
+
+
+def check_ray(ex: ExecutionConfig | None = None) -> None:
+    """Fail before any work when Ray is asked for but not installed, or `ex.address` (host:port) does not answer
+    (Ray itself would keep retrying the connection for minutes)."""
+    _import_ray()
+    if ex is not None and ex.address and ex.address != "auto":
+        import socket
+
+        hostport = ex.address.removeprefix("ray://").split("/")[0]
+        host, _, port = hostport.rpartition(":")
+        if not host or not port.isdigit():
+            raise CellmorphError(f"execution.address = '{ex.address}': expected HOST:PORT (e.g. 10.0.0.5:6379 or ray://head:10001) or 'auto'.")
+        try:
+            socket.create_connection((host, int(port)), timeout=10).close()
+        except OSError as err:
+            raise CellmorphError(f"execution.address = '{ex.address}': no Ray cluster answers there ({err.strerror or err}). "
+                                 "Start it (`ray start --head`), fix the address, or leave it empty to start a local cluster.") from None
+
+
+def _source_root() -> str:
+    """The folder this cellmorph package is imported from: workers of a local cluster import the same sources."""
+    return str(Path(__file__).resolve().parents[1])
+
+
+@contextmanager
+def ray_session(ex: ExecutionConfig):
+    """Connect to Ray for the block: reuse a session already open in this process (it is left open), join
+    `ex.address`, or start a local cluster of `ex.num_cpus` CPUs (all of them when 0) that is stopped after.
+
+    Example:
+        >>> with ray_session(ExecutionConfig(backend="ray", num_cpus=2)):
+        ...     ...  # several run_experiment calls share the one cluster (as `cellmorph sweep` does)
+    """
+    ray = _import_ray()
+    if ray.is_initialized():
+        yield ray
+        return
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    pythonpath = os.pathsep.join(p for p in (_source_root(), os.environ.get("PYTHONPATH", "")) if p)
+    kwargs = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR, configure_logging=True,
+                  runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
+    if ex.address:
+        kwargs["address"] = ex.address
+    else:
+        kwargs["num_cpus"] = ex.num_cpus or os.cpu_count() or 1
+    try:
+        ray.init(**kwargs)
+    except Exception as err:  # noqa: BLE001 - Ray raises many types here; the user needs one line
+        where = f"the Ray cluster at execution.address = '{ex.address}'" if ex.address else "a local Ray cluster"
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise CellmorphError(f"cannot start or join {where} ({type(err).__name__}: {first}). Check the address, or leave it empty to start a local cluster.") from None
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+class _NullProgress:
+    """What a task's fold code reports progress to: nothing (the driver's bar advances per finished task)."""
+
+    def add_task(self, *a, **k):
+        return 0
+
+    def advance(self, *a, **k):
+        pass
+
+    def remove_task(self, *a, **k):
+        pass
+
+
+# One resized store per worker process: the folds a worker runs after its first reuse it.
+_WORKER_IMAGES: dict = {}
+
+
+# Test hook (tests/test_scale.py): CELLMORPH_TEST_CRASH_FOLD="I" makes the worker running fold index I exit
+# abruptly on every attempt, "I:MARKER" only on the first (the marker file records it), as a worker killed
+# for memory would. Read on the driver, passed to the tasks; unset in normal use.
+CRASH_HOOK_ENV = "CELLMORPH_TEST_CRASH_FOLD"
+
+
+def _test_crash(spec: str, i: int) -> None:
+    index, _, marker = spec.partition(":")
+    if not spec or int(index) != i:
+        return
+    if marker:
+        if Path(marker).exists():
+            return
+        Path(marker).touch()
+    os._exit(3)
+
+
+def _fold_task(engine, seed: int, i: int, folder: str, threads: int, crash: str = "") -> dict:
+    """One fold of one seed, in a Ray worker: the local code path, then the fold folder written. Returns
+    {"device": ...}, or {"error": message} for a CellmorphError (not retried: the input is at fault)."""
+    from cellmorph.engine.runner import _FolderSink
+
+    _test_crash(crash, i)
+    try:
+        if engine.cfg.mode == "finetune":
+            import torch
+
+            torch.set_num_threads(threads)
+            engine.plan._device = None  # resolved here, on the worker (its GPU when gpus_per_task > 0)
+            key = (engine.store.key, engine.cfg.model.name, engine.cfg.model.input_size, str(engine.plan.device))
+            if key not in _WORKER_IMAGES:
+                _WORKER_IMAGES.clear()
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", UserWarning)  # the object store's arrays are read-only; never written
+                    engine._prepare()
+                _WORKER_IMAGES[key] = engine.images
+            engine.images = _WORKER_IMAGES[key]
+        fold = engine.plan.folds[i]
+        res, model = engine._fold(fold, seed * 1000 + i, _NullProgress())
+        _FolderSink(Path(folder)).save(i, fold, engine._fold_predictions(i, fold, res.probs), res, model if engine.cfg.finetune.save_models else None)
+        return {"device": str(engine.plan._device) if engine.cfg.mode == "finetune" else "cpu"}
+    except CellmorphError as err:
+        return {"error": str(err)}
+
+
+def run_on_ray(engine, jobs: list[tuple[int, int, object]], progress, task) -> list[str]:
+    """Run `jobs` ((seed, fold index, sink) whose sink is a run folder) as Ray tasks; advance `task` of
+    `progress` as each finishes (ray.wait). Returns the devices the tasks ran on. Raises a one-line
+    CellmorphError when a task fails for good; the finished folds stay on disk."""
+    ex = engine.cfg.execution
+    n_folds = len(engine.plan.folds)
+    with ray_session(ex) as ray:
+        from ray.exceptions import RayError, RayTaskError
+
+        if engine.cfg.mode == "frozen":
+            engine._prepare()  # features once, here; they travel with the engine
+            shipped = replace(engine.store, images=engine.store.images[:0])  # the heads need no pixels
+        else:
+            shipped = engine.store
+        saved = engine.store
+        engine.store = shipped
+        try:
+            ref = ray.put(engine)  # once: every task reads this one copy
+        finally:
+            engine.store = saved
+        remote = ray.remote(_fold_task).options(num_cpus=ex.cpus_per_task, num_gpus=ex.gpus_per_task, max_retries=ex.max_retries,
+                                                retry_exceptions=True)
+        pending = {remote.remote(ref, seed, i, str(sink.folder), ex.threads or ex.cpus_per_task,
+                                 os.environ.get(CRASH_HOOK_ENV, "")): (seed, i) for seed, i, sink in jobs}
+        devices: set[str] = set()
+        try:
+            while pending:
+                done, _ = ray.wait(list(pending), num_returns=1)
+                for r in done:
+                    seed, i = pending.pop(r)
+                    what = f"fold {i + 1}/{n_folds} ({engine.plan.folds[i].name}" + (f", seed {seed}" if len(engine.cfg.seed_list) > 1 else "") + ")"
+                    try:
+                        out = ray.get(r)
+                    except RayTaskError as err:
+                        cause = err.cause if isinstance(err.cause, BaseException) else err
+                        first = (str(cause).strip().splitlines() or [""])[0]
+                        raise CellmorphError(f"{what} failed on Ray after {ex.max_retries + 1} attempt(s): {type(cause).__name__}: {first}. "
+                                             "The finished folds are kept: fix the cause and rerun the same command to resume.") from None
+                    except RayError as err:  # the worker died (killed, out of memory), an object was lost
+                        first = (str(err).strip().splitlines() or [""])[0]
+                        raise CellmorphError(f"{what} failed on Ray after {ex.max_retries + 1} attempt(s): {type(err).__name__}: {first}. "
+                                             "The finished folds are kept: rerun the same command to resume.") from None
+                    if "error" in out:
+                        raise CellmorphError(out["error"])
+                    devices.add(out["device"])
+                    progress.advance(task)
+        finally:
+            for r in pending:  # a failure or Ctrl-C: stop the rest (each fold folder is whole or absent)
+                ray.cancel(r)
+        return sorted(devices)
+
+
+def worker_cellmorph_file(ex: ExecutionConfig | None = None) -> str:
+    """The cellmorph/__init__.py a Ray worker imports (tests check it is the driver's)."""
+
+    def where():
+        import cellmorph
+
+        return cellmorph.__file__
+
+    with ray_session(ex or ExecutionConfig(backend="ray")) as ray:
+        return ray.get(ray.remote(where).options(num_cpus=1).remote())

@@ -1,0 +1,112 @@
+"""Frozen transfer: pooled features of a pretrained backbone, extracted once and cached, then a
+logistic-regression head per fold (the fast path on a CPU)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+
+from cellmorph.config import ModelConfig
+from cellmorph.io import write_json, write_npy
+from cellmorph.models.names import default_input_size
+from cellmorph.progress import make_progress
+from cellmorph.data.store import Store, cache_dir
+
+FEATURES_VERSION = 1
+
+
+def feature_key(store: Store, model_cfg: ModelConfig, tta: bool) -> str:
+    init = model_cfg.init
+    p = Path(init)
+    if p.is_file():  # a weights file: its content decides the features
+        st = p.stat()
+        init = f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    blob = json.dumps({"v": FEATURES_VERSION, "store": store.key, "model": model_cfg.name, "init": init, "size": model_cfg.input_size or default_input_size(model_cfg.name), "tta": tta})
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def cached_features(store: Store, model_cfg: ModelConfig, tta: bool, cache: Path | None = None) -> np.ndarray | None:
+    """The cached N x D features of this store and backbone, or None (no torch needed to find out)."""
+    path = (cache or cache_dir()) / "features" / f"{feature_key(store, model_cfg, tta)}.npy"
+    return np.load(path) if path.is_file() else None
+
+
+def extract_features(store: Store, model_cfg: ModelConfig, tta: bool, batch_size: int, device, cache: Path | None = None) -> np.ndarray:
+    """N x D float32 features, from the cache when present (`device`: a torch device)."""
+    hit = cached_features(store, model_cfg, tta, cache)
+    if hit is not None:
+        return hit
+    import torch
+
+    from cellmorph.models.factory import create_model, normalization
+    from cellmorph.models.train import InputSpec, forward_batches
+
+    path = (cache or cache_dir()) / "features" / f"{feature_key(store, model_cfg, tta)}.npy"
+    model = create_model(model_cfg.name, model_cfg.init, num_classes=0, in_chans=store.images.shape[1])
+    mean, std = normalization(model)
+    spec = InputSpec(size=model_cfg.input_size or default_input_size(model_cfg.name), mean=mean, std=std)
+    images = torch.from_numpy(np.asarray(store.images))
+    what = f"features {model_cfg.name}" + (" (8x dihedral TTA)" if tta else "")
+    with make_progress() as progress:
+        task = progress.add_task(what, total=len(images))
+        feats = forward_batches(model, images, spec, device, batch_size, tta=tta, on_batch=lambda n: progress.advance(task, n))
+    feats = feats.numpy().astype(np.float32)
+    write_npy(path, feats, what="cache")
+    if model_cfg.init not in ("random", "xavier", "gaussian"):  # fixed weights: keep them beside their features
+        _write_backbone(path, model, spec)
+    return feats
+
+
+def _write_backbone(features_path: Path, model, spec) -> None:
+    """The backbone's weights and input spec beside its cached features, so that a warm frozen run can
+    save its final model (a bundle) without importing torch or timm."""
+    from safetensors.torch import save_file
+
+    from cellmorph.io import atomic_path
+
+    with atomic_path(features_path.with_suffix(".backbone.safetensors"), "cache") as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
+    write_json(features_path.with_suffix(".backbone.json"), {"size": spec.size, "mean": list(spec.mean), "std": list(spec.std), "normalize": spec.normalize_mode}, "cache")
+
+
+def cached_backbone(store: Store, model_cfg: ModelConfig, tta: bool, cache: Path | None = None) -> tuple[dict, dict] | None:
+    """The backbone weights (name -> numpy array) and input spec cached with these features, or None."""
+    path = (cache or cache_dir()) / "features" / f"{feature_key(store, model_cfg, tta)}.npy"
+    weights, spec = path.with_suffix(".backbone.safetensors"), path.with_suffix(".backbone.json")
+    if not (weights.is_file() and spec.is_file()):
+        return None
+    from safetensors.numpy import load_file
+
+    return load_file(str(weights)), json.loads(spec.read_text())
+
+
+def fit_logistic_head(features: np.ndarray, y: np.ndarray, C: float, class_weight: str | None, seed: int):
+    """Standardisation + multinomial logistic regression fitted on `features`; returns (scaler, classifier).
+
+    BLAS runs on one thread here: the problem is a few small matrix products per L-BFGS step, and a
+    threaded BLAS beside torch's OpenMP pool (or any other busy process) spends its time waiting for
+    its threads: measured 17x slower on 2 busy cores (benchmarks/frozen_speed.py), same optimum."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1, user_api="blas"):
+        scaler = StandardScaler().fit(features)
+        clf = LogisticRegression(C=C, class_weight=class_weight, max_iter=3000, random_state=seed)
+        clf.fit(scaler.transform(features), y)
+    return scaler, clf
+
+
+def logistic_head(features: np.ndarray, y: np.ndarray, train: np.ndarray, test: np.ndarray, n_classes: int, C: float, class_weight: str | None, seed: int) -> np.ndarray:
+    """Fit the head on `train`; class probabilities for `test` in 0..n_classes-1 order (a class missing
+    from training gets probability 0)."""
+    from threadpoolctl import threadpool_limits
+
+    scaler, clf = fit_logistic_head(features[train], y[train], C, class_weight, seed)
+    probs = np.zeros((len(test), n_classes))
+    with threadpool_limits(limits=1, user_api="blas"):
+        probs[:, clf.classes_] = clf.predict_proba(scaler.transform(features[test]))
+    return probs

@@ -1,0 +1,295 @@
+"""The one training loop (fine-tuning) and batched inference, on CPU or CUDA.
+
+The uint8 images are moved to the device once; batches are indexed, converted, augmented,
+resized and normalised there. On CUDA: bf16 autocast and channels_last.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cellmorph.models.augment import augment, dihedral
+from cellmorph.config import AugmentConfig, FinetuneConfig
+from cellmorph.errors import CellmorphError
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise CellmorphError(f"device = '{name}' is not a device name; use 'auto', 'cpu' or 'cuda'.") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CellmorphError(f"device = '{name}' but no CUDA GPU is available here; use device = 'auto' or 'cpu'.")
+    return device
+
+
+@dataclass
+class InputSpec:
+    """How uint8 store images become network input."""
+
+    size: int  # square input size (0 = keep)
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    # "imagenet": (x - mean) / std with the model's own mean/std; "raw": 0-255 values as the paper's
+    # code fed them; "mean": the same formula with `mean` = the training images' mean intensity.
+    normalize_mode: str = "imagenet"
+    # (device, dtype, channels) -> (scale, shift) already on the device: no host-to-device copy per batch.
+    _affine: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """Float [0, 1] B x C x H x W -> network input (resized if needed, normalised)."""
+        if self.size and x.shape[-1] != self.size:
+            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False)
+        return self.normalize(x)
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """(x - mean) / std as one fused multiply-add; "raw" gives 0-255 values."""
+        if self.normalize_mode == "raw":
+            return x * 255.0
+        c = x.shape[1]
+        key = (x.device, x.dtype, c)
+        if key not in self._affine:
+            scale = 1.0 / torch.tensor(self.std[:c], dtype=x.dtype).view(1, c, 1, 1)
+            shift = -torch.tensor(self.mean[:c], dtype=x.dtype).view(1, c, 1, 1) * scale
+            self._affine[key] = (scale.to(x.device), shift.to(x.device))
+        scale, shift = self._affine[key]
+        return torch.addcmul(shift, x, scale)
+
+
+def resize_uint8_stack(images: torch.Tensor, size: int, chunk: int = 256) -> torch.Tensor:
+    """Resize a whole uint8 N x C x H x W stack to size x size once (on its device), instead of every batch."""
+    if not size or images.shape[-1] == size:
+        return images
+    out = torch.empty((*images.shape[:2], size, size), dtype=torch.uint8, device=images.device)
+    for s in range(0, len(images), chunk):
+        x = F.interpolate(images[s : s + chunk].float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        out[s : s + chunk] = x.round_().clamp_(0, 255).to(torch.uint8)
+    return out
+
+
+@dataclass
+class History:
+    epoch: list[int] = field(default_factory=list)
+    loss: list[float] = field(default_factory=list)
+    train_accuracy: list[float] = field(default_factory=list)
+    images_per_s: list[float] = field(default_factory=list)
+
+
+def class_weights(labels: np.ndarray, n_classes: int) -> torch.Tensor:
+    """Balanced weights n / (k * count); a class absent from training gets weight 0."""
+    counts = np.bincount(labels, minlength=n_classes).astype(np.float64)
+    present = counts > 0
+    w = np.zeros(n_classes)
+    w[present] = counts.sum() / (present.sum() * counts[present])
+    return torch.tensor(w, dtype=torch.float32)
+
+
+def channel_mean(images: torch.Tensor, chunk: int = 4096) -> tuple[float, ...]:
+    """Per-channel mean intensity of uint8 N x C x H x W images, on the 0-1 scale."""
+    total = torch.zeros(images.shape[1], dtype=torch.float64)
+    for s in range(0, len(images), chunk):
+        total += images[s : s + chunk].to(torch.float64).sum(dim=(0, 2, 3)).cpu()
+    return tuple((total / (len(images) * images.shape[2] * images.shape[3] * 255.0)).tolist())
+
+
+def make_input_spec(model: nn.Module, size: int, normalize: str, train_images: torch.Tensor) -> InputSpec:
+    """The InputSpec for fine-tuning `model`: its pretrained mean/std; with normalize = "mean", the
+    training images' per-channel mean intensity is subtracted instead of the ImageNet mean (Caffe's
+    mean subtraction), and the model's std keeps the input on the scale its weights expect; with
+    normalize = "caffe", the mean is subtracted from 0-255 pixels and nothing is divided, as Caffe fed
+    AlexNet and GenderNet (the scale their Gaussian N(0, 0.01) initialisation was chosen for)."""
+    from cellmorph.models.factory import normalization
+
+    mean, std = normalization(model)
+    if normalize in ("mean", "caffe"):
+        mean = channel_mean(train_images)
+    if normalize == "caffe":
+        std = (1 / 255,) * len(mean)  # (x - mean) / (1/255) = 0-255 pixels minus their mean
+    return InputSpec(size=size, mean=mean, std=std, normalize_mode=normalize)
+
+
+def param_groups(model: nn.Module, cfg: FinetuneConfig) -> list[dict]:
+    """Caffe-style per-layer learning rates: the new head at lr * head_lr_mult, the copied layers at
+    lr * backbone_lr_mult. One group when both multipliers are 1."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.head_lr_mult == 1.0 and cfg.backbone_lr_mult == 1.0:
+        return [{"params": params, "lr": cfg.lr}]
+    from cellmorph.models.factory import classifier_module
+
+    head_ids = {id(p) for p in classifier_module(model).parameters()}
+    head = [p for p in params if id(p) in head_ids]
+    body = [p for p in params if id(p) not in head_ids]
+    groups = [{"params": body, "lr": cfg.lr * cfg.backbone_lr_mult, "name": "backbone"}, {"params": head, "lr": cfg.lr * cfg.head_lr_mult, "name": "head"}]
+    return [g for g in groups if g["params"]]
+
+
+def make_optimizer(model: nn.Module, cfg: FinetuneConfig) -> torch.optim.Optimizer:
+    params = param_groups(model, cfg)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def make_scheduler(opt: torch.optim.Optimizer, cfg: FinetuneConfig, total_steps: int):
+    """Per-iteration schedule: cosine to 0 over the run, Caffe's "inv", or none (constant)."""
+    if cfg.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total_steps)
+    if cfg.schedule == "inv":
+        g, p = cfg.inv_gamma, cfg.inv_power
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda it: (1.0 + g * it) ** (-p))
+    return None
+
+
+def fit(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: np.ndarray,
+    n_classes: int,
+    cfg: FinetuneConfig,
+    spec: InputSpec,
+    device: torch.device,
+    seed: int,
+    on_step=None,
+    on_epoch=None,
+    on_iteration=None,
+) -> History:
+    """Fine-tune every layer of `model` on uint8 `images` (N x C x H x W, any device).
+
+    The images go to the device once and are resized there once; each step indexes a batch,
+    converts, augments and normalises it on the device. `on_epoch(epoch)` runs after each epoch
+    (e.g. to score the test fold for accuracy-vs-epoch curves); `on_iteration(iteration, model)` after
+    every optimizer step (iterations count from 1; it must leave the model in train mode).
+    """
+    gen = torch.Generator(device=device).manual_seed(seed)
+    model.to(device).train()
+    cuda = device.type == "cuda"
+    if cuda:
+        model.to(memory_format=torch.channels_last)
+        torch.backends.cudnn.benchmark = True
+    x_all = resize_uint8_stack(images.to(device, non_blocking=True), spec.size)
+    net = torch.compile(model) if cfg.compile else model
+    y_all = torch.as_tensor(np.array(labels), dtype=torch.long, device=device)
+    weight = class_weights(labels, n_classes).to(device) if cfg.class_weights else None
+    opt = make_optimizer(model, cfg)
+    n = len(y_all)
+    # Whole batches only (a fresh permutation each epoch, so every image is seen over the epochs):
+    # one input shape for the whole run, so cuDNN autotunes once; and never a one-sample batch,
+    # which batch norm cannot train on.
+    batch = min(cfg.batch_size, n)
+    steps_per_epoch = n // batch
+    sched = make_scheduler(opt, cfg, cfg.epochs * steps_per_epoch)
+    epoch_loss, epoch_correct, epoch_seconds = [], [], []
+    for epoch in range(1, cfg.epochs + 1):
+        model.train()
+        timer = _EpochTimer(cuda)
+        perm = torch.randperm(n, device=device, generator=gen)
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), device=device, dtype=torch.long)
+        for s in range(steps_per_epoch):
+            idx = perm[s * batch : (s + 1) * batch]
+            x = training_batch(x_all, idx, spec, cfg.augment, gen)
+            y = y_all[idx]
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cuda and cfg.amp):
+                logits = net(x)
+            loss = F.cross_entropy(logits.float(), y, weight=weight)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if sched is not None:
+                sched.step()
+            loss_sum += loss.detach() * len(y)
+            correct += (logits.argmax(1) == y).sum()
+            if on_step is not None:
+                on_step()
+            if on_iteration is not None:
+                on_iteration((epoch - 1) * steps_per_epoch + s + 1, model)
+        epoch_loss.append(loss_sum)
+        epoch_correct.append(correct)
+        epoch_seconds.append(timer.stop())
+        if on_epoch is not None:
+            on_epoch(epoch)
+    # One host sync for the whole run, not one per epoch.
+    seen = steps_per_epoch * batch
+    return History(
+        epoch=list(range(1, cfg.epochs + 1)),
+        loss=[v / seen for v in torch.stack(epoch_loss).tolist()],
+        train_accuracy=[v / seen for v in torch.stack(epoch_correct).tolist()],
+        images_per_s=[seen / t() for t in epoch_seconds],
+    )
+
+
+def training_batch(x_all: torch.Tensor, idx: torch.Tensor, spec: InputSpec, aug: AugmentConfig, gen: torch.Generator) -> torch.Tensor:
+    """The per-step work in front of the network: index the uint8 batch, augment, normalise (channels_last on CUDA)."""
+    x = spec.normalize(augment(x_all[idx], aug, gen))
+    return x.contiguous(memory_format=torch.channels_last) if x.is_cuda else x
+
+
+class _EpochTimer:
+    """Epoch wall time without a host sync: CUDA events, read after training; perf_counter on CPU."""
+
+    def __init__(self, cuda: bool):
+        self.cuda = cuda
+        if cuda:
+            self.start, self.end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            self.start.record()
+        else:
+            self.t0 = time.perf_counter()
+
+    def stop(self):
+        if self.cuda:
+            self.end.record()
+            return lambda: self.start.elapsed_time(self.end) / 1000  # waits for the event only when read
+        dt = time.perf_counter() - self.t0
+        return lambda: dt
+
+
+def forward_batches(model: nn.Module, images: torch.Tensor, spec: InputSpec, device: torch.device, batch_size: int, tta: bool = False, on_batch=None) -> torch.Tensor:
+    """Outputs of `model` for uint8 images (mean over the 8 dihedral transforms when tta), on CPU, float32.
+
+    channels_last weights and inputs on every device (oneDNN's fast layout on CPU, cuDNN's on CUDA;
+    the outputs differ from the contiguous layout's in the last float bits only), under inference_mode.
+    On CPU the model's parameters get their layout back afterwards, so a model still being trained is
+    left as it came; on CUDA they stay channels_last, the layout `fit` uses there too."""
+    model.to(device).eval()
+    cuda = device.type == "cuda"
+    was_contiguous = not cuda and any(p.dim() == 4 and not p.is_contiguous(memory_format=torch.channels_last) for p in model.parameters())
+    # Outside inference_mode: converted parameters must stay ordinary (trainable) tensors.
+    model.to(memory_format=torch.channels_last)
+    outs = []
+    try:
+        with torch.inference_mode():
+            for s in range(0, len(images), batch_size):
+                chunk = images[s : s + batch_size].to(device)
+                real = len(chunk)
+                if cuda and real < batch_size and len(images) > batch_size:  # pad: one shape, one cuDNN autotune
+                    chunk = torch.cat([chunk, chunk[-1:].expand(batch_size - real, *chunk.shape[1:])])
+                x = spec(chunk.float().div_(255))
+                views = [dihedral(x, k) for k in range(8)] if tta else [x]
+                acc = None
+                for v in views:
+                    v = v.contiguous(memory_format=torch.channels_last)
+                    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cuda):
+                        out = model(v).float()
+                    acc = out if acc is None else acc + out
+                outs.append((acc[:real] / len(views)).cpu())
+                if on_batch is not None:
+                    on_batch(real)
+    finally:
+        if was_contiguous:
+            model.to(memory_format=torch.contiguous_format)
+    return torch.cat(outs)
+
+
+def predict_proba(model: nn.Module, images: torch.Tensor, spec: InputSpec, device: torch.device, batch_size: int = 64) -> np.ndarray:
+    logits = forward_batches(model, images, spec, device, batch_size)
+    return logits.softmax(dim=1).numpy()

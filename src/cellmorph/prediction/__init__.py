@@ -1,0 +1,1 @@
+"""`cellmorph predict`: new images through a saved model, with conformal sets and novelty flags."""

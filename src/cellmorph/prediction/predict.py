@@ -1,0 +1,558 @@
+"""Predict new plates with a trained model: `cellmorph predict MODEL IMAGES --out DIR`.
+
+MODEL is a bundle folder (bundle.py): a run's final model (RUN/model/, with the run's out-of-fold
+predictions as calibration data) or one saved by `Classifier.save`. IMAGES is one of
+
+    a CSV in the folder-dataset format   Image_Path_<Channel> columns (+ any Metadata_*), paths relative to the CSV
+    a CellProfiler LoadData CSV          Image_FileName_<Channel> + Image_PathName_<Channel> (+ any Metadata_*)
+    a folder of image files              one field of view per file (.png, .tif, .tiff, .jpg), Metadata_FileName
+
+The images are decoded and stored exactly as training stored them (store.build_store with the bundle's
+dataset.image_size) and run through the same network code (`Classifier._proba`), so a compound predicted
+here gets the probabilities its cross-validation fold gave it (tests/test_predict.py checks this on real
+data). Image probabilities are aggregated as in the paper (median: images -> wells -> treatments, where the
+input has Metadata_Well / Metadata_Compound + Metadata_Concentration).
+
+Conformal prediction (conformal.py): at each level, the bundle's out-of-fold predictions are aggregated
+to units of that level (the calibration units, each scored by a model that never saw its compound) and a
+`Calibrator` is fitted on them; each new unit gets a p-value per class, the prediction set at the
+confidence `--level` (classes with p-value > 1 - level) and a novelty score; a unit whose set is empty is
+flagged "none of the known classes" (none_of_known). A bundle without calibration data predicts without
+them and says so (predict.json, report.html).
+
+Distance novelty (`--novelty`, novelty.py): a frozen run's bundle also stores its training units' feature
+profiles (reference_profiles.npz). Each new well and treatment gets `distance` (cosine distance of its
+standardised backbone-feature profile to the nearest training unit) and `distance_pvalue` (its rank among
+the training units' leave-one-compound-out distances); with "combined" (the default when the bundle has
+both) none_of_known is "set empty or distance p-value <= 1 - level", and `flagged_by` says which.
+Images are flagged by softmax only (image-level distance AUROC under lomo: 0.577). Fine-tuned bundles
+and those saved outside a run hold no profiles: softmax, said so in predict.json.
+
+DIR receives, all at once (written in a temporary sibling folder and renamed):
+
+    predictions.parquet   per image: Metadata_*, prob_<class>, predicted, probability, and with calibration
+                          pvalue_<class>, prediction_set, set_size, novelty, none_of_known
+                          (wells and treatments, with reference profiles: distance, distance_pvalue, flagged_by)
+                          (with --mc-dropout N: prob_<class> is the mean over N passes, mcstd_<class> the std;
+                          with --ensemble and MODEL a fine-tuned RUN folder: the mean of its fold models' probabilities)
+    wells.csv             per well (input with Metadata_Well), the same columns from the median probabilities
+    treatments.csv        per treatment (input with Metadata_Compound and Metadata_Concentration)
+    report.html           per unit: prediction, probability, prediction set, novelty flag, 3 thumbnails
+    predict.json          the model, the input, the confidence, the calibration per level, images/s
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from cellmorph.evaluation.aggregate import available_levels
+from cellmorph.data.table import PATH_PREFIX, ImageTable
+from cellmorph.errors import CellmorphError
+from cellmorph.io import check_writable, process_umask
+from cellmorph.progress import console, make_progress
+
+IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
+LOADDATA_FILE, LOADDATA_PATH = "Image_FileName_", "Image_PathName_"
+PREDICT_FILES = ("predictions.parquet", "wells.csv", "treatments.csv", "report.html", "predict.json")
+MARKER = "predict.json"  # the file that says a folder is a cellmorph predict output
+
+
+class NewImages(ImageTable):
+    """An ImageTable of images to predict: image paths required, no label needed (kept when present)."""
+
+    def validate(self) -> None:
+        if not self.path_columns:
+            raise CellmorphError(
+                f"{self.source}: no image column. Name one column per channel '{PATH_PREFIX}<Channel>' (folder format) "
+                f"or give '{LOADDATA_FILE}<Channel>' and '{LOADDATA_PATH}<Channel>' (CellProfiler LoadData)."
+            )
+        if len(self.df) == 0:
+            raise CellmorphError(f"{self.source}: the table has no rows; nothing to predict.")
+        for col in self.path_columns:
+            bad = self.df[col].isna() | (self.df[col].astype(str).str.strip() == "")
+            if bad.any():
+                raise CellmorphError(f"{self.source}: column '{col}' is empty in row(s) {list(self.df.index[bad][:5])}. Fill it in or drop those rows.")
+
+
+def read_images(images: str | Path, label: str = "Metadata_MoA") -> NewImages:
+    """The table of images to predict from a folder-format CSV, a CellProfiler LoadData CSV or a folder.
+
+    Args:
+        images: the CSV file or the folder of image files.
+        label: the bundle's label column: kept when the input has it (e.g. reference compounds), never needed.
+    Returns:
+        A `NewImages` table: Metadata_* and Image_Path_<Channel> columns (absolute paths), files checked.
+
+    Example:
+        >>> read_images("plate7/load_data.csv").path_columns
+        ['Image_Path_DNA', 'Image_Path_Actin', 'Image_Path_Tubulin']
+    """
+    path = Path(images).expanduser()
+    if path.is_dir():
+        files = sorted(f for f in path.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise CellmorphError(f"{path}: the folder holds no image files ({', '.join(IMAGE_SUFFIXES)}). Pass a folder of images, or a CSV naming them.")
+        df = pd.DataFrame({"Metadata_FileName": [f.name for f in files], f"{PATH_PREFIX}Image": [str(f.resolve()) for f in files]})
+        table = NewImages(df, name=f"images:{path.resolve()}", label=label, source=str(path), required=())
+        return table
+    if not path.is_file():
+        raise CellmorphError(f"{path}: not found. IMAGES is a CSV (folder format or CellProfiler LoadData) or a folder of image files.")
+    try:
+        with open(path, errors="replace") as f:
+            header = f.readline()
+        sep = ";" if header.count(";") > header.count(",") else ","  # comma, or semicolon as BBBC021's labels file
+        df = pd.read_csv(path, sep=sep, dtype={label: str})
+    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError, csv.Error) as err:
+        raise CellmorphError(f"{path}: cannot be read as CSV ({err}).") from None
+    df.columns = [str(c).strip() for c in df.columns]
+    if not [c for c in df.columns if c.startswith(PATH_PREFIX)]:
+        df = _from_loaddata(df, path)
+    for col in [c for c in df.columns if c.startswith(PATH_PREFIX)]:
+        df[col] = [p if pd.isna(p) else str(p if Path(str(p)).is_absolute() else path.parent / str(p)) for p in df[col]]
+    table = NewImages(df, name=f"images:{path.resolve()}", label=label, source=str(path), required=())
+    table.check_files_exist()
+    return table
+
+
+def _from_loaddata(df: pd.DataFrame, path: Path) -> pd.DataFrame:
+    """Image_FileName_<Ch> + Image_PathName_<Ch> -> Image_Path_<Ch> (CellProfiler's LoadData columns)."""
+    names = [c for c in df.columns if c.startswith(LOADDATA_FILE)]
+    if not names:
+        raise CellmorphError(
+            f"{path}: no image columns. Expected '{PATH_PREFIX}<Channel>' (folder format) or '{LOADDATA_FILE}<Channel>' with "
+            f"'{LOADDATA_PATH}<Channel>' (CellProfiler LoadData); present: {list(df.columns)[:8]}."
+        )
+    out = df.drop(columns=[c for c in df.columns if c.startswith((LOADDATA_FILE, LOADDATA_PATH))])
+    for c in names:
+        channel = c.removeprefix(LOADDATA_FILE)
+        folder = f"{LOADDATA_PATH}{channel}"
+        if folder not in df.columns:
+            raise CellmorphError(f"{path}: missing column '{folder}' for '{c}'. A LoadData CSV names each channel's folder beside its file name.")
+        if df[folder].isna().any() or df[c].isna().any():
+            rows = list(df.index[df[folder].isna() | df[c].isna()][:5])
+            raise CellmorphError(f"{path}: column '{c}' or '{folder}' is empty in row(s) {rows}. Fill them in or drop those rows.")
+        out[f"{PATH_PREFIX}{channel}"] = [str(Path(str(d)) / str(f)) for d, f in zip(df[folder], df[c])]
+    return out
+
+
+# --- checks against the model, before anything is decoded ---------------------------------------------
+
+
+def match_channels(table: NewImages, clf) -> NewImages:
+    """Put the input's channel columns in the training order (same names), and check the channel count and
+    image size of the first row (the store checks every other row against it) against the model."""
+    from cellmorph.data.preprocess import read_image
+
+    trained = list(clf._trained_on.get("channel_columns") or [])
+    cols = table.path_columns
+    if trained and set(cols) == set(trained) and cols != trained:
+        other = [c for c in table.df.columns if c not in cols]
+        table.df = table.df[other + trained]
+    first = table.df.iloc[0]
+    arrays = [(first[c], read_image(first[c])) for c in table.path_columns]
+    channels = sum(a.shape[2] for _, a in arrays)
+    files = ", ".join(str(p) for p, _ in arrays)
+    if channels != clf.channels:
+        names = f" ({', '.join(trained)})" if trained else ""
+        raise CellmorphError(
+            f"{files}: {channels} channel(s) per field of view ({', '.join(table.path_columns)}) but the model {clf._source} takes "
+            f"{clf.channels}{names}. Give each field the model's channels in its order (one {PATH_PREFIX}<Channel> column per file)."
+        )
+    shape = clf._trained_on.get("image_shape")
+    size = clf.config.dataset.image_size
+    h, w = arrays[0][1].shape[:2]
+    if shape and not size and [h, w] != list(shape):
+        raise CellmorphError(
+            f"{arrays[0][0]}: {h}x{w} pixels but the model was trained on {shape[0]}x{shape[1]} images at their native size "
+            f"(dataset.image_size = 0): cells would appear at another scale. Crop or resize the images to {shape[0]}x{shape[1]} as the "
+            "training images were, or train with dataset.image_size set."
+        )
+    return table
+
+
+# --- the prediction -----------------------------------------------------------------------------------
+
+
+@dataclass
+class PlatePrediction:
+    """What `predict_images` returns: per image, per well and per treatment tables (None where the input
+    lacks the columns), the confidence, and how each level was calibrated."""
+
+    images: pd.DataFrame
+    wells: pd.DataFrame | None
+    treatments: pd.DataFrame | None
+    confidence: float
+    classes: list[str]
+    label: str
+    calibration: dict = field(default_factory=dict)  # level -> Calibrator.describe(), or {"none": reason}
+    novelty: dict = field(default_factory=dict)  # level -> which score flags none_of_known there, and the distance score's data
+    info: dict = field(default_factory=dict)  # predict.json
+    store_images: np.ndarray | None = field(default=None, repr=False)  # the decoded images (thumbnails)
+
+    def level(self, name: str) -> pd.DataFrame | None:
+        return {"image": self.images, "well": self.wells, "treatment": self.treatments}[name]
+
+
+def predict_images(model, images, out: str | Path | None = None, confidence: float = 0.9, *, mc_dropout: int = 0,
+                   overwrite: bool = False, novelty: str | None = None, ensemble: bool = False) -> PlatePrediction:
+    """Predict every image of `images` with the bundle `model`; aggregate; conformal sets; write `out`.
+
+    Args:
+        model: a bundle folder (RUN/model/ of `cellmorph run`, or `Classifier.save`'s) or a loaded `Classifier`.
+        images: a folder-format CSV, a CellProfiler LoadData CSV, a folder of image files, or an ImageTable.
+        out: the output folder (None: write nothing); an existing one is replaced only when it holds an
+            earlier `cellmorph predict` output and overwrite=True.
+        confidence: the confidence of the prediction sets (e.g. 0.9: the true class is in the set for at
+            least 90% of exchangeable units).
+        mc_dropout: N > 0: N Monte Carlo dropout passes (fine-tuned models trained with dropout).
+        overwrite: replace an earlier predict output at `out`.
+        novelty: the none-of-known flag: "softmax" (empty prediction set), "distance" (the conformal
+            p-value of the distance to the bundle's reference profiles <= 1 - confidence) or "combined"
+            (either). None: "combined" when the bundle has calibration data and reference profiles,
+            "distance" with references only, else "softmax" (see `choose_novelty`).
+        ensemble: `model` is a fine-tuned run folder saved with finetune.save_models = true: the mean of
+            its fold models' probabilities (folds/NN/model.pt) instead of the final model's.
+    Returns:
+        A `PlatePrediction` (.images, .wells, .treatments DataFrames).
+
+    Example:
+        >>> res = predict_images("runs/quickstart/model", "new_plate/load_data.csv", "runs/plate7", confidence=0.9)
+        >>> res.treatments[["Metadata_Compound", "predicted", "prediction_set", "none_of_known"]].head(2)
+    """
+    from cellmorph.api import Classifier
+
+    if not 0 < confidence < 1:
+        raise CellmorphError(f"--level {confidence}: the confidence must lie strictly between 0 and 1, e.g. 0.9.")
+    if mc_dropout < 0:
+        raise CellmorphError(f"--mc-dropout {mc_dropout}: expected the number of passes, e.g. 20 (0 = off).")
+    out = None if out is None else Path(out).expanduser()
+    if out is not None:
+        _check_out(out, overwrite)
+    clf = model if isinstance(model, Classifier) else Classifier.load(_check_model(model))
+    if ensemble and mc_dropout:
+        raise CellmorphError("--ensemble and --mc-dropout: choose one (the mean over fold models, or over dropout passes of the final model).")
+    folds = fold_models(model, clf) if ensemble else []
+    label = clf.config.dataset.label
+    table = images if isinstance(images, ImageTable) else read_images(images, label)
+    table = match_channels(table, clf)
+    score = choose_novelty(novelty, clf)
+    if mc_dropout and clf.config.mode != "finetune":
+        raise CellmorphError(f"--mc-dropout needs a fine-tuned model; {clf._source} is {clf.config.mode} (a logistic head on fixed features).")
+    t0 = time.perf_counter()
+    from cellmorph.data.store import build_store
+
+    store = build_store(table, clf.config.dataset.image_size)
+    x = clf._images(store.images)
+    with make_progress() as progress:
+        what = f" ({mc_dropout} MC dropout passes)" if mc_dropout else f" with {len(folds)} fold models" if folds else ""
+        task = progress.add_task(f"predicting {len(x)} images{what}", total=len(x) * max(1, mc_dropout, len(folds)))
+        features = None  # the frozen backbone's features, as the reference profiles', for the distance score
+        if folds:
+            res = ensemble_proba(clf, folds, x, on_batch=lambda n: progress.advance(task, n))[0]
+        elif score != "softmax" and clf.config.mode == "frozen":
+            res, features = clf._proba_and_features(x, on_batch=lambda n: progress.advance(task, n))  # one backbone pass
+        else:
+            res = clf._proba(x, on_batch=lambda n: progress.advance(task, n), mc_dropout=mc_dropout)
+    probs, std = res if mc_dropout else (res, None)
+    if score != "softmax" and features is None:
+        features = clf.embed(x)
+    seconds = time.perf_counter() - t0
+    result = score_images(table.df, probs, clf, confidence, std=std, features=features, novelty=score)
+    result.store_images = store.images
+    result.info = {
+        "model": str(getattr(clf, "_source", "")).removeprefix("model bundle "), "architecture": clf.config.model.name, "mode": clf.config.mode,
+        "init": clf.config.model.init, "classes": clf.classes, "label": label, "input": table.source, "images": int(len(x)),
+        "image_shape": list(store.images.shape[1:]), "confidence": confidence, "aggregate": clf.config.evaluation.aggregate,
+        "levels": [lv for lv in ("image", "well", "treatment") if result.level(lv) is not None],
+        "calibration": result.calibration, "mc_dropout": mc_dropout,
+        "seconds_decode_and_predict": round(seconds, 2), "images_per_s": round(len(x) / seconds, 2) if seconds > 0 else None,
+        "novelty_score": score, "none_of_known": _FLAG_TEXT[score].format(c=confidence, a=round(1 - confidence, 6)),
+        "novelty": result.novelty,
+    }
+    if folds:
+        result.info["ensemble"] = {"fold_models": [str(f) for f in folds],
+                                   "note": ("prob_<class> is the mean of the fold models' probabilities; the conformal p-values compare it "
+                                            "with single fold models' out-of-fold scores, so treat them as approximate.")}
+    if mc_dropout:
+        result.info["mc_dropout_note"] = ("prob_<class> is the mean of the MC dropout passes (mcstd_<class> their std); the conformal "
+                                          "p-values compare it with the deterministic out-of-fold scores, so treat them as approximate.")
+    if out is not None:
+        write_prediction(out, result, overwrite)
+    return result
+
+
+_FLAG_TEXT = {
+    "softmax": "a unit is flagged when its prediction set at confidence {c} is empty (conformal.py)",
+    "distance": ("a unit is flagged when the conformal p-value of its distance to the nearest training unit is <= {a} "
+                 "(novelty.py's distance score; wells and treatments only)"),
+    "combined": "a unit is flagged when its prediction set at confidence {c} is empty or its distance p-value is <= {a} (novelty.py)",
+}
+_NO_REFERENCE = ("the bundle holds no reference profiles (saved by Classifier.save outside a run, a fine-tuned model, or written by "
+                 "cellmorph before they existed): no distance novelty score")
+
+
+def choose_novelty(requested: str | None, clf) -> str:
+    """The novelty score of a prediction: `requested`, checked against what the bundle holds, or by default
+    "combined" when it has both calibration data and reference profiles (under `lomo`, frozen
+    EfficientNet-Lite0, seed 0, BBBC021 subset treatments, flag at 0.9: AUROC 0.895, 14.5% of known
+    compounds flagged, against softmax 0.703 / 7.3% and distance 0.858 / 10.2%: one seed on one dataset),
+    "distance" with reference profiles only, else "softmax".
+
+    >>> choose_novelty(None, Classifier.load("runs/quickstart/model"))
+    'combined'"""
+    from cellmorph.evaluation.novelty import NOVELTY_SCORES
+
+    has_ref = getattr(clf, "reference", None) is not None
+    if requested is None:
+        return ("combined" if clf.calibration is not None else "distance") if has_ref else "softmax"
+    if requested not in NOVELTY_SCORES:
+        raise CellmorphError(f"--novelty {requested}: not a novelty score; use one of {', '.join(NOVELTY_SCORES)}.")
+    if requested != "softmax" and not has_ref:
+        raise CellmorphError(f"--novelty {requested}: {clf._source} holds no reference profiles (reference_profiles.npz, written by "
+                             "`cellmorph run` for frozen models); use --novelty softmax, or predict with a frozen run's RUN/model.")
+    if requested != "distance" and clf.calibration is None:
+        raise CellmorphError(f"--novelty {requested}: {clf._source} holds no calibration data (calibration.parquet) for prediction sets; "
+                             + ("use --novelty distance." if has_ref else "predict without --novelty (no flag is possible)."))
+    return requested
+
+
+def fold_models(run, clf) -> list[Path]:
+    """The fold models of a fine-tuned run folder (`--ensemble`): RUN/folds/NN/model.pt (first seed's), every
+    fold's, checked against the final model's config; a one-line error naming what is missing otherwise.
+
+    >>> fold_models("runs/finetune", Classifier.load("runs/finetune/model"))
+    [PosixPath('runs/finetune/folds/00/model.pt'), PosixPath('runs/finetune/folds/01/model.pt')]"""
+    run = Path(run).expanduser() if not hasattr(run, "config") else None
+    if run is None or not (run / "model").is_dir():
+        raise CellmorphError(f"--ensemble: {run or clf._source} is not a run folder. Pass the run folder (RUN, not RUN/model) of a fine-tune "
+                             "run with finetune.save_models = true.")
+    cfg = clf.config
+    if cfg.mode != "finetune":
+        raise CellmorphError(f"--ensemble needs a fine-tuned run; {run} is {cfg.mode} (its fold models are logistic heads, not saved).")
+    if cfg.finetune.normalize not in ("imagenet", "raw"):
+        raise CellmorphError(f"--ensemble: {run} was fine-tuned with finetune.normalize = {cfg.finetune.normalize!r}, which subtracts each "
+                             "fold's training-image mean (not saved with the fold model); ensembles need 'imagenet' or 'raw'.")
+    base = run if len(cfg.seed_list) == 1 else run / "seeds" / str(cfg.seed_list[0])
+    folders = sorted(d for d in (base / "folds").glob("[0-9][0-9]") if d.is_dir()) if (base / "folds").is_dir() else []
+    missing = [d for d in folders if not (d / "model.pt").is_file()]
+    if not folders or missing:
+        raise CellmorphError(f"--ensemble: {run} has no saved fold model{f' in {missing[0]}' if missing else 's'}. Rerun the config with "
+                             "--set finetune.save_models=true (into a new --out).")
+    return [d / "model.pt" for d in folders]
+
+
+def ensemble_proba(clf, paths: list[Path], x, on_batch=None) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The mean of the fold models' probabilities of checked images `x`, and each model's: every fold model
+    run through the final model's code path (`Classifier._proba`, same input spec) with its own weights.
+
+    >>> mean, per_fold = ensemble_proba(clf, fold_models("runs/finetune", clf), clf._images(store.images))"""
+    import torch
+
+    from cellmorph.models.factory import create_model
+
+    cfg, net = clf.config, clf._net
+    per = []
+    try:
+        for path in paths:
+            model = create_model(cfg.model.name, "random", num_classes=len(clf.classes), in_chans=clf.channels, drop_rate=cfg.model.drop_rate)
+            try:
+                model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+            except (RuntimeError, OSError, EOFError) as err:
+                raise CellmorphError(f"{path}: cannot load the fold model ({type(err).__name__}: {str(err)[:200]}). Run the experiment again.") from None
+            clf._net = model.eval()
+            per.append(np.asarray(clf._proba(x, on_batch=on_batch), dtype=np.float64))
+    finally:
+        clf._net = net
+    return np.mean(per, axis=0), per
+
+
+def score_images(df: pd.DataFrame, probs: np.ndarray, clf, confidence: float, std: np.ndarray | None = None,
+                 features: np.ndarray | None = None, novelty: str = "softmax") -> PlatePrediction:
+    """Image rows (Metadata_* of `df`, prob_<class>) -> image, well and treatment tables with conformal
+    p-values, sets and novelty calibrated on the bundle's out-of-fold predictions (when it has them), and
+    with `novelty` "distance" or "combined" the distance score of each well and treatment from the image
+    `features` and the bundle's reference profiles (none_of_known is then that score's flag)."""
+    from cellmorph.evaluation.conformal import level_table
+
+    classes, label = clf.classes, clf.config.dataset.label
+    how = clf.config.evaluation.aggregate
+    keep = [c for c in df.columns if c.startswith("Metadata_") or c == label]
+    pred = df[keep].reset_index(drop=True).copy()
+    for j, c in enumerate(classes):
+        pred[f"prob_{c}"] = probs[:, j].astype(np.float64)
+    levels = available_levels(pred)
+    cal = clf.calibration
+    tables, described = {}, {}
+    for level in levels:
+        units = pred.copy() if level == "image" else level_table(pred, label, level, how)
+        if level == "image":
+            units["predicted"] = [classes[i] for i in probs.argmax(axis=1)]
+            if std is not None:
+                for j, c in enumerate(classes):
+                    units[f"mcstd_{c}"] = std[:, j]
+        units["probability"] = units[[f"prob_{c}" for c in classes]].max(axis=1)
+        if cal is None:
+            described[level] = {"none": "the bundle holds no out-of-fold predictions (saved by Classifier.save outside a run): no p-values or prediction sets"}
+        elif level not in available_levels(cal):
+            described[level] = {"none": f"the calibration data have no {level} level (their columns lack it)"}
+        else:
+            described[level] = _conformal(units, cal, level, classes, label, how, confidence)
+        tables[level] = units
+    novelty_info = {}
+    for level, units in tables.items():
+        novelty_info[level] = _distance_novelty(units, pred, features, clf, level, novelty, confidence)
+    for level, t in tables.items():  # the label column only where the input carried labels (e.g. reference compounds)
+        if label in t.columns and not t[label].notna().any():
+            tables[level] = t.drop(columns=[label])
+    res = PlatePrediction(tables["image"], tables.get("well"), tables.get("treatment"), confidence, classes, label, described)
+    res.novelty = novelty_info
+    return res
+
+
+def _distance_novelty(units: pd.DataFrame, pred: pd.DataFrame, features, clf, level: str, novelty: str, confidence: float) -> dict:
+    """Add distance, distance_pvalue, flagged_by and (for "distance"/"combined") the chosen none_of_known
+    to `units` (in place); returns what predict.json says about this level's flag."""
+    from cellmorph.evaluation.conformal import in_set
+    from cellmorph.evaluation.novelty import distance_p_values, reference_distances, unit_profiles
+
+    softmax = "none_of_known" in units.columns
+    ref = getattr(clf, "reference", None)
+    if novelty == "softmax" or features is None:
+        why = _NO_REFERENCE if ref is None else "softmax chosen (--novelty softmax)"
+        return {"score": "softmax" if softmax else "none", "distance": why}
+    if f"{level}_profiles" not in ref:
+        if softmax:
+            units["flagged_by"] = np.where(units["none_of_known"], "softmax", "")
+        return {"score": "softmax" if softmax else "none",
+                "distance": f"no {level}-level reference profiles (distance novelty is scored on wells and treatments)"}
+    label = clf.config.dataset.label
+    src = pred if label in pred.columns else pred.assign(**{label: ""})
+    prof = unit_profiles(features, src, level, label, clf.config.evaluation.aggregate)
+    dist, cal = reference_distances(ref, level, prof.profiles)
+    keys = [c for c in prof.keys.columns if c != label]
+    scored = prof.keys[keys].assign(distance=dist, distance_pvalue=distance_p_values(dist, cal))
+    merged = units[keys].merge(scored, on=keys, how="left", validate="one_to_one")
+    if merged["distance"].isna().any():
+        raise CellmorphError("distance novelty: the units do not match their profiles (a bug; please report it).")
+    units["distance"], units["distance_pvalue"] = merged["distance"].to_numpy(), merged["distance_pvalue"].to_numpy()
+    far = ~in_set(units["distance_pvalue"].to_numpy(), confidence)
+    empty = units["none_of_known"].to_numpy(bool) if softmax and novelty == "combined" else np.zeros(len(units), bool)
+    units["flagged_by"] = np.select([empty & far, empty, far], ["softmax+distance", "softmax", "distance"], "")
+    if softmax and novelty == "combined":
+        units["novelty"] = np.maximum(units["novelty"], 1 - units["distance_pvalue"])
+    elif not softmax or novelty == "distance":
+        units["novelty"] = 1 - units["distance_pvalue"]
+    units["none_of_known"] = empty | far
+    return {"score": novelty, "reference_units": int(len(ref[f"{level}_profiles"])), "calibration_distances": int(len(cal)),
+            "distance": "cosine distance of the unit's standardised frozen-feature profile to the nearest training unit; p-value by rank "
+                        "among the training units' leave-one-compound-out distances (novelty.py)"}
+
+
+def _conformal(units: pd.DataFrame, cal: pd.DataFrame, level: str, classes: list[str], label: str, how: str, confidence: float) -> dict:
+    """Add pvalue_<class>, prediction_set, set_size, novelty and none_of_known to `units` (in place)."""
+    from cellmorph.evaluation.conformal import Calibrator, level_table
+
+    cal_units = level_table(cal, label, level, how)
+    groups = cal_units["Metadata_Compound"].to_numpy() if "Metadata_Compound" in cal_units.columns else None
+    c = Calibrator.fit(cal_units[[f"prob_{k}" for k in classes]].to_numpy(), cal_units[label].to_numpy(), classes, groups=groups)
+    probs = units[[f"prob_{k}" for k in classes]].to_numpy()
+    p = c.p_values(probs)
+    sets = p > 1 - confidence
+    for j, k in enumerate(classes):
+        units[f"pvalue_{k}"] = p[:, j]
+    units["prediction_set"] = ["; ".join(k for k, s in zip(classes, row) if s) for row in sets]
+    units["set_size"] = sets.sum(axis=1)
+    units["novelty"] = 1 - p.max(axis=1)
+    units["none_of_known"] = ~sets.any(axis=1)
+    return c.describe()
+
+
+# --- writing the output folder ------------------------------------------------------------------------
+
+
+def _check_model(model) -> Path:
+    """A clear error for a MODEL that is not a bundle folder (before anything else is read)."""
+    from cellmorph.models.bundle import META, REQUIRED_FILES
+
+    path = Path(model).expanduser()
+    if path.is_dir() and not (path / META).is_file() and (path / "model" / META).is_file():
+        return path / "model"  # a run folder: its final model
+    if not path.is_dir():
+        raise CellmorphError(f"{path}: no model bundle there (not a folder). Pass a run's model folder (RUN/model) or a folder written by Classifier.save.")
+    missing = [f for f in REQUIRED_FILES if not (path / f).is_file()]
+    if missing:
+        raise CellmorphError(
+            f"{path}: not a cellmorph model bundle (missing {', '.join(missing)}). Pass a run's model folder (RUN/model, written when "
+            "save_model = true) or a folder written by Classifier.save."
+        )
+    return path
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise CellmorphError(f"--out {out}: a file is there. Choose a folder path.")
+    present = {p.name for p in out.iterdir()}
+    if not present:
+        return
+    if not (present <= set(PREDICT_FILES) and MARKER in present):
+        raise CellmorphError(
+            f"--out {out}: the folder exists and is not a cellmorph predict output (it holds {sorted(present)[:5]}). "
+            "Choose another --out; cellmorph never deletes files it did not write."
+        )
+    if not overwrite:
+        raise CellmorphError(f"--out {out} holds an earlier prediction. Pass --overwrite to replace it, or choose another --out.")
+
+
+def write_prediction(out: Path, result: PlatePrediction, overwrite: bool = False) -> Path:
+    """Write the output folder in a temporary sibling and rename it into place: all files or none."""
+    from cellmorph.io import is_no_space, no_space_error
+    from cellmorph.prediction.report import write_predict_report
+
+    _check_out(out, overwrite)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        check_writable(out.parent)
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    except OSError as err:
+        raise CellmorphError(f"cannot write in {out.parent} ({err.strerror}). Choose a writable folder (--out).") from None
+    try:
+        try:
+            result.images.to_parquet(tmp / "predictions.parquet", index=False)
+            for name, t in (("wells.csv", result.wells), ("treatments.csv", result.treatments)):
+                if t is not None:
+                    t.to_csv(tmp / name, index=False)
+            write_predict_report(tmp / "report.html", result)
+            (tmp / MARKER).write_text(json.dumps(result.info, indent=2, default=str) + "\n")
+        except OSError as err:
+            if is_no_space(err):
+                raise no_space_error(out, err) from None
+            raise
+        os.chmod(tmp, 0o777 & ~process_umask())
+        if out.is_dir():
+            if any(out.iterdir()):  # an earlier prediction (checked): set it aside, swap in the new one
+                old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
+                os.replace(out, old / out.name)
+                os.replace(tmp, out)
+                shutil.rmtree(old)
+            else:
+                out.rmdir()
+                os.replace(tmp, out)
+        else:
+            os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    console.print(f"written: {out}/ ({', '.join(sorted(p.name for p in out.iterdir()))})")
+    return out
