@@ -16,7 +16,8 @@ from cellmorph.data.datasets.bbbc021_raw import attach_paths, read_metadata, sel
 from cellmorph.data.datasets.synthetic import write_bbbc021_metadata, write_bbbc021_plate
 from cellmorph.errors import CellmorphError
 from cellmorph.data.preprocess import anscombe_stats, pixel_histogram
-from cellmorph.data.prepare import prepare_bbbc021, read_raw_field
+from cellmorph.data.datasets.bbbc021_raw import prepare_bbbc021
+from cellmorph.data.prepare import read_raw_field
 from cellmorph.data.store import build_store
 
 SAMPLE = "bbbc021-raw-sample/Week1_150607_C02_s3_w1E54F0108-F44A-4F6E-9637-6A9DE80F0823.tif"

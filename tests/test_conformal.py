@@ -183,7 +183,7 @@ def test_level_table_of_unlabelled_predictions():
 def test_lomo_folds_never_train_on_the_novel_moa_or_the_test_compound(subset_table):
     from cellmorph.config import EvaluationConfig
     from cellmorph.evaluation.novelty import NovelFold, nested_folds
-    from cellmorph.evaluation.splits import make_folds
+    from cellmorph.evaluation.protocols import make_folds
 
     df = subset_table.df
     folds, excluded, text = make_folds(df, "Metadata_MoA", EvaluationConfig(protocol="lomo"))

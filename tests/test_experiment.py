@@ -195,7 +195,8 @@ def test_fold_renamed_by_another_attempt_meanwhile_is_kept(tmp_path, monkeypatch
     """Two attempts of one fold (a Ray retry; a killed driver's worker still finishing while the rerun computes
     the same fold): the other attempt renames its complete folder onto folds/NN between this one's check and
     its rename. The rename onto a non-empty folder fails; the other attempt's fold is kept, no error."""
-    from cellmorph.engine import runner as experiment
+    from cellmorph.engine import runfolder
+    from cellmorph.storage import RUN, remove_own_folder
 
     final = tmp_path / "folds" / "03"
     ours, theirs = tmp_path / "folds" / ".03.tmp-ours", tmp_path / "folds" / ".03.tmp-theirs"
@@ -208,11 +209,11 @@ def test_fold_renamed_by_another_attempt_meanwhile_is_kept(tmp_path, monkeypatch
         rename(theirs, final)
         rename(src, dst)
 
-    monkeypatch.setattr(experiment.os, "rename", the_other_attempt_renames_first)
-    experiment._move_fold_dir(ours, final)
+    monkeypatch.setattr(runfolder.os, "rename", the_other_attempt_renames_first)
+    runfolder.move_fold_dir(ours, final)
     monkeypatch.undo()
     assert (final / "predictions.parquet").read_text() == ".03.tmp-theirs"
-    experiment._remove_own_folder(ours)  # what _FolderSink.save does with its temporary folder afterwards
+    remove_own_folder(ours, RUN.names)  # what FolderSink.save does with its temporary folder afterwards
     assert not ours.exists()
 
 

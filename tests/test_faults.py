@@ -117,6 +117,13 @@ def with_user_files(folder: Path) -> Path:
     return folder
 
 
+def beside_user_files(folder: Path) -> Path:
+    """A run folder path whose parent holds the user's files (a run folder itself must hold only
+    cellmorph's files: one holding a user's is refused, test_run_into_a_folder_of_user_files_is_refused)."""
+    with_user_files(folder.parent)
+    return folder
+
+
 def assert_user_files(folder: Path) -> None:
     for name, body in USER_FILES.items():
         assert (folder / name).read_text() == body, name
@@ -151,12 +158,12 @@ def world(data_dir, tmp_path_factory) -> World:
 
 @pytest.fixture(scope="module")
 def reference(world) -> Path:
-    """An uninterrupted tiny run, into a folder holding the user's files: they survive; its metrics are
-    what every interrupted and resumed run must reproduce."""
-    out = with_user_files(world.root / "reference")
+    """An uninterrupted tiny run, beside the user's files: they survive; its metrics are what every
+    interrupted and resumed run must reproduce."""
+    out = beside_user_files(world.root / "reference-parent" / "reference")
     code, text = cli(world, "run", world.config, "--out", out)
     assert code == 0, text
-    assert_user_files(out)
+    assert_user_files(out.parent)
     assert not leftovers(out)
     return out
 
@@ -166,7 +173,38 @@ def reference(world) -> Path:
 
 def test_good_run_keeps_user_files(reference):
     assert (reference / "metrics.json").is_file() and len(list(reference.glob("folds/*/predictions.parquet"))) == 6
-    assert_user_files(reference)
+    assert_user_files(reference.parent)
+    assert not list(reference.parent.glob(".*.lock"))  # the folder's lock is released and gone
+
+
+def test_run_into_a_folder_of_user_files_is_refused(world):
+    """cellmorph never overwrites a user's file: a --out folder holding files it did not write is refused
+    before anything is decoded or written, with one of them named."""
+    out = with_user_files(world.root / "users-folder")
+    (out / "metrics.json").write_text("the user's own metrics\n")
+    before = snapshot(out)
+    code, text = cli(world, "run", world.config, "--out", out)
+    error_line(code, text, str(out), "holds files cellmorph did not write", "keep.txt")
+    assert snapshot(out) == before
+
+
+def test_second_process_on_one_run_folder_is_refused_naming_the_holder(world):
+    """While one process holds a run folder, a second `cellmorph run` into it gets one line naming the holder
+    (pid, since when) and changes nothing."""
+    out = world.root / "held"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from cellmorph.storage import locked\n"
+                               "with locked(sys.argv[1]):\n    print('held', flush=True); time.sleep(120)", str(out)],
+                              stdout=subprocess.PIPE, text=True, env=world.env)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        code, text = cli(world, "run", world.config, "--out", out)
+        error_line(code, text, str(out), "in use by another cellmorph process", f"pid {holder.pid} since")
+        assert not out.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    code, text = cli(world, "run", world.config, "--out", out, "--set", "evaluation.max_folds=1")  # the holder died: free again
+    assert code == 0, text
 
 
 # Slow fold 3 down so that SIGINT lands mid-run at a known point (nothing else changes: the real CLI runs).
@@ -190,7 +228,7 @@ main()
 
 
 def test_ctrl_c_says_resume_exits_130_and_resumes_to_the_same_metrics(world, reference):
-    out = with_user_files(world.root / "interrupted")
+    out = beside_user_files(world.root / "interrupted-parent" / "interrupted")
     mark = world.root / "fold3.mark"
     proc = subprocess.Popen([sys.executable, "-c", _SLOW_THIRD_FOLD, "run", str(world.config), "--out", str(out)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**world.env, "FAULTS_MARK": str(mark)}, cwd=world.root)
@@ -208,14 +246,14 @@ def test_ctrl_c_says_resume_exits_130_and_resumes_to_the_same_metrics(world, ref
     done = sorted(p.parent.name for p in out.glob("folds/*/predictions.parquet"))
     assert done == ["00", "01"] and not (out / "metrics.json").exists()
     assert not leftovers(out)
-    assert_user_files(out)
+    assert_user_files(out.parent)
 
     code, text = cli(world, "run", world.config, "--out", out)
     assert code == 0, text
     assert "resuming" in text and "2 of 6 folds already done" in text, text
     assert metrics(out) == metrics(reference)
     pd.testing.assert_frame_equal(pd.read_parquet(out / "predictions.parquet"), pd.read_parquet(reference / "predictions.parquet"))
-    assert_user_files(out)
+    assert_user_files(out.parent)
 
 
 # --- a full disk ---------------------------------------------------------------------------------------------
@@ -249,7 +287,7 @@ def _fill(disk: Path, leave: int) -> Path:
 
 
 def test_full_disk_is_one_line_and_the_rerun_resumes(world, reference, small_disk):
-    out = with_user_files(small_disk / "run")
+    out = beside_user_files(small_disk / "run-parent" / "run")
     filler = _fill(small_disk, 24 * 1024)  # room for the config files and a fold or so, not for a run
     code, text = cli(world, "run", world.config, "--out", out)
     line = error_line(code, text, "no space left on the device writing", str(out), "free space and rerun the same command (it resumes)",
@@ -260,12 +298,12 @@ def test_full_disk_is_one_line_and_the_rerun_resumes(world, reference, small_dis
     for fold in out.glob("folds/*"):  # a fold is whole or not there
         if (fold / "predictions.parquet").exists():
             pd.read_parquet(fold / "predictions.parquet")
-    assert_user_files(out)
+    assert_user_files(out.parent)
     filler.unlink()  # "free space"
     code, text = cli(world, "run", world.config, "--out", out)  # "and rerun the same command"
     assert code == 0, text
     assert metrics(out) == metrics(reference)
-    assert_user_files(out)
+    assert_user_files(out.parent)
 
 
 def test_full_disk_while_saving_the_final_model_is_one_line(world, small_disk):
@@ -344,7 +382,7 @@ def test_prepare_killed_then_failed_keeps_the_store_and_cleans_only_its_own(worl
     proc = subprocess.run([sys.executable, "-c", _KILLED_PREPARE, "prepare", "bbbc013", "--out", str(out), "--data", str(mini_bbbc013), "--workers", "1"],
                           capture_output=True, text=True, env=world.env, cwd=world.root, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
-    (staging,) = out.parent.glob(".store.prepare-tmp-*")
+    (staging,) = out.parent.glob(".store.tmp-*")
     assert (staging / "images.npy").stat().st_size > 20 * 3 * 160 * 160  # the killed build's crops, beside the store
     assert sorted(p.name for p in out.iterdir()) == sorted(USER_FILES)  # the old leftover went first; nothing new in the folder
 
@@ -367,7 +405,7 @@ def test_prepare_killed_then_failed_keeps_the_store_and_cleans_only_its_own(worl
         bad.write_bytes(original)
     error_line(code, text, str(bad), "corrupt or truncated", only_line=False)
     assert snapshot(out) == good
-    assert not list(out.parent.glob(".store.prepare-tmp-*"))
+    assert not list(out.parent.glob(".store.tmp-*"))
     for name, body in neighbours.items():
         assert (out.parent / name).read_text() == body
 
@@ -518,7 +556,7 @@ def failed_runs(world) -> dict:
     jobs = {}
     for name, (make, only_line) in CASES.items():
         args, needles, *env = make(world)
-        out = with_user_files(world.root / "failed" / name)
+        out = beside_user_files(world.root / "failed" / name / "out")
         jobs[name] = (["run", *args, "--out", out], env[0] if env else None, out, needles, only_line)
     with ThreadPoolExecutor(2) as pool:
         done = dict(zip(jobs, pool.map(lambda j: cli(world, *j[0], env=j[1]), jobs.values())))
@@ -527,12 +565,13 @@ def failed_runs(world) -> dict:
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_bad_input_is_one_line_and_writes_nothing(failed_runs, case):
-    """Exit 2, one line naming the file/field and the fix, and the --out folder (which held only the
-    user's files) gets nothing: validation and decoding come before any result is written."""
+    """Exit 2, one line naming the file/field and the fix, and no --out folder (beside the user's files):
+    validation and decoding come before any result is written."""
     code, text, out, needles, only_line = failed_runs[case]
     print(error_line(code, text, *needles, only_line=only_line))
     assert cellmorph_files(out) == [], cellmorph_files(out)
-    assert_user_files(out)
+    assert_user_files(out.parent)
+    assert sorted(p.name for p in out.parent.iterdir()) == sorted(USER_FILES)  # no folder, no lock left
 
 
 def test_failed_start_leaves_no_folder(world):

@@ -13,7 +13,8 @@ import pytest
 
 from cellmorph.evaluation import novelty
 from cellmorph.errors import CellmorphError
-from cellmorph.evaluation.novelty import distance_p_values, lomo_folds, nearest_distance, run_lomo, unit_profiles
+from cellmorph.evaluation.lomo import lomo_folds, run_lomo
+from cellmorph.evaluation.novelty import distance_p_values, nearest_distance, unit_profiles
 
 REPO = Path(__file__).resolve().parents[1]
 MOAS = ["A", "B", "C", "D"]

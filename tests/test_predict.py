@@ -310,7 +310,7 @@ def test_fold_ensemble_of_a_tiny_finetune_run(data_dir, subset_table, tmp_path, 
     """`--ensemble` on a tiny CPU fine-tune (resnet18 from scratch, 32 px, 1 epoch, 2 LOCO folds, fold models
     saved): each fold model, run by predict, reproduces its fold's out-of-fold probabilities, and the
     ensemble's probabilities are their mean."""
-    from cellmorph.api import Classifier
+    from cellmorph.models.classifier import Classifier
     from cellmorph.config import load_config
     from cellmorph.engine.runner import run_experiment
     from cellmorph.prediction.predict import ensemble_proba, fold_models
@@ -326,10 +326,10 @@ def test_fold_ensemble_of_a_tiny_finetune_run(data_dir, subset_table, tmp_path, 
     rows = subset_table.df[subset_table.df["Metadata_Compound"] == json.loads((run / "folds" / "00" / "fold.json").read_text())["held_out"]]
     _loaddata(rows, tmp_path / "load.csv")
     res = cm.predict_images(run, tmp_path / "load.csv", tmp_path / "pred", ensemble=True)
-    from cellmorph.prediction.predict import read_images
+    from cellmorph.prediction.inputs import read_images
     from cellmorph.data.store import build_store
 
-    mean, per = ensemble_proba(clf, paths, clf._images(build_store(read_images(tmp_path / "load.csv"), 32).images))
+    mean, per = ensemble_proba(clf, paths, clf.as_images(build_store(read_images(tmp_path / "load.csv"), 32).images))
     np.testing.assert_allclose(res.images[PROBS].to_numpy(), mean, rtol=0, atol=1e-6)
     np.testing.assert_allclose(mean, np.mean(per, axis=0), rtol=0, atol=1e-12)
     assert not np.allclose(per[0], per[1], atol=1e-3)  # two different models were averaged

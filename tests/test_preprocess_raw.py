@@ -9,7 +9,8 @@ import tifffile
 
 from cellmorph.data.datasets.synthetic import write_bbbc021_metadata, write_bbbc021_plate
 from cellmorph.data.preprocess import anscombe_stats, near_empty, normalize_field, pixel_histogram, scaled_tables, tile_boxes, zscore_tables
-from cellmorph.data.prepare import _shrink_npy, prepare_bbbc021
+from cellmorph.data.datasets.bbbc021_raw import prepare_bbbc021
+from cellmorph.data.prepare import shrink_npy
 from cellmorph.data.store import open_prepared
 
 
@@ -107,6 +108,6 @@ def test_shrink_npy_in_place(tmp_path):
     arr.flush()
     want = np.array(arr[:7])
     del arr
-    _shrink_npy(p, 7)
+    shrink_npy(p, 7)
     got = np.load(p)
     assert got.shape == (7, 3, 4, 5) and np.array_equal(got, want)

@@ -296,7 +296,7 @@ def test_finetuned_run_without_fold_models_is_refused(quickstart_run, data_dir, 
 @pytest.mark.realdata
 @pytest.mark.slow
 def test_classifier_embed_equals_the_cached_features(quickstart_run, subset_table):
-    from cellmorph.api import Classifier
+    from cellmorph.models.classifier import Classifier
     from cellmorph.config import load_config
     from cellmorph.models.features import cached_features
     from cellmorph.data.store import build_store

@@ -39,7 +39,7 @@ def test_execution_section_defaults_and_overrides():
 def test_backend_is_not_part_of_what_a_run_folder_holds(tmp_path):
     """A run started on Ray resumes locally and back: [execution] is left out of the config check."""
     from cellmorph.config import dump_toml
-    from cellmorph.engine.runner import _what_is_computed
+    from cellmorph.engine.runfolder import what_is_computed as _what_is_computed
 
     a, b = load_config(QUICKSTART), load_config(QUICKSTART, ["execution.backend=ray", "execution.num_cpus=2"])
     assert dump_toml(a) != dump_toml(b)

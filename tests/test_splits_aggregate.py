@@ -42,7 +42,7 @@ def test_concentrations_are_separate_treatments():
 def test_loco_holds_out_each_compound_once():
     df = pd.DataFrame({"Metadata_Compound": list("aabbbc"), "Metadata_MoA": list("xxyyyx")})
     from cellmorph.config import EvaluationConfig
-    from cellmorph.evaluation.splits import make_folds
+    from cellmorph.evaluation.protocols import make_folds
 
     folds, excluded, _ = make_folds(df, "Metadata_MoA", EvaluationConfig(protocol="loco"))
     assert [f.name for f in folds] == ["a", "c"] and [e["group"] for e in excluded] == ["b"]  # b alone in class y: not scorable
@@ -74,7 +74,7 @@ def test_loco_on_real_subset(subset_table):
 
 def test_lcbo_on_real_subset(subset_table):
     from cellmorph.config import EvaluationConfig
-    from cellmorph.evaluation.splits import make_folds
+    from cellmorph.evaluation.protocols import make_folds
 
     df = subset_table.df
     folds, excluded, _ = make_folds(df, "Metadata_MoA", EvaluationConfig(protocol="lcbo"))
@@ -143,7 +143,7 @@ def test_metrics_without_compounds():
 
 def _folds(df, protocol, label="Metadata_MoA", **ev):
     from cellmorph.config import EvaluationConfig
-    from cellmorph.evaluation.splits import make_folds
+    from cellmorph.evaluation.protocols import make_folds
 
     return make_folds(df, label, EvaluationConfig(protocol=protocol, **ev))[0]
 
@@ -151,7 +151,7 @@ def _folds(df, protocol, label="Metadata_MoA", **ev):
 def test_single_compound_class_is_excluded_and_listed(subset_table):
     """LOCO: a class with one compound has no training data when that compound is held out: excluded, listed."""
     from cellmorph.config import EvaluationConfig
-    from cellmorph.evaluation.splits import make_folds
+    from cellmorph.evaluation.protocols import make_folds
 
     df = subset_table.df[~subset_table.df.Metadata_Compound.isin(["AZ138"])]  # Eg5 inhibitors keep only AZ-C
     folds, excluded, text = make_folds(df, "Metadata_MoA", EvaluationConfig(protocol="loco"))
@@ -172,7 +172,7 @@ def test_validation_split_never_touches_the_test_rows(crchisto_table):
     and the grouped protocol keeps whole images apart in the validation split too."""
     from cellmorph.config import EvaluationConfig
     from cellmorph.errors import CellmorphError
-    from cellmorph.evaluation.splits import make_folds
+    from cellmorph.evaluation.protocols import make_folds
 
     df = crchisto_table.df
     for protocol in ("random", "image-grouped"):

@@ -13,7 +13,7 @@ from cellmorph.data.catalog import load_dataset
 from cellmorph.data.datasets.bbbc013 import LABEL
 from cellmorph.reporting.doseresponse import fit_logistic4, logistic4, z_prime
 from cellmorph.errors import CellmorphError
-from cellmorph.data.prepare import prepare_translocation, translocation_crops
+from cellmorph.data.datasets.translocation import prepare_translocation, translocation_crops
 from cellmorph.data.store import open_prepared
 from tests.conftest import REPO
 
@@ -55,7 +55,7 @@ def test_bbbc013_preprocessing_matches_formula(data_dir, tmp_path, monkeypatch):
     assert np.array_equal(s.images[i], crops[5])
     # the translocation config's folds: plate halves; middle doses unlabelled, so never trained on
     from cellmorph.config import EvaluationConfig
-    from cellmorph.evaluation.splits import make_folds
+    from cellmorph.evaluation.protocols import make_folds
     from cellmorph.data.datasets.translocation import translocation_labels
 
     index = s.index.assign(**{LABEL: translocation_labels(s.index[LABEL])})

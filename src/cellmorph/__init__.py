@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from cellmorph.errors import CellmorphError
 
-__version__ = "0.1.0"
+from cellmorph.version import __version__
 
 # Public name -> the module that defines it.
 _LAZY = {
@@ -32,7 +32,7 @@ _LAZY = {
     "CVResult": "cellmorph.engine.runner",
     "ExperimentConfig": "cellmorph.config",
     "load_config": "cellmorph.config",
-    "ImageTable": "cellmorph.datasets",
+    "ImageTable": "cellmorph.data.table",
     "Metrics": "cellmorph.evaluation.metrics",
     "predict_images": "cellmorph.prediction.predict",
 }

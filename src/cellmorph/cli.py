@@ -164,7 +164,7 @@ def download(
     """Download a dataset from its public source into the data folder, checking every file's SHA-256."""
     import os
 
-    from cellmorph.data.registry import downloader
+    from cellmorph.data.catalog import downloader
 
     fetch = downloader(name)
     folder = data or os.environ.get("CELLMORPH_DATA")
@@ -186,7 +186,7 @@ def prepare(
 ) -> None:
     """Preprocess raw plates as Kensert et al. 2019 into a store that training reads (dataset.name = "prepared")."""
     from cellmorph.data.registry import resolve_data_dir
-    from cellmorph.data.prepare import prepare as run_prepare
+    from cellmorph.data.catalog import prepare as run_prepare
 
     kw = {"workers": workers}
     if name == "bbbc021":
@@ -282,7 +282,6 @@ def one_line(message: str) -> str:
 def main() -> None:
     """Run the CLI: a CellmorphError (or a full disk anywhere) is one line and exit 2; Ctrl-C is the one
     line "interrupted; rerun the same command to resume" and exit 130."""
-    import errno
     import signal
 
     from cellmorph.io import NO_SPACE, is_no_space

@@ -305,7 +305,8 @@ def dump_toml(cfg: ExperimentConfig) -> str:
     return _to_toml(cfg.model_dump(mode="json"))
 
 
-def _toml_value(v) -> str:
+def toml_value(v) -> str:
+    """One TOML value as text (strings quoted, lists and tables inline)."""
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, (int, float)):
@@ -313,16 +314,16 @@ def _toml_value(v) -> str:
     if isinstance(v, str):
         return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
     if isinstance(v, list):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
     if isinstance(v, dict):
-        return "{" + ", ".join(f"{k} = {_toml_value(x)}" for k, x in v.items()) + "}"
+        return "{" + ", ".join(f"{k} = {toml_value(x)}" for k, x in v.items()) + "}"
     raise TypeError(f"cannot write {type(v)} to TOML")
 
 
 def _to_toml(d: dict, prefix: str = "") -> str:
     scalars = [(k, v) for k, v in d.items() if not (isinstance(v, dict) and k != "options")]
     tables = [(k, v) for k, v in d.items() if isinstance(v, dict) and k != "options"]
-    out = [f"{k} = {_toml_value(v)}" for k, v in scalars]
+    out = [f"{k} = {toml_value(v)}" for k, v in scalars]
     for k, v in tables:
         name = f"{prefix}{k}"
         out.append(f"\n[{name}]")

@@ -15,7 +15,6 @@ from typing import Callable
 
 from cellmorph.data import registry
 from cellmorph.data.datasets import bbbc013, bbbc014, bbbc021, bbbc021_raw, crchisto, folder, prepared  # noqa: F401  (registers them)
-from cellmorph.data.registry import resolve_data_dir
 from cellmorph.data.table import ImageTable
 from cellmorph.errors import CellmorphError
 
@@ -41,10 +40,11 @@ def available() -> dict[str, str]:
 
 
 def load_dataset(name: str, data_dir: str | Path | None, label: str = "Metadata_MoA", **options) -> ImageTable:
-    if name not in registry.LOADERS:
-        raise CellmorphError(f"unknown dataset '{name}'. Known datasets: {', '.join(sorted(registry.LOADERS))} (config field dataset.name).")
-    root = resolve_data_dir(data_dir)
-    try:
-        return registry.LOADERS[name](root, label=label, **options)
-    except TypeError as err:
-        raise CellmorphError(f"dataset '{name}': bad option in dataset.options ({err}).") from None
+    """The ImageTable of dataset `name` (every built-in dataset registered), from the data folder `data_dir`
+    (None: $CELLMORPH_DATA); a clear error for an unknown name or a bad option."""
+    return registry.load_registered(name, data_dir, label, **options)
+
+
+def prepare(name: str, data_dir: Path, out: Path, **kw) -> dict:
+    """`cellmorph prepare NAME`: the raw-plate preparation dataset `name` registers (register_prepare)."""
+    return preparer(name)(data_dir, out, **kw)

@@ -59,3 +59,15 @@ def resolve_data_dir(data_dir: str | Path | None) -> Path:
     if not path.is_dir():
         raise CellmorphError(f"data folder {path} does not exist. Pass --data DIR or set {DATA_ENV} to an existing folder.")
     return path.resolve()
+
+
+def load_registered(name: str, data_dir: str | Path | None, label: str = "Metadata_MoA", **options) -> ImageTable:
+    """The ImageTable of a dataset whose module has registered its loader (callers outside data/ use
+    cellmorph.data.catalog.load_dataset, which registers every built-in dataset first)."""
+    if name not in LOADERS:
+        raise CellmorphError(f"unknown dataset '{name}'. Known datasets: {', '.join(sorted(LOADERS))} (config field dataset.name).")
+    root = resolve_data_dir(data_dir)
+    try:
+        return LOADERS[name](root, label=label, **options)
+    except TypeError as err:
+        raise CellmorphError(f"dataset '{name}': bad option in dataset.options ({err}).") from None

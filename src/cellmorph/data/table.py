@@ -11,12 +11,43 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from cellmorph.errors import CellmorphError
 
 REQUIRED = ("Metadata_Plate", "Metadata_Well", "Metadata_Compound", "Metadata_Concentration")
 PATH_PREFIX = "Image_Path_"
+WELL_KEYS = ["Metadata_Plate", "Metadata_Well"]  # a well is a (plate, well) pair
+TREATMENT_KEYS = ["Metadata_Compound", "Metadata_Concentration"]  # a treatment is a (compound, concentration) pair
+UNLABELLED_WORDS = ("", "nan", "none", "null")  # label values that mean "no label" (after strip, any case)
+
+
+def labelled_mask(df: pd.DataFrame, label: str) -> np.ndarray:
+    """The one definition of a labelled row: the label is present and not an empty-looking word (NaN,
+    None, "", "nan", "none", "null", any case, surrounding spaces ignored). Unlabelled rows are
+    predicted, never trained on or scored (e.g. the middle doses of a dose series).
+
+    >>> labelled_mask(pd.DataFrame({"m": ["DNA damage", "", None, "nan"]}), "m").tolist()
+    [True, False, False, False]"""
+    col = df[label]
+    return (col.notna() & ~col.astype(str).str.strip().str.lower().isin(UNLABELLED_WORDS)).to_numpy()
+
+
+def labelled_rows(df: pd.DataFrame, label: str) -> pd.DataFrame:
+    """The labelled rows of `df` (labelled_mask), their label as str; a missing label column is an error
+    naming the columns there are."""
+    if label not in df.columns:
+        raise CellmorphError(f"predictions have no label column {label!r} (columns: {', '.join(df.columns)}). Check dataset.label in the config.")
+    out = df[labelled_mask(df, label)].copy()
+    out[label] = out[label].astype(object).map(str)
+    return out
+
+
+def has_treatments(df: pd.DataFrame) -> bool:
+    """Whether rows carry plates, wells, compounds and concentrations (a drug screen), so that the
+    image -> well -> treatment aggregation applies (nucleus patches, for example, have none)."""
+    return set(WELL_KEYS + TREATMENT_KEYS) <= set(df.columns)
 
 
 @dataclass
@@ -50,8 +81,6 @@ class ImageTable:
     def classes(self) -> list[str]:
         """Sorted names of the non-empty labels: the model's output order. Rows with an empty label
         (e.g. the middle doses of a dose series) are predicted but never trained on or scored."""
-        from cellmorph.evaluation.splits import labelled_mask
-
         return sorted(self.df.loc[labelled_mask(self.df, self.label), self.label].astype(str).unique())
 
     def __len__(self) -> int:
@@ -98,6 +127,4 @@ class ImageTable:
     def has_treatments(self) -> bool:
         """Whether rows carry compounds and concentrations (a drug screen), so that treatment-level
         aggregation means something."""
-        from cellmorph.evaluation.aggregate import has_treatments
-
         return has_treatments(self.df)

@@ -1,7 +1,8 @@
 """Scale out: every (fold, seed) of a run as a Ray task (`[execution] backend = "ray"`).
 
-The runner (experiment.py) decides what to compute; this module only decides where. A task runs the
-very code a local run runs for one fold (`_Engine._fold`, then `_FolderSink.save`), so a fold's
+The runner (cellmorph.engine.folds) decides what to compute; this module only decides where. A task runs the
+very code a local run runs for one fold (the fold function it is handed: `FoldEngine.compute_fold` into a
+`FolderSink`), so a fold's
 predictions are a pure function of (config, store, fold, seed), whichever process computes them:
 
 - frozen mode: the features are extracted once, on the driver (or read from the feature cache), and
@@ -36,7 +37,6 @@ import logging
 import os
 import warnings
 from contextlib import contextmanager
-from dataclasses import replace
 from pathlib import Path
 
 from cellmorph.config import ExecutionConfig
@@ -109,19 +109,6 @@ def ray_session(ex: ExecutionConfig):
         ray.shutdown()
 
 
-class _NullProgress:
-    """What a task's fold code reports progress to: nothing (the driver's bar advances per finished task)."""
-
-    def add_task(self, *a, **k):
-        return 0
-
-    def advance(self, *a, **k):
-        pass
-
-    def remove_task(self, *a, **k):
-        pass
-
-
 # One resized store per worker process: the folds a worker runs after its first reuse it.
 _WORKER_IMAGES: dict = {}
 
@@ -143,57 +130,43 @@ def _test_crash(spec: str, i: int) -> None:
     os._exit(3)
 
 
-def _fold_task(engine, seed: int, i: int, folder: str, threads: int, crash: str = "") -> dict:
-    """One fold of one seed, in a Ray worker: the local code path, then the fold folder written. Returns
-    {"device": ...}, or {"error": message} for a CellmorphError (not retried: the input is at fault)."""
-    from cellmorph.engine.runner import _FolderSink
-
+def _fold_task(fold_fn, engine, seed: int, i: int, folder: str, threads: int, crash: str = "") -> dict:
+    """One fold of one seed, in a Ray worker: `fold_fn(engine, seed, i, folder)` (the runner's fold function,
+    cellmorph.engine.folds.fold_task), which writes the fold folder. Returns {"device": ...}, or
+    {"error": message} for a CellmorphError (not retried: the input is at fault)."""
     _test_crash(crash, i)
     try:
         if engine.cfg.mode == "finetune":
             import torch
 
             torch.set_num_threads(threads)
-            engine.plan._device = None  # resolved here, on the worker (its GPU when gpus_per_task > 0)
+            engine.plan.reset_device()  # resolved here, on the worker (its GPU when gpus_per_task > 0)
             key = (engine.store.key, engine.cfg.model.name, engine.cfg.model.input_size, str(engine.plan.device))
             if key not in _WORKER_IMAGES:
                 _WORKER_IMAGES.clear()
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", UserWarning)  # the object store's arrays are read-only; never written
-                    engine._prepare()
+                    engine.prepare()
                 _WORKER_IMAGES[key] = engine.images
             engine.images = _WORKER_IMAGES[key]
-        fold = engine.plan.folds[i]
-        res, model = engine._fold(fold, seed * 1000 + i, _NullProgress())
-        _FolderSink(Path(folder)).save(i, fold, engine._fold_predictions(i, fold, res.probs), res, model if engine.cfg.finetune.save_models else None)
-        return {"device": str(engine.plan._device) if engine.cfg.mode == "finetune" else "cpu"}
+        return {"device": fold_fn(engine, seed, i, folder)}
     except CellmorphError as err:
         return {"error": str(err)}
 
 
-def run_on_ray(engine, jobs: list[tuple[int, int, object]], progress, task) -> list[str]:
-    """Run `jobs` ((seed, fold index, sink) whose sink is a run folder) as Ray tasks; advance `task` of
-    `progress` as each finishes (ray.wait). Returns the devices the tasks ran on. Raises a one-line
+def run_on_ray(engine, jobs: list[tuple[int, int, object]], progress, task, fold_fn) -> list[str]:
+    """Run `jobs` ((seed, fold index, sink) whose sink is a run folder) as Ray tasks, each calling
+    `fold_fn(engine, seed, i, folder)`; advance `task` of `progress` as each finishes (ray.wait). Returns the devices the tasks ran on. Raises a one-line
     CellmorphError when a task fails for good; the finished folds stay on disk."""
     ex = engine.cfg.execution
     n_folds = len(engine.plan.folds)
     with ray_session(ex) as ray:
         from ray.exceptions import RayError, RayTaskError
 
-        if engine.cfg.mode == "frozen":
-            engine._prepare()  # features once, here; they travel with the engine
-            shipped = replace(engine.store, images=engine.store.images[:0])  # the heads need no pixels
-        else:
-            shipped = engine.store
-        saved = engine.store
-        engine.store = shipped
-        try:
-            ref = ray.put(engine)  # once: every task reads this one copy
-        finally:
-            engine.store = saved
+        ref = ray.put(engine.for_workers())  # once: every task reads this one copy
         remote = ray.remote(_fold_task).options(num_cpus=ex.cpus_per_task, num_gpus=ex.gpus_per_task, max_retries=ex.max_retries,
                                                 retry_exceptions=True)
-        pending = {remote.remote(ref, seed, i, str(sink.folder), ex.threads or ex.cpus_per_task,
+        pending = {remote.remote(fold_fn, ref, seed, i, str(sink.folder), ex.threads or ex.cpus_per_task,
                                  os.environ.get(CRASH_HOOK_ENV, "")): (seed, i) for seed, i, sink in jobs}
         devices: set[str] = set()
         try:
@@ -227,9 +200,9 @@ def worker_cellmorph_file(ex: ExecutionConfig | None = None) -> str:
     """The cellmorph/__init__.py a Ray worker imports (tests check it is the driver's)."""
 
     def where():
-        import cellmorph
+        import importlib.util
 
-        return cellmorph.__file__
+        return importlib.util.find_spec("cellmorph").origin
 
     with ray_session(ex or ExecutionConfig(backend="ray")) as ray:
         return ray.get(ray.remote(where).options(num_cpus=1).remote())

@@ -127,6 +127,6 @@ def _named(cfg, point: dict):
 
 
 def _toml(v) -> str:
-    from cellmorph.config import _toml_value
+    from cellmorph.config import toml_value
 
-    return _toml_value(v)
+    return toml_value(v)

@@ -8,18 +8,11 @@ from __future__ import annotations
 
 import pandas as pd
 
+from cellmorph.data.table import TREATMENT_KEYS, WELL_KEYS
 from cellmorph.errors import CellmorphError
 
 LEVELS = ("image", "well", "treatment")  # from least to most aggregated
-WELL_KEYS = ["Metadata_Plate", "Metadata_Well"]
-TREATMENT_KEYS = ["Metadata_Compound", "Metadata_Concentration"]
 _NEEDS = {"image": [], "well": ["Metadata_Well"], "treatment": ["Metadata_Well", *TREATMENT_KEYS]}
-
-
-def has_treatments(df: pd.DataFrame) -> bool:
-    """Whether rows carry plates, wells, compounds and concentrations (a drug screen), so that the
-    image -> well -> treatment aggregation applies (nucleus patches, for example, have none)."""
-    return set(WELL_KEYS + TREATMENT_KEYS) <= set(df.columns)
 
 
 def prob_columns(df: pd.DataFrame) -> list[str]:

@@ -47,13 +47,14 @@ Example:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 
+from cellmorph.data.table import labelled_rows
 from cellmorph.evaluation.aggregate import aggregate, prob_columns
+from cellmorph.evaluation.stats import mean_sem
 from cellmorph.errors import CellmorphError
 
 __all__ = ["CONFIDENCES", "Calibrator", "MIN_PER_CLASS", "level_table", "nonconformity"]
@@ -318,10 +319,8 @@ def evaluate(pred: pd.DataFrame, label: str, levels: list[str], how: str = "medi
     50"""
     from importlib.metadata import version
 
-    from cellmorph.evaluation.metrics import labelled
-
     classes = [c.removeprefix("prob_") for c in prob_columns(pred)]
-    scored = labelled(pred, label)
+    scored = labelled_rows(pred, label)
     block = {"library": f"crepes {version('crepes')}", "nonconformity": NONCONFORMITY, "p_values": P_VALUES,
              "min_per_class": min_per_class, "group": group or "(each unit)", "confidences": list(confidences),
              "evaluation": (f"leave-one-{group or 'unit'}-out over the out-of-fold predictions: for each {group or 'unit'}, calibrated on "
@@ -353,13 +352,6 @@ def evaluate(pred: pd.DataFrame, label: str, levels: list[str], how: str = "medi
     return block
 
 
-def _mean_sem(vals: list[float]) -> tuple[float, float | None]:
-    vals = [v for v in vals if v is not None]
-    if not vals:
-        return float("nan"), None
-    return float(np.mean(vals)), (float(np.std(vals, ddof=1) / math.sqrt(len(vals))) if len(vals) > 1 else None)
-
-
 def combine(blocks: list[dict]) -> dict:
     """One conformal block for several seeds: per level and confidence, coverage and mean set size as
     the mean over seeds with their SEM (`coverage_sem`, `mean_set_size_sem`), covered/total/empty
@@ -375,12 +367,12 @@ def combine(blocks: list[dict]) -> dict:
         if not all(lv in b["levels"] for b in blocks):
             continue
         runs = [b["levels"][lv] for b in blocks]
-        e, e_sem = _mean_sem([r["ece"] for r in runs])
+        e, e_sem = mean_sem([r["ece"] for r in runs])
         by = {}
         for c in s0["by_confidence"]:
             rs = [r["by_confidence"][c] for r in runs]
-            cov, cov_sem = _mean_sem([r["coverage"] for r in rs])
-            size, size_sem = _mean_sem([r["mean_set_size"] for r in rs])
+            cov, cov_sem = mean_sem([r["coverage"] for r in rs])
+            size, size_sem = mean_sem([r["mean_set_size"] for r in rs])
             by[c] = {"coverage": cov, "coverage_sem": cov_sem, "mean_set_size": size, "mean_set_size_sem": size_sem,
                      **{k: sum(r[k] for r in rs) for k in ("covered", "total", "empty", "singletons")}}
         out["levels"][lv] = {**{k: s0[k] for k in ("n_units", "n_groups", "n_calibrations", "calibration_all_units")},

@@ -17,13 +17,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from cellmorph.data.table import labelled_rows
+from cellmorph.evaluation.conformal import combine as combine_conformal
+from cellmorph.evaluation.novelty import combine as combine_novelty
+from cellmorph.evaluation.stats import mean_sem
 from cellmorph.evaluation.aggregate import LEVELS, aggregate, available_levels, prob_columns
 from cellmorph.errors import CellmorphError
 from cellmorph.io import write_json
 
 __all__ = [
     "LEVELS", "LevelScore", "Metrics", "aggregate", "available_levels", "combine_seeds", "compute_metrics",
-    "confusion", "labelled", "score_level",
+    "confusion", "score_level",
 ]
 
 FORMAT = 1  # metrics.json layout version; files without it come from an older cellmorph
@@ -163,18 +167,6 @@ def _json_safe(x):
     return x
 
 
-def labelled(pred: pd.DataFrame, label: str) -> pd.DataFrame:
-    """The rows with a label (as str): rows without one (NaN, None, "") are predicted but never scored,
-    e.g. the middle doses of a dose series."""
-    if label not in pred.columns:
-        raise CellmorphError(f"predictions have no label column {label!r} (columns: {', '.join(pred.columns)}). Check dataset.label in the config.")
-    from cellmorph.evaluation.splits import labelled_mask  # the one definition of "labelled" (splits never train on the rest)
-
-    out = pred[labelled_mask(pred, label)].copy()
-    out[label] = out[label].astype(object).map(str)
-    return out
-
-
 def score_level(level: str, true, predicted, misclassified: list[dict] | None = None) -> LevelScore:
     """Accuracy, balanced accuracy (mean recall over the true classes) and macro-F1 (over classes in
     truth or prediction, as sklearn's f1_score(average="macro")) of one level's units."""
@@ -200,7 +192,7 @@ def score_level(level: str, true, predicted, misclassified: list[dict] | None = 
     )
 
 
-def _misclassified(units: pd.DataFrame, level: str, label: str) -> list[dict]:
+def misclassified(units: pd.DataFrame, level: str, label: str) -> list[dict]:
     if level == "image":
         return []  # too many to list; the confusion matrix shows them
     wrong = units[units["predicted"] != units[label]]
@@ -227,7 +219,7 @@ def compute_metrics(pred: pd.DataFrame, label: str, protocol: str, protocol_desc
     classes = [c.removeprefix("prob_") for c in prob_columns(pred)]
     if not classes:
         raise CellmorphError("predictions have no prob_<class> columns: nothing to score.")
-    scored = labelled(pred, label)
+    scored = labelled_rows(pred, label)
     if scored.empty:
         raise CellmorphError(f"no row of the predictions has a label in {label!r}: nothing to score.")
     wanted = available_levels(scored, levels)
@@ -238,13 +230,9 @@ def compute_metrics(pred: pd.DataFrame, label: str, protocol: str, protocol_desc
     result = {}
     for lv in wanted:
         units = aggregate(scored, lv, label, how)
-        result[lv] = score_level(lv, units[label], units["predicted"], _misclassified(units, lv, label))
+        result[lv] = score_level(lv, units[label], units["predicted"], misclassified(units, lv, label))
     seeds = [int(scored["seed"].iloc[0])] if "seed" in scored.columns else []
     return Metrics(protocol=protocol, protocol_description=protocol_description, classes=classes, levels=result, seeds=seeds)
-
-
-def _sem(x: list[float]) -> float | None:
-    return float(np.std(x, ddof=1) / np.sqrt(len(x))) if len(x) > 1 else None
 
 
 def _spread(runs: list[Metrics], levels: list[str]) -> dict[str, dict]:
@@ -253,7 +241,7 @@ def _spread(runs: list[Metrics], levels: list[str]) -> dict[str, dict]:
         d = {}
         for k in ("accuracy", "balanced_accuracy", "macro_f1"):
             vals = [getattr(m.levels[lv], k) for m in runs]
-            d[f"{k}_mean"], d[f"{k}_sem"] = float(np.mean(vals)), _sem(vals)
+            d[f"{k}_mean"], d[f"{k}_sem"] = mean_sem(vals)
         out[lv] = d | {"n_seeds": len(runs)}
     return out
 
@@ -321,19 +309,9 @@ def combine_seeds(per_seed: list[Metrics]) -> Metrics:
         per_seed=runs,
         spread=_spread(runs, levels),
         curve=curve,
-        conformal=_combine_blocks("conformal", [m.conformal for m in runs]),
-        novelty=_combine_blocks("novelty", [m.novelty for m in runs]),
+        conformal=combine_conformal([m.conformal for m in runs]),
+        novelty=combine_novelty([m.novelty for m in runs]),
     )
-
-
-def _combine_blocks(kind: str, blocks: list[dict]) -> dict:
-    if not any(blocks):
-        return {}
-    if kind == "conformal":
-        from cellmorph.evaluation.conformal import combine
-    else:
-        from cellmorph.evaluation.novelty import combine
-    return combine(blocks)
 
 
 def confusion(true: list[str] | np.ndarray, predicted: list[str] | np.ndarray, classes: list[str]) -> np.ndarray:

@@ -21,17 +21,16 @@ Format 2 adds the optional calibration.parquet; format 1 bundles (none) load unc
 reference_profiles.npz keeps format 2: a reader that does not know it predicts without it. An older
 cellmorph refuses a format 2 bundle with its "made by a newer cellmorph" error.
 
-A bundle is written into a temporary sibling folder and renamed into place, so a killed save leaves the
-old bundle or the new one, never half of either. Only folders holding nothing but these files are ever
-replaced.
+A bundle is written into a temporary sibling folder and renamed into place (cellmorph.storage), so a killed
+save leaves the old bundle or the new one, never half of either. Only folders holding nothing but these files
+are ever replaced.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -39,16 +38,18 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cellmorph import __version__
+from cellmorph.version import __version__
 from cellmorph.config import ExperimentConfig, dump_toml, parse_config, read_toml
 from cellmorph.errors import CellmorphError
-from cellmorph.io import is_no_space, no_space_error, process_umask  # process_umask: read without changing it
+from cellmorph.storage import BUNDLE, claim, locked, staged_folder
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 FORMAT_VERSION = 2
-WEIGHTS, META, CONFIG, CALIBRATION = "model.safetensors", "bundle.json", "config.toml", "calibration.parquet"
-REFERENCE = "reference_profiles.npz"  # optional: the training units' feature profiles (distance novelty, novelty.py)
+WEIGHTS, META, CONFIG, CALIBRATION, REFERENCE = BUNDLE.files  # REFERENCE: the training units' feature profiles (distance novelty)
 REQUIRED_FILES = (WEIGHTS, META, CONFIG)
-BUNDLE_FILES = (*REQUIRED_FILES, CALIBRATION, REFERENCE)
 META_FIELDS = ("mode", "model", "init", "classes", "label", "input")
 INPUT_FIELDS = ("channels", "size", "mean", "std", "normalize")
 
@@ -86,44 +87,28 @@ def save_bundle(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict, 
         PosixPath('moa-model')
     """
     path = Path(path).expanduser()
-    _check_replaceable(path, overwrite)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
-    except OSError as err:
-        raise CellmorphError(f"cannot write the bundle {path}: {err.strerror} in {path.parent}. Choose a writable folder.") from None
-    try:
-        if all(isinstance(v, np.ndarray) for v in tensors.values()):  # the frozen fast path: no torch needed
-            from safetensors.numpy import save_file
+    if all(isinstance(v, np.ndarray) for v in tensors.values()):  # the frozen fast path: no torch needed
+        from safetensors.numpy import save
 
-            save_file({k: np.require(v, requirements="C") for k, v in tensors.items()}, str(tmp / WEIGHTS))  # (not ascontiguousarray: it makes 0-d arrays 1-d)
-        else:
-            from safetensors.torch import save_file
+        weights = save({k: np.require(v, requirements="C") for k, v in tensors.items()})  # (not ascontiguousarray: it makes 0-d arrays 1-d)
+    else:
+        from safetensors.torch import save
 
-            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / WEIGHTS))
-        full = {"format_version": FORMAT_VERSION, "cellmorph_version": __version__, **meta,
-                "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-        (tmp / META).write_text(json.dumps(full, indent=2) + "\n")
-        (tmp / CONFIG).write_text(dump_toml(cfg) + "\n")
-        if calibration is not None:
-            calibration.to_parquet(tmp / CALIBRATION, index=False)
-        if reference is not None:
-            np.savez(tmp / REFERENCE, **reference)
-        os.chmod(tmp, 0o777 & ~process_umask())  # mkdtemp makes 0700; give the folder the usual permissions
-        if path.is_dir():  # an old bundle (checked above): move it aside, then swap in the new one
-            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old-"))
-            os.replace(path, old / path.name)
-            os.replace(tmp, path)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, path)
-    except Exception as err:  # safetensors reports a full disk as its own error type
-        if not isinstance(err, CellmorphError) and (is_no_space(err) or "no space left" in str(err).lower()):
-            raise no_space_error(path, err) from None
-        raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        weights = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
+    with locked(path, "bundle"):
+        if path.exists() and path.is_dir() and not any(path.iterdir()):
+            path.rmdir()  # an empty folder holds nothing to lose
+        claim(path, BUNDLE, "cannot save a bundle to", overwrite=overwrite)
+        with staged_folder(path, BUNDLE, "bundle") as tmp:
+            (tmp / WEIGHTS).write_bytes(weights)  # written by us: no temporary of safetensors' own can be left behind
+            full = {"format_version": FORMAT_VERSION, "cellmorph_version": __version__, **meta,
+                    "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+            (tmp / META).write_text(json.dumps(full, indent=2) + "\n")
+            (tmp / CONFIG).write_text(dump_toml(cfg) + "\n")
+            if calibration is not None:
+                calibration.to_parquet(tmp / CALIBRATION, index=False)
+            if reference is not None:
+                np.savez(tmp / REFERENCE, **reference)
     return path
 
 
@@ -139,24 +124,6 @@ def bundle_meta(cfg: ExperimentConfig, classes: list[str], channels: int, size: 
     if calibration_info is not None:
         meta["calibration"] = {**calibration_info, "rows": int(calibration_rows)}
     return meta
-
-
-def _check_replaceable(path: Path, overwrite: bool) -> None:
-    if not path.exists():
-        return
-    if not path.is_dir():
-        raise CellmorphError(f"cannot save a bundle to {path}: it is a file. Choose another path.")
-    present = {p.name for p in path.iterdir()}
-    if not present:
-        path.rmdir()  # an empty folder holds nothing to lose
-        return
-    if not (present <= set(BUNDLE_FILES) and META in present):
-        raise CellmorphError(
-            f"cannot save a bundle to {path}: the folder exists and is not a cellmorph bundle "
-            f"(it holds {sorted(present)[:5]}). Choose another path; cellmorph never deletes a folder it did not write."
-        )
-    if not overwrite:
-        raise CellmorphError(f"a bundle already exists at {path}. Pass overwrite=True to replace it, or choose another path.")
 
 
 def load_bundle(path: str | Path) -> Bundle:

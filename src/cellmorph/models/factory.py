@@ -37,9 +37,10 @@ from cellmorph.models.names import (  # noqa: E402,F401  (name-level knowledge, 
     LOCAL_MODELS,
     OFFLINE_PACKAGES,
     TORCHVISION_MODELS,
-    _is_local,
-    _no_weights_error,
+    is_local,
+    no_weights_error,
     check_model_config,
+    timm_cached_file,
     default_input_size,
     offline_weights_path,
 )
@@ -48,7 +49,7 @@ from cellmorph.models.names import (  # noqa: E402,F401  (name-level knowledge, 
 def create_model(name: str, init: str = "imagenet", num_classes: int = 0, in_chans: int = 3, drop_rate: float = 0.0) -> nn.Module:
     """A timm model with `num_classes` outputs (0 = the pooled-feature backbone)."""
     check_model_config(name, init)
-    if _is_local(name) or name in TORCHVISION_MODELS:
+    if is_local(name) or name in TORCHVISION_MODELS:
         return _create_other(name, init, num_classes, in_chans, drop_rate)
     if init == "imagenet":
         model = _imagenet_model(name, in_chans=in_chans, drop_rate=drop_rate)
@@ -67,7 +68,7 @@ def create_model(name: str, init: str = "imagenet", num_classes: int = 0, in_cha
 
 def _create_other(name: str, init: str, num_classes: int, in_chans: int, drop_rate: float) -> nn.Module:
     """cellmorph's own network or a torchvision model, with the same init words as the timm path."""
-    if _is_local(name):
+    if is_local(name):
         module, cls = LOCAL_MODELS[name]
         model = getattr(importlib.import_module(module), cls)(num_classes=num_classes, in_chans=in_chans, drop_rate=drop_rate)
     else:
@@ -217,7 +218,7 @@ def _imagenet_model(name: str, in_chans: int, drop_rate: float) -> nn.Module:
         return model
     tried.append(f"offline package ({'none for ' + name if name not in OFFLINE_PACKAGES else OFFLINE_PACKAGES[name][0] + ' not installed'})")
 
-    cached = _timm_cached_file(name)
+    cached = timm_cached_file(name)
     if cached is not None:
         return timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": str(cached)}, in_chans=in_chans, drop_rate=drop_rate)
     tried.append("timm/Hugging Face cache and torch hub cache (nothing cached)")
@@ -229,31 +230,42 @@ def _imagenet_model(name: str, in_chans: int, drop_rate: float) -> nn.Module:
             tried.append(f"download by timm ({type(err).__name__})")
     else:
         tried.append(f"download by timm (not attempted: set {ALLOW_DOWNLOAD_ENV}=1 to allow it)")
-    raise _no_weights_error(name, tried)
-
-
-def _timm_cached_file(name: str) -> Path | None:
-    cfg = timm.models.get_pretrained_cfg(name)
-    if cfg is None:
-        return None
-    if cfg.hf_hub_id:
-        try:
-            from huggingface_hub import try_to_load_from_cache
-
-            for fname in ("model.safetensors", "pytorch_model.bin"):
-                hit = try_to_load_from_cache(cfg.hf_hub_id, fname)
-                if isinstance(hit, str) and Path(hit).is_file():
-                    return Path(hit)
-        except ImportError:
-            pass
-    if cfg.url:
-        p = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(cfg.url)
-        if p.is_file():
-            return p
-    return None
+    raise no_weights_error(name, tried)
 
 
 def normalization(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """The (mean, std) on the 0-1 scale that the model's pretrained weights expect."""
     cfg = getattr(model, "pretrained_cfg", None) or {}
     return tuple(cfg.get("mean", (0.485, 0.456, 0.406))), tuple(cfg.get("std", (0.229, 0.224, 0.225)))
+
+
+def pre_logits(model, what: str):
+    """A module returning the pooled features a network's classifier reads (timm's `forward_head(...,
+    pre_logits=True)`), or a clear error for a network without that interface."""
+    if not (hasattr(model, "forward_features") and hasattr(model, "forward_head")):
+        raise CellmorphError(f"{what}: embeddings need a timm model (forward_features/forward_head); this architecture has none.")
+
+    class _PreLogits(nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x):
+            return self.net.forward_head(self.net.forward_features(x), pre_logits=True)
+
+    return _PreLogits(model)
+
+
+FOLD_MODEL = "model.pt"  # a fine-tuned fold's weights in its fold folder (finetune.save_models = true)
+
+
+def load_fold_model(model_cfg, path: Path, num_classes: int, in_chans: int) -> nn.Module:
+    """A fine-tuned fold model (RUN/folds/NN/model.pt): the config's architecture with the saved state dict,
+    in eval mode; one line naming the file when it cannot be read. The one definition of fold-model loading
+    (`cellmorph predict --ensemble`, `cellmorph embed` of a fine-tuned run)."""
+    model = create_model(model_cfg.name, "random", num_classes=num_classes, in_chans=in_chans, drop_rate=model_cfg.drop_rate)
+    try:
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    except (RuntimeError, OSError, EOFError, ValueError) as err:
+        raise CellmorphError(f"{path}: cannot load the fold model ({type(err).__name__}: {str(err)[:200]}). Run the experiment again.") from None
+    return model.eval()

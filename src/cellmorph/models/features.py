@@ -63,12 +63,12 @@ def extract_features(store: Store, model_cfg: ModelConfig, tta: bool, batch_size
 def _write_backbone(features_path: Path, model, spec) -> None:
     """The backbone's weights and input spec beside its cached features, so that a warm frozen run can
     save its final model (a bundle) without importing torch or timm."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     from cellmorph.io import atomic_path
 
-    with atomic_path(features_path.with_suffix(".backbone.safetensors"), "cache") as tmp:
-        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
+    with atomic_path(features_path.with_suffix(".backbone.safetensors"), "cache") as tmp:  # bytes written by us: no temporary of safetensors'
+        tmp.write_bytes(save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}))
     write_json(features_path.with_suffix(".backbone.json"), {"size": spec.size, "mean": list(spec.mean), "std": list(spec.std), "normalize": spec.normalize_mode}, "cache")
 
 

@@ -8,7 +8,7 @@ predictions as calibration data) or one saved by `Classifier.save`. IMAGES is on
     a folder of image files              one field of view per file (.png, .tif, .tiff, .jpg), Metadata_FileName
 
 The images are decoded and stored exactly as training stored them (store.build_store with the bundle's
-dataset.image_size) and run through the same network code (`Classifier._proba`), so a compound predicted
+dataset.image_size) and run through the same network code (`Classifier.proba`), so a compound predicted
 here gets the probabilities its cross-validation fold gave it (tests/test_predict.py checks this on real
 data). Image probabilities are aggregated as in the paper (median: images -> wells -> treatments, where the
 input has Metadata_Well / Metadata_Compound + Metadata_Concentration).
@@ -43,11 +43,7 @@ DIR receives, all at once (written in a temporary sibling folder and renamed):
 
 from __future__ import annotations
 
-import csv
 import json
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,131 +52,14 @@ import numpy as np
 import pandas as pd
 
 from cellmorph.evaluation.aggregate import available_levels
-from cellmorph.data.table import PATH_PREFIX, ImageTable
+from cellmorph.data.table import ImageTable
+from cellmorph.prediction.inputs import match_channels, read_images
 from cellmorph.errors import CellmorphError
-from cellmorph.io import check_writable, process_umask
 from cellmorph.progress import console, make_progress
+from cellmorph.storage import PREDICT, claim, locked, seed_folder, staged_folder
 
-IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
-LOADDATA_FILE, LOADDATA_PATH = "Image_FileName_", "Image_PathName_"
-PREDICT_FILES = ("predictions.parquet", "wells.csv", "treatments.csv", "report.html", "predict.json")
+PREDICT_FILES = PREDICT.files
 MARKER = "predict.json"  # the file that says a folder is a cellmorph predict output
-
-
-class NewImages(ImageTable):
-    """An ImageTable of images to predict: image paths required, no label needed (kept when present)."""
-
-    def validate(self) -> None:
-        if not self.path_columns:
-            raise CellmorphError(
-                f"{self.source}: no image column. Name one column per channel '{PATH_PREFIX}<Channel>' (folder format) "
-                f"or give '{LOADDATA_FILE}<Channel>' and '{LOADDATA_PATH}<Channel>' (CellProfiler LoadData)."
-            )
-        if len(self.df) == 0:
-            raise CellmorphError(f"{self.source}: the table has no rows; nothing to predict.")
-        for col in self.path_columns:
-            bad = self.df[col].isna() | (self.df[col].astype(str).str.strip() == "")
-            if bad.any():
-                raise CellmorphError(f"{self.source}: column '{col}' is empty in row(s) {list(self.df.index[bad][:5])}. Fill it in or drop those rows.")
-
-
-def read_images(images: str | Path, label: str = "Metadata_MoA") -> NewImages:
-    """The table of images to predict from a folder-format CSV, a CellProfiler LoadData CSV or a folder.
-
-    Args:
-        images: the CSV file or the folder of image files.
-        label: the bundle's label column: kept when the input has it (e.g. reference compounds), never needed.
-    Returns:
-        A `NewImages` table: Metadata_* and Image_Path_<Channel> columns (absolute paths), files checked.
-
-    Example:
-        >>> read_images("plate7/load_data.csv").path_columns
-        ['Image_Path_DNA', 'Image_Path_Actin', 'Image_Path_Tubulin']
-    """
-    path = Path(images).expanduser()
-    if path.is_dir():
-        files = sorted(f for f in path.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
-        if not files:
-            raise CellmorphError(f"{path}: the folder holds no image files ({', '.join(IMAGE_SUFFIXES)}). Pass a folder of images, or a CSV naming them.")
-        df = pd.DataFrame({"Metadata_FileName": [f.name for f in files], f"{PATH_PREFIX}Image": [str(f.resolve()) for f in files]})
-        table = NewImages(df, name=f"images:{path.resolve()}", label=label, source=str(path), required=())
-        return table
-    if not path.is_file():
-        raise CellmorphError(f"{path}: not found. IMAGES is a CSV (folder format or CellProfiler LoadData) or a folder of image files.")
-    try:
-        with open(path, errors="replace") as f:
-            header = f.readline()
-        sep = ";" if header.count(";") > header.count(",") else ","  # comma, or semicolon as BBBC021's labels file
-        df = pd.read_csv(path, sep=sep, dtype={label: str})
-    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError, csv.Error) as err:
-        raise CellmorphError(f"{path}: cannot be read as CSV ({err}).") from None
-    df.columns = [str(c).strip() for c in df.columns]
-    if not [c for c in df.columns if c.startswith(PATH_PREFIX)]:
-        df = _from_loaddata(df, path)
-    for col in [c for c in df.columns if c.startswith(PATH_PREFIX)]:
-        df[col] = [p if pd.isna(p) else str(p if Path(str(p)).is_absolute() else path.parent / str(p)) for p in df[col]]
-    table = NewImages(df, name=f"images:{path.resolve()}", label=label, source=str(path), required=())
-    table.check_files_exist()
-    return table
-
-
-def _from_loaddata(df: pd.DataFrame, path: Path) -> pd.DataFrame:
-    """Image_FileName_<Ch> + Image_PathName_<Ch> -> Image_Path_<Ch> (CellProfiler's LoadData columns)."""
-    names = [c for c in df.columns if c.startswith(LOADDATA_FILE)]
-    if not names:
-        raise CellmorphError(
-            f"{path}: no image columns. Expected '{PATH_PREFIX}<Channel>' (folder format) or '{LOADDATA_FILE}<Channel>' with "
-            f"'{LOADDATA_PATH}<Channel>' (CellProfiler LoadData); present: {list(df.columns)[:8]}."
-        )
-    out = df.drop(columns=[c for c in df.columns if c.startswith((LOADDATA_FILE, LOADDATA_PATH))])
-    for c in names:
-        channel = c.removeprefix(LOADDATA_FILE)
-        folder = f"{LOADDATA_PATH}{channel}"
-        if folder not in df.columns:
-            raise CellmorphError(f"{path}: missing column '{folder}' for '{c}'. A LoadData CSV names each channel's folder beside its file name.")
-        if df[folder].isna().any() or df[c].isna().any():
-            rows = list(df.index[df[folder].isna() | df[c].isna()][:5])
-            raise CellmorphError(f"{path}: column '{c}' or '{folder}' is empty in row(s) {rows}. Fill them in or drop those rows.")
-        out[f"{PATH_PREFIX}{channel}"] = [str(Path(str(d)) / str(f)) for d, f in zip(df[folder], df[c])]
-    return out
-
-
-# --- checks against the model, before anything is decoded ---------------------------------------------
-
-
-def match_channels(table: NewImages, clf) -> NewImages:
-    """Put the input's channel columns in the training order (same names), and check the channel count and
-    image size of the first row (the store checks every other row against it) against the model."""
-    from cellmorph.data.preprocess import read_image
-
-    trained = list(clf._trained_on.get("channel_columns") or [])
-    cols = table.path_columns
-    if trained and set(cols) == set(trained) and cols != trained:
-        other = [c for c in table.df.columns if c not in cols]
-        table.df = table.df[other + trained]
-    first = table.df.iloc[0]
-    arrays = [(first[c], read_image(first[c])) for c in table.path_columns]
-    channels = sum(a.shape[2] for _, a in arrays)
-    files = ", ".join(str(p) for p, _ in arrays)
-    if channels != clf.channels:
-        names = f" ({', '.join(trained)})" if trained else ""
-        raise CellmorphError(
-            f"{files}: {channels} channel(s) per field of view ({', '.join(table.path_columns)}) but the model {clf._source} takes "
-            f"{clf.channels}{names}. Give each field the model's channels in its order (one {PATH_PREFIX}<Channel> column per file)."
-        )
-    shape = clf._trained_on.get("image_shape")
-    size = clf.config.dataset.image_size
-    h, w = arrays[0][1].shape[:2]
-    if shape and not size and [h, w] != list(shape):
-        raise CellmorphError(
-            f"{arrays[0][0]}: {h}x{w} pixels but the model was trained on {shape[0]}x{shape[1]} images at their native size "
-            f"(dataset.image_size = 0): cells would appear at another scale. Crop or resize the images to {shape[0]}x{shape[1]} as the "
-            "training images were, or train with dataset.image_size set."
-        )
-    return table
-
-
-# --- the prediction -----------------------------------------------------------------------------------
 
 
 @dataclass
@@ -229,15 +108,23 @@ def predict_images(model, images, out: str | Path | None = None, confidence: flo
         >>> res = predict_images("runs/quickstart/model", "new_plate/load_data.csv", "runs/plate7", confidence=0.9)
         >>> res.treatments[["Metadata_Compound", "predicted", "prediction_set", "none_of_known"]].head(2)
     """
-    from cellmorph.api import Classifier
-
     if not 0 < confidence < 1:
         raise CellmorphError(f"--level {confidence}: the confidence must lie strictly between 0 and 1, e.g. 0.9.")
     if mc_dropout < 0:
         raise CellmorphError(f"--mc-dropout {mc_dropout}: expected the number of passes, e.g. 20 (0 = off).")
     out = None if out is None else Path(out).expanduser()
-    if out is not None:
-        _check_out(out, overwrite)
+    if out is None:
+        return _predict(model, images, confidence, mc_dropout, novelty, ensemble)
+    with locked(out):  # a second predict into the same --out is refused while this one runs
+        claim(out, PREDICT, overwrite=overwrite)
+        result = _predict(model, images, confidence, mc_dropout, novelty, ensemble)
+        write_prediction(out, result)
+    return result
+
+
+def _predict(model, images, confidence: float, mc_dropout: int, novelty: str | None, ensemble: bool) -> PlatePrediction:
+    from cellmorph.models.classifier import Classifier
+
     clf = model if isinstance(model, Classifier) else Classifier.load(_check_model(model))
     if ensemble and mc_dropout:
         raise CellmorphError("--ensemble and --mc-dropout: choose one (the mean over fold models, or over dropout passes of the final model).")
@@ -247,12 +134,12 @@ def predict_images(model, images, out: str | Path | None = None, confidence: flo
     table = match_channels(table, clf)
     score = choose_novelty(novelty, clf)
     if mc_dropout and clf.config.mode != "finetune":
-        raise CellmorphError(f"--mc-dropout needs a fine-tuned model; {clf._source} is {clf.config.mode} (a logistic head on fixed features).")
+        raise CellmorphError(f"--mc-dropout needs a fine-tuned model; {clf.source} is {clf.config.mode} (a logistic head on fixed features).")
     t0 = time.perf_counter()
     from cellmorph.data.store import build_store
 
     store = build_store(table, clf.config.dataset.image_size)
-    x = clf._images(store.images)
+    x = clf.as_images(store.images)
     with make_progress() as progress:
         what = f" ({mc_dropout} MC dropout passes)" if mc_dropout else f" with {len(folds)} fold models" if folds else ""
         task = progress.add_task(f"predicting {len(x)} images{what}", total=len(x) * max(1, mc_dropout, len(folds)))
@@ -260,9 +147,9 @@ def predict_images(model, images, out: str | Path | None = None, confidence: flo
         if folds:
             res = ensemble_proba(clf, folds, x, on_batch=lambda n: progress.advance(task, n))[0]
         elif score != "softmax" and clf.config.mode == "frozen":
-            res, features = clf._proba_and_features(x, on_batch=lambda n: progress.advance(task, n))  # one backbone pass
+            res, features = clf.proba_and_features(x, on_batch=lambda n: progress.advance(task, n))  # one backbone pass
         else:
-            res = clf._proba(x, on_batch=lambda n: progress.advance(task, n), mc_dropout=mc_dropout)
+            res = clf.proba(x, on_batch=lambda n: progress.advance(task, n), mc_dropout=mc_dropout)
     probs, std = res if mc_dropout else (res, None)
     if score != "softmax" and features is None:
         features = clf.embed(x)
@@ -270,7 +157,7 @@ def predict_images(model, images, out: str | Path | None = None, confidence: flo
     result = score_images(table.df, probs, clf, confidence, std=std, features=features, novelty=score)
     result.store_images = store.images
     result.info = {
-        "model": str(getattr(clf, "_source", "")).removeprefix("model bundle "), "architecture": clf.config.model.name, "mode": clf.config.mode,
+        "model": str(clf.source).removeprefix("model bundle "), "architecture": clf.config.model.name, "mode": clf.config.mode,
         "init": clf.config.model.init, "classes": clf.classes, "label": label, "input": table.source, "images": int(len(x)),
         "image_shape": list(store.images.shape[1:]), "confidence": confidence, "aggregate": clf.config.evaluation.aggregate,
         "levels": [lv for lv in ("image", "well", "treatment") if result.level(lv) is not None],
@@ -286,8 +173,6 @@ def predict_images(model, images, out: str | Path | None = None, confidence: flo
     if mc_dropout:
         result.info["mc_dropout_note"] = ("prob_<class> is the mean of the MC dropout passes (mcstd_<class> their std); the conformal "
                                           "p-values compare it with the deterministic out-of-fold scores, so treat them as approximate.")
-    if out is not None:
-        write_prediction(out, result, overwrite)
     return result
 
 
@@ -318,10 +203,10 @@ def choose_novelty(requested: str | None, clf) -> str:
     if requested not in NOVELTY_SCORES:
         raise CellmorphError(f"--novelty {requested}: not a novelty score; use one of {', '.join(NOVELTY_SCORES)}.")
     if requested != "softmax" and not has_ref:
-        raise CellmorphError(f"--novelty {requested}: {clf._source} holds no reference profiles (reference_profiles.npz, written by "
+        raise CellmorphError(f"--novelty {requested}: {clf.source} holds no reference profiles (reference_profiles.npz, written by "
                              "`cellmorph run` for frozen models); use --novelty softmax, or predict with a frozen run's RUN/model.")
     if requested != "distance" and clf.calibration is None:
-        raise CellmorphError(f"--novelty {requested}: {clf._source} holds no calibration data (calibration.parquet) for prediction sets; "
+        raise CellmorphError(f"--novelty {requested}: {clf.source} holds no calibration data (calibration.parquet) for prediction sets; "
                              + ("use --novelty distance." if has_ref else "predict without --novelty (no flag is possible)."))
     return requested
 
@@ -334,7 +219,7 @@ def fold_models(run, clf) -> list[Path]:
     [PosixPath('runs/finetune/folds/00/model.pt'), PosixPath('runs/finetune/folds/01/model.pt')]"""
     run = Path(run).expanduser() if not hasattr(run, "config") else None
     if run is None or not (run / "model").is_dir():
-        raise CellmorphError(f"--ensemble: {run or clf._source} is not a run folder. Pass the run folder (RUN, not RUN/model) of a fine-tune "
+        raise CellmorphError(f"--ensemble: {run or clf.source} is not a run folder. Pass the run folder (RUN, not RUN/model) of a fine-tune "
                              "run with finetune.save_models = true.")
     cfg = clf.config
     if cfg.mode != "finetune":
@@ -342,7 +227,7 @@ def fold_models(run, clf) -> list[Path]:
     if cfg.finetune.normalize not in ("imagenet", "raw"):
         raise CellmorphError(f"--ensemble: {run} was fine-tuned with finetune.normalize = {cfg.finetune.normalize!r}, which subtracts each "
                              "fold's training-image mean (not saved with the fold model); ensembles need 'imagenet' or 'raw'.")
-    base = run if len(cfg.seed_list) == 1 else run / "seeds" / str(cfg.seed_list[0])
+    base = seed_folder(run, cfg.seed_list[0], cfg.seed_list)
     folders = sorted(d for d in (base / "folds").glob("[0-9][0-9]") if d.is_dir()) if (base / "folds").is_dir() else []
     missing = [d for d in folders if not (d / "model.pt").is_file()]
     if not folders or missing:
@@ -353,26 +238,15 @@ def fold_models(run, clf) -> list[Path]:
 
 def ensemble_proba(clf, paths: list[Path], x, on_batch=None) -> tuple[np.ndarray, list[np.ndarray]]:
     """The mean of the fold models' probabilities of checked images `x`, and each model's: every fold model
-    run through the final model's code path (`Classifier._proba`, same input spec) with its own weights.
+    run through the final model's code path (`Classifier.proba`, same input spec) with its own weights.
 
-    >>> mean, per_fold = ensemble_proba(clf, fold_models("runs/finetune", clf), clf._images(store.images))"""
-    import torch
+    >>> mean, per_fold = ensemble_proba(clf, fold_models("runs/finetune", clf), clf.as_images(store.images))"""
+    from cellmorph.models.factory import load_fold_model
 
-    from cellmorph.models.factory import create_model
-
-    cfg, net = clf.config, clf._net
     per = []
-    try:
-        for path in paths:
-            model = create_model(cfg.model.name, "random", num_classes=len(clf.classes), in_chans=clf.channels, drop_rate=cfg.model.drop_rate)
-            try:
-                model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-            except (RuntimeError, OSError, EOFError) as err:
-                raise CellmorphError(f"{path}: cannot load the fold model ({type(err).__name__}: {str(err)[:200]}). Run the experiment again.") from None
-            clf._net = model.eval()
-            per.append(np.asarray(clf._proba(x, on_batch=on_batch), dtype=np.float64))
-    finally:
-        clf._net = net
+    for path in paths:
+        with clf.using(load_fold_model(clf.config.model, path, len(clf.classes), clf.channels)):
+            per.append(np.asarray(clf.proba(x, on_batch=on_batch), dtype=np.float64))
     return np.mean(per, axis=0), per
 
 
@@ -498,61 +372,17 @@ def _check_model(model) -> Path:
     return path
 
 
-def _check_out(out: Path, overwrite: bool) -> None:
-    if not out.exists():
-        return
-    if not out.is_dir():
-        raise CellmorphError(f"--out {out}: a file is there. Choose a folder path.")
-    present = {p.name for p in out.iterdir()}
-    if not present:
-        return
-    if not (present <= set(PREDICT_FILES) and MARKER in present):
-        raise CellmorphError(
-            f"--out {out}: the folder exists and is not a cellmorph predict output (it holds {sorted(present)[:5]}). "
-            "Choose another --out; cellmorph never deletes files it did not write."
-        )
-    if not overwrite:
-        raise CellmorphError(f"--out {out} holds an earlier prediction. Pass --overwrite to replace it, or choose another --out.")
-
-
-def write_prediction(out: Path, result: PlatePrediction, overwrite: bool = False) -> Path:
-    """Write the output folder in a temporary sibling and rename it into place: all files or none."""
-    from cellmorph.io import is_no_space, no_space_error
+def write_prediction(out: Path, result: PlatePrediction) -> Path:
+    """Write the output folder whole (built in a temporary sibling and renamed into place: all files or none).
+    Call it holding storage.locked(out) after storage.claim(out, PREDICT)."""
     from cellmorph.prediction.report import write_predict_report
 
-    _check_out(out, overwrite)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        check_writable(out.parent)
-        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    except OSError as err:
-        raise CellmorphError(f"cannot write in {out.parent} ({err.strerror}). Choose a writable folder (--out).") from None
-    try:
-        try:
-            result.images.to_parquet(tmp / "predictions.parquet", index=False)
-            for name, t in (("wells.csv", result.wells), ("treatments.csv", result.treatments)):
-                if t is not None:
-                    t.to_csv(tmp / name, index=False)
-            write_predict_report(tmp / "report.html", result)
-            (tmp / MARKER).write_text(json.dumps(result.info, indent=2, default=str) + "\n")
-        except OSError as err:
-            if is_no_space(err):
-                raise no_space_error(out, err) from None
-            raise
-        os.chmod(tmp, 0o777 & ~process_umask())
-        if out.is_dir():
-            if any(out.iterdir()):  # an earlier prediction (checked): set it aside, swap in the new one
-                old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
-                os.replace(out, old / out.name)
-                os.replace(tmp, out)
-                shutil.rmtree(old)
-            else:
-                out.rmdir()
-                os.replace(tmp, out)
-        else:
-            os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+    with staged_folder(out, PREDICT) as tmp:
+        result.images.to_parquet(tmp / "predictions.parquet", index=False)
+        for name, t in (("wells.csv", result.wells), ("treatments.csv", result.treatments)):
+            if t is not None:
+                t.to_csv(tmp / name, index=False)
+        write_predict_report(tmp / "report.html", result)
+        (tmp / MARKER).write_text(json.dumps(result.info, indent=2, default=str) + "\n")
     console.print(f"written: {out}/ ({', '.join(sorted(p.name for p in out.iterdir()))})")
     return out

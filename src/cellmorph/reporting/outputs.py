@@ -14,6 +14,7 @@ from typing import Callable
 import pandas as pd
 
 from cellmorph.errors import CellmorphError
+from cellmorph.storage import RUN
 
 
 @dataclass(frozen=True)
@@ -21,13 +22,17 @@ class Output:
     write: Callable
     needs: tuple[str, ...] = ()  # columns the dataset must have
     description: str = ""
+    files: tuple[str, ...] = ()  # the files it writes into the run folder
 
 
 OUTPUTS: dict[str, Output] = {}
 
 
-def register_output(name: str, write: Callable, needs: tuple[str, ...] = (), description: str = "") -> None:
-    OUTPUTS[name] = Output(write, needs, description)
+def register_output(name: str, write: Callable, needs: tuple[str, ...] = (), description: str = "", files: tuple[str, ...] = ()) -> None:
+    """Make `outputs = [name]` available. `files` join the run folder's layout (storage.RUN): a claim of the
+    folder knows them as cellmorph's, the cleanup removes their temporaries, and report.html shows the plots."""
+    OUTPUTS[name] = Output(write, needs, description, files)
+    RUN.add_files(*files)
 
 
 def check_outputs(names: list[str], table) -> None:
@@ -48,8 +53,8 @@ def write_outputs(names: list[str], out: Path, cfg, table, pred: pd.DataFrame, m
 def _dose_response(out: Path, cfg, table, pred: pd.DataFrame, metrics) -> None:
     """Per well: the mean crop probability of the positive class, averaged over the seeds; then the
     4PL fit and Z' per dose series, and the Fig-4-like accuracy plot (translocation.py)."""
-    from cellmorph.data.datasets.bbbc013 import POSITIVE
-    from cellmorph.data.datasets.translocation import write_dose_response
+    from cellmorph.data.datasets.translocation import POSITIVE
+    from cellmorph.reporting.doseresponse import write_dose_response
 
     meta = [c for c in ("Metadata_Well", "Metadata_Row", "Metadata_Column", "Metadata_Dose", "Metadata_Concentration", "Metadata_Control",
                         "Metadata_Compound", "Metadata_CellLine", "Metadata_Fold") if c in pred.columns]
@@ -62,4 +67,5 @@ def _dose_response(out: Path, cfg, table, pred: pd.DataFrame, metrics) -> None:
 
 
 register_output("dose_response", _dose_response, needs=("Metadata_Dose", "Metadata_Control", "Metadata_Well"),
+                files=("dose_response.json", "dose_response.png", "fig4.png"),
                 description="translocation plates: 4PL dose-response and Z' per dose series, Fig-4-like accuracy per epoch")

@@ -12,7 +12,8 @@ import pandas as pd
 from cellmorph.evaluation.aggregate import aggregate
 from cellmorph.config import ExperimentConfig, dump_toml
 from cellmorph.io import atomic_path, write_text
-from cellmorph.evaluation.metrics import LEVELS, Metrics, confusion, labelled
+from cellmorph.data.table import labelled_rows
+from cellmorph.evaluation.metrics import LEVELS, Metrics, confusion
 
 _PLURAL = {"image": "images", "well": "wells", "treatment": "treatments"}
 
@@ -38,7 +39,7 @@ def write_confusion_png(path: Path, pred: pd.DataFrame, metrics: Metrics, label:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    scored = labelled(pred, label)
+    scored = labelled_rows(pred, label)
     levels = [lv for lv in reversed(LEVELS) if lv in metrics.levels]
     classes = metrics.classes + sorted(set(scored[label]) - set(metrics.classes))
     fig, axes = plt.subplots(1, len(levels), figsize=(6.5 * len(levels) + 0.5, 6), squeeze=False, constrained_layout=True)

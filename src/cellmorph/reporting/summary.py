@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 
 from cellmorph.io import atomic_path, check_writable, write_text
+from cellmorph.evaluation.stats import mean_sem
 from cellmorph.evaluation.metrics import LEVELS, Metrics, combine_seeds
 
 GROUP = ("experiment", "model", "init")
@@ -116,7 +117,7 @@ def _plot_curves(groups: dict[tuple, list[Metrics]], path: Path) -> None:
                     continue
                 xs = sorted(at)
                 mean = np.array([np.mean(at[x]) for x in xs])
-                sem = np.array([np.std(at[x], ddof=1) / np.sqrt(len(at[x])) if len(at[x]) > 1 else 0.0 for x in xs])
+                sem = np.array([mean_sem(at[x])[1] or 0.0 for x in xs])
                 ax = axes[row, col]
                 style = "-" if init == "imagenet" else "--"
                 ax.errorbar(xs, mean, yerr=sem, fmt=style, marker="o", ms=3, capsize=2, label=f"{model} ({init}, n={len(series)})")

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from cellmorph.data.datasets.translocation import MIDDLE, NEGATIVE, POSITIVE  # noqa: F401  (MIDDLE: used by importers)
 from cellmorph.data.registry import register, register_prepare
 from cellmorph.data.table import ImageTable
 from cellmorph.errors import CellmorphError
@@ -30,7 +31,6 @@ from cellmorph.errors import CellmorphError
 FOLDER = "bbbc013"
 METADATA = "1049_Metadata.csv"
 CHANNELS = ("GFP", "DNA")  # Channel1, Channel2
-POSITIVE, NEGATIVE, MIDDLE = "translocated", "not translocated", "middle"
 LABEL = "Metadata_Translocation"
 
 
@@ -101,7 +101,7 @@ def _crops_table(data_dir: Path, label: str, crops_per_well: int) -> ImageTable:
 
 
 def _prepare_bbbc013(data_dir: Path, out: Path, workers: int | None = None) -> dict:
-    from cellmorph.data.prepare import prepare_translocation
+    from cellmorph.data.datasets.translocation import prepare_translocation
 
     return prepare_translocation("bbbc013", data_dir, out, workers=workers)
 

@@ -129,7 +129,7 @@ def download_bbbc014(data_dir: Path) -> Path:
 
 
 def _prepare_bbbc014(data_dir: Path, out: Path, workers: int | None = None) -> dict:
-    from cellmorph.data.prepare import prepare_translocation
+    from cellmorph.data.datasets.translocation import prepare_translocation
 
     return prepare_translocation("bbbc014", data_dir, out, workers=workers)
 

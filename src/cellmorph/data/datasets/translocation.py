@@ -1,5 +1,6 @@
-"""Translocation plates (Kensert et al. 2019, Fig 4; BBBC013/BBBC014) in the one runner, and the
-screener's dose-response view.
+"""Translocation plates (Kensert et al. 2019, Fig 4; BBBC013/BBBC014): the raw plate's preparation (16 crops
+per well), the crops store in the cache, and the labels. (The screener's dose-response view is
+cellmorph.reporting.doseresponse.)
 
 The experiment is a config of `cellmorph run` (configs/translocation/*.toml): the plate's 16 crops per
 well (`dataset.options = {crops_per_well = 16}`), the 4 highest doses "translocated" and the 4 lowest
@@ -15,26 +16,28 @@ after each evaluated epoch (fig4.png).
 from __future__ import annotations
 
 import json
+import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from cellmorph.data.datasets.bbbc013 import NEGATIVE, POSITIVE
-from cellmorph.reporting.doseresponse import fit_logistic4, logistic4, z_prime
-from cellmorph.io import write_json
-from cellmorph.data.store import cache_dir, open_prepared
+from cellmorph.data.prepare import StoreWriter, load_recipe, read_raw_field
+from cellmorph.data.preprocess import anscombe_minmax_uint8, read_image, tile_boxes
+from cellmorph.data.registry import load_registered
+from cellmorph.data.store import cache_dir, open_prepared, store_key
+from cellmorph.errors import CellmorphError
+from cellmorph.io import write_json, write_npy, write_parquet
+from cellmorph.progress import make_progress
+
+POSITIVE, NEGATIVE, MIDDLE = "translocated", "not translocated", "middle"
 
 
 def crops_store(name: str, data_dir: Path, crops_per_well: int) -> Path:
     """The folder of a prepared store of the plate's crops (the first `crops_per_well` of each well's
     16), prepared once into the cache (keyed by the files) and reused."""
-    from cellmorph.data.catalog import load_dataset
-    from cellmorph.io import write_npy, write_parquet
-    from cellmorph.data.prepare import prepare_translocation
-    from cellmorph.data.store import store_key
-
-    table = load_dataset(name, data_dir)
+    table = load_registered(name, data_dir)
     full = cache_dir() / "prepared" / f"{name}-{store_key(table, 0)}"
     if not (full / "prepared.json").is_file():
         prepare_translocation(name, data_dir, full)
@@ -57,101 +60,68 @@ def translocation_labels(labels: pd.Series) -> pd.Series:
     return lab.where(lab.isin([POSITIVE, NEGATIVE]), "")
 
 
-def write_dose_response(out: Path, wells: pd.DataFrame, curve: list[dict], dataset: str, setting: str, epochs: list[int]) -> dict:
-    """dose_response.json/.png from the mean P(translocated) per well over the seeds, and fig4.png from the
-    per-seed well accuracy after each evaluated epoch."""
-    dose = dose_response(wells)
-    write_json(out / "dose_response.json", dose)
-    plot_dose_response(out / "dose_response.png", wells, dose, f"{dataset}: {setting}, mean over replicates")
-    if curve:
-        acc = pd.DataFrame([{"setting": setting, "epoch": c["epoch"], "image_accuracy": c["well"]} for c in curve if "epoch" in c and "well" in c])
-        if len(acc):
-            plot_fig4(out / "fig4.png", acc, sorted(acc["epoch"].unique()), dataset)
-    return dose
+def _resize_plane(plane: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Area-resize one integer plane to (height, width), keeping its dtype (the paper's cv2.INTER_AREA)."""
+    from PIL import Image
+
+    if plane.shape == size:
+        return plane
+    out = np.asarray(Image.fromarray(plane.astype(np.float32), mode="F").resize((size[1], size[0]), Image.Resampling.BOX))
+    info = np.iinfo(plane.dtype)
+    return np.clip(np.rint(out), info.min, info.max).astype(plane.dtype)
 
 
-def dose_response(wells: pd.DataFrame) -> dict:
-    """4PL fit per dose series on the dose axis (BBBC013: dose step; BBBC014: log10 molar), Z' between the controls."""
-    out = {"series": {}}
-    group = "Metadata_CellLine" if "Metadata_CellLine" in wells.columns else "Metadata_Compound"
-    log_conc = "Metadata_CellLine" in wells.columns and wells["Metadata_Concentration"].max() < 1  # molar from the plate map
-    for name, g in wells.groupby(group):
-        x = np.log10(g["Metadata_Concentration"]) if log_conc else g["Metadata_Dose"].astype(float)
-        try:
-            fit = fit_logistic4(x, g["p_translocated"]).as_dict()
-        except ValueError as err:
-            fit = {"error": str(err)}
-        if log_conc and "x50" in fit:
-            fit["ec50_molar"] = float(10 ** fit["x50"])
-        pos = g.loc[g["Metadata_Control"] == "positive", "p_translocated"]
-        neg = g.loc[g["Metadata_Control"] == "negative", "p_translocated"]
-        zp = z_prime(pos, neg) if len(pos) >= 2 and len(neg) >= 2 else None
-        out["series"][str(name)] = {"fit_4pl": fit, "x_axis": "log10 molar" if log_conc else "dose step (SBS_Doses)", "z_prime": zp,
-                                    "n_wells": int(len(g)), "n_pos_controls": int(len(pos)), "n_neg_controls": int(len(neg))}
-    pos = wells.loc[wells["Metadata_Control"] == "positive", "p_translocated"]
-    neg = wells.loc[wells["Metadata_Control"] == "negative", "p_translocated"]
-    # Pooled over both halves: each half is scored by a different model (trained on the other half), whose
-    # probabilities need not share a scale, so this is lower than the per-series Z' that a screener reads.
-    out["z_prime_all_controls"] = z_prime(pos, neg) if len(pos) >= 2 and len(neg) >= 2 else None
-    out["n_wells"] = int(len(wells))
-    return out
+def translocation_crops(field: np.ndarray, grid: tuple[int, int] = (4, 4), resize: tuple[int, int] | str | None = None) -> list[np.ndarray]:
+    """2 x H x W raw field (reporter, nuclei) -> 16 uint8 crops of (0, reporter, nuclei)."""
+    if resize == "square":  # BBBC014: 1360 x 1024 -> 1024 x 1024, as the paper
+        resize = (field.shape[1], field.shape[1])
+    if resize is not None:
+        field = np.stack([_resize_plane(p, resize) for p in field])
+    img = anscombe_minmax_uint8(field)
+    img = np.concatenate([np.zeros_like(img[:1]), img])
+    return [img[:, t : t + h, l : l + w] for t, l, h, w in tile_boxes(img.shape[1], img.shape[2], grid)]
 
 
-def plot_fig4(path: Path, acc: pd.DataFrame, epochs, dataset: str) -> None:
-    import matplotlib
+def prepare_translocation(name: str, data_dir: Path, out: Path, workers: int | None = None) -> dict:
+    table = load_registered(name, data_dir)
+    df = table.df
+    channels = [c.removeprefix("Image_Path_") for c in table.path_columns]
+    resize = "square" if name == "bbbc014" else None
+    grid = (4, 4)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    def work(ps):
+        planes = []
+        for p, ch in zip(ps, channels):
+            arr = read_image(p)
+            if arr.dtype not in (np.uint8, np.uint16):
+                raise CellmorphError(f"{p}: expected an 8- or 16-bit image ({ch}), got {arr.dtype}.")
+            planes.append(read_raw_field([p], [ch], dtype=arr.dtype)[0])
+        if len({p.shape for p in planes}) > 1 or len({p.dtype for p in planes}) > 1:
+            raise CellmorphError(f"the channel files of one well differ in size or bit depth: {ps}")
+        return translocation_crops(np.stack(planes), grid, resize)
 
-    from cellmorph.io import atomic_path
+    paths = df[table.path_columns].values.tolist()
+    first = work(paths[0])
+    meta_cols = [c for c in df.columns if c.startswith("Metadata_")]
+    writer = StoreWriter(Path(out), len(df) * 16, first[0].shape)
+    try:
+        with make_progress() as progress, ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
+            task = progress.add_task(f"preparing {name}", total=len(df))
+            for row, crops in zip(df[meta_cols].to_dict("records"), pool.map(work, paths)):
+                for k, crop in enumerate(crops, start=1):
+                    writer.add(crop, {**row, "Metadata_Crop": k})
+                progress.advance(task)
+        recipe = {
+            "dataset": name,
+            "channels": ["zero", *channels],
+            "preprocessing": "2 channels + a zero channel; Anscombe 2*sqrt(x+3/8); per-field min-max to 0-255 (both channels), "
+            "truncated to uint8; 4x4 = 16 crops" + ("; fields first area-resized to square (1360x1024 -> 1024x1024)" if resize else ""),
+            "label_column": table.label,
+        }
+        writer.finish(recipe)
+    except BaseException:
+        writer.abort()
+        raise
+    return load_recipe(out)
 
-    settings = list(dict.fromkeys(acc["setting"]))
-    fig, axes = plt.subplots(1, len(settings), figsize=(4.2 * len(settings), 3.6), sharey=True, squeeze=False)
-    rng = np.random.default_rng(0)
-    for ax, setting in zip(axes[0], settings):
-        data = [acc[(acc.setting == setting) & (acc.epoch == e)]["image_accuracy"].to_numpy() for e in epochs]
-        ax.boxplot(data, positions=range(len(epochs)), widths=0.5, showfliers=False)
-        for i, d in enumerate(data):
-            ax.scatter(i + rng.uniform(-0.15, 0.15, len(d)), d, s=10, alpha=0.6)
-        ax.set_xticks(range(len(epochs)), [str(e) for e in epochs])
-        ax.set_xlabel("epochs")
-        n = len(data[0])
-        ax.set_title(f"{setting} ({n} replicates)")
-        ax.grid(axis="y", alpha=0.3)
-    axes[0][0].set_ylabel("per-image test accuracy")
-    fig.suptitle(f"{dataset}: translocation, 2-fold CV over wells")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
 
-
-def plot_dose_response(path: Path, wells: pd.DataFrame, dose: dict, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from cellmorph.io import atomic_path
-
-    group = "Metadata_CellLine" if "Metadata_CellLine" in wells.columns else "Metadata_Compound"
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    for (name, g), color in zip(wells.groupby(group), ("tab:blue", "tab:orange", "tab:green")):
-        info = dose["series"][str(name)]
-        log_conc = info["x_axis"] == "log10 molar"
-        x = np.log10(g["Metadata_Concentration"]) if log_conc else g["Metadata_Dose"].astype(float)
-        ax.scatter(x, g["p_translocated"], s=14, color=color, alpha=0.7, label=f"{name} (Z' {info['z_prime']:.2f})" if info["z_prime"] is not None else str(name))
-        fit = info["fit_4pl"]
-        if "x50" in fit:
-            xs = np.linspace(x.min(), x.max(), 200)
-            ax.plot(xs, logistic4(xs, fit["bottom"], fit["top"], fit["x50"], fit["hill"]), color=color)
-            if x.min() <= fit["x50"] <= x.max():
-                ax.axvline(fit["x50"], color=color, ls=":", lw=1)
-    ax.set_xlabel(info["x_axis"])
-    ax.set_ylabel("predicted P(translocated), per well")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)

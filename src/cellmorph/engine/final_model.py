@@ -1,0 +1,121 @@
+"""The final model of a run (`save_model = true`): the folds' recipe fitted on every labelled row, saved as a
+bundle in RUN/model with the out-of-fold predictions as its conformal calibration data and, for frozen
+models, the training units' reference profiles (the distance novelty score). A frozen model whose features
+and backbone weights are cached is written from the cache without importing torch."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from cellmorph.config import ExperimentConfig, dump_toml
+from cellmorph.config import override as override_config
+from cellmorph.data.store import Store
+from cellmorph.data.table import labelled_mask
+from cellmorph.engine.plan import Plan
+from cellmorph.evaluation.novelty import reference_profiles
+from cellmorph.models.bundle import META, bundle_meta, save_bundle
+from cellmorph.models.features import cached_backbone, cached_features, fit_logistic_head
+from cellmorph.progress import console, make_progress
+
+
+def save_final_model(path: Path, cfg: ExperimentConfig, plan: Plan, store: Store, oof: pd.DataFrame) -> Path:
+    """Fit the final model on every labelled row (the folds' recipe: frozen = cached features + logistic
+    head, finetune = one more training) and save it as a bundle at `path` with the out-of-fold predictions
+    `oof` (one seed's) as its calibration data. A bundle already there from the same data and seed is
+    kept (a resumed run does not fit it again).
+
+    Example:
+        >>> save_final_model(Path("runs/quickstart/model"), cfg, plan, store, pred)
+        PosixPath('runs/quickstart/model')
+    """
+    seed = cfg.seed_list[0]
+    final_cfg = cfg if cfg.seed == seed else override_config(cfg, {"seed": seed})
+    if (path / META).is_file():
+        try:
+            done = json.loads((path / META).read_text()).get("trained_on", {})
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            done = {}
+        if done.get("store_key") == store.key and done.get("seed") == seed and (path / "config.toml").is_file() \
+                and (path / "config.toml").read_text() == dump_toml(final_cfg) + "\n":
+            console.print(f"final model: {path} already fitted on this data (kept)")
+            return path
+    label = plan.table.label
+    n = int(labelled_mask(plan.table.df, label).sum())
+    if cfg.mode == "frozen" and _save_frozen_from_cache(path, final_cfg, plan, store, oof):
+        return path
+    from cellmorph.models.classifier import Classifier  # here: it imports torch, which a warm frozen run never loads
+
+    clf = Classifier(config=final_cfg)
+    with make_progress() as progress:
+        if cfg.mode == "finetune":
+            steps = cfg.finetune.epochs * max(1, n // min(cfg.finetune.batch_size, n))
+            task = progress.add_task(f"final model on all {n} labelled images", total=steps)
+            clf.fit_store(plan.table, store, final_cfg, on_step=lambda: progress.advance(task))
+        else:
+            task = progress.add_task(f"final model on all {n} labelled images", total=1)
+            clf.fit_store(plan.table, store, final_cfg)
+            progress.advance(task)
+    clf.calibration, clf.calibration_info = _calibration(cfg, plan, store, oof, seed)
+    clf.reference = _reference(cfg, plan, store)
+    return clf.save(path, overwrite=True)
+
+
+def _calibration(cfg: ExperimentConfig, plan: Plan, store: Store, oof: pd.DataFrame, seed: int) -> tuple[pd.DataFrame | None, dict | None]:
+    """The final model's calibration data: the labelled out-of-fold predictions, and what they are."""
+    label = plan.table.label
+    if label not in oof.columns:
+        return None, None
+    info = {"what": "out-of-fold predictions of the cross-validation (each row scored by a fold model that never saw its group)",
+            "protocol": cfg.evaluation.protocol, "folds": len(plan.folds), "seed": seed, "label": label,
+            "aggregate": cfg.evaluation.aggregate, "store_key": store.key}
+    return oof[labelled_mask(oof, label)].reset_index(drop=True), info
+
+
+def _reference(cfg: ExperimentConfig, plan: Plan, store: Store, feats: np.ndarray | None = None) -> dict[str, np.ndarray] | None:
+    """The reference profiles of the distance novelty score (novelty.reference_profiles) of a frozen final
+    model: its labelled training rows' cached backbone features (numpy only). None for fine-tuned models
+    (their pre-logit features are not what novelty.py measured) and when the features are not cached."""
+    if cfg.mode != "frozen" or "Metadata_Compound" not in plan.table.df.columns:
+        return None
+    feats = cached_features(store, cfg.model, cfg.frozen.tta) if feats is None else feats
+    if feats is None:
+        return None
+    table = plan.table
+    idx = np.flatnonzero(labelled_mask(table.df, table.label))
+    return reference_profiles(feats[idx], table.df.iloc[idx], table.label, cfg.evaluation.aggregate)
+
+
+def _save_frozen_from_cache(path: Path, cfg: ExperimentConfig, plan: Plan, store: Store, oof: pd.DataFrame) -> bool:
+    """A frozen final model from the cached features and the backbone weights cached beside them: the same
+    bundle `Classifier.fit(...).save(...)` writes (the same head fit on the same features, the same weights),
+    without importing torch or timm, so a warm frozen run stays fast. False when the weights are not cached
+    (a random backbone, or features cached by an older cellmorph): the caller then fits through Classifier."""
+    m, fz = cfg.model, cfg.frozen
+    if m.init in ("random", "xavier", "gaussian"):
+        return False
+    feats, backbone = cached_features(store, m, fz.tta), cached_backbone(store, m, fz.tta)
+    if feats is None or backbone is None:
+        return False
+    weights, spec = backbone
+    table = plan.table
+    idx = np.flatnonzero(labelled_mask(table.df, table.label))
+    y = table.df[table.label].astype(str).map({c: i for i, c in enumerate(plan.classes)}).to_numpy()[idx].astype(np.int64)
+    scaler, head = fit_logistic_head(feats[idx], y, fz.C, None if fz.class_weight == "none" else "balanced", cfg.seed)
+    coef, intercept = head.coef_, head.intercept_
+    if coef.shape[0] == 1:  # sklearn's binary head, as Classifier.fit_store stores it
+        coef, intercept = np.vstack([np.zeros_like(coef), coef]), np.concatenate([[0.0], intercept])
+    arrays = {"mean": scaler.mean_, "scale": scaler.scale_, "coef": coef, "intercept": intercept}
+    tensors = {**{f"backbone.{k}": v for k, v in weights.items()}, **{f"head.{k}": np.ascontiguousarray(v, dtype=np.float64) for k, v in arrays.items()}}
+    images = store.images
+    trained_on = {"dataset": table.name, "images": len(idx), "store_key": store.key, "seed": cfg.seed,
+                  "image_shape": list(images.shape[2:]), "channel_columns": table.path_columns}
+    calibration, info = _calibration(cfg, plan, store, oof, cfg.seed)
+    meta = bundle_meta(cfg, plan.classes, images.shape[1], spec["size"], spec["mean"], spec["std"], spec["normalize"], trained_on,
+                       info, len(calibration) if calibration is not None else 0)
+    save_bundle(path, tensors, meta, cfg, overwrite=True, calibration=calibration, reference=_reference(cfg, plan, store, feats))
+    console.print(f"final model: {path} (frozen head on all {len(idx)} labelled images, backbone weights from the feature cache)")
+    return True

@@ -1,0 +1,66 @@
+"""The contract a model family fulfils to be trained, read for features, embedded and explained by cellmorph
+(docs/architecture.md, "The Backbone contract"). timm's models fulfil it as they are; cellmorph's own networks
+(LeNet, GenderNet) implement it by hand.
+
+Example:
+    >>> from cellmorph.models.backbone import check_backbone
+    >>> check_backbone(create_model("lenet", "xavier", num_classes=6), in_chans=3, size=64)
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+from cellmorph.errors import CellmorphError
+
+
+@runtime_checkable
+class Backbone(Protocol):
+    """What cellmorph calls on a network (besides nn.Module's own methods).
+
+    - `forward(x)`: N x C x S x S normalised float -> N x num_classes logits (the pooled features when
+      num_classes = 0);
+    - `forward_features(x)` then `forward_head(f, pre_logits=True)`: the N x num_features features the
+      classifier reads (frozen features, embeddings, MC dropout's head);
+    - `get_classifier()`: the task-specific output layer (its own learning rate); `reset_classifier(n)`;
+    - the module defining the family has `INPUT_SIZE` (or timm's pretrained config gives it), and its
+      constructor takes `num_classes`, `in_chans` and `drop_rate`."""
+
+    num_classes: int
+    num_features: int
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor: ...
+
+    def get_classifier(self) -> nn.Module: ...
+
+    def reset_classifier(self, num_classes: int) -> None: ...
+
+
+def check_backbone(model: nn.Module, in_chans: int = 3, size: int = 64) -> None:
+    """Raise a CellmorphError naming what `model` lacks of the Backbone contract, or what it computes wrong
+    (shapes of the logits and the pre-logit features on a batch of 2 zero images)."""
+    name = type(model).__name__
+    if not isinstance(model, Backbone):
+        missing = [m for m in ("num_classes", "num_features", "forward_features", "forward_head", "get_classifier", "reset_classifier")
+                   if not hasattr(model, m)]
+        raise CellmorphError(f"{name} does not fulfil the Backbone contract: missing {', '.join(missing)} (cellmorph.models.backbone).")
+    x = torch.zeros(2, in_chans, size, size)
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            logits = model(x)
+            feats = model.forward_head(model.forward_features(x), pre_logits=True)
+    finally:
+        model.train(was)
+    want = (2, model.num_classes) if model.num_classes else (2, model.num_features)
+    if tuple(logits.shape) != want or tuple(feats.shape) != (2, model.num_features):
+        raise CellmorphError(f"{name}: forward gives {tuple(logits.shape)} (expected {want}) and pre-logit features "
+                             f"{tuple(feats.shape)} (expected (2, {model.num_features})).")

@@ -1,0 +1,403 @@
+"""The network-level classifier: frozen features + logistic regression, or a fine-tuned network, trained on an
+ImageTable (or a store built from one), predicting on uint8 arrays or tables, saved to and loaded from a
+self-contained bundle (cellmorph.models.bundle). The runner's final model, `cellmorph predict` and the
+notebook API (`cellmorph.Classifier`) all use this one class.
+
+Every path goes through the same code as `cellmorph run`: the config is built only by
+`cellmorph.config.override` (validated), images by the store, features by `train.forward_batches`,
+fine-tuning by `train.fit`.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from cellmorph.config import ExperimentConfig, override
+from cellmorph.data.store import build_store
+from cellmorph.data.table import ImageTable, labelled_mask
+from cellmorph.errors import CellmorphError
+from cellmorph.models.bundle import bundle_meta, load_bundle, load_state, save_bundle
+from cellmorph.models.factory import INIT_WORDS, check_model_config, create_model, default_input_size, normalization, pre_logits
+from cellmorph.models.features import extract_features, fit_logistic_head
+from cellmorph.models.train import InputSpec, fit as _fit, forward_batches, make_input_spec, pick_device, resize_uint8_stack
+
+DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
+BATCH_NORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
+class Classifier:
+    """An image classifier trained by transfer learning: frozen features + logistic regression, or fine-tuned.
+
+    Args:
+        model: a timm model name (or torchvision's alexnet/googlenet, cellmorph's lenet/gendernet);
+            None keeps the config's (default tf_efficientnet_lite0).
+        init: "imagenet", "xavier", "gaussian", "random" or a weights file; None keeps the config's.
+        mode: "frozen" or "finetune"; None keeps the config's.
+        config: the `ExperimentConfig` to start from (default: every default).
+        overrides: {dotted.field: value} changes, validated: a typo raises a CellmorphError naming the field.
+
+    Example:
+        >>> import cellmorph as cm
+        >>> clf = cm.Classifier("tf_efficientnet_lite0", init="imagenet", mode="frozen", overrides={"frozen.C": 1.0})
+        >>> clf.fit(table).save("moa-model")
+        >>> cm.Classifier.load("moa-model").predict(images)[:2]
+        ['DNA damage', 'Eg5 inhibitors']
+    """
+
+    def __init__(self, model: str | None = None, init: str | None = None, mode: str | None = None, *,
+                 config: ExperimentConfig | None = None, overrides: dict | None = None):
+        named = {"model.name": model, "model.init": init, "mode": mode}
+        changes = {**{k: v for k, v in named.items() if v is not None}, **(overrides or {})}
+        cfg = override(config or ExperimentConfig(), changes)
+        check_model_config(cfg.model.name, cfg.model.init)
+        self._reset(cfg)
+
+    def _reset(self, cfg: ExperimentConfig, source: str = "this classifier") -> None:
+        self.config = cfg
+        self.classes: list[str] = []
+        self._source = source
+        self._net: torch.nn.Module | None = None  # finetune: the network; frozen: the backbone
+        self._head: dict[str, torch.Tensor] = {}  # frozen: mean, scale, coef, intercept (float64)
+        self._spec: InputSpec | None = None
+        self._channels = 0
+        self._trained_on: dict = {}
+        # Out-of-fold predictions of the run that produced this model (Metadata_*, label, prob_<class>):
+        # the conformal calibration data `cellmorph predict` uses. None for a model fitted outside a run.
+        self.calibration = None
+        self.calibration_info: dict = {}  # where it came from (run, protocol, aggregation), saved in bundle.json
+        # the training units' feature profiles for the distance novelty score (novelty.reference_profiles); None outside a run
+        self.reference = None
+
+    def __repr__(self) -> str:
+        m = self.config.model
+        state = f"{len(self.classes)} classes" if self._net is not None else "not fitted"
+        return f"Classifier({m.name!r}, init={m.init!r}, mode={self.config.mode!r}; {state})"
+
+    @property
+    def net(self) -> torch.nn.Module | None:
+        """The network (finetune) or the backbone (frozen); None before fit."""
+        return self._net
+
+    @contextmanager
+    def using(self, net: torch.nn.Module):
+        """Run the block with `net` (same architecture, other weights: a fold model) in place of the fitted
+        network, then restore it (`cellmorph predict --ensemble`)."""
+        saved, self._net = self._net, net
+        try:
+            yield self
+        finally:
+            self._net = saved
+
+    @property
+    def spec(self) -> InputSpec | None:
+        """How images are resized and normalised for the network."""
+        return self._spec
+
+    @property
+    def source(self) -> str:
+        """What this classifier is, for messages ("model bundle PATH", "this classifier")."""
+        return self._source
+
+    @property
+    def trained_on(self) -> dict:
+        """What it was trained on (dataset, images, store key, seed, image shape, channel columns)."""
+        return self._trained_on
+
+    @property
+    def channels(self) -> int:
+        """The number of image channels the fitted model takes (0 before fit)."""
+        return self._channels
+
+    def fit(self, table: ImageTable) -> Classifier:
+        """Train on the labelled rows of `table` (rows with an empty or NaN label are skipped).
+
+        Args:
+            table: an `ImageTable` (e.g. from `load_dataset`); its label column names the classes.
+        Returns:
+            self, fitted: `classes` holds the class names in probability-column order.
+
+        Example:
+            >>> clf = Classifier("tf_efficientnet_lite0").fit(table)
+            >>> clf.classes[0]
+            'Aurora kinase inhibitors'
+        """
+        cfg = override(self.config, {"dataset.label": table.label}) if table.label != self.config.dataset.label else self.config
+        return self.fit_store(table, build_store(table, cfg.dataset.image_size), cfg)
+
+    def fit_store(self, table: ImageTable, store, cfg: ExperimentConfig | None = None, on_step=None) -> Classifier:
+        """`fit` on a store already built from `table` (the runner's final model reuses its store); `on_step()`
+        after each training step (progress bars)."""
+        cfg = cfg or self.config
+        lab = labelled_mask(table.df, table.label)
+        classes = table.classes
+        idx = np.flatnonzero(lab)
+        y = table.df[table.label].astype(str).map({c: i for i, c in enumerate(classes)}).to_numpy()[idx].astype(np.int64)
+        images = torch.from_numpy(np.asarray(store.images))
+        device = pick_device(cfg.device)
+        self._reset(cfg)
+        if cfg.mode == "frozen":
+            self._fit_frozen(store, images, idx, y, device)
+        else:
+            self._fit_finetune(images[torch.from_numpy(idx)], y, len(classes), device, on_step)
+        self.classes, self._channels = classes, images.shape[1]
+        self._trained_on = {"dataset": table.name, "images": len(idx), "store_key": store.key, "seed": cfg.seed,
+                            "image_shape": list(images.shape[2:]), "channel_columns": table.path_columns}
+        return self
+
+    def _fit_frozen(self, store, images: torch.Tensor, idx: np.ndarray, y: np.ndarray, device: torch.device) -> None:
+        """Backbone features (as the runner: cached when the weights are fixed) + the standardised multinomial
+        logistic head of features.logistic_head, kept as plain tensors."""
+        cfg = self.config
+        m, fz = cfg.model, cfg.frozen
+        with _seeded(device, cfg.seed):  # random/xavier/gaussian backbones: reproducible from the seed
+            self._net = create_model(m.name, m.init, num_classes=0, in_chans=images.shape[1])
+            mean, std = normalization(self._net)
+            self._spec = InputSpec(size=m.input_size or default_input_size(m.name), mean=mean, std=std)
+            if m.init == "imagenet" or m.init not in INIT_WORDS:  # fixed weights: the runner's cached features are this backbone's
+                feats = extract_features(store, m, fz.tta, fz.batch_size, device)[idx]
+            else:
+                feats = self._features(images[torch.from_numpy(idx)], device).numpy()
+        scaler, head = fit_logistic_head(feats, y, fz.C, None if fz.class_weight == "none" else "balanced", cfg.seed)
+        coef, intercept = head.coef_, head.intercept_
+        if coef.shape[0] == 1:  # sklearn's binary head: one row for class 1; softmax over (0, z) is its sigmoid
+            coef, intercept = np.vstack([np.zeros_like(coef), coef]), np.concatenate([[0.0], intercept])
+        arrays = {"mean": scaler.mean_, "scale": scaler.scale_, "coef": coef, "intercept": intercept}
+        self._head = {k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float64)) for k, v in arrays.items()}
+
+    def _fit_finetune(self, images: torch.Tensor, y: np.ndarray, n_classes: int, device: torch.device, on_step=None) -> None:
+        """Every layer trained with the config's recipe, as one fold of the runner."""
+        cfg = self.config
+        size = cfg.model.input_size or default_input_size(cfg.model.name)
+        with _seeded(device, cfg.seed):
+            self._net = create_model(cfg.model.name, cfg.model.init, num_classes=n_classes, in_chans=images.shape[1], drop_rate=cfg.model.drop_rate)
+            x = resize_uint8_stack(images.to(device), size)
+            self._spec = make_input_spec(self._net, size, cfg.finetune.normalize, x)
+            _fit(self._net, x, y, n_classes, cfg.finetune, self._spec, device, cfg.seed, on_step=on_step)
+
+    def _features(self, images: torch.Tensor, device: torch.device, on_batch=None) -> torch.Tensor:
+        fz = self.config.frozen
+        return forward_batches(self._net, images, self._spec, device, fz.batch_size, tta=fz.tta, on_batch=on_batch)
+
+    def proba_and_features(self, x: torch.Tensor, on_batch=None) -> tuple[np.ndarray, np.ndarray]:
+        """Frozen: the probabilities and the backbone features of checked uint8 images from ONE backbone pass
+        (the same numbers as `_proba` and `embed`)."""
+        feats = self._features(x, pick_device(self.config.device), on_batch)
+        return _head_proba(feats, self._head), feats.numpy().astype(np.float32, copy=False)
+
+    def predict_proba(self, images: np.ndarray | torch.Tensor | ImageTable) -> np.ndarray:
+        """Class probabilities.
+
+        Args:
+            images: uint8 N x C x H x W (numpy or torch; C the model's channels; H, W any: resized to the
+                model's input size as the runner does), taken as cellmorph's store holds images; or an
+                `ImageTable`, decoded by the store (dataset.image_size of the config).
+        Returns:
+            N x len(classes) float32; column j is `classes[j]`.
+
+        Example:
+            >>> probs = Classifier.load("moa-model").predict_proba(np.zeros((2, 3, 256, 256), np.uint8))
+            >>> probs.shape
+            (2, 6)
+        """
+        return self.proba(self.as_images(images))
+
+    def proba(self, x: torch.Tensor, on_batch=None, mc_dropout: int = 0) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+        """Probabilities of checked uint8 images (`_images`); `on_batch(n)` after each batch (progress bars).
+        mc_dropout = N > 0 (finetune only): dropout kept active, N passes; returns (mean, std) over the passes."""
+        device = pick_device(self.config.device)
+        if self.config.mode == "frozen":
+            if mc_dropout:
+                raise CellmorphError(f"{self._source}: MC dropout needs a fine-tuned model (mode = \"finetune\"); this one is frozen (a logistic head).")
+            return _head_proba(self._features(x, device, on_batch), self._head)
+        ft = self.config.finetune
+        batch = max(ft.batch_size, 64)
+        if not mc_dropout:
+            x = resize_uint8_stack(x.to(device), self._spec.size)
+            return forward_batches(self._net, x, self._spec, device, batch, on_batch=on_batch).softmax(dim=1).numpy().astype(np.float32, copy=False)
+        return self._mc_dropout(x, mc_dropout, device, batch, on_batch)
+
+    def _mc_dropout(self, x: torch.Tensor, passes: int, device: torch.device, batch: int, on_batch=None) -> tuple[np.ndarray, np.ndarray]:
+        """Monte Carlo dropout (Gal & Ghahramani 2016): dropout active at inference, batch norm in eval mode,
+        `passes` forward passes (seeded by the config's seed); mean and standard deviation of the softmax."""
+        net = self._net.to(device)
+        drop = self.config.model.drop_rate > 0 or any(isinstance(m, DROPOUT) and m.p > 0 for m in net.modules())
+        if not drop:
+            raise CellmorphError(f"{self._source}: the model has no dropout (model.drop_rate = 0), so MC dropout would repeat one answer. "
+                                 "Fine-tune with model.drop_rate > 0 (e.g. 0.2), or predict without --mc-dropout.")
+        x = resize_uint8_stack(x.to(device), self._spec.size)
+        runs = []
+        with _seeded(device, self.config.seed), torch.inference_mode():
+            net.train()  # timm applies its head dropout when the model is training; every batch norm stays in eval mode
+            for m in net.modules():
+                if isinstance(m, BATCH_NORM):
+                    m.eval()
+            try:
+                for _ in range(passes):
+                    out = []
+                    for s in range(0, len(x), batch):
+                        chunk = self._spec(x[s : s + batch].float().div_(255))
+                        out.append(net(chunk).float().softmax(dim=1).cpu())
+                        if on_batch is not None:
+                            on_batch(len(chunk))
+                    runs.append(torch.cat(out))
+            finally:
+                net.eval()
+        stack = torch.stack(runs).double()
+        return stack.mean(0).numpy().astype(np.float32), stack.std(0, unbiased=passes > 1).numpy().astype(np.float32)
+
+    def predict(self, images: np.ndarray | torch.Tensor | ImageTable) -> list[str]:
+        """The most probable class of each image.
+
+        Args:
+            images: as `predict_proba`.
+        Returns:
+            One class name per image.
+
+        Example:
+            >>> Classifier.load("moa-model").predict(table)[:1]
+            ['Protein synthesis']
+        """
+        return [self.classes[i] for i in self.predict_proba(images).argmax(axis=1)]
+
+    def embed(self, images: np.ndarray | torch.Tensor | ImageTable) -> np.ndarray:
+        """Per-image embeddings: the pooled features the classifier's head reads (frozen: the backbone's
+        features; fine-tuned: the network's pre-logit features), for profiling (`cellmorph.profiling.profiles`).
+
+        Args:
+            images: as `predict_proba`.
+        Returns:
+            N x D float32 (D = the backbone's feature width, e.g. 1280 for EfficientNet-Lite0).
+
+        Example:
+            >>> Classifier.load("moa-model").embed(np.zeros((2, 3, 256, 256), np.uint8)).shape
+            (2, 1280)
+        """
+        x = self.as_images(images)
+        device = pick_device(self.config.device)
+        if self.config.mode == "frozen":
+            return self._features(x, device).numpy().astype(np.float32, copy=False)
+        x = resize_uint8_stack(x.to(device), self._spec.size)
+        net = pre_logits(self._net, self._source)
+        return forward_batches(net, x, self._spec, device, max(self.config.finetune.batch_size, 64)).numpy().astype(np.float32, copy=False)
+
+    def as_images(self, images) -> torch.Tensor:
+        """`images` checked and as the uint8 N x C x H x W tensor the other methods take (an ImageTable is
+        decoded by the store); a clear error for the wrong type, dtype, shape or channel count."""
+        if self._net is None:
+            raise CellmorphError(f"{self._source} is not fitted: call fit(table) or Classifier.load(path) first.")
+        if isinstance(images, ImageTable):
+            images = build_store(images, self.config.dataset.image_size).images
+        if isinstance(images, np.ndarray):
+            images = torch.from_numpy(np.ascontiguousarray(images))
+        if not isinstance(images, torch.Tensor):
+            raise CellmorphError(f"images must be a uint8 N x C x H x W numpy array or torch tensor, or an ImageTable; got {type(images).__name__}.")
+        if images.dtype != torch.uint8 or images.ndim != 4:
+            raise CellmorphError(
+                f"images must be uint8 N x C x H x W (0-255, as cellmorph's store holds them); got {images.dtype} with shape {tuple(images.shape)}."
+            )
+        if images.shape[1] != self._channels:
+            raise CellmorphError(f"{self._source}: the model expects {self._channels} channels, the images have {images.shape[1]} (shape N x C x H x W = {tuple(images.shape)}).")
+        return images
+
+    def save(self, path: str | Path, overwrite: bool = False) -> Path:
+        """Save the fitted classifier as a bundle folder (model.safetensors, bundle.json, config.toml, and
+        calibration.parquet when `calibration` holds a run's out-of-fold predictions).
+
+        Args:
+            path: the folder to create.
+            overwrite: replace an existing bundle there (a folder that is not a bundle is never replaced).
+        Returns:
+            The bundle folder.
+
+        Example:
+            >>> Classifier("tf_efficientnet_lite0").fit(table).save("moa-model")
+            PosixPath('moa-model')
+        """
+        if self._net is None:
+            raise CellmorphError(f"{self._source} is not fitted: call fit(table) before save.")
+        cfg, spec = self.config, self._spec
+        state = self._net.state_dict()
+        if cfg.mode == "frozen":
+            state = {**{f"backbone.{k}": v for k, v in state.items()}, **{f"head.{k}": v for k, v in self._head.items()}}
+        cal = self.calibration is not None
+        meta = bundle_meta(cfg, self.classes, self._channels, spec.size, spec.mean, spec.std, spec.normalize_mode, self._trained_on,
+                           self.calibration_info if cal else None, len(self.calibration) if cal else 0)
+        return save_bundle(path, state, meta, cfg, overwrite, calibration=self.calibration, reference=self.reference)
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | None = None) -> Classifier:
+        """Load a bundle saved by `save`; needs no weights package and no download.
+
+        Args:
+            path: the bundle folder.
+            device: "cpu", "cuda", ... to predict on; None keeps the config's ("auto": CUDA when available).
+        Returns:
+            A fitted `Classifier`.
+        Raises:
+            CellmorphError naming the bundle and what does not match (missing files, newer format, weights
+            that do not fit the architecture).
+
+        Example:
+            >>> clf = Classifier.load("moa-model")
+            >>> clf.classes[:1], clf.channels
+            (['Aurora kinase inhibitors'], 3)
+        """
+        b = load_bundle(path)
+        meta, spec = b.meta, b.meta["input"]
+        cfg = override(b.config, {"device": device}) if device is not None else b.config
+        frozen = cfg.mode == "frozen"
+        with _seeded(torch.device("cpu"), 0):  # only the architecture: the weights come from the bundle
+            net = create_model(cfg.model.name, "random", num_classes=0 if frozen else len(meta["classes"]), in_chans=spec["channels"], drop_rate=cfg.model.drop_rate)
+        where = str(b.path / "model.safetensors")
+        head = {}
+        if frozen:
+            load_state(net, {k.removeprefix("backbone."): v for k, v in b.tensors.items() if k.startswith("backbone.")}, where)
+            head = _check_head(b.tensors, len(meta["classes"]), getattr(net, "num_features", None), where)
+        else:
+            load_state(net, b.tensors, where)
+        clf = cls.__new__(cls)
+        cls._restore(clf, cfg, f"model bundle {b.path}", net.eval(), head,
+                     InputSpec(size=spec["size"], mean=tuple(spec["mean"]), std=tuple(spec["std"]), normalize_mode=spec["normalize"]),
+                     list(meta["classes"]), spec["channels"], meta.get("trained_on", {}))
+        clf.calibration, clf.calibration_info = b.calibration, meta.get("calibration", {})
+        clf.reference = b.reference
+        return clf
+
+    def _restore(self, cfg: ExperimentConfig, source: str, net, head: dict, spec: InputSpec, classes: list[str], channels: int, trained_on: dict) -> None:
+        """A fitted state read from a bundle (Classifier.load)."""
+        self._reset(cfg, source=source)
+        self._net, self._head, self._spec = net, head, spec
+        self.classes, self._channels, self._trained_on = classes, channels, trained_on
+
+def _check_head(tensors: dict[str, torch.Tensor], n_classes: int, n_features: int | None, where: str) -> dict[str, torch.Tensor]:
+    head = {k: tensors.get(f"head.{k}") for k in ("mean", "scale", "coef", "intercept")}
+    absent = [f"head.{k}" for k, v in head.items() if v is None]
+    if absent:
+        raise CellmorphError(f"{where}: the logistic head is missing ({', '.join(absent)}). Save the model again.")
+    d = head["mean"].shape[0]
+    want = {"mean": (d,), "scale": (d,), "coef": (n_classes, d), "intercept": (n_classes,)}
+    wrong = [f"head.{k} {tuple(head[k].shape)} (expected {s})" for k, s in want.items() if tuple(head[k].shape) != s]
+    if n_features is not None and d != n_features:
+        wrong.append(f"{d} head features for a backbone of {n_features}")
+    if wrong:
+        raise CellmorphError(f"{where}: the logistic head does not fit {n_classes} classes: {'; '.join(wrong)}. Save the model again.")
+    return {k: v.to(torch.float64) for k, v in head.items()}
+
+
+def _head_proba(features: torch.Tensor, head: dict[str, torch.Tensor]) -> np.ndarray:
+    """softmax(standardised features @ coef.T + intercept), in float64: the same bits before and after a save."""
+    z = (features.to(torch.float64) - head["mean"]) / head["scale"]
+    return torch.softmax(z @ head["coef"].T + head["intercept"], dim=1).numpy().astype(np.float32)
+
+
+@contextmanager
+def _seeded(device: torch.device, seed: int):
+    """Seed torch's RNG for the block and restore the caller's RNG state afterwards."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
