@@ -299,7 +299,7 @@ class Classifier:
 
     def embed(self, images: np.ndarray | torch.Tensor | ImageTable) -> np.ndarray:
         """Per-image embeddings: the pooled features the classifier's head reads (frozen: the backbone's
-        features; fine-tuned: the network's pre-logit features), for profiling (`cellmorph.profiling.profiles`).
+        features; fine-tuned: the network's pre-logit features), for profiling (`cellmorph.profiling.embed`).
 
         Args:
             images: as `predict_proba`.
@@ -314,7 +314,7 @@ class Classifier:
         device = pick_device(self.config.device)
         if self.config.mode == "frozen":
             return self._features(x, device).numpy().astype(np.float32, copy=False)
-        from cellmorph.profiling.profiles import pre_logits
+        from cellmorph.profiling.embed import pre_logits
 
         x = resize_uint8_stack(x.to(device), self._spec.size)
         net = pre_logits(self._net, self._source)
