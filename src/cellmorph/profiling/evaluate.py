@@ -46,7 +46,7 @@ def evaluate_profiles(profiles: pd.DataFrame, recipe: Recipe | None = None, sour
     feats = check_profile_table(profiles, source, recipe.control)
     df = profiles
     if set(WELL_KEYS) <= set(df.columns) and df.duplicated(WELL_KEYS).any():
-        df = aggregate_profiles(df, WELL_KEYS, feats, count="Metadata_Images")
+        df = aggregate_profiles(df, "well", feats, count="Metadata_Images")
     wells, used, info = prepare_profiles(df, feats, recipe)
     tkeys = [COMPOUND] + ([CONCENTRATION] if CONCENTRATION in wells.columns else [])
     keep = is_labelled(wells[MOA]) & ~wells["Metadata__Control"].astype(bool)

@@ -6,19 +6,21 @@ Feature columns are named `Image_CNN_<model>_NNNN`: whole-field embeddings are i
 pycytominer infers them with `image_features=True` (its default `infer` looks for Cells_/Nuclei_/
 Cytoplasm_ only); every pycytominer call in this package names the features explicitly.
 
-Well and treatment profiles are medians by `pycytominer.aggregate`.
+Well and treatment profiles come from `evaluation.aggregate.aggregate_units`, the package's one
+aggregation (the same units and medians as the predictions'), with the features cast to float64 as
+`pycytominer.aggregate` casts them: on the BBBC021 subset's embeddings and the Ljosa et al. table the
+tables equal pycytominer's to the last bit.
 """
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from cellmorph.errors import CellmorphError
-from cellmorph.evaluation.aggregate import WELL_KEYS
+from cellmorph.evaluation.aggregate import WELL_KEYS, aggregate_units, unit_keys
 
 EMBEDDINGS = "embeddings.parquet"
 WELL_PROFILES = "profiles_well.parquet"
@@ -59,23 +61,18 @@ def _constant_within(df: pd.DataFrame, keys: list[str]) -> list[str]:
     return [c for c in meta if n[c] <= 1]
 
 
-def aggregate_profiles(df: pd.DataFrame, keys: list[str], features: list[str] | None = None, count: str | None = None) -> pd.DataFrame:
-    """Median profile per group of `keys` by `pycytominer.aggregate`; metadata constant within a group
-    is kept, `count` (e.g. "Metadata_Images") holds the rows per group.
+def aggregate_profiles(df: pd.DataFrame, level: str, features: list[str] | None = None, count: str | None = None) -> pd.DataFrame:
+    """Median profile per well (per plate) or per treatment (median of its wells' medians) by
+    `evaluation.aggregate.aggregate_units`, the features as float64; metadata constant within a unit is
+    kept, `count` (e.g. "Metadata_Images") holds the rows per well or the wells per treatment.
 
-    >>> wells = aggregate_profiles(embeddings, ["Metadata_Plate", "Metadata_Well"], count="Metadata_Images")"""
-    from pycytominer import aggregate
-
+    >>> wells = aggregate_profiles(embeddings, "well", count="Metadata_Images")"""
     features = features or feature_columns(df)
-    strata = keys + _constant_within(df, keys)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", category=FutureWarning)
-        out = aggregate(df, strata=strata, features=features, operation="median")
-    if count:
-        sizes = df.groupby(strata, dropna=False, observed=True).size().rename(count).reset_index()
-        out = out.merge(sizes, on=strata, how="left")
-    meta = [c for c in out.columns if is_metadata(c)]
-    return out[meta + features].sort_values(keys).reset_index(drop=True)
+    keys = unit_keys(df, level)
+    carry = _constant_within(df, keys)
+    table = pd.concat([df.drop(columns=features), df[features].astype(np.float64)], axis=1)  # as pycytominer.aggregate casts them
+    units, _ = aggregate_units(table, level, features, "median", carry, count or "Metadata__Count")
+    return units[keys + carry + ([count] if count else []) + features]
 
 
 def well_and_treatment_profiles(emb: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -86,9 +83,7 @@ def well_and_treatment_profiles(emb: pd.DataFrame) -> tuple[pd.DataFrame, pd.Dat
     if missing:
         raise CellmorphError(f"embeddings lack the column(s) {missing}: wells and treatments cannot be formed (the dataset has no plate/well/compound/concentration metadata).")
     feats = feature_columns(emb)
-    wells = aggregate_profiles(emb, WELL_KEYS, feats, count="Metadata_Images")
-    treatments = aggregate_profiles(wells.drop(columns=["Metadata_Images"]), [COMPOUND, CONCENTRATION], feats, count="Metadata_Wells")
-    return wells, treatments
+    return aggregate_profiles(emb, "well", feats, count="Metadata_Images"), aggregate_profiles(emb, "treatment", feats, count="Metadata_Wells")
 
 
 def read_profiles(path: str | Path) -> pd.DataFrame:
