@@ -53,7 +53,9 @@ def main() -> None:
     from cellmorph.config import load_config
     from cellmorph.data.catalog import load_dataset
     from cellmorph.models.features import extract_features
-    from cellmorph.profiling.profiles import Recipe, annotate_bbbc021, evaluate_profiles, read_profiles
+    from cellmorph.profiling.evaluate import evaluate_profiles
+    from cellmorph.profiling.recipes import Recipe
+    from cellmorph.profiling.tables import annotate_bbbc021, read_profiles
     from cellmorph.data.store import build_store
     from cellmorph.models.train import pick_device
 

@@ -13,7 +13,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cellmorph.profiling.profiles import Recipe, evaluate_profiles, map_copairs, nearest_neighbour_matching
+from cellmorph.profiling.evaluate import evaluate_profiles
+from cellmorph.profiling.recipes import Recipe
+from cellmorph.profiling.similarity import map_copairs, nearest_neighbour_matching
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -96,7 +98,7 @@ def test_evaluate_profiles_small_table_counts():
 
 
 def test_replicate_correlation_by_hand():
-    from cellmorph.profiling.profiles import replicate_correlation
+    from cellmorph.profiling.recipes import replicate_correlation
 
     # 4 treatments x 3 replicate wells (replicate k = a treatment's k-th row); "good" repeats across
     # replicates up to a small shift, "bad" is reversed in replicate 2, so its 3 pairwise r are 1, -1, -1;
@@ -112,7 +114,7 @@ def test_replicate_correlation_by_hand():
 
 
 def test_snf_updates_fuse_two_clusters_and_differ():
-    from cellmorph.profiling.profiles import snf_affinity, snf_fuse
+    from cellmorph.profiling.similarity import snf_affinity, snf_fuse
 
     rng = np.random.default_rng(0)
     X = np.concatenate([rng.normal(0, 1, (25, 8)) + 2, rng.normal(0, 1, (25, 8)) - 2])
@@ -191,7 +193,7 @@ def test_evaluate_outside_a_run_folder_needs_out(tmp_path):
 
 @pytest.fixture(scope="module")
 def ljosa(data_dir):
-    from cellmorph.profiling.profiles import annotate_bbbc021, read_profiles
+    from cellmorph.profiling.tables import annotate_bbbc021, read_profiles
 
     meta = data_dir / "bbbc021-metadata"
     return annotate_bbbc021(read_profiles(meta / "ljosa_jbiomolscreen_2013_per_well_mean.csv.gz"), meta)
@@ -245,7 +247,8 @@ def quickstart_run(data_dir, tmp_path_factory):
 def test_embed_subset_roundtrips_through_pycytominer(quickstart_run, data_dir, tmp_path):
     from pycytominer import aggregate
 
-    from cellmorph.profiling.profiles import EMBEDDINGS, TREATMENT_PROFILES, WELL_PROFILES, embed
+    from cellmorph.profiling.embed import embed
+    from cellmorph.profiling.tables import EMBEDDINGS, TREATMENT_PROFILES, WELL_PROFILES
 
     res = embed(quickstart_run, data=data_dir)
     emb = pd.read_parquet(quickstart_run / EMBEDDINGS)
@@ -265,7 +268,7 @@ def test_embed_subset_roundtrips_through_pycytominer(quickstart_run, data_dir, t
 @pytest.mark.realdata
 @pytest.mark.slow
 def test_evaluate_run_folder_writes_metrics_plot_and_report(quickstart_run, data_dir):
-    from cellmorph.profiling.profiles import embed
+    from cellmorph.profiling.embed import embed
 
     if not (quickstart_run / "profiles_well.parquet").is_file():
         embed(quickstart_run, data=data_dir)
@@ -315,7 +318,7 @@ def test_pre_logits_are_what_the_classifier_reads():
     import torch
 
     from cellmorph.models.factory import create_model
-    from cellmorph.profiling.profiles import pre_logits
+    from cellmorph.profiling.embed import pre_logits
 
     torch.manual_seed(0)
     model = create_model("tf_efficientnet_lite0", "random", num_classes=3, in_chans=3).eval()

@@ -185,3 +185,45 @@ def test_validation_split_never_touches_the_test_rows(crchisto_table):
             assert set(df.Metadata_Image.iloc[val.train]).isdisjoint(df.Metadata_Image.iloc[val.test])
     with pytest.raises(CellmorphError, match="single-split"):
         make_folds(df, "Metadata_Label", EvaluationConfig(protocol="logo", group="Metadata_Image", validation=True))
+
+
+@pytest.mark.parametrize("how", ["median", "mean"])
+def test_one_aggregation_same_units_for_probabilities_and_features(how):
+    """aggregate (prob_ columns), novelty.unit_profiles (image features) and the profiling well/treatment
+    tables (Image_CNN_ columns) are one aggregation: the same wells and treatments, counts and values."""
+    from cellmorph.evaluation.aggregate import aggregate_units, unit_keys
+    from cellmorph.evaluation.novelty import unit_profiles
+    from cellmorph.profiling.tables import well_and_treatment_profiles
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for plate in ("P2", "P1"):  # unsorted on purpose
+        for well, (compound, conc, moa) in {"B03": ("c2", 0.5, "B"), "B02": ("c1", 1.0, "A"), "C02": ("c1", 3.0, "A"), "D04": ("c3", 1.0, "B")}.items():
+            for _ in range(int(rng.integers(1, 5))):  # 1 to 4 images per well, odd and even counts
+                a = float(rng.random())
+                rows.append([plate, well, compound, conc, moa, a, 1 - a])
+    pred = _pred(rows).sample(frac=1.0, random_state=1).reset_index(drop=True)
+    feats = pred[["prob_A", "prob_B"]].to_numpy(dtype=np.float64)
+    emb = pred.drop(columns=["prob_A", "prob_B"]).assign(Image_CNN_m_0000=feats[:, 0], Image_CNN_m_0001=feats[:, 1])
+
+    assert unit_keys(pred, "well") == ["Metadata_Plate", "Metadata_Well", "Metadata_Compound", "Metadata_Concentration"]
+    assert unit_keys(pred, "treatment") == ["Metadata_Compound", "Metadata_Concentration"]
+    profiles = dict(zip(("well", "treatment"), well_and_treatment_profiles(emb)))  # medians, the paper's aggregation
+    for level, n_units, count in (("well", 8, "Metadata_Images"), ("treatment", 4, "Metadata_Wells")):
+        keys = unit_keys(pred, level)
+        probs = aggregate(pred, level, "Metadata_MoA", how)
+        prof = unit_profiles(feats, pred, level, "Metadata_MoA", how)
+        units, unit_of_row = aggregate_units(pred, level, ["prob_A", "prob_B"], how, carry=["Metadata_MoA"])
+        assert len(probs) == n_units
+        pd.testing.assert_frame_equal(prof.keys, probs[keys + ["Metadata_MoA"]], check_exact=True)
+        assert np.array_equal(prof.profiles, probs[["prob_A", "prob_B"]].to_numpy())
+        assert np.array_equal(prof.unit_of_row, unit_of_row) and np.array_equal(units["n"], probs["n"])
+        # each image's unit holds that image's keys
+        pd.testing.assert_frame_equal(probs.loc[unit_of_row, keys].reset_index(drop=True), pred[keys], check_exact=True)
+        if how == "median":
+            p = profiles[level]
+            pd.testing.assert_frame_equal(p[keys].reset_index(drop=True), probs[keys], check_exact=True)
+            assert np.array_equal(p[["Image_CNN_m_0000", "Image_CNN_m_0001"]].to_numpy(), prof.profiles)
+            assert np.array_equal(p[count], probs["n"])
+    with pytest.raises(Exception, match="wells or treatments"):
+        aggregate_units(pred, "plate", ["prob_A"])

@@ -209,7 +209,7 @@ def embed(
 
     Example: cellmorph embed runs/quickstart
     """
-    from cellmorph.profiling.profiles import embed as run_embed
+    from cellmorph.profiling.embed import embed as run_embed
 
     res = run_embed(source, out, data)
     e = res.embeddings
@@ -242,7 +242,8 @@ def profiles_evaluate(
 
     Example: cellmorph profiles evaluate ljosa_jbiomolscreen_2013_per_well_mean.csv.gz --bbbc021-metadata DIR --out runs/ljosa --recipe cytominer-gallery-snf
     """
-    from cellmorph.profiling.profiles import Recipe, evaluate, summary_line
+    from cellmorph.profiling.evaluate import evaluate, summary_line
+    from cellmorph.profiling.recipes import Recipe
 
     if normalize is not None and normalize not in ("mad_robustize", "standardize", "none"):
         raise CellmorphError(f"--normalize {normalize!r}: choose mad_robustize, standardize or none.")

@@ -1,11 +1,16 @@
 """Aggregation as Kensert et al.: image probabilities -> median per replicate well ->
 median over the replicate wells of a treatment -> argmax = the treatment's prediction.
 
-The levels a table can be scored at depend on its columns (`available_levels`): nucleus patches
-have images only; a screen has wells (per plate) and treatments (compound x concentration)."""
+The one definition of the units and of aggregating to them: `unit_keys` names a unit's columns,
+`aggregate_units` takes any numeric columns (probabilities, image features, profiles) to wells or
+treatments; `aggregate` (predictions), novelty's unit profiles and profiling's well and treatment
+profiles all use it. The levels a table can be scored at depend on its columns (`available_levels`):
+nucleus patches have images only; a screen has wells (per plate) and treatments (compound x
+concentration)."""
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 
 from cellmorph.data.table import TREATMENT_KEYS, WELL_KEYS
@@ -40,12 +45,53 @@ def available_levels(df: pd.DataFrame, requested: str | list[str] | tuple[str, .
     return [lv for lv in LEVELS if lv in wanted]
 
 
-def _keys(df: pd.DataFrame, level: str) -> list[str]:
+def unit_keys(df: pd.DataFrame, level: str) -> list[str]:
+    """The columns of `df` that identify a unit of `level` ("well" or "treatment").
+
+    A well is Metadata_Plate (where present) and Metadata_Well, carrying Metadata_Compound and
+    Metadata_Concentration (where present) for the treatment step; a treatment is Metadata_Compound and
+    Metadata_Concentration. A "seed" column comes first: several seeds in one table are never pooled.
+
+    >>> unit_keys(pred, "well")
+    ['Metadata_Plate', 'Metadata_Well', 'Metadata_Compound', 'Metadata_Concentration']"""
     seed = ["seed"] if "seed" in df.columns else []  # several seeds in one table: never pooled into one unit
     if level == "well":
         carried = [c for c in TREATMENT_KEYS if c in df.columns]  # kept for the treatment step
         return seed + [c for c in WELL_KEYS if c in df.columns] + carried
-    return seed + TREATMENT_KEYS
+    if level == "treatment":
+        return seed + TREATMENT_KEYS
+    raise CellmorphError(f"units are wells or treatments, not {level!r}.")
+
+
+def aggregate_units(df: pd.DataFrame, level: str, columns: list[str], how: str = "median", carry: list[str] | tuple[str, ...] = (),
+                    count: str = "n") -> tuple[pd.DataFrame, np.ndarray]:
+    """Any numeric `columns` of a per-image table aggregated to `level`: wells (per plate) take the median
+    (or with how="mean" the mean) of their rows, treatments the median (mean) of their wells' values.
+
+    `carry`: more columns to keep, each constant within a unit (e.g. the label); they join the unit's
+    keys. Columns are aggregated in their own dtype (cast them first for another one).
+
+    Returns (units, unit_of_row): one row per unit, sorted by its keys, holding the key and carried
+    columns, `columns` and `count` (rows per well, wells per treatment); and the position in `units` of
+    each row of `df`.
+
+    >>> wells, unit_of_row = aggregate_units(pred, "well", prob_columns(pred), carry=["Metadata_MoA"])"""
+    if how not in ("median", "mean"):
+        raise CellmorphError(f"aggregation {how!r} is not known: use \"median\" or \"mean\".")
+    if level not in ("well", "treatment"):
+        raise CellmorphError(f"units are wells or treatments, not {level!r}.")
+    wells, row_well = _group(df, unit_keys(df, "well"), carry, columns, how, count if level == "well" else "n")
+    if level == "well":
+        return wells, row_well
+    treatments, well_treatment = _group(wells.drop(columns=["n"]), unit_keys(wells, "treatment"), carry, columns, how, count)
+    return treatments, well_treatment[row_well]
+
+
+def _group(df: pd.DataFrame, keys: list[str], carry, columns: list[str], how: str, count: str) -> tuple[pd.DataFrame, np.ndarray]:
+    keys = keys + [c for c in carry if c not in keys]
+    grouped = df.groupby(keys, sort=True, observed=True, dropna=False)
+    units = pd.concat([getattr(grouped[columns], how)(), grouped.size().rename(count)], axis=1)
+    return units.reset_index(), grouped.ngroup().to_numpy()
 
 
 def aggregate(pred: pd.DataFrame, level: str, label: str, how: str = "median") -> pd.DataFrame:
@@ -66,11 +112,6 @@ def aggregate(pred: pd.DataFrame, level: str, label: str, how: str = "median") -
         out = pred.reset_index(drop=True).copy()
         out["n"] = 1
     else:
-        rows = aggregate(pred, "well", label, how) if level == "treatment" else pred
-        keys = _keys(rows, level) + [label]
-        grouped = rows.groupby(keys, sort=True, observed=True, dropna=False)
-        out = getattr(grouped[probs], how)()
-        out["n"] = grouped.size()
-        out = out.reset_index()
+        out = aggregate_units(pred, level, probs, how, carry=[label])[0]
     out["predicted"] = [probs[i].removeprefix("prob_") for i in out[probs].to_numpy().argmax(axis=1)]
     return out

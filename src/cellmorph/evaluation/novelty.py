@@ -69,7 +69,7 @@ def unit_profiles(features: np.ndarray, df: pd.DataFrame, level: str, label: str
     >>> prof = unit_profiles(features, table.df, "treatment", "Metadata_MoA")
     >>> prof.profiles.shape  # BBBC021 subset, EfficientNet-Lite0
     (55, 1280)"""
-    from cellmorph.evaluation.aggregate import _keys
+    from cellmorph.evaluation.aggregate import aggregate_units
 
     meta = [c for c in df.columns if c.startswith("Metadata_")] + ([label] if not label.startswith("Metadata_") else [])
     base = df[meta].reset_index(drop=True)
@@ -78,15 +78,8 @@ def unit_profiles(features: np.ndarray, df: pd.DataFrame, level: str, label: str
         return UnitProfiles(level, np.arange(len(df)), feats, base)
     cols = [f"_f{j}" for j in range(feats.shape[1])]
     t = pd.concat([base, pd.DataFrame(feats, columns=cols)], axis=1)
-    wkeys = _keys(t, "well") + [label]
-    row_well = t.groupby(wkeys, sort=True, observed=True, dropna=False).ngroup().to_numpy()
-    wells = t.groupby(wkeys, sort=True, observed=True, dropna=False)[cols].agg(how).reset_index()
-    if level == "well":
-        return UnitProfiles(level, row_well, wells[cols].to_numpy(), wells[wkeys])
-    tkeys = _keys(wells, "treatment") + [label]
-    well_treat = wells.groupby(tkeys, sort=True, observed=True, dropna=False).ngroup().to_numpy()
-    treats = wells.groupby(tkeys, sort=True, observed=True, dropna=False)[cols].agg(how).reset_index()
-    return UnitProfiles(level, well_treat[row_well], treats[cols].to_numpy(), treats[tkeys])
+    units, unit_of_row = aggregate_units(t, level, cols, how, carry=[label])
+    return UnitProfiles(level, unit_of_row, units[cols].to_numpy(), units.drop(columns=cols + ["n"]))
 
 
 def nearest_distance(features: np.ndarray, prof: UnitProfiles, reference: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

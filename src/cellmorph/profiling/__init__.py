@@ -1,2 +1,2 @@
-"""Image-based profiling: embeddings, profile tables, recipes (pycytominer), similarity and retrieval
-metrics (NSC, NSCB, copairs mAP)."""
+"""Image-based profiling: embeddings (embed), profile tables (tables), recipes (recipes, pycytominer),
+similarity and retrieval metrics (similarity: NSC, NSCB, copairs mAP), and their evaluation (evaluate)."""
