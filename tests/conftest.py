@@ -7,7 +7,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
+from PIL import Image
+
+from cellmorph.data.table import ImageTable
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -56,3 +61,32 @@ def crchisto_table(data_dir):
             pytest.fail(msg)
         pytest.skip(msg)
     return load_dataset("crchisto", data_dir, label="Metadata_Label")
+
+
+# A fine-tune small enough for a unit test on 2 cores (resnet18 at 32 px, one epoch).
+TINY_FINETUNE = {"model.input_size": 32, "finetune.epochs": 1, "finetune.batch_size": 4, "finetune.amp": False, "device": "cpu"}
+
+
+def make_toy_table(folder, n=8, channels=3) -> ImageTable:
+    """n small PNGs of two classes (bright vs dark), one of them unlabelled."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(n):
+        level = 200 if i % 2 else 40
+        pixels = np.clip(rng.normal(level, 20, (40, 48, channels)), 0, 255).astype(np.uint8)
+        path = folder / f"img{i}.png"
+        Image.fromarray(pixels.squeeze(-1) if channels == 1 else pixels).save(path)
+        rows.append({"Metadata_Image": i, "Metadata_MoA": "" if i == n - 1 else ("bright" if i % 2 else "dark"), "Image_Path_RGB": str(path)})
+    return ImageTable(pd.DataFrame(rows), name="toy", required=())
+
+
+@pytest.fixture(scope="session")
+def tiny_finetune() -> dict:
+    """Config overrides of a fine-tune small enough for a unit test (TINY_FINETUNE)."""
+    return dict(TINY_FINETUNE)
+
+
+@pytest.fixture(scope="session")
+def toy_table_maker():
+    """make_toy_table: n small PNGs of two classes written into a folder, as an ImageTable."""
+    return make_toy_table

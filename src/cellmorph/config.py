@@ -92,13 +92,14 @@ class FinetuneConfig(_Strict):
 
 
 class EvaluationConfig(_Strict):
-    # How rows are split into folds (splits.py lists them):
+    # How rows are split into folds: any registered protocol (cellmorph.evaluation.protocols.names(); an unknown
+    # name is refused when the run is planned, before anything is written, with the list). The built-in ones:
     # "loco": leave-one-compound-out; "lcbo": leave-compound-and-batch-out (the test compound and
     # every image of its batch/week are held out of training); "logo": leave-one-group-out over the
     # column `group`; "group-kfold": `n_splits` folds of whole groups; "predefined": one fold per
     # value of `group` (e.g. Metadata_Fold); "random", "image-grouped", "holdout-25": one split;
     # "lomo": leave-one-MoA-out, novelty detection by conformal prediction sets (frozen mode only).
-    protocol: Literal["loco", "lcbo", "logo", "group-kfold", "predefined", "random", "image-grouped", "holdout-25", "lomo"] = "loco"
+    protocol: str = Field("loco", min_length=1)
     # The grouping column ("" = the protocol's own: Metadata_Compound for loco/lcbo, Metadata_Image for
     # image-grouped, Metadata_Fold for predefined; logo and group-kfold need it set).
     group: str = ""

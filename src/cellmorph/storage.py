@@ -75,7 +75,7 @@ class Layout:
 
 # --- the layouts ----------------------------------------------------------------------------------------------
 
-BUNDLE = Layout("model bundle", ("model.safetensors", "bundle.json", "config.toml", "calibration.parquet", "reference_profiles.npz"),
+BUNDLE = Layout("bundle", ("model.safetensors", "bundle.json", "config.toml", "calibration.parquet", "reference_profiles.npz"),
                 marker="bundle.json")
 PROFILE_FILES = ("embeddings.parquet", "profiles_well.parquet", "profiles_treatment.parquet", "profile_metrics.json", "profiles.png")
 RUN = Layout("run folder", ("config.toml", "dataset.json", "environment.json", "fold.json", "history.json", "curve_probs.npy",
@@ -218,11 +218,12 @@ def claim(folder: str | Path, layout: Layout, what: str = "--out", overwrite: bo
     if foreign:
         first = foreign[0]
         raise CellmorphError(
-            f"{what} {folder} holds files cellmorph did not write (e.g. {first.relative_to(folder)}); it is not a {layout.kind}. "
+            f"{what} {folder} holds files cellmorph did not write (e.g. {first.relative_to(folder)}): not a cellmorph {layout.kind}. "
             "Choose another (or an empty) folder; cellmorph never overwrites or deletes files it did not write.")
     clean_temporaries(folder, layout)
     if overwrite is False and layout.marker and (folder / layout.marker).is_file():
-        raise CellmorphError(f"{what} {folder} holds an earlier {layout.kind}. Pass --overwrite to replace it, or choose another folder.")
+        raise CellmorphError(f"{what} {folder}: a {layout.kind} already exists there (an earlier one). Pass --overwrite (overwrite=True in Python) "
+                             "to replace it, or choose another folder.")
     return folder
 
 

@@ -27,7 +27,7 @@ from cellmorph.evaluation.conformal import evaluate
 from cellmorph.evaluation.metrics import Metrics, compute_metrics
 from cellmorph.evaluation.protocols import protocol_group
 from cellmorph.evaluation.splits import Fold
-from cellmorph.models.features import cached_features, extract_features, logistic_head
+from cellmorph.models.features import extract_features, logistic_head
 from cellmorph.models.names import default_input_size
 from cellmorph.progress import console, make_progress
 
@@ -74,9 +74,7 @@ class FoldEngine:
     def prepare(self) -> None:
         cfg = self.cfg
         if cfg.mode == "frozen" and self.features is None:
-            self.features = cached_features(self.store, cfg.model, cfg.frozen.tta)  # no torch needed for a cached run
-            if self.features is None:  # (extract_features, which also reads the cache, needs the device: torch)
-                self.features = extract_features(self.store, cfg.model, cfg.frozen.tta, cfg.frozen.batch_size, self.plan.device)
+            self.features = extract_features(self.store, cfg.model, cfg.frozen.tta, cfg.frozen.batch_size, lambda: self.plan.device)
         elif cfg.mode == "finetune" and self.images is None:
             import torch
 

@@ -35,12 +35,15 @@ def cached_features(store: Store, model_cfg: ModelConfig, tta: bool, cache: Path
 
 
 def extract_features(store: Store, model_cfg: ModelConfig, tta: bool, batch_size: int, device, cache: Path | None = None) -> np.ndarray:
-    """N x D float32 features, from the cache when present (`device`: a torch device)."""
+    """N x D float32 features, from the cache when present, else extracted and cached: the one definition of
+    cached-or-extract. `device`: a torch device, or a function returning one, called only when the features must
+    be extracted (so a cached frozen run never imports torch)."""
     hit = cached_features(store, model_cfg, tta, cache)
     if hit is not None:
         return hit
     import torch
 
+    device = device() if callable(device) else device
     from cellmorph.models.factory import create_model, normalization
     from cellmorph.models.train import InputSpec, forward_batches
 

@@ -19,6 +19,7 @@ from cellmorph.profiling.tables import (
     COMPOUND, CONCENTRATION, EMBEDDINGS, TREATMENT_PROFILES, WELL_KEYS, WELL_PROFILES, feature_prefix, well_and_treatment_profiles,
 )
 from cellmorph.progress import console
+from cellmorph.storage import fold_folder, seed_folder
 
 
 def embeddings_table(meta: pd.DataFrame, feats: np.ndarray, model: str) -> pd.DataFrame:
@@ -76,7 +77,7 @@ def embed(source: str | Path, out: str | Path | None = None, data: str | Path | 
 
 def _embed_run(run: Path, data) -> tuple[pd.DataFrame, str]:
     from cellmorph.config import load_config
-    from cellmorph.engine.runner import plan_run
+    from cellmorph.engine.plan import plan_run
     from cellmorph.data.store import build_store
 
     cfg = load_config(run / "config.toml")
@@ -89,11 +90,9 @@ def _embed_run(run: Path, data) -> tuple[pd.DataFrame, str]:
             f"fingerprint {old.get('store_key')} vs {store.key}). Point --data at the data of that run, or run the config again."
         )
     if cfg.mode == "frozen":
-        from cellmorph.models.features import cached_features, extract_features
+        from cellmorph.models.features import extract_features
 
-        feats = cached_features(store, cfg.model, cfg.frozen.tta)
-        if feats is None:
-            feats = extract_features(store, cfg.model, cfg.frozen.tta, cfg.frozen.batch_size, plan.device)
+        feats = extract_features(store, cfg.model, cfg.frozen.tta, cfg.frozen.batch_size, lambda: plan.device)
         how = f"frozen {cfg.model.name} (init {cfg.model.init}) pooled features" + (" (8x dihedral TTA)" if cfg.frozen.tta else "") + "; the same for every fold (the backbone is never trained)"
         return embeddings_table(plan.table.df, feats, cfg.model.name), how
     return _embed_folds(run, cfg, plan, store), f"fine-tuned {cfg.model.name}: each image by the {cfg.evaluation.protocol} fold model that held it out (pooled pre-logit features)"
@@ -103,12 +102,12 @@ def _embed_folds(run: Path, cfg, plan, store) -> pd.DataFrame:
     """Fine-tuned run: each fold's held-out images through that fold's saved model (folds/NN/model.pt)."""
     import torch
 
-    from cellmorph.models.factory import create_model
+    from cellmorph.models.factory import FOLD_MODEL, load_fold_model, pre_logits
     from cellmorph.models.names import default_input_size
     from cellmorph.models.train import forward_batches, make_input_spec, resize_uint8_stack
 
-    folder = run if len(cfg.seed_list) == 1 else run / "seeds" / str(cfg.seed_list[0])
-    paths = [folder / "folds" / f"{i:02d}" / "model.pt" for i in range(len(plan.folds))]
+    folder = seed_folder(run, cfg.seed_list[0], cfg.seed_list)
+    paths = [fold_folder(folder, i) / FOLD_MODEL for i in range(len(plan.folds))]
     missing = [p for p in paths if not p.is_file()]
     if missing:
         raise CellmorphError(
@@ -123,8 +122,7 @@ def _embed_folds(run: Path, cfg, plan, store) -> pd.DataFrame:
         info = json.loads((path.parent / "fold.json").read_text()) if (path.parent / "fold.json").is_file() else {}
         if info.get("held_out") not in (None, fold.name):
             raise CellmorphError(f"{path.parent}/fold.json holds out {info['held_out']!r} but the config's fold {i} is {fold.name!r}: the run does not match its config.")
-        model = create_model(cfg.model.name, "random", num_classes=len(plan.classes), in_chans=images.shape[1], drop_rate=cfg.model.drop_rate)
-        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        model = load_fold_model(cfg.model, path, len(plan.classes), images.shape[1])
         net = pre_logits(model, f"{cfg.model.name} ({path})")
         spec = make_input_spec(model, size, cfg.finetune.normalize, images[torch.from_numpy(fold.train)])
         feats = forward_batches(net, images[torch.from_numpy(fold.test)], spec, device, max(cfg.finetune.batch_size, 64)).numpy()
@@ -137,27 +135,8 @@ def _embed_folds(run: Path, cfg, plan, store) -> pd.DataFrame:
     return emb
 
 
-def pre_logits(model, what: str):
-    """A module returning the pooled features a network's classifier reads (timm's `forward_head(...,
-    pre_logits=True)`), or a clear error for a network without that interface."""
-    from torch import nn
-
-    if not (hasattr(model, "forward_features") and hasattr(model, "forward_head")):
-        raise CellmorphError(f"{what}: embeddings need a timm model (forward_features/forward_head); this architecture has none.")
-
-    class _PreLogits(nn.Module):
-        def __init__(self, net):
-            super().__init__()
-            self.net = net
-
-        def forward(self, x):
-            return self.net.forward_head(self.net.forward_features(x), pre_logits=True)
-
-    return _PreLogits(model)
-
-
 def _embed_bundle(bundle: Path, data) -> tuple[pd.DataFrame, str]:
-    from cellmorph.api import Classifier
+    from cellmorph.models.classifier import Classifier
     from cellmorph.data.catalog import load_dataset
 
     clf = Classifier.load(bundle)

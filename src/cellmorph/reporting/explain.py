@@ -202,7 +202,7 @@ def explain_run(cfg, weights, out, data_dir=None, layers: list[str] | None = Non
     held = info.get("held_out")
     df = table.df
     if "index" in info:  # the fold's own held-out rows, under the config's protocol (any dataset, any grouping)
-        from cellmorph.evaluation.splits import make_folds
+        from cellmorph.evaluation.protocols import make_folds
 
         folds = {f.name: f for f in make_folds(df, table.label, cfg.evaluation)[0]}
         rows = folds[held].test if held in folds else np.arange(len(df))

@@ -1,10 +1,12 @@
+from pathlib import Path
 import tomllib
 
 import pytest
 
 from cellmorph.config import ExperimentConfig, dump_toml, load_config, parse_config
 from cellmorph.errors import CellmorphError
-from tests.conftest import REPO
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_every_shipped_config_loads():

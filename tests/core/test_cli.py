@@ -1,3 +1,4 @@
+from pathlib import Path
 """Bad input through the CLI: one clear message naming the file/field and the fix, exit 2, no
 traceback, nothing half-written."""
 
@@ -9,7 +10,8 @@ import pandas as pd
 import pytest
 
 from cellmorph.cli import main
-from tests.conftest import REPO
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _run_cli(monkeypatch, capsys, *args):

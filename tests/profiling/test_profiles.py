@@ -17,7 +17,7 @@ from cellmorph.profiling.evaluate import evaluate_profiles
 from cellmorph.profiling.recipes import Recipe
 from cellmorph.profiling.similarity import map_copairs, nearest_neighbour_matching
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 # Five treatments built so that the answers follow from the geometry:
 #   q1 (a, X, W1) [1, 0, 0]        its nearest other compound is q2 (Y, same batch W1): NSC wrong;

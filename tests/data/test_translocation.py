@@ -1,3 +1,4 @@
+from pathlib import Path
 """Translocation datasets (real BBBC013 plate; BBBC014 layout on a synthetic plate), the 4PL / Z' maths,
 and the translocation config of the one runner end to end on CPU at a tiny size."""
 
@@ -15,7 +16,8 @@ from cellmorph.reporting.doseresponse import fit_logistic4, logistic4, z_prime
 from cellmorph.errors import CellmorphError
 from cellmorph.data.datasets.translocation import prepare_translocation, translocation_crops
 from cellmorph.data.store import open_prepared
-from tests.conftest import REPO
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_bbbc013_table_labels_and_folds(data_dir):

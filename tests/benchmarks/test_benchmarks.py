@@ -1,3 +1,4 @@
+from pathlib import Path
 """The benchmark scripts at tiny sizes on CPU, on the real data: every part runs end to end."""
 
 import json
@@ -5,7 +6,8 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO
+REPO = Path(__file__).resolve().parents[2]
+
 
 
 def test_nuclei_and_lenet_quick(crchisto_table, data_dir, tmp_path, capsys):

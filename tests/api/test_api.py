@@ -8,39 +8,21 @@ import subprocess
 import sys
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
-from PIL import Image
 
 import cellmorph as cm
 from cellmorph.data.table import ImageTable
 
-TINY = {"model.input_size": 32, "finetune.epochs": 1, "finetune.batch_size": 4, "finetune.amp": False, "device": "cpu"}
-
-
-def _toy_table(folder, n=8, channels=3) -> ImageTable:
-    """n small PNGs of two classes (bright vs dark), one of them unlabelled."""
-    rng = np.random.default_rng(0)
-    rows = []
-    for i in range(n):
-        level = 200 if i % 2 else 40
-        pixels = np.clip(rng.normal(level, 20, (40, 48, channels)), 0, 255).astype(np.uint8)
-        path = folder / f"img{i}.png"
-        Image.fromarray(pixels.squeeze(-1) if channels == 1 else pixels).save(path)
-        rows.append({"Metadata_Image": i, "Metadata_MoA": "" if i == n - 1 else ("bright" if i % 2 else "dark"), "Image_Path_RGB": str(path)})
-    return ImageTable(pd.DataFrame(rows), name="toy", required=())
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory, toy_table_maker):
+    return toy_table_maker(tmp_path_factory.mktemp("toy"))
 
 
 @pytest.fixture(scope="module")
-def toy(tmp_path_factory):
-    return _toy_table(tmp_path_factory.mktemp("toy"))
-
-
-@pytest.fixture(scope="module")
-def tiny_bundle(toy, tmp_path_factory):
+def tiny_bundle(toy, tmp_path_factory, tiny_finetune):
     """A fine-tuned resnet18 (random init, 32 px, 1 epoch) bundle, with its in-process probabilities."""
-    clf = cm.Classifier("resnet18", init="random", mode="finetune", overrides=TINY).fit(toy)
+    clf = cm.Classifier("resnet18", init="random", mode="finetune", overrides=tiny_finetune).fit(toy)
     path = clf.save(tmp_path_factory.mktemp("bundles") / "tiny")
     return path, clf, clf.predict_proba(toy)
 
@@ -102,13 +84,13 @@ def test_finetune_round_trip_is_bit_identical(tiny_bundle, toy):
     assert loaded.predict(images) == [clf.classes[i] for i in probs.argmax(1)]
 
 
-def test_frozen_binary_head_is_the_runners_and_survives_a_save(toy, tmp_path):
+def test_frozen_binary_head_is_the_runners_and_survives_a_save(toy, tmp_path, tiny_finetune):
     # Two classes: sklearn keeps one coefficient row; the saved head must still give both columns.
     from cellmorph.models.features import logistic_head
     from cellmorph.data.store import build_store
     from cellmorph.models.train import forward_batches
 
-    clf = cm.Classifier("resnet18", init="random", mode="frozen", overrides=TINY).fit(toy)
+    clf = cm.Classifier("resnet18", init="random", mode="frozen", overrides=tiny_finetune).fit(toy)
     probs = clf.predict_proba(toy)
     images = torch.from_numpy(build_store(toy, 0).images)
     feats = forward_batches(clf._net, images, clf._spec, torch.device("cpu"), 32).numpy()

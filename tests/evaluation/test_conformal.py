@@ -14,7 +14,7 @@ import pytest
 from cellmorph.evaluation.conformal import Calibrator, combine, ece, evaluate, in_set, level_table
 from cellmorph.errors import CellmorphError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CLASSES = ["a", "b", "c"]
 
 
@@ -182,7 +182,7 @@ def test_level_table_of_unlabelled_predictions():
 
 def test_lomo_folds_never_train_on_the_novel_moa_or_the_test_compound(subset_table):
     from cellmorph.config import EvaluationConfig
-    from cellmorph.evaluation.novelty import NovelFold, nested_folds
+    from cellmorph.evaluation.lomo import NovelFold, nested_folds
     from cellmorph.evaluation.protocols import make_folds
 
     df = subset_table.df

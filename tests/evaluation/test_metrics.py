@@ -1,3 +1,4 @@
+from pathlib import Path
 """Typed metrics: levels, counts, balanced accuracy and macro-F1, metrics.json, seeds, summary, report."""
 
 import json
@@ -10,7 +11,8 @@ from sklearn.metrics import balanced_accuracy_score, f1_score, precision_recall_
 
 from cellmorph.errors import CellmorphError
 from cellmorph.evaluation.metrics import Metrics, aggregate, available_levels, combine_seeds, compute_metrics
-from tests.conftest import REPO
+
+REPO = Path(__file__).resolve().parents[2]
 
 COLS = ["Metadata_Plate", "Metadata_Well", "Metadata_Compound", "Metadata_Concentration", "Metadata_MoA", "prob_A", "prob_B", "prob_C"]
 # (plate, well, compound, concentration, true MoA, [image probabilities A, B, C], ...): two images per well,

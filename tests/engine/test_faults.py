@@ -27,7 +27,7 @@ import tifffile
 
 from cellmorph.cli import INTERRUPTED
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 USER_FILES = {"keep.txt": "my notes\n", ".notes.tmp-1": "an editor's swap file, not cellmorph's\n"}
 COMPOUNDS = {  # 3 MoAs x 2 compounds x 4 images
     "Aurora kinase inhibitors": ["AZ841", "AZ258"],

@@ -43,7 +43,7 @@ def test_an_earlier_output_is_replaced_only_with_overwrite(tmp_path):
     out = tmp_path / "pred"
     with staged_folder(out, PREDICT) as tmp:
         (tmp / "predict.json").write_text("first")
-    with pytest.raises(CellmorphError, match="holds an earlier predict output. Pass --overwrite"):
+    with pytest.raises(CellmorphError, match="a predict output already exists there.*Pass --overwrite"):
         claim(out, PREDICT, overwrite=False)
     claim(out, PREDICT, overwrite=True)
     with staged_folder(out, PREDICT) as tmp:
@@ -101,28 +101,37 @@ def test_second_process_is_refused_naming_the_holder_and_a_dead_holder_frees_the
     assert not (tmp_path / ".out.lock").exists()
 
 
-# --- SIGKILL at every commit point, through the CLI --------------------------------------------------------
+# --- SIGKILL at every commit point ------------------------------------------------------------------------
 
-_KILL_AT_NTH_RENAME = """
-import os, signal, sys
-n, seen = int(sys.argv[1]), [0]
-real_replace, real_rename = os.replace, os.rename
-def counted(real):
-    def f(*a, **k):
-        seen[0] += 1
-        if seen[0] == n:
-            os.kill(os.getpid(), signal.SIGKILL)
-        return real(*a, **k)
-    return f
-os.replace, os.rename = counted(real_replace), counted(real_rename)
-sys.argv = ["cellmorph", *sys.argv[2:]]
-from cellmorph.cli import main
-main()
-"""
+
+def _killed_at(n: int, work) -> int:
+    """Run `work()` in a forked child that SIGKILLs itself at its n-th rename (os.replace / os.rename: every
+    commit point of cellmorph's writers); n = 0 never. Returns the child's wait status: -SIGKILL when killed,
+    0 when `work` finished first, 3 when it raised."""
+    pid = os.fork()
+    if pid == 0:  # the child: no cleanup of the parent's runs (os._exit), nothing shared but the files
+        try:
+            seen = [0]
+
+            def counted(real):
+                def f(*a, **k):
+                    seen[0] += 1
+                    if seen[0] == n:
+                        os.kill(os.getpid(), signal.SIGKILL)
+                    return real(*a, **k)
+                return f
+
+            os.replace, os.rename = counted(os.replace), counted(os.rename)
+            work()
+            os._exit(0)
+        except BaseException:  # noqa: BLE001 - reported to the parent by the exit status
+            os._exit(3)
+    _, status = os.waitpid(pid, 0)
+    return -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
 
 
 def _ours_left(folder: Path) -> list[str]:
-    """Temporaries of cellmorph's writers (and any safetensors temporary) in and beside `folder`."""
+    """Temporaries of cellmorph's writers (and any safetensors temporary) and lock files, in and beside `folder`."""
     found = []
     for p in [*folder.parent.iterdir(), *(folder.rglob("*") if folder.is_dir() else [])]:
         if ".tmp-" in p.name or ".old-" in p.name or p.name.startswith("tmp") or p.name.endswith(".lock"):
@@ -132,11 +141,16 @@ def _ours_left(folder: Path) -> list[str]:
 
 @pytest.mark.slow
 @pytest.mark.realdata
-def test_sigkill_at_every_rename_leaves_nothing_after_the_next_command(data_dir, tmp_path):
-    """A tiny frozen run with its final model, then a predict: killed at the 1st, 2nd, ... rename of ours (every
-    commit point: atomic files, fold folders, the bundle swap, the predict folder), then run again. After the
-    rerun, no temporary of ours (or of safetensors) is left, and the results equal an uninterrupted run's."""
+def test_sigkill_at_every_rename_leaves_nothing_after_the_next_command(data_dir, tmp_path, monkeypatch):
+    """A tiny frozen run with its final model (cached features: no torch in the forked children), killed at
+    its 1st, 2nd, ... rename (every commit point: atomic files, fold folders, the bundle swap), then run
+    again; then `cellmorph predict` killed at each of its renames (CLI, the predict folder's swap), then run
+    again. After each rerun, no temporary of ours (or of safetensors) and no lock is left, and the results
+    equal an uninterrupted run's."""
     import pandas as pd
+
+    from cellmorph.config import load_config
+    from cellmorph.engine.runner import run_experiment
 
     labels = pd.read_csv(data_dir / "bbbc021-subset" / "bbbc021v1_labels.csv", sep=";", index_col=0)
     rows = []
@@ -145,38 +159,52 @@ def test_sigkill_at_every_rename_leaves_nothing_after_the_next_command(data_dir,
             rows.append({"Image_Path_RGB": str(data_dir / "bbbc021-subset" / "images" / f"bbbc021v1_{i}.png"), "Metadata_MoA": r["moa"],
                          "Metadata_Compound": c, "Metadata_Concentration": r["concentration"], "Metadata_Plate": r["plate"], "Metadata_Well": r["well"]})
     pd.DataFrame(rows).to_csv(tmp_path / "images.csv", index=False)
-    cfg = tmp_path / "tiny.toml"
-    cfg.write_text('name = "tiny"\nmode = "frozen"\ndevice = "cpu"\nsave_model = true\n[dataset]\nname = "folder"\nimage_size = 32\n'
-                   f'options = {{csv = "{tmp_path / "images.csv"}"}}\n[model]\nname = "tf_efficientnet_lite0"\ninit = "imagenet"\ninput_size = 32\n')
-    env = {**os.environ, "CELLMORPH_CACHE": str(tmp_path / "cache"), "CELLMORPH_DATA": str(tmp_path)}
-
-    def run(n: int, *args) -> int:
-        return subprocess.run([sys.executable, "-c", _KILL_AT_NTH_RENAME, str(n), *map(str, args)], env=env, capture_output=True, text=True,
-                              timeout=600).returncode
-
+    cfg_path = tmp_path / "tiny.toml"
+    cfg_path.write_text('name = "tiny"\nmode = "frozen"\ndevice = "cpu"\nsave_model = true\n[dataset]\nname = "folder"\nimage_size = 32\n'
+                        f'options = {{csv = "{tmp_path / "images.csv"}"}}\n[model]\nname = "tf_efficientnet_lite0"\ninit = "imagenet"\ninput_size = 32\n')
+    monkeypatch.setenv("CELLMORPH_CACHE", str(tmp_path / "cache"))
+    cfg = load_config(cfg_path)
     ref = tmp_path / "ref"
-    assert run(0, "run", cfg, "--out", ref / "run") == 0
-    assert run(0, "predict", ref / "run" / "model", tmp_path / "images.csv", "--out", ref / "pred") == 0
-    want_metrics = (ref / "run" / "treatments.csv").read_text()
-    want_pred = pd.read_parquet(ref / "pred" / "predictions.parquet")
+    run_experiment(cfg, ref / "run", tmp_path)  # fills the feature cache: the children never import torch
+    want = (ref / "run" / "treatments.csv").read_text()
+    n = 1
+    while (code := _killed_at(n, lambda: run_experiment(cfg, tmp_path / f"run-{n}" / "run", tmp_path))) != 0:
+        out = tmp_path / f"run-{n}" / "run"
+        assert code == -signal.SIGKILL, (n, code)
+        assert _killed_at(0, lambda: run_experiment(cfg, out, tmp_path)) == 0, n  # the next command completes the work ...
+        assert _ours_left(out) == [], (n, _ours_left(out))  # ... and leaves nothing of ours behind
+        assert (out / "treatments.csv").read_text() == want, n
+        n += 1
+    assert n > 10, n  # a run renames: the kill points were real
 
-    for verb in ("run", "predict"):
-        n = 1
-        while True:
-            work = tmp_path / f"{verb}-{n}"
-            if verb == "predict":
-                assert run(0, "run", cfg, "--out", work / "run") == 0
-            args = ["run", cfg, "--out", work / "run"] if verb == "run" else ["predict", work / "run" / "model", tmp_path / "images.csv", "--out", work / "pred", "--overwrite"]
-            code = run(n, *args)
-            if code == 0:  # fewer than n renames: every commit point was tried
-                break
-            assert code == -signal.SIGKILL, (verb, n, code)
-            assert run(0, *args) == 0, (verb, n)  # the next command completes the work ...
-            target = work / ("run" if verb == "run" else "pred")
-            assert _ours_left(target) == [], (verb, n, _ours_left(target))  # ... and leaves nothing of ours behind
-            if verb == "run":
-                assert (target / "treatments.csv").read_text() == want_metrics, n
-            else:
-                pd.testing.assert_frame_equal(pd.read_parquet(target / "predictions.parquet"), want_pred)
-            n += 1
-        assert n > 3, (verb, n)  # the commands do rename: the kill points were real
+    env = {**os.environ, "CELLMORPH_CACHE": str(tmp_path / "cache")}
+    predict = ["predict", str(ref / "run" / "model"), str(tmp_path / "images.csv"), "--overwrite", "--out"]
+    cli = [sys.executable, "-c", _KILL_AT_NTH_RENAME]
+    assert subprocess.run([*cli, "0", *predict, str(ref / "pred")], env=env, capture_output=True).returncode == 0
+    want_pred = pd.read_parquet(ref / "pred" / "predictions.parquet")
+    n = 1
+    while (code := subprocess.run([*cli, str(n), *predict, str(tmp_path / f"pred-{n}")], env=env, capture_output=True).returncode) != 0:
+        out = tmp_path / f"pred-{n}"
+        assert code == -signal.SIGKILL, (n, code)
+        assert subprocess.run([*cli, "0", *predict, str(out)], env=env, capture_output=True).returncode == 0, n
+        assert _ours_left(out) == [], (n, _ours_left(out))
+        pd.testing.assert_frame_equal(pd.read_parquet(out / "predictions.parquet"), want_pred)
+        n += 1
+    assert n > 1, n
+
+
+_KILL_AT_NTH_RENAME = """
+import os, signal, sys
+n, seen = int(sys.argv[1]), [0]
+def counted(real):
+    def f(*a, **k):
+        seen[0] += 1
+        if seen[0] == n:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(*a, **k)
+    return f
+os.replace, os.rename = counted(os.replace), counted(os.rename)
+sys.argv = ["cellmorph", *sys.argv[2:]]
+from cellmorph.cli import main
+main()
+"""

@@ -17,7 +17,7 @@ import pytest
 from cellmorph.config import ExecutionConfig, load_config
 from cellmorph.errors import CellmorphError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 QUICKSTART = REPO / "configs" / "quickstart.toml"
 SMOKE = REPO / "configs" / "finetune-cpu-smoke.toml"
 # A tiny CPU fine-tune with fixed seeds: 32 px, 1 epoch, the first 3 LOCO folds, one torch thread per fold

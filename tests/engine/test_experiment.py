@@ -1,3 +1,4 @@
+from pathlib import Path
 """End-to-end runs on the real BBBC021 subset: the quickstart, resume after SIGKILL, a CPU fine-tune."""
 
 import json
@@ -13,7 +14,8 @@ import pytest
 from cellmorph.config import load_config, override
 from cellmorph.engine.runner import cross_validate_config, run_experiment
 from cellmorph.evaluation.metrics import Metrics
-from tests.conftest import REPO
+
+REPO = Path(__file__).resolve().parents[2]
 
 QUICKSTART = REPO / "configs" / "quickstart.toml"
 
@@ -173,21 +175,34 @@ def test_failed_start_claims_nothing(data_dir, tmp_path):
 
 
 def test_only_own_temporaries_are_cleaned(quickstart_run, data_dir, tmp_path):
-    """Resuming into a folder removes cellmorph's own stale temporaries, never a user's file."""
+    """Resuming into a folder removes cellmorph's own stale temporaries, never a user's file; a run folder
+    holding a user's files is refused whole (nothing touched)."""
     import shutil
+
+    from cellmorph.errors import CellmorphError
 
     src, _ = quickstart_run
     out = tmp_path / "copy"
     shutil.copytree(src, out)
     ours = out / "folds" / "00" / ".predictions.parquet.tmp-abc123"
     our_bundle = out / ".model.tmp-abc123" / "bundle.json"  # a killed save of the final model
-    theirs = [out / ".notes.txt.tmp-keep", out / "mine" / ".metrics.json.tmp-x1", out / ".model.tmp-mine" / "notes.txt"]
-    for f in (ours, our_bundle, *theirs):
+    theirs_in_our_name = out / ".model.tmp-mine" / "notes.txt"  # looks like ours, holds a user's file: kept
+    for f in (ours, our_bundle, theirs_in_our_name):
         f.parent.mkdir(exist_ok=True)
         f.write_text("x")
+    users = [out / ".notes.txt.tmp-keep", out / "mine" / ".metrics.json.tmp-x1"]
+    for f in users:
+        f.parent.mkdir(exist_ok=True)
+        f.write_text("x")
+    with pytest.raises(CellmorphError, match="holds files cellmorph did not write"):
+        run_experiment(load_config(QUICKSTART), out, data_dir)
+    assert ours.exists() and our_bundle.exists() and all(f.exists() for f in (theirs_in_our_name, *users))  # refused: nothing touched
+    for f in users:
+        f.unlink()
+    (out / "mine").rmdir()
     model_mtime = (out / "model" / "model.safetensors").stat().st_mtime_ns
     run_experiment(load_config(QUICKSTART), out, data_dir)
-    assert not ours.exists() and not our_bundle.parent.exists() and all(f.exists() for f in theirs)
+    assert not ours.exists() and not our_bundle.parent.exists() and theirs_in_our_name.read_text() == "x"
     assert (out / "model" / "model.safetensors").stat().st_mtime_ns == model_mtime  # resumed: the final model is kept, not refitted
 
 

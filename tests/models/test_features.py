@@ -1,3 +1,4 @@
+from pathlib import Path
 """Frozen features: channels_last on CPU gives the contiguous layout's features (to float rounding),
 the dihedral TTA is a mean over the 8 transforms, and the frozen-speed benchmark runs end to end."""
 
@@ -11,7 +12,8 @@ from torch import nn
 
 from cellmorph.models.augment import dihedral
 from cellmorph.models.train import InputSpec, forward_batches
-from tests.conftest import REPO
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ from cellmorph.errors import CellmorphError
 from cellmorph.data.preprocess import read_image
 from cellmorph.data.store import build_store
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 GFP = "Channel1-01-A-01.tif"  # 640 x 640 uint8, two zlib (deflate) strips
 
 

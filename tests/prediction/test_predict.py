@@ -4,6 +4,8 @@ input (one line, exit 2, nothing written), MC dropout at a tiny size, the report
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import json
 import os
 import shutil
@@ -18,7 +20,8 @@ from PIL import Image
 import cellmorph as cm
 from cellmorph.cli import main
 from cellmorph.data.table import ImageTable
-from tests.conftest import REPO
+
+REPO = Path(__file__).resolve().parents[2]
 
 CLASSES = ["Aurora kinase inhibitors", "Cholesterol-lowering", "DNA damage", "DNA replication", "Eg5 inhibitors", "Protein synthesis"]
 PROBS = [f"prob_{c}" for c in CLASSES]
@@ -271,11 +274,9 @@ def test_refuses_an_output_folder_it_did_not_write(tmp_path, monkeypatch, capsys
     assert (out / "notes.txt").read_text() == "keep"
 
 
-def test_mc_dropout_on_a_tiny_finetuned_bundle(tmp_path):
-    from tests.test_api import TINY, _toy_table
-
-    toy = _toy_table(tmp_path)
-    bundle = cm.Classifier("resnet18", init="random", mode="finetune", overrides={**TINY, "model.drop_rate": 0.5}).fit(toy).save(tmp_path / "b")
+def test_mc_dropout_on_a_tiny_finetuned_bundle(tmp_path, toy_table_maker, tiny_finetune):
+    toy = toy_table_maker(tmp_path)
+    bundle = cm.Classifier("resnet18", init="random", mode="finetune", overrides={**tiny_finetune, "model.drop_rate": 0.5}).fit(toy).save(tmp_path / "b")
     res = cm.predict_images(bundle, toy, tmp_path / "out", mc_dropout=6)
     stds = res.images[["mcstd_bright", "mcstd_dark"]].to_numpy()
     probs = res.images[["prob_bright", "prob_dark"]].to_numpy()
@@ -285,7 +286,7 @@ def test_mc_dropout_on_a_tiny_finetuned_bundle(tmp_path):
     plain = cm.predict_images(bundle, toy)
     assert not np.allclose(plain.images[["prob_bright", "prob_dark"]].to_numpy(), probs)  # dropout was active
     assert json.loads((tmp_path / "out" / "predict.json").read_text())["mc_dropout"] == 6
-    no_drop = cm.Classifier("resnet18", init="random", mode="finetune", overrides=TINY).fit(toy)
+    no_drop = cm.Classifier("resnet18", init="random", mode="finetune", overrides=tiny_finetune).fit(toy)
     with pytest.raises(cm.CellmorphError, match="no dropout"):
         cm.predict_images(no_drop, toy, mc_dropout=3)
 

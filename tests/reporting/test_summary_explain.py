@@ -1,3 +1,4 @@
+from pathlib import Path
 """A tiny CPU fine-tune on real images with every per-epoch output switched on, then the
 `summarize` and `explain` verbs on its run folders."""
 
@@ -9,7 +10,8 @@ from cellmorph.errors import CellmorphError
 from cellmorph.engine.runner import run_experiment
 from cellmorph.evaluation.metrics import Metrics
 from cellmorph.reporting.summary import summarize_runs
-from tests.conftest import REPO
+
+REPO = Path(__file__).resolve().parents[2]
 
 SMOKE = REPO / "configs" / "finetune-cpu-smoke.toml"
 TINY = ["dataset.image_size=32", "model.input_size=32", "finetune.epochs=2", "finetune.eval_every_epoch=true", "finetune.save_models=true", "model.name=resnet18", "model.init=xavier"]
