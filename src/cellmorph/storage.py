@@ -38,7 +38,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from cellmorph.errors import CellmorphError
-from cellmorph.io import is_no_space, no_space_error, process_umask
+from cellmorph.io import check_writable, is_no_space, no_space_error, process_umask
 
 TMP, OLD = ".tmp-", ".old-"  # `.<name>.tmp-XXXX`: being written; `.<name>.old-XXXX`: set aside during a swap
 LOCK_SUFFIX = ".lock"
@@ -89,7 +89,8 @@ PREDICT = Layout("predict output", ("predictions.parquet", "wells.csv", "treatme
 PREPARED = Layout("prepared store", ("images.npy", "index.parquet", "prepared.json"), marker="prepared.json")
 EMBEDDINGS = Layout("embeddings folder", PROFILE_FILES)
 SUMMARY = Layout("summary folder", ("summary.csv", "summary.md", "curves.png"))
-LAYOUTS = {x.kind: x for x in (BUNDLE, RUN, PREDICT, PREPARED, EMBEDDINGS, SUMMARY)}
+EXPLAIN = Layout("explain folder", ("activation_maximization.png", "gradcam.png"))
+LAYOUTS = {x.kind: x for x in (BUNDLE, RUN, PREDICT, PREPARED, EMBEDDINGS, SUMMARY, EXPLAIN)}
 
 MODEL_DIR = "model"  # a run folder's final model (a BUNDLE)
 
@@ -313,6 +314,21 @@ def locked(folder: str | Path, what: str = "--out"):
             path.unlink(missing_ok=True)
         finally:
             os.close(fd)
+
+
+@contextmanager
+def writing(folder: str | Path, layout: Layout, what: str = "--out"):
+    """Lock `folder`, claim it for `layout` (refusing a user's files, cleaning our leftovers) and create it: the
+    way every verb that writes files into a folder starts (embed, profiles evaluate, summarize, explain).
+
+    Example:
+        >>> with writing(out, SUMMARY) as folder:
+        ...     write_text(folder / "summary.md", text)"""
+    folder = Path(folder).expanduser()
+    with locked(folder, what):
+        claim(folder, layout, what)
+        check_writable(folder)
+        yield folder
 
 
 # --- folders written whole ------------------------------------------------------------------------------------

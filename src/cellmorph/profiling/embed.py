@@ -14,12 +14,13 @@ import numpy as np
 import pandas as pd
 
 from cellmorph.errors import CellmorphError
-from cellmorph.io import check_writable, write_parquet
+from cellmorph.io import write_parquet
 from cellmorph.profiling.tables import (
     COMPOUND, CONCENTRATION, EMBEDDINGS, TREATMENT_PROFILES, WELL_KEYS, WELL_PROFILES, feature_prefix, well_and_treatment_profiles,
 )
 from cellmorph.progress import console
-from cellmorph.storage import fold_folder, seed_folder
+from cellmorph.storage import EMBEDDINGS as EMBEDDINGS_FOLDER
+from cellmorph.storage import RUN, fold_folder, seed_folder, writing
 
 
 def embeddings_table(meta: pd.DataFrame, feats: np.ndarray, model: str) -> pd.DataFrame:
@@ -64,14 +65,14 @@ def embed(source: str | Path, out: str | Path | None = None, data: str | Path | 
     else:
         raise CellmorphError(f"{source}: neither a run folder (config.toml + dataset.json) nor a model bundle (bundle.json). Pass the folder `cellmorph run` or `Classifier.save` wrote.")
     out = Path(out) if out is not None else source
-    check_writable(out)
     wells = treatments = None
     if set(WELL_KEYS + [COMPOUND, CONCENTRATION]) <= set(emb.columns):
         wells, treatments = well_and_treatment_profiles(emb)
-    write_parquet(out / EMBEDDINGS, emb)
-    if wells is not None:
-        write_parquet(out / WELL_PROFILES, wells)
-        write_parquet(out / TREATMENT_PROFILES, treatments)
+    with writing(out, RUN if out.resolve() == source.resolve() else EMBEDDINGS_FOLDER):  # a user's folder is refused, not overwritten
+        write_parquet(out / EMBEDDINGS, emb)
+        if wells is not None:
+            write_parquet(out / WELL_PROFILES, wells)
+            write_parquet(out / TREATMENT_PROFILES, treatments)
     return EmbedResult(emb, wells, treatments, out, how)
 
 

@@ -12,12 +12,14 @@ import numpy as np
 import pandas as pd
 
 from cellmorph.errors import CellmorphError
-from cellmorph.io import check_writable, write_json
+from cellmorph.io import write_json
 from cellmorph.profiling.recipes import Recipe, prepare_profiles
 from cellmorph.profiling.similarity import map_copairs, nearest_neighbour_matching, similarity_matrix, unit_rows
 from cellmorph.profiling.tables import (
     BATCH, COMPOUND, CONCENTRATION, METRICS, MOA, PLOT, WELL_KEYS, aggregate_profiles, annotate_bbbc021, check_profile_table, is_labelled, read_profiles,
 )
+from cellmorph.storage import EMBEDDINGS as EMBEDDINGS_FOLDER
+from cellmorph.storage import RUN, writing
 
 
 @dataclass
@@ -156,11 +158,12 @@ def evaluate(profiles: str | Path, out: str | Path | None = None, recipe: Recipe
         df = annotate_bbbc021(df, bbbc021_metadata)
     out = Path(out) if out is not None else run
     ev = evaluate_profiles(df, recipe, source=str(path), representation=representation or (f"{run.name} embeddings" if is_run and path.is_dir() else path.name))
-    check_writable(out)  # only once the evaluation succeeded: a bad table leaves no folder behind
-    plot_profiles(out / PLOT, ev, ev.metrics["representation"])
-    write_json(out / METRICS, ev.metrics)
-    if is_run and out.resolve() == run.resolve() and (run / "metrics.json").is_file():
-        refresh_report(run)
+    into_run = is_run and out.resolve() == run.resolve()
+    with writing(out, RUN if into_run else EMBEDDINGS_FOLDER):  # only once the evaluation succeeded: a bad table leaves no folder behind
+        plot_profiles(out / PLOT, ev, ev.metrics["representation"])
+        write_json(out / METRICS, ev.metrics)
+        if into_run and (run / "metrics.json").is_file():
+            refresh_report(run)
     return ev
 
 

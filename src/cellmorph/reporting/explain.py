@@ -10,6 +10,8 @@ score's gradient, rectified and upsampled.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -18,6 +20,7 @@ from torch import nn
 from cellmorph.models.augment import blur3x3
 from cellmorph.errors import CellmorphError
 from cellmorph.models.train import InputSpec
+from cellmorph.storage import EXPLAIN, RUN, writing
 
 
 def get_layer(model: nn.Module, name: str) -> nn.Module:
@@ -163,16 +166,19 @@ def write_gradcam_grid(path, images: np.ndarray, cams: np.ndarray, captions: lis
 def explain_run(cfg, weights, out, data_dir=None, layers: list[str] | None = None, filters: list[int] | None = None, n_images: int = 8, steps: int = 128, am_size: int = 128, device_name: str = "auto") -> dict:
     """Activation maximisation (pretrained vs fine-tuned, side by side) and Grad-CAM overlays on the
     held-out images of the fold whose weights are given. Writes activation_maximization.png and gradcam.png."""
+    out = Path(out).expanduser()
+    with writing(out, RUN if (out / "dataset.json").is_file() else EXPLAIN):  # a user's folder is refused, not overwritten
+        return _explain(cfg, weights, out, data_dir, layers, filters, n_images, steps, am_size, device_name)
+
+
+def _explain(cfg, weights, out, data_dir, layers, filters, n_images, steps, am_size, device_name) -> dict:
     import json
-    from pathlib import Path
 
     from cellmorph.data.catalog import load_dataset
-    from cellmorph.io import check_writable
-    from cellmorph.models.factory import create_model, default_input_size
     from cellmorph.data.store import build_store
+    from cellmorph.models.factory import create_model, default_input_size
     from cellmorph.models.train import make_input_spec, pick_device
 
-    out = check_writable(Path(out))
     weights = Path(weights)
     if not weights.is_file():
         raise CellmorphError(f"{weights}: weights file not found. Run a fine-tune with finetune.save_models = true; it writes folds/NN/model.pt.")

@@ -12,9 +12,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cellmorph.io import atomic_path, check_writable, write_text
+from cellmorph.io import atomic_path, write_text
 from cellmorph.evaluation.stats import mean_sem
 from cellmorph.evaluation.metrics import LEVELS, Metrics, combine_seeds
+from cellmorph.storage import RUN, SUMMARY, writing
 
 GROUP = ("experiment", "model", "init")
 
@@ -24,8 +25,8 @@ def _group_key(m: Metrics) -> tuple:
 
 
 def summarize_runs(runs: list[Path], out: Path) -> pd.DataFrame:
-    """summary.csv and summary.md (one row per group and level) and curves.png (when runs have curves)."""
-    check_writable(out)
+    """summary.csv and summary.md (one row per group and level) and curves.png (when runs have curves), into `out`
+    (claimed through cellmorph.storage: a folder holding a user's files is refused)."""
     groups: dict[tuple, list[Metrics]] = {}
     for r in runs:
         m = Metrics.read(Path(r) / "metrics.json")
@@ -53,10 +54,12 @@ def summarize_runs(runs: list[Path], out: Path) -> pd.DataFrame:
                 }
             )
     table = pd.DataFrame(rows).sort_values(["protocol", "experiment", "model", "init"], kind="stable").reset_index(drop=True)
-    with atomic_path(out / "summary.csv") as tmp:
-        table.to_csv(tmp, index=False)
-    write_text(out / "summary.md", _markdown(table))
-    _plot_curves(groups, out / "curves.png")
+    out = Path(out)
+    with writing(out, RUN if (out / "dataset.json").is_file() else SUMMARY):  # a run folder may hold its own summary
+        with atomic_path(out / "summary.csv") as tmp:
+            table.to_csv(tmp, index=False)
+        write_text(out / "summary.md", _markdown(table))
+        _plot_curves(groups, out / "curves.png")
     return table
 
 
