@@ -14,6 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from cellmorph.errors import CellmorphError
 
+MAX_SEED = (2**32 - 1 - 999) // 1000  # a fold is seeded with seed * 1000 + fold index, which numpy needs below 2**32
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -161,9 +163,10 @@ class ExecutionConfig(_Strict):
 
 class ExperimentConfig(_Strict):
     name: str = "experiment"
-    seed: int = 0
+    # Training seed (numpy and torch take 0 .. 2**32 - 1).
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     # Replicate seeds run into one run folder (metrics as mean +- SEM); empty = just `seed`.
-    seeds: list[int] = Field(default_factory=list)
+    seeds: list[Annotated[int, Field(ge=0, le=MAX_SEED)]] = Field(default_factory=list)
     mode: Literal["frozen", "finetune"] = "frozen"
     # "auto" picks CUDA when available.
     device: str = "auto"

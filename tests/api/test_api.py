@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -127,9 +128,10 @@ def test_bundle_errors_are_clear(tiny_bundle, tmp_path):
     with pytest.raises(cm.CellmorphError, match=r"missing.*missing model\.safetensors"):
         cm.Classifier.load(missing)
 
-    other = copy("other-arch")  # resnet34 weights cannot fill resnet18
-    (other / "bundle.json").write_text(json.dumps({**meta, "model": "resnet34"}))
+    other = copy("other-arch")  # resnet34 weights cannot fill resnet18 (config edited by hand, its checksum too)
     (other / "config.toml").write_text((other / "config.toml").read_text().replace('name = "resnet18"', 'name = "resnet34"'))
+    files = {**meta["files"], "config.toml": hashlib.sha256((other / "config.toml").read_bytes()).hexdigest()}
+    (other / "bundle.json").write_text(json.dumps({**meta, "model": "resnet34", "files": files}))
     with pytest.raises(cm.CellmorphError, match=r"other-arch.*model\.safetensors: the weights do not fit the architecture.*missing \['layer1\.2"):
         cm.Classifier.load(other)
 

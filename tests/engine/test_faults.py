@@ -184,7 +184,7 @@ def test_run_into_a_folder_of_user_files_is_refused(world):
     (out / "metrics.json").write_text("the user's own metrics\n")
     before = snapshot(out)
     code, text = cli(world, "run", world.config, "--out", out)
-    error_line(code, text, str(out), "holds files cellmorph did not write", "keep.txt")
+    error_line(code, text, str(out), "holds files cellmorph did not write (e.g. .notes.tmp-1)")
     assert snapshot(out) == before
 
 
@@ -580,6 +580,29 @@ def test_failed_start_leaves_no_folder(world):
     code, text = cli(world, "run", world.config, "--out", out, "--set", "evaluation.protocol=logo", "--set", "evaluation.group=Metadata_Nope")
     print(error_line(code, text, "Metadata_Nope"))
     assert not out.exists()
+
+
+@pytest.mark.parametrize("case", ["pickle_weights", "seed_out_of_range"])
+def test_what_can_be_checked_fails_before_the_folder_is_claimed(world, case):
+    """A weights file that cannot be read (a pickle payload: refused by weights_only, never run) and a seed out of
+    numpy's range are found while planning: one line, and --out is neither created nor written."""
+    out = world.root / "failed-early" / case
+    if case == "pickle_weights":
+        bad = world.root / "evil.pth"
+        import pickle
+
+        class Payload:
+            def __reduce__(self):
+                return (os.system, ("touch " + str(world.root / "pwned"),))
+
+        bad.write_bytes(pickle.dumps({"conv_stem.weight": Payload()}))
+        args, needles = ["--set", f"model.init={bad}"], [str(bad), "cannot read weights"]
+    else:
+        args, needles = ["--set", "seed=5000000000"], ["seed", "less than or equal"]
+    code, text = cli(world, "run", world.config, "--out", out, *args)
+    print(error_line(code, text, *needles, only_line=False))
+    assert not out.exists() and not out.parent.exists() or not any(out.parent.iterdir())
+    assert not (world.root / "pwned").exists()
 
 
 def test_rerun_after_the_data_changed_is_refused_not_mixed(world, reference):

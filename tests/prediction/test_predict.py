@@ -265,6 +265,60 @@ def test_bad_input_is_one_line_exit_2_nothing_written(kind, quick_run, subset_ta
         assert (model / "readme.txt").read_text() == "mine"
 
 
+@pytest.mark.parametrize("lie", ["reordered_classes", "calibration_of_another_model", "deleted_calibration", "added_file"])
+def test_a_bundle_that_lies_is_refused_naming_the_file(lie, quick_run, subset_table, tmp_path, monkeypatch, capsys):
+    """bundle.json ties every file of the bundle to it (sha256), the class order is stamped in the weights, and
+    the calibration's columns must be the classes in order: an edited or mixed bundle is one line, exit 2,
+    never a prediction with the wrong class names."""
+    bundle = tmp_path / "model"
+    shutil.copytree(quick_run / "model", bundle)
+    meta = json.loads((bundle / "bundle.json").read_text())
+    if lie == "reordered_classes":  # the weights' outputs would be named wrongly: mevinolin as "DNA damage"
+        (bundle / "bundle.json").write_text(json.dumps({**meta, "classes": meta["classes"][::-1]}))
+        words = ["bundle.json", "not the class order the weights were trained with"]
+    elif lie == "calibration_of_another_model":
+        cal = pd.read_parquet(bundle / "calibration.parquet")
+        cal.iloc[::2].to_parquet(bundle / "calibration.parquet", index=False)
+        words = ["calibration.parquet", "does not match the checksum"]
+    elif lie == "deleted_calibration":
+        (bundle / "calibration.parquet").unlink()
+        words = ["calibration.parquet", "missing", "bundle.json"]
+    else:
+        shutil.copyfile(quick_run / "model" / "calibration.parquet", bundle / "reference_profiles.npz")
+        (bundle / "reference_profiles.npz").unlink()
+        (bundle / "reference_profiles.npz").write_bytes(b"not this bundle's")
+        meta["files"].pop("reference_profiles.npz", None)
+        (bundle / "bundle.json").write_text(json.dumps(meta))
+        words = ["reference_profiles.npz", "not part of this bundle"]
+    _loaddata(subset_table.df.iloc[:2], tmp_path / "in.csv")
+    out = tmp_path / "out"
+    code, text = _cli(monkeypatch, capsys, "predict", bundle, tmp_path / "in.csv", "--out", out)
+    assert code == 2 and "Traceback" not in text and text.count("error:") == 1, text
+    for w in words:
+        assert w in text, (w, text)
+    assert not out.exists()
+
+
+def test_another_bit_depth_than_training_is_refused(quick_run, subset_table, tmp_path, monkeypatch, capsys):
+    """The same pixels as 16-bit RGB TIFFs instead of the 8-bit PNGs the model was trained on would be mapped to
+    0-255 another way (a percentile stretch): refused with one line saying what was expected, nothing written."""
+    import tifffile
+
+    rows = subset_table.df.iloc[:2]
+    paths = []
+    for i, src in enumerate(rows["Image_Path_RGB"]):
+        paths.append(tmp_path / f"field{i}.tif")
+        tifffile.imwrite(paths[-1], np.asarray(Image.open(src)).astype(np.uint16) * 257, photometric="rgb")
+    pd.DataFrame({"Metadata_Well": ["A", "B"], "Image_Path_RGB": [str(x) for x in paths]}).to_csv(tmp_path / "in.csv", index=False)
+    out = tmp_path / "out"
+    code, text = _cli(monkeypatch, capsys, "predict", quick_run / "model", tmp_path / "in.csv", "--out", out)
+    assert code == 2 and text.count("error:") == 1, text
+    for w in ("field0.tif", "uint16 pixels", "trained on uint8 images", "8-bit pixels used as they are"):
+        assert w in text, (w, text)
+    assert not out.exists()
+    assert json.loads((quick_run / "model" / "bundle.json").read_text())["trained_on"]["source_dtypes"] == {"Image_Path_RGB": "uint8"}
+
+
 def test_refuses_an_output_folder_it_did_not_write(tmp_path, monkeypatch, capsys):
     out = tmp_path / "results"
     out.mkdir()

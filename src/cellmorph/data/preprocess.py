@@ -62,6 +62,29 @@ def _decode(path: Path) -> np.ndarray:
         return np.asarray(im)
 
 
+def image_dtype(path: str | Path) -> str:
+    """The pixel type of an image file ("uint8", "uint16", ...), from its header only (nothing decoded)."""
+    path = Path(path)
+    try:
+        if path.suffix.lower() in TIFF_SUFFIXES:
+            import tifffile
+
+            with tifffile.TiffFile(path) as tif:
+                return str(tif.pages[0].dtype)
+        with Image.open(path) as im:
+            mode = im.mode
+    except Exception as err:  # noqa: BLE001 - read_image gives the full message when the file is decoded
+        raise CellmorphError(f"{path}: cannot read the image header ({type(err).__name__}: {err}). The file is corrupt or truncated.") from None
+    return "uint16" if mode.startswith("I;16") else {"I": "int32", "F": "float32"}.get(mode, "uint8")
+
+
+def intensity_mapping(dtype: str) -> str:
+    """How `to_uint8` maps images of this pixel type to 0-255: what a model trained on them expects."""
+    if dtype == "uint8":
+        return "8-bit pixels used as they are"
+    return "per image and channel, the 0.1-99.9 percentile range stretched to 0-255"
+
+
 def to_uint8(arr: np.ndarray, low_pct: float = 0.1, high_pct: float = 99.9) -> np.ndarray:
     """8-bit images pass through; others are stretched per channel between percentiles to 0-255."""
     if arr.dtype == np.uint8:

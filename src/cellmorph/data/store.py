@@ -1,7 +1,8 @@
 """The preprocessed image store: uint8 N x C x H x W + the ImageTable's metadata, cached on disk.
 
 Built once per (dataset files, image size) and reused by every run: the key hashes every image
-path with its size and modification time, so an edited file rebuilds the store.
+path with its content (a fast hash, recomputed only when the file's size, mtime, inode or ctime changed),
+so an edited file rebuilds the store, even when its size and mtime were kept.
 
 A table of patches (`ImageTable.patch_size > 0`, e.g. nuclei in datasets/crchisto.py) stores one
 patch per row instead of one whole image: each source image is decoded once and every patch centred
@@ -24,9 +25,10 @@ import pandas as pd
 
 from cellmorph.data.table import ImageTable
 from cellmorph.errors import CellmorphError
-from cellmorph.io import write_npy, write_parquet
-from cellmorph.data.preprocess import load_field, read_image, resize_uint8
-from cellmorph.progress import make_progress
+from cellmorph.io import write_npy, write_parquet, write_text
+from cellmorph.data.preprocess import image_dtype, intensity_mapping, load_field, read_image, resize_uint8
+from cellmorph.progress import console, make_progress
+from cellmorph.storage import digest_ok, file_digest, write_digest
 
 STORE_VERSION = 1
 CACHE_ENV = "CELLMORPH_CACHE"
@@ -44,44 +46,104 @@ class Store:
     key: str
 
 
-def store_key(table: ImageTable, image_size: int) -> str:
+def store_key(table: ImageTable, image_size: int, cache: Path | None = None) -> str:
+    """The data fingerprint: a hash of the dataset name, the image size, the patch centres and every image file's
+    path and CONTENT (file_digests). A file rewritten with its size and mtime kept (`cp -p`, `rsync -t`, a
+    1-second-mtime file system) has another content hash, so it gets another store and another run fingerprint."""
     h = hashlib.sha256()
     h.update(json.dumps({"v": STORE_VERSION, "dataset": table.name, "size": image_size, "patch": table.patch_size}).encode())
     if table.patch_size:
         centres = table.df[["Metadata_Center_X", "Metadata_Center_Y"]].to_numpy(dtype=np.int64)
         h.update(np.ascontiguousarray(centres).tobytes())
     for col in table.path_columns:
-        for p in table.df[col]:
-            try:
-                st = os.stat(p)
-            except OSError:
-                raise CellmorphError(f"{p}: image file not found ({table.source}, column {col}).") from None
-            h.update(f"{p}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        paths = [str(p) for p in table.df[col]]
+        digests = file_digests(paths, Path(cache or cache_dir()), f"{table.source}, column {col}")
+        for p in paths:
+            h.update(f"{p}|{digests[p]}\n".encode())
     return h.hexdigest()[:20]
+
+
+DIGEST_INDEX = "file-digests.json"  # path -> [size, mtime_ns, inode, ctime_ns, content hash], in the cache
+
+
+def file_digests(paths: list[str], cache: Path, where: str = "") -> dict[str, str]:
+    """Each file's content hash, hashed again only when its size, mtime, inode or ctime changed since it was
+    last hashed (ctime cannot be set back by `touch -r`; a copy gets a new inode). The index of known hashes
+    lives in the cache; a lost or damaged index only costs hashing again."""
+    index_path = cache / DIGEST_INDEX
+    try:
+        index = json.loads(index_path.read_text())
+        if not isinstance(index, dict):
+            index = {}
+    except (OSError, ValueError):
+        index = {}
+    out, changed = {}, False
+    for p in dict.fromkeys(paths):
+        try:
+            st = os.stat(p)
+        except OSError:
+            raise CellmorphError(f"{p}: image file not found ({where}).") from None
+        meta = [st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns]
+        known = index.get(p)
+        if isinstance(known, list) and known[:4] == meta and len(known) == 5:
+            out[p] = known[4]
+            continue
+        try:
+            out[p] = file_digest(p)
+        except OSError as err:
+            raise CellmorphError(f"{p}: cannot read the image file ({err.strerror}; {where}).") from None
+        index[p] = [*meta, out[p]]
+        changed = True
+    if changed:
+        try:
+            write_text(index_path, json.dumps(index), "cache")
+        except CellmorphError:
+            pass  # an unwritable cache: the store build says so (the index only saves time)
+    return out
+
+
+def trained_on(table: ImageTable, store: Store, rows: int, seed: int) -> dict:
+    """What a model fitted on `rows` rows of `table` (decoded in `store`) was trained on, as its bundle records
+    it: dataset, rows, store key, seed, image shape, channel columns, and per channel column the source
+    files' pixel type and its mapping to 0-255 (from the first row's headers; a prepared store's images
+    were mapped by `cellmorph prepare`). `cellmorph predict` checks new images against it."""
+    info = {"dataset": table.name, "images": int(rows), "store_key": store.key, "seed": int(seed),
+            "image_shape": list(store.images.shape[2:]), "channel_columns": table.path_columns}
+    if table.path_columns and table.store_dir is None and len(table.df):
+        dtypes = {c: image_dtype(table.df[c].iloc[0]) for c in table.path_columns}
+        info["source_dtypes"] = dtypes
+        info["intensity"] = {c: intensity_mapping(d) for c, d in dtypes.items()}
+    return info
 
 
 def build_store(table: ImageTable, image_size: int = 0, cache: Path | None = None, workers: int | None = None) -> Store:
     """Decode every image once into a uint8 array; reuse the cached copy when the key matches.
 
-    images.npy and then index.parquet are each written under a temporary name and renamed, so a store
-    is read only once both are complete. A build holds its store folder's lock: a second process building
+    images.npy and then index.parquet are each written under a temporary name and renamed, then their content
+    hashes (`NAME.blake2b`); a store is read only when both files match their hashes, so a store damaged on
+    disk (truncated, or bytes changed at the same size) is decoded again, and the console says so. A build holds its store folder's lock: a second process building
     the same store waits and reuses the result, and any temporary found under the lock is a killed
     build's leftover (tens of MB), removed.
     """
     if table.store_dir is not None:  # made by `cellmorph prepare`: already decoded
         return open_prepared(table.store_dir, image_size)
-    key = store_key(table, image_size)
     root = Path(cache or cache_dir())
+    key = store_key(table, image_size, root)
     folder = root / "store" / key
     images_path, index_path = folder / STORE_FILES[0], folder / STORE_FILES[1]
-    if not (images_path.is_file() and index_path.is_file()):
+    complete = lambda: all(digest_ok(folder / f) for f in STORE_FILES)  # noqa: E731 - written last, checked on every read
+    if not complete():
         with _build_lock(root, folder):
-            if not (images_path.is_file() and index_path.is_file()):
+            if not complete():
+                if images_path.is_file() or index_path.is_file():
+                    console.print(f"the cached store {folder} is incomplete or damaged (checksum mismatch): decoding the images again")
                 _remove_stale_temporaries(folder)
                 workers = workers or min(8, os.cpu_count() or 1)
                 images = _cut_all_patches(table, image_size, workers) if table.patch_size else _decode_all(table, image_size, workers)
                 write_npy(images_path, images, what="cache")
                 write_parquet(index_path, table.df, what="cache")
+                for f in STORE_FILES:
+                    write_digest(folder / f)
                 return Store(images, table.df.copy(), key)
     return Store(np.load(images_path), pd.read_parquet(index_path), key)
 

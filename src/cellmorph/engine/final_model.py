@@ -14,6 +14,7 @@ import pandas as pd
 from cellmorph.config import ExperimentConfig, dump_toml
 from cellmorph.config import override as override_config
 from cellmorph.data.store import Store
+from cellmorph.data.store import trained_on as describe_training
 from cellmorph.data.table import labelled_mask
 from cellmorph.engine.plan import Plan
 from cellmorph.evaluation.novelty import reference_profiles
@@ -111,8 +112,7 @@ def _save_frozen_from_cache(path: Path, cfg: ExperimentConfig, plan: Plan, store
     arrays = {"mean": scaler.mean_, "scale": scaler.scale_, "coef": coef, "intercept": intercept}
     tensors = {**{f"backbone.{k}": v for k, v in weights.items()}, **{f"head.{k}": np.ascontiguousarray(v, dtype=np.float64) for k, v in arrays.items()}}
     images = store.images
-    trained_on = {"dataset": table.name, "images": len(idx), "store_key": store.key, "seed": cfg.seed,
-                  "image_shape": list(images.shape[2:]), "channel_columns": table.path_columns}
+    trained_on = describe_training(table, store, len(idx), cfg.seed)
     calibration, info = _calibration(cfg, plan, store, oof, cfg.seed)
     meta = bundle_meta(cfg, plan.classes, images.shape[1], spec["size"], spec["mean"], spec["std"], spec["normalize"], trained_on,
                        info, len(calibration) if calibration is not None else 0)

@@ -22,7 +22,9 @@ from cellmorph.evaluation.aggregate import available_levels
 from cellmorph.evaluation.protocols import get as get_protocol
 from cellmorph.evaluation.protocols import make_folds
 from cellmorph.evaluation.splits import Fold, Protocol
-from cellmorph.models.names import check_model_config
+from cellmorph.data.store import cache_dir
+from cellmorph.io import check_writable
+from cellmorph.models.names import INIT_WORDS, check_model_config
 from cellmorph.reporting.outputs import check_outputs
 
 
@@ -100,6 +102,11 @@ def plan_run(cfg: ExperimentConfig, data_dir: str | Path | None = None, table: I
     if table is None:
         table = load_dataset(cfg.dataset.name, data_dir, label=cfg.dataset.label, **cfg.dataset.options)
     check_model_config(cfg.model.name, cfg.model.init)
+    if cfg.model.init not in INIT_WORDS:  # a weights file: read it now, not in the first fold after the folder is claimed
+        from cellmorph.models.factory import read_weights_file  # (torch: needed for this network anyway)
+
+        read_weights_file(Path(cfg.model.init).expanduser())
+    check_writable(cache_dir(), "cache")  # the store and features need it: a refusal now, not after claiming --out
     if cfg.device != "auto":  # an explicit device is checked now; "auto" is resolved when a network runs
         from cellmorph.models.train import pick_device
 

@@ -5,7 +5,10 @@
                         loading never needs a weights package or a download
     bundle.json         format_version, cellmorph version, mode, model, init, classes, label column,
                         input spec (channels, size, mean, std, normalize), the preprocessing expected,
-                        what it was trained on, created time
+                        what it was trained on, created time, and `files`: the sha256 of every other file of
+                        the bundle (a missing, changed or foreign file is refused, naming it); the class
+                        order and label are also stamped into model.safetensors' header metadata, and the
+                        calibration's prob_<class> columns must be the classes in order
     config.toml         the resolved config it was trained with (every default written out)
     calibration.parquet (optional; format 2) the out-of-fold predictions of the cross-validation that
                         produced the bundle (`cellmorph run`, RUN/model/): one row per labelled image,
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import hashlib
 import json
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -87,28 +91,31 @@ def save_bundle(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict, 
         PosixPath('moa-model')
     """
     path = Path(path).expanduser()
+    # The class order and label travel inside the weights file too: bundle.json cannot be edited to disagree.
+    stamp = {"cellmorph.classes": json.dumps(list(meta["classes"])), "cellmorph.label": str(meta["label"])}
     if all(isinstance(v, np.ndarray) for v in tensors.values()):  # the frozen fast path: no torch needed
         from safetensors.numpy import save
 
-        weights = save({k: np.require(v, requirements="C") for k, v in tensors.items()})  # (not ascontiguousarray: it makes 0-d arrays 1-d)
+        weights = save({k: np.require(v, requirements="C") for k, v in tensors.items()}, metadata=stamp)  # (not ascontiguousarray: it makes 0-d arrays 1-d)
     else:
         from safetensors.torch import save
 
-        weights = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
+        weights = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=stamp)
     with locked(path, "bundle"):
         if path.exists() and path.is_dir() and not any(path.iterdir()):
             path.rmdir()  # an empty folder holds nothing to lose
         claim(path, BUNDLE, "cannot save a bundle to", overwrite=overwrite)
         with staged_folder(path, BUNDLE, "bundle") as tmp:
             (tmp / WEIGHTS).write_bytes(weights)  # written by us: no temporary of safetensors' own can be left behind
-            full = {"format_version": FORMAT_VERSION, "cellmorph_version": __version__, **meta,
-                    "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-            (tmp / META).write_text(json.dumps(full, indent=2) + "\n")
             (tmp / CONFIG).write_text(dump_toml(cfg) + "\n")
             if calibration is not None:
                 calibration.to_parquet(tmp / CALIBRATION, index=False)
             if reference is not None:
                 np.savez(tmp / REFERENCE, **reference)
+            files = {f.name: sha256_file(f) for f in sorted(tmp.iterdir())}  # bundle.json ties every other file to this bundle
+            full = {"format_version": FORMAT_VERSION, "cellmorph_version": __version__, **meta,
+                    "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "files": files}
+            (tmp / META).write_text(json.dumps(full, indent=2) + "\n")
     return path
 
 
@@ -156,6 +163,7 @@ def load_bundle(path: str | Path) -> Bundle:
     if not isinstance(meta, dict):
         raise CellmorphError(f"{path / META}: corrupt, expected a JSON object. Save the model again.")
     _check_meta(path / META, meta)
+    _check_files(path, meta)
     cfg = parse_config(read_toml(path / CONFIG), path / CONFIG)
     for field, value in (("mode", cfg.mode), ("model", cfg.model.name)):
         if meta[field] != value:
@@ -164,14 +172,25 @@ def load_bundle(path: str | Path) -> Bundle:
         from safetensors.torch import load_file
 
         tensors = load_file(str(path / WEIGHTS))
+        stamp = _weights_metadata(path / WEIGHTS)
     except Exception as err:  # noqa: BLE001 - any unreadable file is the same fix
         raise CellmorphError(f"{path / WEIGHTS}: cannot read the weights ({type(err).__name__}: {err}). Save the model again.") from None
+    if "cellmorph.classes" in stamp and json.loads(stamp["cellmorph.classes"]) != list(meta["classes"]):
+        raise CellmorphError(f"{path / META}: field 'classes' {meta['classes']} is not the class order the weights were trained with "
+                             f"({json.loads(stamp['cellmorph.classes'])}, recorded in {WEIGHTS}): bundle.json was edited. Save the model again.")
     calibration = None
     if (path / CALIBRATION).is_file():
         try:
             calibration = pd.read_parquet(path / CALIBRATION)
         except Exception as err:  # noqa: BLE001 - any unreadable file is the same fix
             raise CellmorphError(f"{path / CALIBRATION}: cannot read the calibration data ({type(err).__name__}: {err}). Run the experiment again to rewrite the bundle.") from None
+        cols = [c.removeprefix("prob_") for c in calibration.columns if c.startswith("prob_")]
+        if cols != list(meta["classes"]):
+            raise CellmorphError(f"{path / CALIBRATION}: its probability columns {cols} are not the bundle's classes {meta['classes']} in order: "
+                                 "calibration data of another model. Run the experiment again to rewrite the bundle.")
+    elif (meta.get("calibration") or {}).get("rows"):
+        raise CellmorphError(f"{path / CALIBRATION}: missing, but {META} says the bundle was saved with {meta['calibration']['rows']} rows of "
+                             "calibration data. Restore the file, or run the experiment again to rewrite the bundle.")
     reference = None
     if (path / REFERENCE).is_file():
         try:
@@ -180,6 +199,40 @@ def load_bundle(path: str | Path) -> Bundle:
         except Exception as err:  # noqa: BLE001 - any unreadable file is the same fix
             raise CellmorphError(f"{path / REFERENCE}: cannot read the reference profiles ({type(err).__name__}: {err}). Run the experiment again to rewrite the bundle.") from None
     return Bundle(path, tensors, meta, cfg, calibration, reference)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _check_files(path: Path, meta: dict) -> None:
+    """Every file of the bundle is the one bundle.json recorded (sha256): none missing, none changed, none added.
+    Bundles saved before checksums were recorded (no `files` field) are read as they are."""
+    files = meta.get("files")
+    if files is None:
+        return
+    present = {f.name for f in path.iterdir() if f.is_file() and f.name != META}
+    for name in sorted(set(files) - present):
+        raise CellmorphError(f"{path / name}: missing, but {META} lists it (sha256 {files[name][:12]}...). Restore the file, or save the model again.")
+    for name in sorted(present & set(BUNDLE.files) - set(files)):
+        raise CellmorphError(f"{path / name}: not part of this bundle ({META} does not list it): a file from another bundle? Remove it, or save the model again.")
+    for name in sorted(files):
+        if sha256_file(path / name) != files[name]:
+            raise CellmorphError(f"{path / name}: does not match the checksum {META} recorded: the file was changed or comes from another bundle. "
+                                 "Restore it, or save the model again.")
+
+
+def _weights_metadata(path: Path) -> dict:
+    """The metadata cellmorph stamped into model.safetensors' header (classes, label); {} for older bundles."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        if not 0 < n < 100_000_000:
+            raise ValueError(f"header length {n}")
+        return json.loads(f.read(n)).get("__metadata__") or {}
 
 
 def _check_meta(where: Path, meta: dict) -> None:

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from cellmorph.config import ExperimentConfig, override
-from cellmorph.data.store import build_store
+from cellmorph.data.store import build_store, trained_on
 from cellmorph.data.table import ImageTable, labelled_mask
 from cellmorph.errors import CellmorphError
 from cellmorph.models.bundle import bundle_meta, load_bundle, load_state, save_bundle
@@ -145,8 +145,7 @@ class Classifier:
         else:
             self._fit_finetune(images[torch.from_numpy(idx)], y, len(classes), device, on_step)
         self.classes, self._channels = classes, images.shape[1]
-        self._trained_on = {"dataset": table.name, "images": len(idx), "store_key": store.key, "seed": cfg.seed,
-                            "image_shape": list(images.shape[2:]), "channel_columns": table.path_columns}
+        self._trained_on = trained_on(table, store, len(idx), cfg.seed)
         return self
 
     def _fit_frozen(self, store, images: torch.Tensor, idx: np.ndarray, y: np.ndarray, device: torch.device) -> None:

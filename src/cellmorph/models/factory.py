@@ -150,8 +150,10 @@ def gaussian_init_(model: nn.Module, std: float = 0.01) -> None:
 SCRATCH_INITS = {"xavier": xavier_init_, "gaussian": gaussian_init_}
 
 
-def load_weights_file(model: nn.Module, path: Path) -> None:
-    """Load a state dict into `model`; a classifier of another size is left at its initialisation."""
+def read_weights_file(path: Path) -> dict:
+    """The state dict in a weights file (.safetensors, or a .pth/.pt read with weights_only: a pickle payload is
+    refused, never run); one line naming the file when it cannot be read. The runner calls it while planning,
+    before the run folder is claimed."""
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -160,7 +162,17 @@ def load_weights_file(model: nn.Module, path: Path) -> None:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unreadable file is the user's to fix
-        raise CellmorphError(f"{path}: cannot read weights ({type(err).__name__}: {err}).") from None
+        first = (str(err).strip().splitlines() or [""])[0][:200]
+        raise CellmorphError(f"{path}: cannot read weights ({type(err).__name__}: {first}). Give model.init a .safetensors or "
+                             "state-dict .pth file (plain tensors only).") from None
+    if not isinstance(state, dict):
+        raise CellmorphError(f"{path}: not a state dict (a {type(state).__name__}). Give model.init a .safetensors or state-dict .pth file.")
+    return state
+
+
+def load_weights_file(model: nn.Module, path: Path) -> None:
+    """Load a state dict into `model`; a classifier of another size is left at its initialisation."""
+    state = read_weights_file(path)
     for key in ("state_dict", "model", "model_state"):
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]
@@ -266,6 +278,6 @@ def load_fold_model(model_cfg, path: Path, num_classes: int, in_chans: int) -> n
     model = create_model(model_cfg.name, "random", num_classes=num_classes, in_chans=in_chans, drop_rate=model_cfg.drop_rate)
     try:
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-    except (RuntimeError, OSError, EOFError, ValueError) as err:
+    except Exception as err:  # noqa: BLE001 - an unreadable or foreign file (a pickle payload is refused by weights_only)
         raise CellmorphError(f"{path}: cannot load the fold model ({type(err).__name__}: {str(err)[:200]}). Run the experiment again.") from None
     return model.eval()

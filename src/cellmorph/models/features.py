@@ -12,7 +12,8 @@ import numpy as np
 from cellmorph.config import ModelConfig
 from cellmorph.io import write_json, write_npy
 from cellmorph.models.names import default_input_size
-from cellmorph.progress import make_progress
+from cellmorph.progress import console, make_progress
+from cellmorph.storage import digest_ok, write_digest
 from cellmorph.data.store import Store, cache_dir
 
 FEATURES_VERSION = 1
@@ -29,9 +30,22 @@ def feature_key(store: Store, model_cfg: ModelConfig, tta: bool) -> str:
 
 
 def cached_features(store: Store, model_cfg: ModelConfig, tta: bool, cache: Path | None = None) -> np.ndarray | None:
-    """The cached N x D features of this store and backbone, or None (no torch needed to find out)."""
+    """The cached N x D features of this store and backbone, or None (no torch needed to find out). A cache file
+    that does not match its recorded content hash (truncated, emptied, bytes changed) or holds NaN is not used:
+    the console says so and the features are extracted again."""
     path = (cache or cache_dir()) / "features" / f"{feature_key(store, model_cfg, tta)}.npy"
-    return np.load(path) if path.is_file() else None
+    if not path.is_file():
+        return None
+    feats = None
+    if digest_ok(path):
+        try:
+            feats = np.load(path, allow_pickle=False)
+        except (OSError, ValueError):
+            feats = None
+    if feats is None or feats.ndim != 2 or len(feats) != len(store.index) or not np.isfinite(feats).all():
+        console.print(f"the cached features {path} are damaged (checksum, shape or NaN): extracting them again")
+        return None
+    return feats
 
 
 def extract_features(store: Store, model_cfg: ModelConfig, tta: bool, batch_size: int, device, cache: Path | None = None) -> np.ndarray:
@@ -58,6 +72,7 @@ def extract_features(store: Store, model_cfg: ModelConfig, tta: bool, batch_size
         feats = forward_batches(model, images, spec, device, batch_size, tta=tta, on_batch=lambda n: progress.advance(task, n))
     feats = feats.numpy().astype(np.float32)
     write_npy(path, feats, what="cache")
+    write_digest(path)
     if model_cfg.init not in ("random", "xavier", "gaussian"):  # fixed weights: keep them beside their features
         _write_backbone(path, model, spec)
     return feats
@@ -73,14 +88,16 @@ def _write_backbone(features_path: Path, model, spec) -> None:
     with atomic_path(features_path.with_suffix(".backbone.safetensors"), "cache") as tmp:  # bytes written by us: no temporary of safetensors'
         tmp.write_bytes(save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}))
     write_json(features_path.with_suffix(".backbone.json"), {"size": spec.size, "mean": list(spec.mean), "std": list(spec.std), "normalize": spec.normalize_mode}, "cache")
+    for f in (features_path.with_suffix(".backbone.safetensors"), features_path.with_suffix(".backbone.json")):
+        write_digest(f)
 
 
 def cached_backbone(store: Store, model_cfg: ModelConfig, tta: bool, cache: Path | None = None) -> tuple[dict, dict] | None:
     """The backbone weights (name -> numpy array) and input spec cached with these features, or None."""
     path = (cache or cache_dir()) / "features" / f"{feature_key(store, model_cfg, tta)}.npy"
     weights, spec = path.with_suffix(".backbone.safetensors"), path.with_suffix(".backbone.json")
-    if not (weights.is_file() and spec.is_file()):
-        return None
+    if not (weights.is_file() and spec.is_file() and digest_ok(weights) and digest_ok(spec)):
+        return None  # not cached, or damaged: the final model is then fitted through the Classifier (which caches it again)
     from safetensors.numpy import load_file
 
     return load_file(str(weights)), json.loads(spec.read_text())

@@ -100,7 +100,7 @@ def _from_loaddata(df: pd.DataFrame, path: Path) -> pd.DataFrame:
 def match_channels(table: NewImages, clf) -> NewImages:
     """Put the input's channel columns in the training order (same names), and check the channel count and
     image size of the first row (the store checks every other row against it) against the model."""
-    from cellmorph.data.preprocess import read_image
+    from cellmorph.data.preprocess import image_dtype, intensity_mapping, read_image
 
     trained = list(clf.trained_on.get("channel_columns") or [])
     cols = table.path_columns
@@ -117,6 +117,15 @@ def match_channels(table: NewImages, clf) -> NewImages:
             f"{files}: {channels} channel(s) per field of view ({', '.join(table.path_columns)}) but the model {clf.source} takes "
             f"{clf.channels}{names}. Give each field the model's channels in its order (one {PATH_PREFIX}<Channel> column per file)."
         )
+    expected = clf.trained_on.get("source_dtypes") or {}
+    if expected:  # the same pixels at another bit depth would be mapped to 0-255 differently (to_uint8)
+        for (path, _), col, want in zip(arrays, table.path_columns, expected.values()):
+            got = image_dtype(path)
+            if got != want:
+                raise CellmorphError(
+                    f"{path}: {got} pixels, but the model {clf.source} was trained on {want} images ({col}: "
+                    f"{intensity_mapping(want)}); {got} images would be mapped to 0-255 otherwise ({intensity_mapping(got)}). "
+                    f"Give the images as the training images were ({want}), or train a model on {got} images.")
     shape = clf.trained_on.get("image_shape")
     size = clf.config.dataset.image_size
     h, w = arrays[0][1].shape[:2]
