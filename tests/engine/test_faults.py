@@ -605,6 +605,51 @@ def test_what_can_be_checked_fails_before_the_folder_is_claimed(world, case):
     assert not (world.root / "pwned").exists()
 
 
+@pytest.mark.parametrize("verb", ["summarize", "embed", "predict"])
+def test_other_verbs_refuse_a_users_folder_and_clean_their_own_leftovers(world, reference, verb):
+    """summarize, embed and predict --out: a folder holding a user's file is refused (one line, the file named,
+    nothing changed); in a folder of their own, what a killed earlier command left (a temporary file inside,
+    a temporary folder beside, safetensors' bytes included) is removed by the next command, and only that."""
+    args = {"summarize": ["summarize", reference], "embed": ["embed", reference],
+            "predict": ["predict", reference / "model", world.data / "images.csv"]}[verb]
+    users = with_user_files(world.root / f"{verb}-users")
+    (users / "mine.parquet").write_text("the user's")
+    before = snapshot(users)
+    code, text = cli(world, *args, "--out", users)
+    error_line(code, text, str(users), "holds files cellmorph did not write")
+    assert snapshot(users) == before
+    out = world.root / f"{verb}-out" / "out"
+    own = {"summarize": out / ".summary.csv.tmp-dead1", "embed": out / ".embeddings.parquet.tmp-dead1", "predict": None}[verb]
+    beside = out.parent / ".out.tmp-dead2"  # predict builds its folder beside --out and renames it
+    beside.mkdir(parents=True)
+    (beside / "predictions.parquet").write_text("a killed write's")
+    if verb != "predict":
+        beside.rename(out.parent / "not-ours-to-judge")  # summarize and embed stage no folder: a neighbour is not theirs
+        beside = out.parent / "not-ours-to-judge"
+    if own is not None:
+        out.mkdir()
+        own.write_text("a killed write's")
+    code, text = cli(world, *args, "--out", out)
+    assert code == 0, text
+    assert (not beside.exists()) == (verb == "predict") and (own is None or not own.exists())
+    assert sorted(p.name for p in out.parent.iterdir()) == sorted(["out"] + ([] if verb == "predict" else ["not-ours-to-judge"]))  # no lock left
+
+
+def test_second_predict_into_one_folder_is_refused_naming_the_first(world, reference):
+    out = world.root / "predict-held"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from cellmorph.storage import locked\n"
+                               "with locked(sys.argv[1]):\n    print('held', flush=True); time.sleep(120)", str(out)],
+                              stdout=subprocess.PIPE, text=True, env=world.env)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        code, text = cli(world, "predict", reference / "model", world.data / "images.csv", "--out", out)
+        error_line(code, text, str(out), "in use by another cellmorph process", f"pid {holder.pid} since")
+        assert not out.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def test_rerun_after_the_data_changed_is_refused_not_mixed(world, reference):
     changed = world.root / "data-changed"
     changed.mkdir()
