@@ -188,9 +188,8 @@ def prepare(
     from cellmorph.data.registry import resolve_data_dir
     from cellmorph.data.catalog import prepare as run_prepare
 
-    kw = {"workers": workers}
-    if name == "bbbc021":
-        kw.update(images_root=images, plates=[p.strip() for p in plates.split(",")] if plates else None, image_size=image_size)
+    given = {"images_root": images, "plates": [p.strip() for p in plates.split(",")] if plates else None, "image_size": image_size or None}
+    kw = {"workers": workers, **{k: v for k, v in given.items() if v is not None}}  # the dataset's prepare says which it takes
     recipe = run_prepare(name, resolve_data_dir(data), out, **kw)
     console.print(f"{name}: {recipe['n_images']} images of {'x'.join(map(str, recipe['image_shape']))} in {out} (prepared.json says how)")
     if recipe.get("crops_dropped"):

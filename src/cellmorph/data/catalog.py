@@ -46,5 +46,15 @@ def load_dataset(name: str, data_dir: str | Path | None, label: str = "Metadata_
 
 
 def prepare(name: str, data_dir: Path, out: Path, **kw) -> dict:
-    """`cellmorph prepare NAME`: the raw-plate preparation dataset `name` registers (register_prepare)."""
-    return preparer(name)(data_dir, out, **kw)
+    """`cellmorph prepare NAME`: the raw-plate preparation dataset `name` registers (register_prepare), with the
+    options it takes (an option it does not take is an error naming it)."""
+    import inspect
+
+    fn = preparer(name)
+    params = inspect.signature(fn).parameters
+    if not any(p.kind == p.VAR_KEYWORD for p in params.values()):
+        extra = [k for k in kw if k not in params]
+        if extra:
+            flags = ", ".join("--" + k.replace("_root", "").replace("_", "-") for k in extra)
+            raise CellmorphError(f"cellmorph prepare {name}: {flags} do(es) not apply to this dataset; leave it out.")
+    return fn(data_dir, out, **kw)

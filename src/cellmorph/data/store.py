@@ -28,7 +28,7 @@ from cellmorph.errors import CellmorphError
 from cellmorph.io import write_npy, write_parquet, write_text
 from cellmorph.data.preprocess import image_dtype, intensity_mapping, load_field, read_image, resize_uint8
 from cellmorph.progress import console, make_progress
-from cellmorph.storage import digest_ok, file_digest, write_digest
+from cellmorph.storage import PREPARED, digest_ok, file_digest, write_digest
 
 STORE_VERSION = 1
 CACHE_ENV = "CELLMORPH_CACHE"
@@ -250,13 +250,12 @@ def _cut_all_patches(table: ImageTable, image_size: int, workers: int) -> np.nda
 
 # --- Prepared stores (`cellmorph prepare`): a folder holding images.npy, index.parquet, prepared.json ---------
 
-PREPARED_FILES = ("images.npy", "index.parquet", "prepared.json")
 
 
 def open_prepared(folder: str | Path, image_size: int = 0, mmap: bool = False) -> Store:
     """Open a store written by `cellmorph prepare` (in memory, or memory-mapped when mmap=True)."""
     folder = Path(folder)
-    missing = [f for f in PREPARED_FILES if not (folder / f).is_file()]
+    missing = [f for f in PREPARED.files if not (folder / f).is_file()]
     if missing:
         raise CellmorphError(
             f"{folder}: not a prepared store (missing {missing}). Make one with `cellmorph prepare NAME --out {folder}`; "

@@ -30,8 +30,12 @@ def labelled_mask(df: pd.DataFrame, label: str) -> np.ndarray:
 
     >>> labelled_mask(pd.DataFrame({"m": ["DNA damage", "", None, "nan"]}), "m").tolist()
     [True, False, False, False]"""
-    col = df[label]
-    return (col.notna() & ~col.astype(str).str.strip().str.lower().isin(UNLABELLED_WORDS)).to_numpy()
+    return labelled_values(df[label]).to_numpy()
+
+
+def labelled_values(values: pd.Series) -> pd.Series:
+    """labelled_mask of one column, as a boolean Series on its index."""
+    return values.notna() & ~values.astype(str).str.strip().str.lower().isin(UNLABELLED_WORDS)
 
 
 def labelled_rows(df: pd.DataFrame, label: str) -> pd.DataFrame:

@@ -11,12 +11,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from cellmorph.data.table import labelled_values
 from cellmorph.errors import CellmorphError
 from cellmorph.io import write_json
 from cellmorph.profiling.recipes import Recipe, prepare_profiles
 from cellmorph.profiling.similarity import map_copairs, nearest_neighbour_matching, similarity_matrix, unit_rows
 from cellmorph.profiling.tables import (
-    BATCH, COMPOUND, CONCENTRATION, METRICS, MOA, PLOT, WELL_KEYS, aggregate_profiles, annotate_bbbc021, check_profile_table, is_labelled, read_profiles,
+    BATCH, COMPOUND, CONCENTRATION, METRICS, MOA, PLOT, WELL_KEYS, aggregate_profiles, annotate_bbbc021, check_profile_table, read_profiles,
 )
 from cellmorph.storage import EMBEDDINGS as EMBEDDINGS_FOLDER
 from cellmorph.storage import RUN, writing
@@ -51,7 +52,7 @@ def evaluate_profiles(profiles: pd.DataFrame, recipe: Recipe | None = None, sour
         df = aggregate_profiles(df, "well", feats, count="Metadata_Images")
     wells, used, info = prepare_profiles(df, feats, recipe)
     tkeys = [COMPOUND] + ([CONCENTRATION] if CONCENTRATION in wells.columns else [])
-    keep = is_labelled(wells[MOA]) & ~wells["Metadata__Control"].astype(bool)
+    keep = labelled_values(wells[MOA]) & ~wells["Metadata__Control"].astype(bool)
     scored_wells = wells[keep].drop(columns=["Metadata__Control"]).copy()
     # MoA and batch per treatment (a treatment's wells may span batches: all of them, joined by "|")
     groups = scored_wells.groupby(tkeys, sort=True, dropna=False)

@@ -21,6 +21,7 @@ import pandas as pd
 
 from cellmorph.errors import CellmorphError
 from cellmorph.evaluation.aggregate import WELL_KEYS, aggregate_units, unit_keys
+from cellmorph.data.table import labelled_values
 
 EMBEDDINGS = "embeddings.parquet"
 WELL_PROFILES = "profiles_well.parquet"
@@ -33,7 +34,7 @@ COMPOUND, CONCENTRATION, MOA, BATCH = "Metadata_Compound", "Metadata_Concentrati
 
 __all__ = [
     "BATCH", "COMPOUND", "CONCENTRATION", "EMBEDDINGS", "METRICS", "MOA", "PLOT", "PROFILE_FILES", "TREATMENT_PROFILES", "WELL_KEYS", "WELL_PROFILES",
-    "aggregate_profiles", "annotate_bbbc021", "check_profile_table", "feature_columns", "feature_prefix", "is_control", "is_labelled", "is_metadata",
+    "aggregate_profiles", "annotate_bbbc021", "check_profile_table", "feature_columns", "feature_prefix", "is_control", "is_metadata",
     "read_profiles", "well_and_treatment_profiles",
 ]
 
@@ -142,11 +143,6 @@ def is_control(df: pd.DataFrame, control: str) -> pd.Series:
     return c
 
 
-def is_labelled(values: pd.Series) -> pd.Series:
-    """Values that name a label: not missing, not blank, not "nan"/"none"/"null"."""
-    return values.notna() & ~values.astype(str).str.strip().str.lower().isin(["", "nan", "none", "null"])
-
-
 def check_profile_table(df: pd.DataFrame, source: str, control: str = "DMSO") -> list[str]:
     """The feature columns of a profile table, or a one-line error naming what is missing and the fix."""
     missing = [c for c in (COMPOUND, MOA) if c not in df.columns]
@@ -161,7 +157,7 @@ def check_profile_table(df: pd.DataFrame, source: str, control: str = "DMSO") ->
     values = df[feats].to_numpy(dtype=np.float64)
     if not np.isfinite(values).any():
         raise CellmorphError(f"{source}: every feature value is NaN or infinite ({len(feats)} feature columns, {len(df)} rows): nothing to compare. Check how the table was written.")
-    lab = is_labelled(df[MOA]) & ~is_control(df, control)
+    lab = labelled_values(df[MOA]) & ~is_control(df, control)
     moas = df.loc[lab, MOA].astype(str).unique()
     if len(moas) < 2:
         raise CellmorphError(f"{source}: {len(moas)} MoA ({', '.join(moas) or 'none'}) among the non-{control} rows: MoA matching needs at least 2 MoAs (and 2 compounds of one MoA for a positive).")

@@ -255,11 +255,6 @@ def download_raw(data_dir: Path, plates: list[str] | None = None) -> Path:
 register_download("bbbc021-raw", download_raw)
 
 
-def _prepare_bbbc021(data_dir: Path, out: Path, **options) -> dict:
-    return prepare_bbbc021(data_dir, out, **options)
-
-
-register_prepare("bbbc021", _prepare_bbbc021)
 
 
 def prepare_bbbc021(
@@ -344,3 +339,6 @@ def prepare_bbbc021(
         writer.abort()
         raise
     return load_recipe(out)
+
+
+register_prepare("bbbc021", prepare_bbbc021)
