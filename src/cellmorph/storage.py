@@ -265,39 +265,43 @@ def _lock_path(folder: Path) -> Path:
     return folder.parent / f".{folder.name}{LOCK_SUFFIX}"
 
 
+def _try_lock(path: Path, exclusive: bool) -> tuple[int, bool] | None:
+    """Open a lock file and try to take it without waiting: (fd, taken), or None when there is no file."""
+    try:
+        fd = os.open(path, os.O_RDWR if exclusive else os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+        return fd, True
+    except OSError:
+        return fd, False
+
+
 def remove_stale_lock(path: Path) -> bool:
     """Remove a lock file nobody holds (left by a killed process), taking it first so that no process can
     acquire it in between (a process that opened it before the removal finds it unlinked and retries, see
     `locked`). Returns whether it was removed."""
-    try:
-        fd = os.open(path, os.O_RDWR)
-    except OSError:
+    probe = _try_lock(path, exclusive=True)
+    if probe is None:
         return False
+    fd, taken = probe
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            return False  # held: a live process's
-        path.unlink(missing_ok=True)
-        return True
+        if taken:  # nobody holds it: a killed process's
+            path.unlink(missing_ok=True)
+        return taken
     finally:
         os.close(fd)
 
 
 def lock_holder(folder: str | Path) -> str | None:
     """Who holds `folder`'s lock ("pid 123 since ..."), or None when nobody does."""
-    path = _lock_path(Path(folder))
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
+    probe = _try_lock(_lock_path(Path(folder)), exclusive=False)
+    if probe is None:
         return None
+    fd, taken = probe
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except OSError:
-            return os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return None
+        return None if taken else (os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process")
     finally:
         os.close(fd)
 

@@ -104,24 +104,31 @@ def test_second_process_is_refused_naming_the_holder_and_a_dead_holder_frees_the
 # --- SIGKILL at every commit point ------------------------------------------------------------------------
 
 
+# Patches os.replace and os.rename (every commit point of cellmorph's writers) to SIGKILL the process at the
+# KILL_AT-th call (0: never); run in a forked child by _killed_at, and by the CLI script below.
+_KILL_AT_NTH_RENAME = """
+import os, signal
+_seen = [0]
+def _counted(real):
+    def f(*a, **k):
+        _seen[0] += 1
+        if _seen[0] == KILL_AT:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(*a, **k)
+    return f
+os.replace, os.rename = _counted(os.replace), _counted(os.rename)
+"""
+_CLI_KILLED_AT = "import sys\nKILL_AT = int(sys.argv[1])\n" + _KILL_AT_NTH_RENAME + (
+    "sys.argv = ['cellmorph', *sys.argv[2:]]\nfrom cellmorph.cli import main\nmain()\n")
+
+
 def _killed_at(n: int, work) -> int:
-    """Run `work()` in a forked child that SIGKILLs itself at its n-th rename (os.replace / os.rename: every
-    commit point of cellmorph's writers); n = 0 never. Returns the child's wait status: -SIGKILL when killed,
-    0 when `work` finished first, 3 when it raised."""
+    """Run `work()` in a forked child that SIGKILLs itself at its n-th rename (n = 0: never). Returns the child's
+    status: -SIGKILL when killed, 0 when `work` finished first, 3 when it raised."""
     pid = os.fork()
     if pid == 0:  # the child: no cleanup of the parent's runs (os._exit), nothing shared but the files
         try:
-            seen = [0]
-
-            def counted(real):
-                def f(*a, **k):
-                    seen[0] += 1
-                    if seen[0] == n:
-                        os.kill(os.getpid(), signal.SIGKILL)
-                    return real(*a, **k)
-                return f
-
-            os.replace, os.rename = counted(os.replace), counted(os.rename)
+            exec(_KILL_AT_NTH_RENAME, {"KILL_AT": n})
             work()
             os._exit(0)
         except BaseException:  # noqa: BLE001 - reported to the parent by the exit status
@@ -179,7 +186,7 @@ def test_sigkill_at_every_rename_leaves_nothing_after_the_next_command(data_dir,
 
     env = {**os.environ, "CELLMORPH_CACHE": str(tmp_path / "cache")}
     predict = ["predict", str(ref / "run" / "model"), str(tmp_path / "images.csv"), "--overwrite", "--out"]
-    cli = [sys.executable, "-c", _KILL_AT_NTH_RENAME]
+    cli = [sys.executable, "-c", _CLI_KILLED_AT]
     assert subprocess.run([*cli, "0", *predict, str(ref / "pred")], env=env, capture_output=True).returncode == 0
     want_pred = pd.read_parquet(ref / "pred" / "predictions.parquet")
     n = 1
@@ -191,20 +198,3 @@ def test_sigkill_at_every_rename_leaves_nothing_after_the_next_command(data_dir,
         pd.testing.assert_frame_equal(pd.read_parquet(out / "predictions.parquet"), want_pred)
         n += 1
     assert n > 1, n
-
-
-_KILL_AT_NTH_RENAME = """
-import os, signal, sys
-n, seen = int(sys.argv[1]), [0]
-def counted(real):
-    def f(*a, **k):
-        seen[0] += 1
-        if seen[0] == n:
-            os.kill(os.getpid(), signal.SIGKILL)
-        return real(*a, **k)
-    return f
-os.replace, os.rename = counted(os.replace), counted(os.rename)
-sys.argv = ["cellmorph", *sys.argv[2:]]
-from cellmorph.cli import main
-main()
-"""

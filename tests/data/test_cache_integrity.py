@@ -52,6 +52,13 @@ def _probs(run) -> np.ndarray:
     return p[[c for c in p.columns if c.startswith("prob_")]].to_numpy()
 
 
+def _run_ok(world, monkeypatch, capsys, out) -> tuple[np.ndarray, str]:
+    """`cellmorph run` of the tiny config into `out`: it must succeed; its probabilities and console text."""
+    code, text = _cli(monkeypatch, capsys, "run", world / "tiny.toml", "--out", out)
+    assert code == 0, text
+    return _probs(out), text
+
+
 def _flip_middle(path) -> None:
     """The same size, other bytes: what a bad sector or a buggy copy does."""
     data = bytearray(path.read_bytes())
@@ -62,43 +69,31 @@ def _flip_middle(path) -> None:
 
 @pytest.mark.realdata
 def test_a_damaged_cache_is_rebuilt_never_used(world, monkeypatch, capsys):
-    cfg = world / "tiny.toml"
-    code, text = _cli(monkeypatch, capsys, "run", cfg, "--out", world / "a")
-    assert code == 0, text
-    want = _probs(world / "a")
+    want, _ = _run_ok(world, monkeypatch, capsys, world / "a")
     (features,) = (world / "cache" / "features").glob("*[0-9a-f].npy")
     (images,) = (world / "cache" / "store").glob("*/images.npy")
     for n, damage in enumerate([_flip_middle, lambda p: p.write_bytes(p.read_bytes()[: 200]), lambda p: p.write_bytes(b"")]):
         damage(features)
-        code, text = _cli(monkeypatch, capsys, "run", cfg, "--out", world / f"f{n}")
-        assert code == 0, text
+        got, text = _run_ok(world, monkeypatch, capsys, world / f"f{n}")
         assert "cached features" in text and "damaged" in text and "extracting them again" in text, text
-        np.testing.assert_array_equal(_probs(world / f"f{n}"), want)
+        np.testing.assert_array_equal(got, want)
     _flip_middle(images)
     _flip_middle(features)  # stale features of the store are no help either: both rebuilt
-    code, text = _cli(monkeypatch, capsys, "run", cfg, "--out", world / "s")
-    assert code == 0, text
+    got, text = _run_ok(world, monkeypatch, capsys, world / "s")
     assert "cached store" in text and "damaged" in text, text
-    np.testing.assert_array_equal(_probs(world / "s"), want)
+    np.testing.assert_array_equal(got, want)
 
 
 @pytest.mark.realdata
 def test_an_image_rewritten_with_size_and_mtime_kept_is_new_data(world, monkeypatch, capsys):
-    cfg = world / "tiny.toml"
-    code, text = _cli(monkeypatch, capsys, "run", cfg, "--out", world / "old")
-    assert code == 0, text
-    before = _probs(world / "old")
+    before, _ = _run_ok(world, monkeypatch, capsys, world / "old")
     target = sorted((world / "images").glob("*.tif"))[0]
     st = os.stat(target)
     pixels = tifffile.imread(target)
     tifffile.imwrite(target, 255 - pixels, photometric="rgb")  # the same size: an uncompressed TIFF of the same shape
     os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))  # as cp -p / rsync -t keep it
     assert os.stat(target).st_size == st.st_size and os.stat(target).st_mtime_ns == st.st_mtime_ns
-    code, text = _cli(monkeypatch, capsys, "run", cfg, "--out", world / "new")
-    assert code == 0, text
-    after = _probs(world / "new")
-    row = pd.read_parquet(world / "new" / "predictions.parquet")
-    assert not np.array_equal(before, after)  # the new pixels were read, not the old store
-    code, text = _cli(monkeypatch, capsys, "run", cfg, "--out", world / "old")
+    after, _ = _run_ok(world, monkeypatch, capsys, world / "new")
+    assert not np.array_equal(before, after) and len(after) == 12  # the new pixels were read, not the old store
+    code, text = _cli(monkeypatch, capsys, "run", world / "tiny.toml", "--out", world / "old")
     assert code == 2 and "computed from other data" in text, text
-    assert len(row) == 12

@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -110,6 +111,20 @@ def error_line(code: int, text: str, *needles: str, only_line: bool = True) -> s
     return errors[0]
 
 
+@contextmanager
+def holding(world: World, folder: Path):
+    """Another process holding `folder`'s lock (as a running cellmorph command would) for the block; yields its pid."""
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from cellmorph.storage import locked\n"
+                               "with locked(sys.argv[1]):\n    print('held', flush=True); time.sleep(120)", str(folder)],
+                              stdout=subprocess.PIPE, text=True, env=world.env)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        yield holder.pid
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def with_user_files(folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     for name, body in USER_FILES.items():
@@ -192,17 +207,10 @@ def test_second_process_on_one_run_folder_is_refused_naming_the_holder(world):
     """While one process holds a run folder, a second `cellmorph run` into it gets one line naming the holder
     (pid, since when) and changes nothing."""
     out = world.root / "held"
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from cellmorph.storage import locked\n"
-                               "with locked(sys.argv[1]):\n    print('held', flush=True); time.sleep(120)", str(out)],
-                              stdout=subprocess.PIPE, text=True, env=world.env)
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with holding(world, out) as pid:
         code, text = cli(world, "run", world.config, "--out", out)
-        error_line(code, text, str(out), "in use by another cellmorph process", f"pid {holder.pid} since")
+        error_line(code, text, str(out), "in use by another cellmorph process", f"pid {pid} since")
         assert not out.exists()
-    finally:
-        holder.kill()
-        holder.wait()
     code, text = cli(world, "run", world.config, "--out", out, "--set", "evaluation.max_folds=1")  # the holder died: free again
     assert code == 0, text
 
@@ -637,17 +645,10 @@ def test_other_verbs_refuse_a_users_folder_and_clean_their_own_leftovers(world, 
 
 def test_second_predict_into_one_folder_is_refused_naming_the_first(world, reference):
     out = world.root / "predict-held"
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from cellmorph.storage import locked\n"
-                               "with locked(sys.argv[1]):\n    print('held', flush=True); time.sleep(120)", str(out)],
-                              stdout=subprocess.PIPE, text=True, env=world.env)
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with holding(world, out) as pid:
         code, text = cli(world, "predict", reference / "model", world.data / "images.csv", "--out", out)
-        error_line(code, text, str(out), "in use by another cellmorph process", f"pid {holder.pid} since")
+        error_line(code, text, str(out), "in use by another cellmorph process", f"pid {pid} since")
         assert not out.exists()
-    finally:
-        holder.kill()
-        holder.wait()
 
 
 def test_rerun_after_the_data_changed_is_refused_not_mixed(world, reference):

@@ -43,6 +43,30 @@ class Backbone(Protocol):
     def reset_classifier(self, num_classes: int) -> None: ...
 
 
+class LinearHead:
+    """The head half of the Backbone contract for a network whose classifier is one nn.Linear (`HEAD`, an
+    attribute name) after a dropout (`HEAD_DROP`), reading `num_features` pooled features from
+    `forward_features`: cellmorph's own networks (LeNet, GenderNet) mix it in."""
+
+    HEAD: str = "fc"
+    HEAD_DROP: str = "drop"
+
+    def get_classifier(self) -> nn.Module:
+        return getattr(self, self.HEAD)
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """A new output layer for `num_classes` classes (0: none, the network returns its features)."""
+        self.num_classes = num_classes
+        setattr(self, self.HEAD, nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity())
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Features -> logits (timm's signature); `pre_logits=True`: the features the classifier reads."""
+        return x if pre_logits else getattr(self, self.HEAD)(getattr(self, self.HEAD_DROP)(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
 def check_backbone(model: nn.Module, in_chans: int = 3, size: int = 64) -> None:
     """Raise a CellmorphError naming what `model` lacks of the Backbone contract, or what it computes wrong
     (shapes of the logits and the pre-logit features on a batch of 2 zero images)."""

@@ -23,11 +23,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from cellmorph.models.backbone import LinearHead
+
 NAME = "gendernet"
 INPUT_SIZE = 227
 
 
-class GenderNet(nn.Module):
+class GenderNet(LinearHead, nn.Module):
+    HEAD, HEAD_DROP = "fc8", "drop7"
+    num_features = 512  # the width of the pooled features the classifier reads (the Backbone contract)
+
     def __init__(self, num_classes: int = 2, in_chans: int = 3, drop_rate: float = 0.0):
         super().__init__()
         self.num_classes = num_classes
@@ -53,22 +58,5 @@ class GenderNet(nn.Module):
         self.drop7 = nn.Dropout(drop)
         self.fc8 = nn.Linear(512, num_classes) if num_classes else nn.Identity()
 
-    num_features = 512  # the width of the pooled features the classifier reads (the Backbone contract)
-
-    def get_classifier(self) -> nn.Module:
-        return self.fc8
-
-    def reset_classifier(self, num_classes: int) -> None:
-        """A new output layer for `num_classes` classes (0: none, the network returns its features)."""
-        self.num_classes = num_classes
-        self.fc8 = nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Features -> logits (timm's signature); `pre_logits=True`: the features the classifier reads."""
-        return x if pre_logits else self.fc8(self.drop7(x))
-
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return torch.relu(self.fc7(self.drop6(torch.relu(self.fc6(self.features(x))))))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))

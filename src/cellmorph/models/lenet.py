@@ -16,11 +16,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from cellmorph.models.backbone import LinearHead
+
 NAME = "lenet"
 INPUT_SIZE = 256
 
 
-class LeNet(nn.Module):
+class LeNet(LinearHead, nn.Module):
+    HEAD, HEAD_DROP = "fc2", "drop2"
+    num_features = 1024  # the width of the pooled features the classifier reads (the Backbone contract)
+
     def __init__(self, num_classes: int = 6, in_chans: int = 3, drop_rate: float = 0.0):
         super().__init__()
         self.num_classes = num_classes
@@ -41,22 +46,5 @@ class LeNet(nn.Module):
         self.drop2 = nn.Dropout(drop_rate)
         self.fc2 = nn.Linear(1024, num_classes) if num_classes else nn.Identity()
 
-    num_features = 1024  # the width of the pooled features the classifier reads (the Backbone contract)
-
-    def get_classifier(self) -> nn.Module:
-        return self.fc2
-
-    def reset_classifier(self, num_classes: int) -> None:
-        """A new output layer for `num_classes` classes (0: none, the network returns its features)."""
-        self.num_classes = num_classes
-        self.fc2 = nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Features -> logits (timm's signature); `pre_logits=True`: the features the classifier reads."""
-        return x if pre_logits else self.fc2(self.drop2(x))
-
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return torch.relu(self.fc1(self.drop1(self.features(x))))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
