@@ -25,13 +25,12 @@ from torch import nn
 
 from cellmorph.models.backbone import LinearHead
 
-NAME = "gendernet"
 INPUT_SIZE = 227
 
 
 class GenderNet(LinearHead, nn.Module):
-    HEAD, HEAD_DROP = "fc8", "drop7"
     num_features = 512  # the width of the pooled features the classifier reads (the Backbone contract)
+    HEAD, HEAD_DROP = "fc8", "drop7"  # LinearHead: the classifier and the dropout before it
 
     def __init__(self, num_classes: int = 2, in_chans: int = 3, drop_rate: float = 0.0):
         super().__init__()

@@ -18,7 +18,6 @@ from torch import nn
 
 from cellmorph.models.backbone import LinearHead
 
-NAME = "lenet"
 INPUT_SIZE = 256
 
 
