@@ -78,7 +78,7 @@ def main(argv=None) -> int:
     ap.add_argument("--tmp", type=Path, default=None, help="scratch folder (default: a temporary folder, removed after)")
     args = ap.parse_args(argv)
 
-    from cellmorph.data.prepare import prepare_bbbc021
+    from cellmorph.data.datasets.bbbc021_raw import prepare_bbbc021
 
     root = Path(tempfile.mkdtemp(prefix="cellmorph-speed-", dir=args.tmp))
     try:

@@ -191,7 +191,7 @@ DIGEST_SUFFIX = ".blake2b"
 
 
 def file_digest(path: str | Path) -> str:
-    """BLAKE2b (128-bit) of a file's bytes: a fast content hash (about 1 GB/s here)."""
+    """BLAKE2b (128-bit) of a file's bytes: a fast content hash (about 460 MB/s on one busy core here)."""
     h = hashlib.blake2b(digest_size=16)
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 22), b""):

@@ -158,7 +158,7 @@ class FoldEngine:
 
     def run_protocol(self, seed: int) -> tuple[pd.DataFrame, Metrics, dict]:
         """A protocol that scores its own folds in memory (Protocol.runner: lomo's rounds of heads on the frozen
-        features). Returns its predictions, Metrics and unit tables (level -> DataFrame)."""
+        features). Returns its predictions, Metrics and unit tables ({file name: DataFrame})."""
         plan = self.plan
         self.prepare()
         with make_progress() as progress:

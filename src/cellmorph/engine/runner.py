@@ -80,9 +80,9 @@ def _run(out: Path, cfg: ExperimentConfig, plan, store: Store) -> Metrics:
     for seed, sink in sinks.items():
         folder = sink.folder
         if own_runner:
-            pred, m, units = engine.run_protocol(seed)
-            for lv, t in units.items():
-                write_text(folder / f"novelty_{lv}s.csv", t.to_csv(index=False))
+            pred, m, tables = engine.run_protocol(seed)
+            for name, t in tables.items():  # the protocol's own unit tables (lomo: novelty_<level>s.csv)
+                write_text(folder / name, t.to_csv(index=False))
         else:
             pred, m = engine.collect(seed, sink)
         if len(cfg.seed_list) > 1:

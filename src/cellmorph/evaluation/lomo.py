@@ -335,14 +335,14 @@ FROZEN_ONLY = ("its nested calibration fits about 730 models on the BBBC021 subs
 def run_lomo_seed(features: np.ndarray, y: np.ndarray, df: pd.DataFrame, folds: list[NovelFold], classes: list[str], label: str,
                   levels: list[str], description: str, excluded: list[dict], cfg, seed: int, progress=None) -> tuple[pd.DataFrame, Metrics, dict[str, pd.DataFrame]]:
     """The runner's hook for `lomo` (Protocol.runner): every head of one seed in memory (`run_lomo`), its
-    Metrics with the `novelty` block, and the scored units per level (a run folder writes them as
-    novelty_<level>s.csv)."""
+    Metrics with the `novelty` block, and the scored units per level as {file name: table}
+    (novelty_<level>s.csv, which a run folder writes)."""
     ev = cfg.evaluation
     pred, block, units = run_lomo(features, y, df, folds, classes, label, levels, ev.aggregate, cfg.frozen.C, cfg.frozen.class_weight, seed,
                                   progress=progress, novelty_score=ev.novelty_score)
     m = Metrics(protocol="lomo", protocol_description=description, classes=list(classes),
                 levels=lomo_levels(pred, label, levels, ev.aggregate), excluded=excluded, seeds=[seed], novelty=block)
-    return pred, m, units
+    return pred, m, {f"novelty_{lv}s.csv": t for lv, t in units.items()}
 
 
 def _describe(group: str, ev, folds: list[NovelFold]) -> str:
