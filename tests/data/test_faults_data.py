@@ -239,3 +239,66 @@ def test_cli_truncated_tiff_is_one_line(bbbc013_tiff, tmp_path):
     assert proc.returncode == 2, out
     assert "Traceback" not in out and len(out.splitlines()) == 1, out
     assert str(bbbc013_tiff) in out and "corrupt or truncated; re-export or re-download it" in out
+
+
+# --- labels and rows of a user's CSV, through the CLI -----------------------------------------------------------
+
+
+def _cellmorph(*args, cwd: Path, env: dict | None = None) -> tuple[int, str]:
+    """`python -m cellmorph ARGS` in a subprocess, this tree's package first: (exit code, stdout + stderr)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "CELLMORPH_CACHE": str(cwd / "cache"), **(env or {})}
+    proc = subprocess.run([sys.executable, "-m", "cellmorph", *map(str, args)], capture_output=True, text=True, env=env, cwd=cwd, timeout=300)
+    return proc.returncode, (proc.stdout + proc.stderr).strip()
+
+
+def _folder_run_config(tmp_path: Path, csv: Path) -> Path:
+    config = tmp_path / "screen.toml"
+    config.write_text(
+        'name = "screen"\nmode = "frozen"\ndevice = "cpu"\n\n[dataset]\nname = "folder"\nimage_size = 32\n'
+        f'options = {{csv = "{csv}"}}\n\n[model]\nname = "tf_efficientnet_lite0"\ninit = "imagenet"\ninput_size = 32\n'
+        '\n[evaluation]\nprotocol = "holdout-25"\n'
+    )
+    return config
+
+
+def _only_error_line(code: int, out: str) -> str:
+    assert code == 2, out
+    assert "Traceback" not in out and len(out.splitlines()) == 1 and out.startswith("error: "), out
+    return out
+
+
+def test_labels_differing_only_in_case_or_spaces_are_one_line_listing_them(tmp_path):
+    """'DNA damage ' (a trailing space) is 'DNA damage'; 'dna damage' and 'DNA  damage' beside it are no new
+    classes but an error naming every spelling, the column and the file."""
+    _rgb_folder(tmp_path)
+    csv = tmp_path / "images.csv"
+    df = pd.read_csv(csv)
+    df["Metadata_MoA"] = ["DNA damage", "Eg5", "dna damage", "Eg5 ", "DNA  damage ", " Eg5"]
+    df.to_csv(csv, index=False)
+    code, out = _cellmorph("run", _folder_run_config(tmp_path, csv), "--out", tmp_path / "run", cwd=tmp_path)
+    line = _only_error_line(code, out)
+    assert line == (f"error: labels differ only in case or spaces: 'DNA  damage' / 'DNA damage' / 'dna damage' "
+                    f"(column Metadata_MoA in {csv}); make them one spelling"), line
+    assert not (tmp_path / "run").exists()
+
+
+def test_surrounding_spaces_are_stripped_from_labels(tmp_path):
+    _rgb_folder(tmp_path)
+    csv = tmp_path / "images.csv"
+    pd.read_csv(csv).assign(Metadata_MoA=["DNA damage", "Eg5", "DNA damage ", "Eg5", " DNA damage", " "]).to_csv(csv, index=False)
+    table = load_dataset("folder", tmp_path, csv="images.csv")
+    assert table.classes == ["DNA damage", "Eg5"]
+    assert table.df["Metadata_MoA"].tolist()[:5] == ["DNA damage", "Eg5", "DNA damage", "Eg5", "DNA damage"]
+
+
+def test_a_duplicated_csv_row_is_one_line_naming_its_image(tmp_path):
+    """The same image with the same metadata twice would count twice (in training and in the scores)."""
+    _rgb_folder(tmp_path)
+    csv = tmp_path / "images.csv"
+    df = pd.read_csv(csv)
+    pd.concat([df, df.iloc[[3, 1]]]).to_csv(csv, index=False)
+    code, out = _cellmorph("run", _folder_run_config(tmp_path, csv), "--out", tmp_path / "run", cwd=tmp_path)
+    line = _only_error_line(code, out)
+    assert line == (f"error: {csv}: row 6 repeats row 3 in every column (Image_Path_RGB {tmp_path / 'im3.png'}); "
+                    "each image may be listed once: remove the duplicate row(s)"), line
+    assert not (tmp_path / "run").exists()
