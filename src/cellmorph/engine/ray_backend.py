@@ -80,7 +80,7 @@ LOOPBACK = "127.0.0.1"
 
 
 @contextmanager
-def _this_machine_only(ray):
+def _this_machine_only():
     """While a local cluster starts: Ray's single-machine mode, in which the node's address is 127.0.0.1 (on Linux Ray
     otherwise swaps 127.0.0.1 for the machine's network address, and its gRPC servers listen on every interface
     unless the node's address is exactly 127.0.0.1). It is the mode Ray uses on macOS and Windows
@@ -123,7 +123,7 @@ def ray_session(ex: ExecutionConfig):
         if ex.address:
             ray.init(**kwargs)
         else:
-            with _this_machine_only(ray):
+            with _this_machine_only():
                 ray.init(**kwargs)
     except Exception as err:  # noqa: BLE001 - Ray raises many types here; the user needs one line
         where = f"the Ray cluster at execution.address = '{ex.address}'" if ex.address else "a local Ray cluster"
