@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 from typing import Optional
@@ -254,6 +255,7 @@ def profiles_evaluate(
 
 
 INTERRUPTED = "interrupted; rerun the same command to resume"
+TERMINATED = "terminated (SIGTERM); rerun the same command to resume"
 
 
 class _Interrupted(BaseException):
@@ -262,8 +264,13 @@ class _Interrupted(BaseException):
     cleanup code (`except BaseException: ...; raise`, `finally`) still runs."""
 
 
+class _Terminated(_Interrupted):
+    """SIGTERM (kill PID, a batch scheduler's time limit, docker stop): the same path as Ctrl-C (temporaries
+    removed, locks released by the `with` blocks they belong to), then its own line and exit 143 (128 + 15)."""
+
+
 def _raise_interrupted(signum, frame):
-    raise _Interrupted()
+    raise _Terminated() if signum == signal.SIGTERM else _Interrupted()
 
 
 def one_line(message: str) -> str:
@@ -281,20 +288,24 @@ def one_line(message: str) -> str:
 
 def main() -> None:
     """Run the CLI: a CellmorphError (or a full disk anywhere) is one line and exit 2; Ctrl-C is the one
-    line "interrupted; rerun the same command to resume" and exit 130."""
-    import signal
-
+    line "interrupted; rerun the same command to resume" and exit 130, SIGTERM "terminated (SIGTERM); rerun
+    the same command to resume" and exit 143."""
     from cellmorph.io import NO_SPACE, is_no_space
 
-    try:
-        previous = signal.signal(signal.SIGINT, _raise_interrupted)
-    except ValueError:  # not the main thread (main() called from a thread): keep the default handling
-        previous = None
+    previous = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            previous[sig] = signal.signal(sig, _raise_interrupted)
+        except ValueError:  # not the main thread (main() called from a thread): keep the default handling
+            break
     try:
         app()
     except CellmorphError as err:
         console.print(f"[bold red]error:[/] {one_line(str(err))}", highlight=False, soft_wrap=True)
         sys.exit(2)
+    except _Terminated:
+        console.print(TERMINATED, highlight=False, soft_wrap=True)
+        sys.exit(128 + signal.SIGTERM)
     except (_Interrupted, KeyboardInterrupt):
         console.print(INTERRUPTED, highlight=False, soft_wrap=True)
         sys.exit(130)
@@ -305,8 +316,9 @@ def main() -> None:
             sys.exit(2)
         raise
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            if handler is not None:
+                signal.signal(sig, handler)
 
 
 if __name__ == "__main__":

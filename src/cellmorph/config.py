@@ -199,25 +199,42 @@ class ExperimentConfig(_Strict):
         return self
 
 
-def _format_validation_error(path: Path, err: ValidationError) -> str:
-    lines = [f"{path}: invalid configuration"]
+def _format_validation_error(path: Path, err: ValidationError, origins: dict[tuple, Path] | None = None) -> str:
+    """One error line per field, under the file that holds it: `origins` maps each key (a tuple of names) to the
+    file of a `base` chain that set it; a field none of them set is `path`'s."""
+    by_file: dict[Path, list[str]] = {}
     for e in err.errors():
         field = ".".join(str(p) for p in e["loc"]) or "(top level)"
         if e["type"] == "extra_forbidden":
-            lines.append(f"  - unknown field '{field}': remove it or check its spelling")
+            line = f"unknown field '{field}': remove it or check its spelling"
         else:
-            got = e.get("input")
-            lines.append(f"  - field '{field}': {e['msg']} (got {got!r})")
-    fix = "Fix the override" if str(path).startswith("--set") or str(path) == "override" else "Fix the file"
+            line = f"field '{field}': {e['msg']} (got {e.get('input')!r})"
+        by_file.setdefault(_origin(e["loc"], origins or {}, path), []).append(line)
+    files = list(by_file)  # in the schema's order of their first bad field
+    if len(files) == 1:
+        lines = [f"{files[0]}: invalid configuration", *(f"  - {ln}" for ln in by_file[files[0]])]
+    else:
+        lines = [f"invalid configuration in {len(files)} files", *(f"  - {f}: {ln}" for f in files for ln in by_file[f])]
+    fix = "Fix the override" if str(path).startswith("--set") or str(path) == "override" else "Fix the file" if len(files) == 1 else "Fix the files"
     lines.append(f"{fix} and run again; `cellmorph run --help` lists the sections.")
     return "\n".join(lines)
 
 
-def parse_config(data: dict, source: Path | str = "<config>") -> ExperimentConfig:
+def _origin(loc: tuple, origins: dict[tuple, Path], default: Path) -> Path:
+    """The file that set the longest prefix of `loc` (a field's path in the config)."""
+    for n in range(len(loc), 0, -1):
+        if tuple(loc[:n]) in origins:
+            return origins[tuple(loc[:n])]
+    return default
+
+
+def parse_config(data: dict, source: Path | str = "<config>", origins: dict[tuple, Path] | None = None) -> ExperimentConfig:
+    """Validate a config dict; errors name `source`, or (with `origins`, as `load_config` passes) the file of a
+    `base` chain each bad key came from."""
     try:
         return ExperimentConfig.model_validate(data)
     except ValidationError as err:
-        raise CellmorphError(_format_validation_error(Path(source), err)) from None
+        raise CellmorphError(_format_validation_error(Path(source), err, origins)) from None
 
 
 def apply_overrides(data: dict, overrides: list[str] | dict) -> dict:
@@ -265,10 +282,24 @@ def _deep_merge(base: dict, child: dict) -> dict:
     return out
 
 
-def read_toml(path: Path, _seen: tuple = ()) -> dict:
+def read_toml(path: Path) -> dict:
     """The TOML of `path` with its `base = "other.toml"` chain merged in (the child wins, key by key;
     a relative base is relative to the file that names it)."""
-    path = Path(path)
+    return _read_chain(Path(path))[0]
+
+
+def _keys(data: dict, path: Path, prefix: tuple = ()) -> dict[tuple, Path]:
+    """Every key of one file's table (sections and their fields; `options` is one value) -> that file."""
+    out = {}
+    for k, v in data.items():
+        out[(*prefix, k)] = path
+        if isinstance(v, dict) and k != "options":
+            out.update(_keys(v, path, (*prefix, k)))
+    return out
+
+
+def _read_chain(path: Path, _seen: tuple = ()) -> tuple[dict, dict[tuple, Path]]:
+    """read_toml, and which file of the chain set each key (for errors that name the file holding the bad line)."""
     if not path.is_file():
         raise CellmorphError(f"{path}: config file not found. Pass the path of a TOML file, e.g. configs/quickstart.toml.")
     try:
@@ -277,7 +308,7 @@ def read_toml(path: Path, _seen: tuple = ()) -> dict:
         raise CellmorphError(f"{path}: not valid TOML ({err}). Fix the syntax and run again.") from None
     base = data.pop("base", None)
     if base is None:
-        return data
+        return data, _keys(data, path)
     if not isinstance(base, str):
         raise CellmorphError(f"{path}: 'base' must be the path of another config file, e.g. base = \"../tuned/resnet50.toml\".")
     base_path = (path.parent / base).resolve()
@@ -285,20 +316,22 @@ def read_toml(path: Path, _seen: tuple = ()) -> dict:
         raise CellmorphError(f"{path}: base = '{base}' makes a cycle of configs.")
     if not base_path.is_file():
         raise CellmorphError(f"{path}: base = '{base}' not found (looked at {base_path}).")
-    return _deep_merge(read_toml(base_path, (*_seen, base_path)), data)
+    base_data, origins = _read_chain(base_path, (*_seen, base_path))
+    return _deep_merge(base_data, data), {**origins, **_keys(data, path)}
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
     """Read, merge (`base`), override (`--set`) and validate a config.
 
-    Errors in the file name the file; errors that only the overrides cause name `--set`.
+    Errors in the file name the file that holds the bad line (the config or a file of its `base` chain);
+    errors that only the overrides cause name `--set`.
 
     Example:
         >>> cfg = load_config("configs/quickstart.toml", ["seed=1"])
     """
     path = Path(path)
-    data = read_toml(path)
-    cfg = parse_config(data, path)
+    data, origins = _read_chain(path)
+    cfg = parse_config(data, path, origins)
     if not overrides:
         return cfg
     return parse_config(apply_overrides(data, overrides), f"--set {' '.join(overrides)} (on {path})")

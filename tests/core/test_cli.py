@@ -112,3 +112,42 @@ def test_entry_point_help_and_error_exit():
     assert "--out" in sub.stdout and "--data" in sub.stdout and "resume" in sub.stdout
     bad = subprocess.run([*cmd, "run", "/no/such/config.toml"], capture_output=True, text=True)
     assert bad.returncode == 2 and "config file not found" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def _error_line(monkeypatch, capsys, *args) -> str:
+    """`cellmorph ARGS` in-process: exit 2, no traceback, and the one `error:` line it printed."""
+    monkeypatch.setattr(sys, "argv", ["cellmorph", *map(str, args)])
+    with pytest.raises(SystemExit) as e:
+        main()
+    captured = capsys.readouterr()
+    lines = [ln for ln in (captured.out + captured.err).splitlines() if ln.strip()]
+    assert e.value.code == 2 and len(lines) == 1 and lines[0].startswith("error: "), lines
+    return lines[0]
+
+
+def test_config_errors_name_the_file_that_holds_the_bad_line(tmp_path, monkeypatch, capsys):
+    """An unknown key or a wrong type in a `base = ...` file is reported against that file, not the child
+    that names it; errors in several files of a chain name each its own file."""
+    (tmp_path / "shared").mkdir()
+    grand = tmp_path / "shared" / "lab.toml"
+    base = tmp_path / "shared" / "base.toml"
+    child = tmp_path / "exp.toml"
+    grand.write_text('name = "lab"\n[frozen]\nC = 0.5\n')
+    base.write_text('base = "lab.toml"\nseed = 1\n[frozen]\nCc = 2\n')  # the typo is here
+    child.write_text('base = "shared/base.toml"\nname = "exp"\n[frozen]\ntta = true\n')
+    line = _error_line(monkeypatch, capsys, "run", child, "--out", tmp_path / "o")
+    assert line.startswith(f"error: {base}: invalid configuration") and "unknown field 'frozen.Cc'" in line, line
+    assert str(child) not in line, line
+
+    base.write_text('base = "lab.toml"\nseed = "one"\n')  # a wrong type, here
+    line = _error_line(monkeypatch, capsys, "run", child, "--out", tmp_path / "o")
+    assert line.startswith(f"error: {base}: invalid configuration") and "field 'seed'" in line and "integer" in line, line
+    assert str(child) not in line, line
+
+    grand.write_text('name = "lab"\n[frozen]\nC = "strong"\n')  # and one two files up, and one in the child
+    child.write_text('base = "shared/base.toml"\nname = "exp"\n[evaluation]\nprotocl = "loco"\n')
+    line = _error_line(monkeypatch, capsys, "run", child, "--out", tmp_path / "o")
+    for path, field in ((child, "'evaluation.protocl'"), (base, "'seed'"), (grand, "'frozen.C'")):
+        assert f"{path}: " in line and field in line, (path, line)
+    assert line.index(f"{base}: ") < line.index("'seed'") < line.index(f"{grand}: ") < line.index("'frozen.C'"), line
+    assert not (tmp_path / "o").exists()

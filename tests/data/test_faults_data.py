@@ -7,8 +7,10 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import struct
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -239,3 +241,151 @@ def test_cli_truncated_tiff_is_one_line(bbbc013_tiff, tmp_path):
     assert proc.returncode == 2, out
     assert "Traceback" not in out and len(out.splitlines()) == 1, out
     assert str(bbbc013_tiff) in out and "corrupt or truncated; re-export or re-download it" in out
+
+
+# --- labels and rows of a user's CSV, through the CLI -----------------------------------------------------------
+
+
+def _cellmorph(*args, cwd: Path, env: dict | None = None) -> tuple[int, str]:
+    """`python -m cellmorph ARGS` in a subprocess, this tree's package first: (exit code, stdout + stderr)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "CELLMORPH_CACHE": str(cwd / "cache"), **(env or {})}
+    proc = subprocess.run([sys.executable, "-m", "cellmorph", *map(str, args)], capture_output=True, text=True, env=env, cwd=cwd, timeout=300)
+    return proc.returncode, (proc.stdout + proc.stderr).strip()
+
+
+def _folder_run_config(tmp_path: Path, csv: Path) -> Path:
+    config = tmp_path / "screen.toml"
+    config.write_text(
+        'name = "screen"\nmode = "frozen"\ndevice = "cpu"\n\n[dataset]\nname = "folder"\nimage_size = 32\n'
+        f'options = {{csv = "{csv}"}}\n\n[model]\nname = "tf_efficientnet_lite0"\ninit = "imagenet"\ninput_size = 32\n'
+        '\n[evaluation]\nprotocol = "holdout-25"\n'
+    )
+    return config
+
+
+def _only_error_line(code: int, out: str) -> str:
+    assert code == 2, out
+    assert "Traceback" not in out and len(out.splitlines()) == 1 and out.startswith("error: "), out
+    return out
+
+
+def test_labels_differing_only_in_case_or_spaces_are_one_line_listing_them(tmp_path):
+    """'DNA damage ' (a trailing space) is 'DNA damage'; 'dna damage' and 'DNA  damage' beside it are no new
+    classes but an error naming every spelling, the column and the file."""
+    _rgb_folder(tmp_path)
+    csv = tmp_path / "images.csv"
+    df = pd.read_csv(csv)
+    df["Metadata_MoA"] = ["DNA damage", "Eg5", "dna damage", "Eg5 ", "DNA  damage ", " Eg5"]
+    df.to_csv(csv, index=False)
+    code, out = _cellmorph("run", _folder_run_config(tmp_path, csv), "--out", tmp_path / "run", cwd=tmp_path)
+    line = _only_error_line(code, out)
+    assert line == (f"error: labels differ only in case or spaces: 'DNA  damage' / 'DNA damage' / 'dna damage' "
+                    f"(column Metadata_MoA in {csv}); make them one spelling"), line
+    assert not (tmp_path / "run").exists()
+
+
+def test_surrounding_spaces_are_stripped_from_labels(tmp_path):
+    _rgb_folder(tmp_path)
+    csv = tmp_path / "images.csv"
+    pd.read_csv(csv).assign(Metadata_MoA=["DNA damage", "Eg5", "DNA damage ", "Eg5", " DNA damage", " "]).to_csv(csv, index=False)
+    table = load_dataset("folder", tmp_path, csv="images.csv")
+    assert table.classes == ["DNA damage", "Eg5"]
+    assert table.df["Metadata_MoA"].tolist()[:5] == ["DNA damage", "Eg5", "DNA damage", "Eg5", "DNA damage"]
+
+
+def test_a_duplicated_csv_row_is_one_line_naming_its_image(tmp_path):
+    """The same image with the same metadata twice would count twice (in training and in the scores)."""
+    _rgb_folder(tmp_path)
+    csv = tmp_path / "images.csv"
+    df = pd.read_csv(csv)
+    pd.concat([df, df.iloc[[3, 1]]]).to_csv(csv, index=False)
+    code, out = _cellmorph("run", _folder_run_config(tmp_path, csv), "--out", tmp_path / "run", cwd=tmp_path)
+    line = _only_error_line(code, out)
+    assert line == (f"error: {csv}: row 6 repeats row 3 in every column (Image_Path_RGB {tmp_path / 'im3.png'}); "
+                    "each image may be listed once: remove the duplicate row(s)"), line
+    assert not (tmp_path / "run").exists()
+
+
+# --- decompression bombs: refused from the header, before a pixel is decoded --------------------------------------
+
+
+def _tiff_bomb(path: Path, side: int = 16000) -> Path:
+    """A real zlib TIFF of side x side x 3 zeros (~0.8 MB on disk, 768 MB decoded), written tile by tile."""
+    tile = np.zeros((640, 640, 3), np.uint8)
+    tifffile.imwrite(path, data=(tile for _ in range((side // 640) ** 2)), shape=(side, side, 3), dtype=np.uint8,
+                     photometric="rgb", compression="zlib", tile=(640, 640))
+    return path
+
+
+def _png_bomb(path: Path, side: int = 16000) -> Path:
+    """A real RGB PNG of side x side zeros (~0.7 MB on disk, 768 MB decoded), its IDAT streamed through zlib."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    z, row = zlib.compressobj(9), bytes(3 * side + 1)  # filter byte 0, then side RGB zeros
+    idat = b"".join(z.compress(row) for _ in range(side)) + z.flush()
+    header = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)  # 8-bit RGB
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+    return path
+
+
+def _peak_cli(*args, cwd: Path) -> tuple[int, str, float]:
+    """`python -m cellmorph ARGS`: (exit code, output, the process's peak resident memory in MB)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "CELLMORPH_CACHE": str(cwd / "cache")}
+    env.pop("CELLMORPH_MAX_PIXELS", None)
+    with open(cwd / "cli.out", "w+") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "cellmorph", *map(str, args)], stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        return proc.returncode, out.read().strip(), usage.ru_maxrss / 1024
+
+
+@pytest.mark.parametrize("kind", ["tiff", "png"])
+def test_decompression_bomb_is_one_line_and_never_decoded(tmp_path, kind):
+    """A 0.8 MB file that decodes to 768 MB (16000 x 16000 x 3 zeros) is refused from its header with an honest
+    line (not "corrupt"), and the process's memory stays that of a run refused on a truncated file."""
+    _rgb_folder(tmp_path)
+    ordinary = tmp_path / f"ordinary.{'tif' if kind == 'tiff' else 'png'}"
+    tifffile.imwrite(ordinary, np.full((64, 64, 3), 7, np.uint8), photometric="rgb", compression="zlib") if kind == "tiff" else \
+        Image.fromarray(np.full((64, 64, 3), 7, np.uint8)).save(ordinary)
+    _truncate(ordinary)  # the control: a file refused after the same start-up, without a big decode
+    bomb = (_tiff_bomb if kind == "tiff" else _png_bomb)(tmp_path / f"bomb.{'tif' if kind == 'tiff' else 'png'}")
+    assert bomb.stat().st_size < 1_000_000
+    lines = pd.read_csv(tmp_path / "images.csv")
+    peaks = {}
+    for first in (ordinary, bomb):
+        csv = tmp_path / f"{first.stem}.csv"
+        lines.assign(Image_Path_RGB=[first.name, *lines["Image_Path_RGB"][1:]]).to_csv(csv, index=False)
+        code, out, peaks[first] = _peak_cli("run", _folder_run_config(tmp_path, csv), "--out", tmp_path / "run", cwd=tmp_path)
+        line = _only_error_line(code, out)
+    assert line == (f"error: {bomb}: 256,000,000 pixels, over cellmorph's limit of 100,000,000 (a decompression bomb, "
+                    "or a very large image); if the image is real, raise the limit: CELLMORPH_MAX_PIXELS=256000000"), line
+    assert peaks[bomb] < peaks[ordinary] + 200, peaks  # not one of the 768 MB decoded
+    assert not (tmp_path / "run").exists()
+
+
+def test_max_pixels_setting_is_the_one_limit_of_every_reader(tmp_path, monkeypatch):
+    """CELLMORPH_MAX_PIXELS sets the limit for TIFF (tifffile) and PNG (Pillow) alike; Pillow's own limit does not
+    decide (nor is it changed), and a bad value is named."""
+    png, tif = tmp_path / "a.png", tmp_path / "a.tif"
+    Image.fromarray(np.zeros((100, 120), np.uint8)).save(png)
+    tifffile.imwrite(tif, np.zeros((100, 120), np.uint16))
+    monkeypatch.setenv("CELLMORPH_MAX_PIXELS", "11999")
+    for path in (png, tif):
+        with pytest.raises(CellmorphError) as e:
+            read_image(path)
+        assert str(e.value) == (f"{path}: 12,000 pixels, over cellmorph's limit of 11,999 (a decompression bomb, or a very "
+                                "large image); if the image is real, raise the limit: CELLMORPH_MAX_PIXELS=12000")
+    monkeypatch.setenv("CELLMORPH_MAX_PIXELS", "12000")
+    assert read_image(png).shape == (100, 120, 1) and read_image(tif).shape == (100, 120, 1)
+    monkeypatch.delenv("CELLMORPH_MAX_PIXELS")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # Pillow would refuse 12,000 pixels (> 2 x 1000)
+    assert read_image(png).shape == (100, 120, 1)
+    assert Image.MAX_IMAGE_PIXELS == 1000
+    field = tmp_path / "cell-painting.tif"  # the largest real fields: 2160 x 2160, 16-bit
+    tifffile.imwrite(field, np.zeros((2160, 2160), np.uint16), compression="zlib")
+    assert read_image(field).shape == (2160, 2160, 1)
+    monkeypatch.setenv("CELLMORPH_MAX_PIXELS", "lots")
+    with pytest.raises(CellmorphError, match=r"^CELLMORPH_MAX_PIXELS='lots': expected a whole number of pixels"):
+        read_image(png)

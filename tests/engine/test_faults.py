@@ -26,7 +26,7 @@ import pandas as pd
 import pytest
 import tifffile
 
-from cellmorph.cli import INTERRUPTED
+from cellmorph.cli import INTERRUPTED, TERMINATED
 
 REPO = Path(__file__).resolve().parents[2]
 USER_FILES = {"keep.txt": "my notes\n", ".notes.tmp-1": "an editor's swap file, not cellmorph's\n"}
@@ -235,25 +235,28 @@ main()
 """
 
 
-def test_ctrl_c_says_resume_exits_130_and_resumes_to_the_same_metrics(world, reference):
-    out = beside_user_files(world.root / "interrupted-parent" / "interrupted")
-    mark = world.root / "fold3.mark"
+def _stop_at_fold_3_then_resume(world: World, reference: Path, name: str, sig: signal.Signals, code: int, line: str) -> None:
+    """A run slowed at fold 3 gets `sig` there: exit `code`, `line` as its last and only such line, no traceback,
+    folds 00 and 01 whole, nothing of ours half-written; the same command then resumes to the reference's metrics."""
+    out = beside_user_files(world.root / f"{name}-parent" / name)
+    mark = world.root / f"{name}-fold3.mark"
     proc = subprocess.Popen([sys.executable, "-c", _SLOW_THIRD_FOLD, "run", str(world.config), "--out", str(out)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**world.env, "FAULTS_MARK": str(mark)}, cwd=world.root)
     deadline = time.monotonic() + 240
     while not mark.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.1)
     assert mark.exists(), proc.communicate(timeout=60)
-    proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
+    proc.send_signal(sig)
     stdout, stderr = proc.communicate(timeout=120)
     text = stdout + stderr
-    assert proc.returncode == 130, text
+    assert proc.returncode == code, text
     assert "Traceback" not in text and "Aborted" not in text, text
     lines = [ln for ln in text.splitlines() if ln.strip()]
-    assert lines[-1] == INTERRUPTED and text.count(INTERRUPTED) == 1, text
+    assert lines[-1] == line and text.count(line) == 1, text
     done = sorted(p.parent.name for p in out.glob("folds/*/predictions.parquet"))
     assert done == ["00", "01"] and not (out / "metrics.json").exists()
     assert not leftovers(out)
+    assert not list(out.parent.glob(".*.lock"))  # the run folder's lock went with the `with` block, not with the process
     assert_user_files(out.parent)
 
     code, text = cli(world, "run", world.config, "--out", out)
@@ -262,6 +265,16 @@ def test_ctrl_c_says_resume_exits_130_and_resumes_to_the_same_metrics(world, ref
     assert metrics(out) == metrics(reference)
     pd.testing.assert_frame_equal(pd.read_parquet(out / "predictions.parquet"), pd.read_parquet(reference / "predictions.parquet"))
     assert_user_files(out.parent)
+
+
+def test_ctrl_c_says_resume_exits_130_and_resumes_to_the_same_metrics(world, reference):
+    _stop_at_fold_3_then_resume(world, reference, "interrupted", signal.SIGINT, 130, INTERRUPTED)  # SIGINT: what Ctrl-C sends
+
+
+def test_sigterm_says_resume_exits_143_and_resumes_to_the_same_metrics(world, reference):
+    """SIGTERM (kill, a batch scheduler's time limit, docker stop) takes the Ctrl-C path: one line, exit 143."""
+    assert TERMINATED == "terminated (SIGTERM); rerun the same command to resume"
+    _stop_at_fold_3_then_resume(world, reference, "terminated", signal.SIGTERM, 143, TERMINATED)
 
 
 # --- a full disk ---------------------------------------------------------------------------------------------

@@ -187,6 +187,76 @@ def _kill_session(sid: int, timeout: float = 30) -> None:
         time.sleep(0.1)
 
 
+def _listening_sockets(pids: list[int]) -> set[tuple[str, str, int]]:
+    """(process, address, port) of every listening TCP socket the processes `pids` hold: /proc/net/tcp and tcp6
+    (the sockets in LISTEN state, by inode) matched to the inodes in each process's /proc/PID/fd."""
+    import ipaddress
+
+    listening = {}
+    for table in ("tcp", "tcp6"):
+        for line in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] != "0A":  # TCP_LISTEN
+                continue
+            hexaddr, hexport = fields[1].split(":")
+            raw = bytes.fromhex(hexaddr)  # 32-bit words in host (little-endian) order
+            addr = ipaddress.ip_address(b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4)))
+            listening[int(fields[9])] = (str(addr), int(hexport, 16))
+    found = set()
+    for pid in pids:
+        try:
+            name = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
+            fds = list(Path(f"/proc/{pid}/fd").iterdir())
+        except OSError:  # the process ended meanwhile
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            if target.startswith("socket:[") and int(target[8:-1]) in listening:
+                found.add((Path(name).name if name.startswith("/") else name, *listening[int(target[8:-1])]))
+    return found
+
+
+def _is_loopback(address: str) -> bool:
+    import ipaddress
+
+    ip = ipaddress.ip_address(address)
+    return (getattr(ip, "ipv4_mapped", None) or ip).is_loopback
+
+
+@pytest.mark.slow
+@pytest.mark.realdata
+def test_local_cluster_listens_on_loopback_only(data_dir, tmp_path):
+    """`cellmorph run ... --set execution.backend=ray` without an address starts a cluster on this machine only:
+    every TCP port its processes listen on (the driver, gcs_server, raylet, the agents and the workers, sampled
+    while the folds run) is on 127.0.0.1 (or ::1), none on 0.0.0.0 or ::, which other machines could reach. After
+    the run no process of it is left."""
+    out = tmp_path / "run"
+    sets = TINY + ["execution.backend=ray", "execution.num_cpus=2", "evaluation.max_folds=2"]
+    proc = _cli(["run", str(SMOKE), "--out", str(out), "--data", str(data_dir), *sum((["--set", s] for s in sets), [])])
+    seen: set[tuple[str, str, int]] = set()
+    try:
+        deadline = time.time() + 300
+        while proc.poll() is None and time.time() < deadline:
+            seen |= _listening_sockets(_session_processes(proc.pid))
+            time.sleep(0.2)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err[-2000:]
+        deadline = time.time() + 30
+        while (left := _session_processes(proc.pid)) and time.time() < deadline:
+            time.sleep(0.5)
+        names = {pid: Path(f"/proc/{pid}/cmdline").read_bytes()[:80] for pid in left if Path(f"/proc/{pid}").exists()}
+    finally:
+        _kill_session(proc.pid)
+    processes = {name for name, _, _ in seen}
+    assert {"gcs_server", "raylet"} <= processes and any(n.startswith("ray::") for n in processes), seen  # the cluster was seen
+    exposed = sorted(s for s in seen if not _is_loopback(s[1]))
+    assert not exposed, f"listening beyond this machine: {exposed}"
+    assert not names, f"processes of the run still alive 30 s after it ended: {names}"
+
+
 @pytest.mark.slow
 @pytest.mark.realdata
 def test_killed_driver_resumes_with_finished_folds_kept(tiny_local, data_dir, tmp_path):

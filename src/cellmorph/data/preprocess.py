@@ -5,6 +5,8 @@ Raw-plate normalisation (Anscombe, plate-wise DMSO z-score, tiling) also belongs
 
 from __future__ import annotations
 
+import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -13,19 +15,27 @@ from PIL import Image
 from cellmorph.errors import CellmorphError
 
 TIFF_SUFFIXES = {".tif", ".tiff"}
+# The most pixels (height x width, all planes of a stack; channels not counted) cellmorph decodes from one file:
+# a 1 MB zlib file can hold 16000 x 16000 x 3 zeros (768 MB). Real fields are far smaller (BBBC021: 1280 x 1024,
+# Cell Painting: 2160 x 2160). The one limit of every reader, checked from the header; CELLMORPH_MAX_PIXELS sets it.
+MAX_PIXELS = 100_000_000
+_PILLOW_OPEN = threading.Lock()
 
 
 def read_image(path: str | Path) -> np.ndarray:
     """Read one image file as an H x W x C array (grey images get C = 1).
 
     Raises CellmorphError naming the file when it is missing, truncated, corrupt, compressed with a codec
-    that is not installed, or holds NaN/infinite pixels (which would otherwise become a blank image).
+    that is not installed, holds NaN/infinite pixels (which would otherwise become a blank image), or its
+    header declares more pixels than `max_pixels()` (checked before anything is decoded).
     """
     path = Path(path)
     if not path.is_file():
         raise CellmorphError(f"{path}: image file not found. Check the data folder and the table's image paths.")
     try:
         arr = _decode(path)
+    except CellmorphError:
+        raise
     except Exception as err:  # zlib, imagecodecs, tifffile and Pillow each raise their own types on bad bytes
         if "imagecodecs" in str(err):
             raise CellmorphError(
@@ -52,12 +62,48 @@ def read_image(path: str | Path) -> np.ndarray:
     return arr
 
 
+def max_pixels() -> int:
+    """The pixel limit of one image file: CELLMORPH_MAX_PIXELS, or MAX_PIXELS."""
+    raw = os.environ.get("CELLMORPH_MAX_PIXELS", "").strip()
+    if not raw:
+        return MAX_PIXELS
+    try:
+        value = int(raw.replace("_", "").replace(",", ""))
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise CellmorphError(f"CELLMORPH_MAX_PIXELS={raw!r}: expected a whole number of pixels, e.g. CELLMORPH_MAX_PIXELS=400000000 "
+                             f"(unset: {MAX_PIXELS:,}).")
+    return value
+
+
+def _check_pixels(path: Path, pixels: int) -> None:
+    limit = max_pixels()
+    if pixels > limit:
+        raise CellmorphError(
+            f"{path}: {pixels:,} pixels, over cellmorph's limit of {limit:,} (a decompression bomb, or a very large image); "
+            f"if the image is real, raise the limit: CELLMORPH_MAX_PIXELS={pixels}"
+        )
+
+
 def _decode(path: Path) -> np.ndarray:
+    """The file's pixels, once its header's size has passed `_check_pixels`."""
     if path.suffix.lower() in TIFF_SUFFIXES:
         import tifffile
 
-        return tifffile.imread(path)
-    with Image.open(path) as im:
+        with tifffile.TiffFile(path) as tif:  # what tifffile.imread reads: the first series
+            series = tif.series[0]
+            planes = series.shape[series.axes.index("S")] if "S" in series.axes else 1
+            _check_pixels(path, int(np.prod(series.shape, dtype=np.int64)) // planes)
+            return tif.asarray()
+    with _PILLOW_OPEN:  # cellmorph's limit decides, not Pillow's (which calls a refused image "corrupt", or only warns)
+        pillow_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            im = Image.open(path)  # the header only
+        finally:
+            Image.MAX_IMAGE_PIXELS = pillow_limit
+    with im:
+        _check_pixels(path, im.size[0] * im.size[1])
         im.load()
         return np.asarray(im)
 

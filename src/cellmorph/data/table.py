@@ -75,6 +75,8 @@ class ImageTable:
 
     def __post_init__(self) -> None:
         self.df = self.df.reset_index(drop=True)
+        if self.label in self.df.columns:  # "DNA damage " is "DNA damage" (a missing column: validate says so)
+            self.df[self.label] = self.df[self.label].map(lambda v: v.strip() if isinstance(v, str) else v)
         self.validate()
 
     @property
@@ -110,11 +112,43 @@ class ImageTable:
             if bad.any():
                 rows = list(self.df.index[bad][:5])
                 raise CellmorphError(f"{self.source}: column '{col}' is empty in row(s) {rows}. Fill it in or drop those rows.")
+        self._check_spellings()
+        self._check_duplicate_rows()
         if len(self.classes) < 2:
             raise CellmorphError(
                 f"{self.source}: label column '{self.label}' has fewer than 2 classes among its labelled rows "
                 f"({self.classes}); nothing to classify. Rows with an empty label are only predicted."
             )
+
+    def _check_spellings(self) -> None:
+        """Labels that differ only in case or inner spaces ('DNA damage' / 'dna damage' / 'DNA  damage') would be
+        separate classes: an error listing them."""
+        variants: dict[str, set[str]] = {}
+        for v in self.df.loc[labelled_mask(self.df, self.label), self.label].astype(str).unique():
+            variants.setdefault(" ".join(v.split()).casefold(), set()).add(v)
+        for spellings in variants.values():
+            if len(spellings) > 1:
+                raise CellmorphError(
+                    f"labels differ only in case or spaces: {' / '.join(map(repr, sorted(spellings)))} "
+                    f"(column {self.label} in {self.source}); make them one spelling"
+                )
+
+    def _check_duplicate_rows(self) -> None:
+        """A row equal to an earlier one in every column is the same image listed twice: it would be trained on and
+        scored twice. (Several rows may name one image when they differ elsewhere, e.g. nuclei of one H&E tile.)"""
+        if self.store_dir is not None:
+            return
+        repeats = self.df.duplicated(keep="first")
+        if not repeats.any():
+            return
+        row = int(self.df.index[repeats][0])
+        group = self.df.groupby(list(self.df.columns), dropna=False, sort=False).ngroup()
+        original = int(group.index[group == group[row]][0])
+        col = self.path_columns[0]
+        raise CellmorphError(
+            f"{self.source}: row {row} repeats row {original} in every column ({col} {self.df.at[row, col]}); "
+            "each image may be listed once: remove the duplicate row(s)"
+        )
 
     def check_files_exist(self) -> None:
         if self.store_dir is not None:

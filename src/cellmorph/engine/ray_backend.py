@@ -76,10 +76,32 @@ def _source_root() -> str:
     return str(Path(__file__).resolve().parents[1])
 
 
+LOOPBACK = "127.0.0.1"
+
+
+@contextmanager
+def _this_machine_only():
+    """While a local cluster starts: Ray's single-machine mode, in which the node's address is 127.0.0.1 (on Linux Ray
+    otherwise swaps 127.0.0.1 for the machine's network address, and its gRPC servers listen on every interface
+    unless the node's address is exactly 127.0.0.1). It is the mode Ray uses on macOS and Windows
+    (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0), read at import; set here for the start-up only, so that joining a
+    cluster (`execution.address`) later in this process is unchanged. ray_session checks the result."""
+    from ray._private import ray_constants
+
+    before = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = before
+
+
 @contextmanager
 def ray_session(ex: ExecutionConfig):
     """Connect to Ray for the block: reuse a session already open in this process (it is left open), join
     `ex.address`, or start a local cluster of `ex.num_cpus` CPUs (all of them when 0) that is stopped after.
+    A local cluster listens on 127.0.0.1 only (its GCS, raylet, agents, workers and this driver): nothing of it
+    is reachable from another machine. Joining `ex.address` is the user's choice of network (docs/scaling.md).
 
     Example:
         >>> with ray_session(ExecutionConfig(backend="ray", num_cpus=2)):
@@ -96,13 +118,23 @@ def ray_session(ex: ExecutionConfig):
     if ex.address:
         kwargs["address"] = ex.address
     else:
-        kwargs["num_cpus"] = ex.num_cpus or os.cpu_count() or 1
+        kwargs.update(num_cpus=ex.num_cpus or os.cpu_count() or 1, _node_ip_address=LOOPBACK)
     try:
-        ray.init(**kwargs)
+        if ex.address:
+            ray.init(**kwargs)
+        else:
+            with _this_machine_only():
+                ray.init(**kwargs)
     except Exception as err:  # noqa: BLE001 - Ray raises many types here; the user needs one line
         where = f"the Ray cluster at execution.address = '{ex.address}'" if ex.address else "a local Ray cluster"
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise CellmorphError(f"cannot start or join {where} ({type(err).__name__}: {first}). Check the address, or leave it empty to start a local cluster.") from None
+    if not ex.address and ray.util.get_node_ip_address() != LOOPBACK:  # this Ray no longer honours the switch above
+        node = ray.util.get_node_ip_address()
+        ray.shutdown()
+        raise CellmorphError(f"a local Ray cluster would listen on {node}, reachable from other machines, not on {LOOPBACK} only "
+                             f"(Ray {ray.__version__}; cellmorph is tested with 2.60.0). Install ray==2.60.0, or start a cluster "
+                             "yourself and join it with execution.address (docs/scaling.md says what that exposes).")
     try:
         yield ray
     finally:

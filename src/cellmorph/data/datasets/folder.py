@@ -17,7 +17,8 @@ Metadata_Concentration (treatment-level results), a grouping column such as Meta
 patient's images together when the evaluation protocol groups by it.
 
 A row with an empty label is predicted but not scored (e.g. the middle doses of a dose series), as
-long as the labelled rows hold at least 2 classes.
+long as the labelled rows hold at least 2 classes. Spaces around a label are dropped; labels that differ
+only in case or inner spaces, and a row repeated in every column, are errors (data/table.ImageTable).
 """
 
 from __future__ import annotations
