@@ -318,7 +318,7 @@ def test_pre_logits_are_what_the_classifier_reads():
     import torch
 
     from cellmorph.models.factory import create_model
-    from cellmorph.profiling.embed import pre_logits
+    from cellmorph.models.factory import pre_logits
 
     torch.manual_seed(0)
     model = create_model("tf_efficientnet_lite0", "random", num_classes=3, in_chans=3).eval()

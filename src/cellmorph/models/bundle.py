@@ -92,7 +92,8 @@ def save_bundle(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict, 
     """
     path = Path(path).expanduser()
     # The class order and label travel inside the weights file too: bundle.json cannot be edited to disagree.
-    stamp = {"cellmorph.classes": json.dumps(list(meta["classes"])), "cellmorph.label": str(meta["label"])}
+    # (one metadata key: safetensors writes its metadata map in no fixed order, and the bytes must be reproducible)
+    stamp = {"cellmorph": json.dumps({"classes": list(meta["classes"]), "label": str(meta["label"])})}
     if all(isinstance(v, np.ndarray) for v in tensors.values()):  # the frozen fast path: no torch needed
         from safetensors.numpy import save
 
@@ -175,9 +176,10 @@ def load_bundle(path: str | Path) -> Bundle:
         stamp = _weights_metadata(path / WEIGHTS)
     except Exception as err:  # noqa: BLE001 - any unreadable file is the same fix
         raise CellmorphError(f"{path / WEIGHTS}: cannot read the weights ({type(err).__name__}: {err}). Save the model again.") from None
-    if "cellmorph.classes" in stamp and json.loads(stamp["cellmorph.classes"]) != list(meta["classes"]):
+    stamped = json.loads(stamp["cellmorph"]).get("classes") if "cellmorph" in stamp else None
+    if stamped is not None and stamped != list(meta["classes"]):
         raise CellmorphError(f"{path / META}: field 'classes' {meta['classes']} is not the class order the weights were trained with "
-                             f"({json.loads(stamp['cellmorph.classes'])}, recorded in {WEIGHTS}): bundle.json was edited. Save the model again.")
+                             f"({stamped}, recorded in {WEIGHTS}): bundle.json was edited. Save the model again.")
     calibration = None
     if (path / CALIBRATION).is_file():
         try:
