@@ -105,7 +105,7 @@ def test_second_process_is_refused_naming_the_holder_and_a_dead_holder_frees_the
 
 
 # Patches os.replace and os.rename (every commit point of cellmorph's writers) to SIGKILL the process at the
-# KILL_AT-th call (0: never); run in a forked child by _killed_at, and by the CLI script below.
+# KILL_AT-th call (0: never); run in a forked child by _killed_at.
 _KILL_AT_NTH_RENAME = """
 import os, signal
 _seen = [0]
@@ -118,9 +118,6 @@ def _counted(real):
     return f
 os.replace, os.rename = _counted(os.replace), _counted(os.rename)
 """
-_CLI_KILLED_AT = "import sys\nKILL_AT = int(sys.argv[1])\n" + _KILL_AT_NTH_RENAME + (
-    "sys.argv = ['cellmorph', *sys.argv[2:]]\nfrom cellmorph.cli import main\nmain()\n")
-
 
 def _killed_at(n: int, work) -> int:
     """Run `work()` in a forked child that SIGKILLs itself at its n-th rename (n = 0: never). Returns the child's
@@ -151,8 +148,8 @@ def _ours_left(folder: Path) -> list[str]:
 def test_sigkill_at_every_rename_leaves_nothing_after_the_next_command(data_dir, tmp_path, monkeypatch):
     """A tiny frozen run with its final model (cached features: no torch in the forked children), killed at
     its 1st, 2nd, ... rename (every commit point: atomic files, fold folders, the bundle swap), then run
-    again; then `cellmorph predict` killed at each of its renames (CLI, the predict folder's swap), then run
-    again. After each rerun, no temporary of ours (or of safetensors) and no lock is left, and the results
+    again; then a predict (`cellmorph predict`'s function) killed at each of its renames (the predict folder's
+    swap), then run again. After each rerun, no temporary of ours (or of safetensors) and no lock is left, and the results
     equal an uninterrupted run's."""
     import pandas as pd
 
@@ -184,17 +181,23 @@ def test_sigkill_at_every_rename_leaves_nothing_after_the_next_command(data_dir,
         n += 1
     assert n > 10, n  # a run renames: the kill points were real
 
-    env = {**os.environ, "CELLMORPH_CACHE": str(tmp_path / "cache")}
-    predict = ["predict", str(ref / "run" / "model"), str(tmp_path / "images.csv"), "--overwrite", "--out"]
-    cli = [sys.executable, "-c", _CLI_KILLED_AT]
-    assert subprocess.run([*cli, "0", *predict, str(ref / "pred")], env=env, capture_output=True).returncode == 0
-    want_pred = pd.read_parquet(ref / "pred" / "predictions.parquet")
-    n = 1
-    while (code := subprocess.run([*cli, str(n), *predict, str(tmp_path / f"pred-{n}")], env=env, capture_output=True).returncode) != 0:
+    from cellmorph.prediction.predict import predict_images
+
+    def predict(out):
+        import torch
+
+        torch.set_num_threads(1)  # a forked child: no OpenMP pool inherited from the parent is used
+        predict_images(ref / "run" / "model", tmp_path / "images.csv", out, overwrite=True)
+
+    n, rerun = 1, []
+    while (code := _killed_at(n, lambda: predict(tmp_path / f"pred-{n}"))) != 0:
         out = tmp_path / f"pred-{n}"
         assert code == -signal.SIGKILL, (n, code)
-        assert subprocess.run([*cli, "0", *predict, str(out)], env=env, capture_output=True).returncode == 0, n
+        assert _killed_at(0, lambda: predict(out)) == 0, n
         assert _ours_left(out) == [], (n, _ours_left(out))
-        pd.testing.assert_frame_equal(pd.read_parquet(out / "predictions.parquet"), want_pred)
+        rerun.append(out)
         n += 1
     assert n > 1, n
+    want_pred = pd.read_parquet(tmp_path / f"pred-{n}" / "predictions.parquet")  # the call that ran to the end, never killed
+    for out in rerun:
+        pd.testing.assert_frame_equal(pd.read_parquet(out / "predictions.parquet"), want_pred)

@@ -248,7 +248,7 @@ def test_cli_truncated_tiff_is_one_line(bbbc013_tiff, tmp_path):
 
 def _cellmorph(*args, cwd: Path, env: dict | None = None) -> tuple[int, str]:
     """`python -m cellmorph ARGS` in a subprocess, this tree's package first: (exit code, stdout + stderr)."""
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "CELLMORPH_CACHE": str(cwd / "cache"), **(env or {})}
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "CELLMORPH_CACHE": str(cwd / "cache"), "CELLMORPH_DATA": str(cwd), **(env or {})}
     proc = subprocess.run([sys.executable, "-m", "cellmorph", *map(str, args)], capture_output=True, text=True, env=env, cwd=cwd, timeout=300)
     return proc.returncode, (proc.stdout + proc.stderr).strip()
 
@@ -331,7 +331,7 @@ def _png_bomb(path: Path, side: int = 16000) -> Path:
 
 def _peak_cli(*args, cwd: Path) -> tuple[int, str, float]:
     """`python -m cellmorph ARGS`: (exit code, output, the process's peak resident memory in MB)."""
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "CELLMORPH_CACHE": str(cwd / "cache")}
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "CELLMORPH_CACHE": str(cwd / "cache"), "CELLMORPH_DATA": str(cwd)}
     env.pop("CELLMORPH_MAX_PIXELS", None)
     with open(cwd / "cli.out", "w+") as out:
         proc = subprocess.Popen([sys.executable, "-m", "cellmorph", *map(str, args)], stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd)

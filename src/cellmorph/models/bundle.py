@@ -93,7 +93,7 @@ def save_bundle(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict, 
     path = Path(path).expanduser()
     # The class order and label travel inside the weights file too: bundle.json cannot be edited to disagree.
     # (one metadata key: safetensors writes its metadata map in no fixed order, and the bytes must be reproducible)
-    stamp = {"cellmorph": json.dumps({"classes": list(meta["classes"]), "label": str(meta["label"])})}
+    stamp = {"cellmorph": json.dumps({"classes": list(meta.get("classes", [])), "label": str(meta.get("label", ""))})}
     if all(isinstance(v, np.ndarray) for v in tensors.values()):  # the frozen fast path: no torch needed
         from safetensors.numpy import save
 
