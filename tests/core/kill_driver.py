@@ -59,7 +59,8 @@ def main(data_dir: Path, tmp: Path) -> None:
                          "Metadata_Well": r["well"]})
     pd.DataFrame(rows).to_csv(tmp / "images.csv", index=False)
     (tmp / "tiny.toml").write_text('name = "tiny"\nmode = "frozen"\ndevice = "cpu"\nsave_model = true\n[dataset]\nname = "folder"\nimage_size = 32\n'
-                                   f'options = {{csv = "{tmp / "images.csv"}"}}\n[model]\nname = "tf_efficientnet_lite0"\ninit = "imagenet"\ninput_size = 32\n')
+                                   f'options = {{csv = "{tmp / "images.csv"}"}}\n[model]\nname = "tf_efficientnet_lite0"\ninit = "imagenet"\ninput_size = 32\n'
+                                   '[evaluation]\nmax_folds = 2\n')  # two folds: every kind of commit point, half the repeats
     cfg = load_config(tmp / "tiny.toml")
     ref = tmp / "ref"
     run_experiment(cfg, ref / "run", tmp)  # fills the feature cache: the run's children never use torch

@@ -96,6 +96,21 @@ def cli(world: World, *args, env: dict | None = None, timeout: int = 300) -> tup
     return proc.returncode, (proc.stdout + proc.stderr)
 
 
+def cli_here(world: World, monkeypatch, capsys, *args) -> tuple[int, str]:
+    """The same CLI call in this process (`cellmorph.cli.main`): no interpreter start-up, for the cases whose
+    fault is not a process-level one (signals, kills)."""
+    from cellmorph.cli import main
+
+    for k in ("CELLMORPH_CACHE", "CELLMORPH_DATA"):
+        monkeypatch.setenv(k, world.env[k])
+    monkeypatch.chdir(world.root)
+    monkeypatch.setattr(sys, "argv", ["cellmorph", *map(str, args)])
+    with pytest.raises(SystemExit) as e:
+        main()
+    captured = capsys.readouterr()
+    return e.value.code or 0, captured.out + captured.err
+
+
 def error_line(code: int, text: str, *needles: str, only_line: bool = True) -> str:
     """Exit 2, no traceback, exactly one `error:` line holding every needle (and, before any work is done,
     nothing else printed at all)."""
@@ -192,23 +207,23 @@ def test_good_run_keeps_user_files(reference):
     assert not list(reference.parent.glob(".*.lock"))  # the folder's lock is released and gone
 
 
-def test_run_into_a_folder_of_user_files_is_refused(world):
+def test_run_into_a_folder_of_user_files_is_refused(world, monkeypatch, capsys):
     """cellmorph never overwrites a user's file: a --out folder holding files it did not write is refused
     before anything is decoded or written, with one of them named."""
     out = with_user_files(world.root / "users-folder")
     (out / "metrics.json").write_text("the user's own metrics\n")
     before = snapshot(out)
-    code, text = cli(world, "run", world.config, "--out", out)
+    code, text = cli_here(world, monkeypatch, capsys, "run", world.config, "--out", out)
     error_line(code, text, str(out), "holds files cellmorph did not write (e.g. .notes.tmp-1)")
     assert snapshot(out) == before
 
 
-def test_second_process_on_one_run_folder_is_refused_naming_the_holder(world):
+def test_second_process_on_one_run_folder_is_refused_naming_the_holder(world, monkeypatch, capsys):
     """While one process holds a run folder, a second `cellmorph run` into it gets one line naming the holder
     (pid, since when) and changes nothing."""
     out = world.root / "held"
     with holding(world, out) as pid:
-        code, text = cli(world, "run", world.config, "--out", out)
+        code, text = cli_here(world, monkeypatch, capsys, "run", world.config, "--out", out)
         error_line(code, text, str(out), "in use by another cellmorph process", f"pid {pid} since")
         assert not out.exists()
     code, text = cli(world, "run", world.config, "--out", out, "--set", "evaluation.max_folds=1")  # the holder died: free again
@@ -604,7 +619,7 @@ def test_failed_start_leaves_no_folder(world):
 
 
 @pytest.mark.parametrize("case", ["pickle_weights", "seed_out_of_range"])
-def test_what_can_be_checked_fails_before_the_folder_is_claimed(world, case):
+def test_what_can_be_checked_fails_before_the_folder_is_claimed(world, case, monkeypatch, capsys):
     """A weights file that cannot be read (a pickle payload: refused by weights_only, never run) and a seed out of
     numpy's range are found while planning: one line, and --out is neither created nor written."""
     out = world.root / "failed-early" / case
@@ -620,14 +635,14 @@ def test_what_can_be_checked_fails_before_the_folder_is_claimed(world, case):
         args, needles = ["--set", f"model.init={bad}"], [str(bad), "cannot read weights"]
     else:
         args, needles = ["--set", "seed=5000000000"], ["seed", "less than or equal"]
-    code, text = cli(world, "run", world.config, "--out", out, *args)
+    code, text = cli_here(world, monkeypatch, capsys, "run", world.config, "--out", out, *args)
     print(error_line(code, text, *needles, only_line=False))
     assert not out.exists() and not out.parent.exists() or not any(out.parent.iterdir())
     assert not (world.root / "pwned").exists()
 
 
 @pytest.mark.parametrize("verb", ["summarize", "embed", "predict"])
-def test_other_verbs_refuse_a_users_folder_and_clean_their_own_leftovers(world, reference, verb):
+def test_other_verbs_refuse_a_users_folder_and_clean_their_own_leftovers(world, reference, verb, monkeypatch, capsys):
     """summarize, embed and predict --out: a folder holding a user's file is refused (one line, the file named,
     nothing changed); in a folder of their own, what a killed earlier command left (a temporary file inside,
     a temporary folder beside, safetensors' bytes included) is removed by the next command, and only that."""
@@ -636,7 +651,7 @@ def test_other_verbs_refuse_a_users_folder_and_clean_their_own_leftovers(world, 
     users = with_user_files(world.root / f"{verb}-users")
     (users / "mine.parquet").write_text("the user's")
     before = snapshot(users)
-    code, text = cli(world, *args, "--out", users)
+    code, text = cli_here(world, monkeypatch, capsys, *args, "--out", users)
     error_line(code, text, str(users), "holds files cellmorph did not write")
     assert snapshot(users) == before
     out = world.root / f"{verb}-out" / "out"
@@ -650,16 +665,16 @@ def test_other_verbs_refuse_a_users_folder_and_clean_their_own_leftovers(world, 
     if own is not None:
         out.mkdir()
         own.write_text("a killed write's")
-    code, text = cli(world, *args, "--out", out)
+    code, text = cli_here(world, monkeypatch, capsys, *args, "--out", out)
     assert code == 0, text
     assert (not beside.exists()) == (verb == "predict") and (own is None or not own.exists())
     assert sorted(p.name for p in out.parent.iterdir()) == sorted(["out"] + ([] if verb == "predict" else ["not-ours-to-judge"]))  # no lock left
 
 
-def test_second_predict_into_one_folder_is_refused_naming_the_first(world, reference):
+def test_second_predict_into_one_folder_is_refused_naming_the_first(world, reference, monkeypatch, capsys):
     out = world.root / "predict-held"
     with holding(world, out) as pid:
-        code, text = cli(world, "predict", reference / "model", world.data / "images.csv", "--out", out)
+        code, text = cli_here(world, monkeypatch, capsys, "predict", reference / "model", world.data / "images.csv", "--out", out)
         error_line(code, text, str(out), "in use by another cellmorph process", f"pid {pid} since")
         assert not out.exists()
 
