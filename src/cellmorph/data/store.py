@@ -28,11 +28,11 @@ from cellmorph.errors import CellmorphError
 from cellmorph.io import write_npy, write_parquet, write_text
 from cellmorph.data.preprocess import image_dtype, intensity_mapping, load_field, read_image, resize_uint8
 from cellmorph.progress import console, make_progress
-from cellmorph.storage import PREPARED, digest_ok, file_digest, write_digest
+from cellmorph.storage import DIGEST_SUFFIX, PREPARED, digest_ok, file_digest, write_digest
 
 STORE_VERSION = 1
 CACHE_ENV = "CELLMORPH_CACHE"
-STORE_FILES = ("images.npy", "index.parquet")  # written in this order; a store is complete when both exist
+STORE_FILES = ("images.npy", "index.parquet")  # written in this order, then their content hashes: a store is complete when both match
 
 
 def cache_dir() -> Path:
@@ -55,9 +55,9 @@ def store_key(table: ImageTable, image_size: int, cache: Path | None = None) -> 
     if table.patch_size:
         centres = table.df[["Metadata_Center_X", "Metadata_Center_Y"]].to_numpy(dtype=np.int64)
         h.update(np.ascontiguousarray(centres).tobytes())
-    for col in table.path_columns:
-        paths = [str(p) for p in table.df[col]]
-        digests = file_digests(paths, Path(cache or cache_dir()), f"{table.source}, column {col}")
+    columns = {col: [str(p) for p in table.df[col]] for col in table.path_columns}
+    digests = file_digests([p for paths in columns.values() for p in paths], Path(cache or cache_dir()), table.source)
+    for paths in columns.values():
         for p in paths:
             h.update(f"{p}|{digests[p]}\n".encode())
     return h.hexdigest()[:20]
@@ -121,9 +121,9 @@ def build_store(table: ImageTable, image_size: int = 0, cache: Path | None = Non
 
     images.npy and then index.parquet are each written under a temporary name and renamed, then their content
     hashes (`NAME.blake2b`); a store is read only when both files match their hashes, so a store damaged on
-    disk (truncated, or bytes changed at the same size) is decoded again, and the console says so. A build holds its store folder's lock: a second process building
-    the same store waits and reuses the result, and any temporary found under the lock is a killed
-    build's leftover (tens of MB), removed.
+    disk (truncated, or bytes changed at the same size) is decoded again, and the console says so. A build
+    holds its store folder's lock: a second process building the same store waits and reuses the result, and
+    any temporary found under the lock is a killed build's leftover (tens of MB), removed.
     """
     if table.store_dir is not None:  # made by `cellmorph prepare`: already decoded
         return open_prepared(table.store_dir, image_size)
@@ -163,7 +163,7 @@ def _build_lock(root: Path, folder: Path):
 
 def _remove_stale_temporaries(folder: Path) -> None:
     """Remove what a killed write of this store's own files left: io.atomic_path names it `.<file>.tmp-*`."""
-    for name in STORE_FILES:
+    for name in (*STORE_FILES, *(f + DIGEST_SUFFIX for f in STORE_FILES)):
         for tmp in folder.glob(f".{name}.tmp-*"):
             tmp.unlink(missing_ok=True)
 

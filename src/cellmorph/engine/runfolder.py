@@ -29,7 +29,7 @@ from cellmorph.config import ExperimentConfig, dump_toml
 from cellmorph.errors import CellmorphError
 from cellmorph.evaluation.splits import Fold
 from cellmorph.io import atomic_path, write_json, write_npy, write_parquet, write_text
-from cellmorph.storage import RUN, claim, fold_folder, make_temporary_folder, remove_own_folder
+from cellmorph.storage import RUN, fold_folder, make_temporary_folder, remove_own_folder
 
 
 def what_is_computed(config_toml: str) -> dict:
@@ -41,11 +41,9 @@ def what_is_computed(config_toml: str) -> dict:
 
 
 def claim_run_folder(out: Path, cfg: ExperimentConfig, store_key: str, rows: int) -> None:
-    """Make `out` this run's folder (call it holding storage.locked(out)): refused when it holds files
-    cellmorph did not write, or a run of another config, or one computed from other data (a changed
-    dataset must not mix old folds with new ones); our own leftovers of a killed run are removed. Then
-    config.toml and dataset.json are written."""
-    claim(out, RUN)
+    """Make `out`, already claimed (storage.claim(out, RUN), holding storage.locked(out)), this run's folder:
+    refused when it holds a run of another config, or one computed from other data (a changed dataset must
+    not mix old folds with new ones). Then config.toml and dataset.json are written."""
     resolved = dump_toml(cfg) + "\n"
     cfg_path, data_path = out / "config.toml", out / "dataset.json"
     if cfg_path.is_file():

@@ -28,7 +28,7 @@ from cellmorph.io import check_writable, write_json, write_parquet, write_text
 from cellmorph.progress import console
 from cellmorph.reporting.outputs import write_outputs
 from cellmorph.reporting.report import write_confusion_png, write_conformal_pngs, write_novelty_png, write_report
-from cellmorph.storage import MODEL_DIR, RUN, claim, foreign_entries, locked, seed_folder
+from cellmorph.storage import MODEL_DIR, RUN, claim, locked, seed_folder
 
 
 def run_experiment(cfg: ExperimentConfig, out: str | Path, data_dir: str | Path | None = None) -> Metrics:
@@ -50,8 +50,7 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path, data_dir: str | Path 
     out = Path(out)
     plan = plan_run(cfg, data_dir)
     with locked(out):
-        if foreign_entries(out, RUN):  # before decoding anything: the same refusal claim_run_folder gives
-            claim(out, RUN)
+        claim(out, RUN)  # before decoding anything: a user's files refused, our leftovers removed
         existed = out.exists()
         check_writable(out)
         try:
