@@ -15,10 +15,9 @@ import fcntl
 import hashlib
 import json
 import os
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pandas as pd
@@ -26,7 +25,8 @@ import pandas as pd
 from cellmorph.data.table import ImageTable
 from cellmorph.errors import CellmorphError
 from cellmorph.io import write_npy, write_parquet, write_text
-from cellmorph.data.preprocess import image_dtype, intensity_mapping, load_field, read_image, resize_uint8
+from cellmorph.data.preprocess import image_dtype, intensity_mapping
+from cellmorph.data.stream import field_batches
 from cellmorph.progress import console, make_progress
 from cellmorph.storage import DIGEST_SUFFIX, PREPARED, digest_ok, file_digest, write_digest
 
@@ -39,11 +39,66 @@ def cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "cellmorph")
 
 
-@dataclass
 class Store:
-    images: np.ndarray  # N x C x H x W uint8
-    index: pd.DataFrame  # the ImageTable's rows, same order
-    key: str
+    """A table's images as uint8 N x C x H x W, keyed by the data fingerprint. Lazy: `images` decodes them all
+    into memory on first use (the cached copy when present, as `build_store` always did), `batches` streams them
+    without ever holding them all (from the cached or prepared array when there is one, else from the files)."""
+
+    def __init__(self, images: np.ndarray | None, index: pd.DataFrame, key: str, *, table: ImageTable | None = None,
+                 image_size: int = 0, cache: Path | None = None, on_disk: Path | None = None, shape: tuple | None = None):
+        self._images, self.index, self.key = images, index, key
+        self._table, self._size, self._cache = table, image_size, cache
+        self._on_disk = on_disk  # a folder whose images.npy holds these images (the cache's, checked by hash; or a prepared store's)
+        self._shape: tuple | None = tuple(images.shape) if images is not None else shape
+
+    def _disk_array(self, mmap: bool) -> np.ndarray | None:
+        """The images.npy of the cache (when complete and matching its hashes) or of the prepared store, or None."""
+        folder = self._on_disk
+        if folder is None or (self._table is not None and not all(digest_ok(folder / f) for f in STORE_FILES)):
+            return None
+        return np.load(folder / STORE_FILES[0], mmap_mode="r" if mmap else None)
+
+    @property
+    def images(self) -> np.ndarray:
+        """All the images in memory (decoded, and cached on disk, the first time)."""
+        if self._images is None:
+            array = self._disk_array(mmap=False)
+            if array is None and self._table is None:
+                raise CellmorphError("this store was shipped without its pixels (a bug; please report it).")
+            self._images = array if array is not None else _materialize(self._table, self._size, Path(self._cache or cache_dir()), self.key)
+            self._shape = tuple(self._images.shape)
+        return self._images
+
+    @property
+    def decoded(self) -> bool:
+        """Whether the pixels are in memory (no decoding needed)."""
+        return self._images is not None
+
+    @property
+    def shape(self) -> tuple:
+        """N x C x H x W, without decoding more than one row."""
+        if self._shape is None:
+            _, first = next(self.batches(1, rows=np.arange(1), workers=1))
+            self._shape = (len(self.index), *first.shape[1:])
+        return self._shape
+
+    def batches(self, batch: int, rows: np.ndarray | None = None, workers: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(row positions, uint8 batch) in order, `batch` rows at a time (stream.field_batches): slices of the array in
+        memory or on disk (memory-mapped) when there is one, else decoded from the files ahead of the consumer."""
+        rows = np.arange(len(self.index)) if rows is None else np.asarray(rows, dtype=np.int64)
+        array = self._images if self._images is not None else self._disk_array(mmap=True)
+        if array is not None:
+            for s in range(0, len(rows), batch):
+                chunk = rows[s : s + batch]
+                yield chunk, np.ascontiguousarray(array[chunk])
+            return
+        if self._table is None:
+            raise CellmorphError("this store was shipped without its pixels (a bug; please report it).")
+        yield from field_batches(self._table, self._size, rows, batch, workers)
+
+    def without_pixels(self) -> Store:
+        """The same store (key, index, shape) holding no pixels: what travels to workers that need none."""
+        return Store(None, self.index, self.key, shape=self.shape)
 
 
 def store_key(table: ImageTable, image_size: int, cache: Path | None = None) -> str:
@@ -108,7 +163,7 @@ def trained_on(table: ImageTable, store: Store, rows: int, seed: int) -> dict:
     files' pixel type and its mapping to 0-255 (from the first row's headers; a prepared store's images
     were mapped by `cellmorph prepare`). `cellmorph predict` checks new images against it."""
     info = {"dataset": table.name, "images": int(rows), "store_key": store.key, "seed": int(seed),
-            "image_shape": list(store.images.shape[2:]), "channel_columns": table.path_columns}
+            "image_shape": list(store.shape[2:]), "channel_columns": table.path_columns}
     if table.path_columns and table.store_dir is None and len(table.df):
         dtypes = {c: image_dtype(table.df[c].iloc[0]) for c in table.path_columns}
         info["source_dtypes"] = dtypes
@@ -116,8 +171,21 @@ def trained_on(table: ImageTable, store: Store, rows: int, seed: int) -> dict:
     return info
 
 
+def open_store(table: ImageTable, image_size: int = 0, cache: Path | None = None) -> Store:
+    """The store of `table` at `image_size`, nothing decoded yet: its key (the data fingerprint) and index; the pixels
+    come from `Store.images` (all in memory, decoded once and cached) or `Store.batches` (streamed, bounded memory:
+    nothing written to the cache). A store made by `cellmorph prepare` is memory-mapped."""
+    if table.store_dir is not None:  # made by `cellmorph prepare`: already decoded, read from disk batch by batch
+        prepared = open_prepared(table.store_dir, image_size, mmap=True)
+        return Store(None, prepared.index, prepared.key, on_disk=Path(table.store_dir), shape=tuple(prepared.images.shape))
+    root = Path(cache or cache_dir())
+    key = store_key(table, image_size, root)
+    return Store(None, table.df.copy(), key, table=table, image_size=image_size, cache=root, on_disk=root / "store" / key)
+
+
 def build_store(table: ImageTable, image_size: int = 0, cache: Path | None = None, workers: int | None = None) -> Store:
-    """Decode every image once into a uint8 array; reuse the cached copy when the key matches.
+    """Decode every image once into a uint8 array; reuse the cached copy when the key matches (`open_store`, then
+    its `images`).
 
     images.npy and then index.parquet are each written under a temporary name and renamed, then their content
     hashes (`NAME.blake2b`); a store is read only when both files match their hashes, so a store damaged on
@@ -125,10 +193,15 @@ def build_store(table: ImageTable, image_size: int = 0, cache: Path | None = Non
     holds its store folder's lock: a second process building the same store waits and reuses the result, and
     any temporary found under the lock is a killed build's leftover (tens of MB), removed.
     """
-    if table.store_dir is not None:  # made by `cellmorph prepare`: already decoded
+    if table.store_dir is not None:
         return open_prepared(table.store_dir, image_size)
-    root = Path(cache or cache_dir())
-    key = store_key(table, image_size, root)
+    store = open_store(table, image_size, cache)
+    store.images  # noqa: B018 - decoded (or read from the cache) now: a corrupt image stops the caller here
+    return store
+
+
+def _materialize(table: ImageTable, image_size: int, root: Path, key: str) -> np.ndarray:
+    """Decode every image of `table` into one array and cache it under `root`/store/`key` (or read the cached copy)."""
     folder = root / "store" / key
     images_path, index_path = folder / STORE_FILES[0], folder / STORE_FILES[1]
     complete = lambda: all(digest_ok(folder / f) for f in STORE_FILES)  # noqa: E731 - written last, checked on every read
@@ -138,14 +211,13 @@ def build_store(table: ImageTable, image_size: int = 0, cache: Path | None = Non
                 if images_path.is_file() or index_path.is_file():
                     console.print(f"the cached store {folder} is incomplete or damaged (checksum mismatch): decoding the images again")
                 _remove_stale_temporaries(folder)
-                workers = workers or min(8, os.cpu_count() or 1)
-                images = _cut_all_patches(table, image_size, workers) if table.patch_size else _decode_all(table, image_size, workers)
+                images = _decode_all(table, image_size)
                 write_npy(images_path, images, what="cache")
                 write_parquet(index_path, table.df, what="cache")
                 for f in STORE_FILES:
                     write_digest(folder / f)
-                return Store(images, table.df.copy(), key)
-    return Store(np.load(images_path), pd.read_parquet(index_path), key)
+                return images
+    return np.load(images_path)
 
 
 @contextmanager
@@ -168,82 +240,16 @@ def _remove_stale_temporaries(folder: Path) -> None:
             tmp.unlink(missing_ok=True)
 
 
-def _decode_all(table: ImageTable, image_size: int, workers: int) -> np.ndarray:
-    """N x C x H x W uint8, one row's files stacked per image, in table order."""
-    paths = table.df[table.path_columns].astype(str).values.tolist()
-    first = load_field(paths[0], image_size)
-    images = np.empty((len(paths), *first.shape), dtype=np.uint8)
-    images[0] = first
-    with make_progress() as progress, ThreadPoolExecutor(workers) as pool:
-        task = progress.add_task(f"decoding {table.name}", total=len(paths), completed=1)
-        for i, arr in enumerate(pool.map(lambda ps: load_field(ps, image_size), paths[1:]), start=1):
-            if arr.shape != first.shape:
-                raise CellmorphError(_shape_mismatch(paths[i], arr.shape, paths[0], first.shape))
-            images[i] = arr
-            progress.advance(task)
-    return images
-
-
-def _shape_mismatch(row: list[str], shape: tuple, first_row: list[str], first_shape: tuple) -> str:
-    """Say what differs between a row's C x H x W and the first row's, and the fix for that difference."""
-    if shape[0] != first_shape[0]:
-        counts = [(p, read_image(p).shape[2], p0, read_image(p0).shape[2]) for p, p0 in zip(row, first_row)]
-        diffs = [f"{p} has {c} channel(s) where the first row's {p0} has {c0}" for p, c, p0, c0 in counts if c != c0]
-        return (
-            f"{'; '.join(diffs)}. Every row's images must give the same channels: make every image of a column "
-            "RGB or every one grey (e.g. convert the grey ones to RGB)."
-        )
-    return (
-        f"{', '.join(row)}: {shape[1]}x{shape[2]} pixels but the first row's {', '.join(first_row)} {first_shape[1]}x{first_shape[2]}. "
-        "Set dataset.image_size in the config to resize every image to one size."
-    )
-
-
-def cut_patches(image: np.ndarray, cx: np.ndarray, cy: np.ndarray, size: int) -> np.ndarray:
-    """Patches of `size` x `size` from a C x H x W image, one per 0-based centre (cx[i], cy[i]).
-
-    The centre pixel lands at index size // 2 in both axes; the image is mirror-padded (reflect)
-    so patches at the border are whole.
-    """
-    c, h, w = image.shape
-    if len(cx) and (cx.min() < 0 or cy.min() < 0 or cx.max() >= w or cy.max() >= h):
-        raise ValueError(f"patch centre outside the {w} x {h} image")
-    half = size // 2
-    padded = np.pad(image, ((0, 0), (half, size - half), (half, size - half)), mode="reflect")
-    windows = np.lib.stride_tricks.sliding_window_view(padded, (size, size), axis=(1, 2))  # C x H' x W' x size x size
-    return np.ascontiguousarray(windows[:, cy, cx].transpose(1, 0, 2, 3))  # N x C x size x size
-
-
-def _cut_all_patches(table: ImageTable, image_size: int, workers: int) -> np.ndarray:
-    """Decode each source image once, cut its rows' patches; N x C x P x P uint8 in table order."""
-    df = table.df
-    size = table.patch_size
-    groups = list(df.groupby(table.path_columns, sort=False).indices.items())
-
-    def work(item):
-        paths, rows = item
-        paths = [paths] if isinstance(paths, str) else list(paths)
-        image = load_field(paths, 0)
-        cx = df["Metadata_Center_X"].to_numpy()[rows]
-        cy = df["Metadata_Center_Y"].to_numpy()[rows]
-        try:
-            patches = cut_patches(image, cx, cy, size)
-        except ValueError as err:
-            raise CellmorphError(f"{paths[0]}: {err} ({table.source}). Fix the centre columns of those rows.") from None
-        if image_size and image_size != size:
-            patches = np.stack([resize_uint8(p.transpose(1, 2, 0), image_size).transpose(2, 0, 1) for p in patches])
-        return rows, patches
-
-    out = first_paths = None
-    with make_progress() as progress, ThreadPoolExecutor(workers) as pool:
-        task = progress.add_task(f"cutting {table.name} patches", total=len(df))
-        for rows, patches in pool.map(work, groups):
-            paths = df.iloc[rows[0]][table.path_columns].astype(str).tolist()
+def _decode_all(table: ImageTable, image_size: int) -> np.ndarray:
+    """N x C x H x W uint8 in table order, filled from the stream (one row's files stacked per image, or one patch
+    per row of a patch table)."""
+    out = None
+    with make_progress() as progress:
+        task = progress.add_task(f"{'cutting' if table.patch_size else 'decoding'} {table.name}", total=len(table.df))
+        for rows, images in field_batches(table, image_size, batch=256 if table.patch_size else 32):
             if out is None:
-                out, first_paths = np.empty((len(df), *patches.shape[1:]), dtype=np.uint8), paths
-            elif patches.shape[1:] != out.shape[1:]:
-                raise CellmorphError(_shape_mismatch(paths, patches.shape[1:], first_paths, out.shape[1:]))
-            out[rows] = patches
+                out = np.empty((len(table.df), *images.shape[1:]), dtype=np.uint8)
+            out[rows] = images
             progress.advance(task, len(rows))
     return out
 

@@ -111,10 +111,9 @@ def _save_frozen_from_cache(path: Path, cfg: ExperimentConfig, plan: Plan, store
         coef, intercept = np.vstack([np.zeros_like(coef), coef]), np.concatenate([[0.0], intercept])
     arrays = {"mean": scaler.mean_, "scale": scaler.scale_, "coef": coef, "intercept": intercept}
     tensors = {**{f"backbone.{k}": v for k, v in weights.items()}, **{f"head.{k}": np.ascontiguousarray(v, dtype=np.float64) for k, v in arrays.items()}}
-    images = store.images
     trained_on = describe_training(table, store, len(idx), cfg.seed)
     calibration, info = _calibration(cfg, plan, store, oof, cfg.seed)
-    meta = bundle_meta(cfg, plan.classes, images.shape[1], spec["size"], spec["mean"], spec["std"], spec["normalize"], trained_on,
+    meta = bundle_meta(cfg, plan.classes, store.shape[1], spec["size"], spec["mean"], spec["std"], spec["normalize"], trained_on,
                        info, len(calibration) if calibration is not None else 0)
     save_bundle(path, tensors, meta, cfg, overwrite=True, calibration=calibration, reference=_reference(cfg, plan, store, feats))
     console.print(f"final model: {path} (frozen head on all {len(idx)} labelled images, backbone weights from the feature cache)")

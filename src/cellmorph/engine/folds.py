@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING
 
 import copy
 from contextlib import contextmanager
-from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -62,8 +61,8 @@ class FoldEngine:
         # Labels and metadata come from the dataset's table (e.g. middle doses unlabelled there); the
         # store only holds the pixels, row for row.
         self.index = plan.table.df
-        if len(store.images) != len(self.index):
-            raise CellmorphError(f"the image store holds {len(store.images)} images but the dataset {len(self.index)} rows; rebuild it (delete the cache folder).")
+        if len(store.index) != len(self.index):
+            raise CellmorphError(f"the image store holds {len(store.index)} images but the dataset {len(self.index)} rows; rebuild it (delete the cache folder).")
         lab = labelled_mask(self.index, label)
         cls = {c: i for i, c in enumerate(plan.classes)}
         self.y = np.where(lab, self.index[label].astype(str).map(cls).fillna(-1).to_numpy(), -1).astype(np.int64)
@@ -91,7 +90,7 @@ class FoldEngine:
             self.prepare()  # features once, here; they travel with the engine
         shipped = copy.copy(self)
         if self.cfg.mode == "frozen":
-            shipped.store = replace(self.store, images=self.store.images[:0])
+            shipped.store = self.store.without_pixels()
         return shipped
 
     def run_seed(self, seed: int, sink) -> tuple[pd.DataFrame, Metrics, dict]:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 
 from cellmorph.config import ExperimentConfig
-from cellmorph.data.store import Store, build_store
+from cellmorph.data.store import Store, build_store, open_store
 from cellmorph.data.table import ImageTable
 from cellmorph.engine.final_model import save_final_model
 from cellmorph.engine.folds import FoldEngine
@@ -54,20 +54,24 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path, data_dir: str | Path 
         existed = out.exists()
         check_writable(out)
         try:
-            store = build_store(plan.table, cfg.dataset.image_size)  # decodes every image: a bad file stops us here
+            # A bad image file stops us here, before the folder is this run's: fine-tuning decodes every image into
+            # memory; a frozen run streams them through the backbone once (or finds their features in the cache).
+            store = build_store(plan.table, cfg.dataset.image_size) if cfg.mode == "finetune" else open_store(plan.table, cfg.dataset.image_size)
+            engine = FoldEngine(plan, store)
+            if cfg.mode == "frozen":
+                engine.prepare()
         except BaseException:
             if not existed and out.is_dir() and not any(out.iterdir()):  # a run that fails before it starts leaves no folder
                 out.rmdir()
             raise
         claim_run_folder(out, cfg, store.key, len(store.index))
-        return _run(out, cfg, plan, store)
+        return _run(out, cfg, plan, store, engine)
 
 
-def _run(out: Path, cfg: ExperimentConfig, plan, store: Store) -> Metrics:
+def _run(out: Path, cfg: ExperimentConfig, plan, store: Store, engine: FoldEngine) -> Metrics:
     env = environment(cfg, plan.device_setting)
     write_json(out / "environment.json", env)
     t0 = time.perf_counter()
-    engine = FoldEngine(plan, store)
     sinks = {seed: FolderSink(seed_folder(out, seed, cfg.seed_list)) for seed in cfg.seed_list}
     own_runner = plan.protocol.runner is not None  # e.g. lomo: its heads run in memory, in this process
     if not own_runner:
@@ -120,7 +124,7 @@ def cross_validate_config(cfg: ExperimentConfig, table: ImageTable | None = None
         1.0
     """
     plan = plan_run(cfg, data_dir, table)
-    store = build_store(plan.table, cfg.dataset.image_size)
+    store = build_store(plan.table, cfg.dataset.image_size) if cfg.mode == "finetune" else open_store(plan.table, cfg.dataset.image_size)
     engine = FoldEngine(plan, store)
     per_seed, preds = [], []
     for seed in cfg.seed_list:

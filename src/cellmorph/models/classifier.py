@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from cellmorph.config import ExperimentConfig, override
-from cellmorph.data.store import build_store, trained_on
+from cellmorph.data.store import build_store, open_store, trained_on
 from cellmorph.data.table import ImageTable, labelled_mask
 from cellmorph.errors import CellmorphError
 from cellmorph.models.bundle import bundle_meta, load_bundle, load_state, save_bundle
@@ -127,7 +127,7 @@ class Classifier:
             'Aurora kinase inhibitors'
         """
         cfg = override(self.config, {"dataset.label": table.label}) if table.label != self.config.dataset.label else self.config
-        return self.fit_store(table, build_store(table, cfg.dataset.image_size), cfg)
+        return self.fit_store(table, build_store(table, cfg.dataset.image_size) if cfg.mode == "finetune" else open_store(table, cfg.dataset.image_size), cfg)
 
     def fit_store(self, table: ImageTable, store, cfg: ExperimentConfig | None = None, on_step=None) -> Classifier:
         """`fit` on a store already built from `table` (the runner's final model reuses its store); `on_step()`
@@ -137,30 +137,29 @@ class Classifier:
         classes = table.classes
         idx = np.flatnonzero(lab)
         y = table.df[table.label].astype(str).map({c: i for i, c in enumerate(classes)}).to_numpy()[idx].astype(np.int64)
-        images = torch.from_numpy(np.asarray(store.images))
         device = pick_device(cfg.device)
         self._reset(cfg)
         if cfg.mode == "frozen":
-            self._fit_frozen(store, images, idx, y, device)
+            self._fit_frozen(store, idx, y, device)
         else:
-            self._fit_finetune(images[torch.from_numpy(idx)], y, len(classes), device, on_step)
-        self.classes, self._channels = classes, images.shape[1]
+            self._fit_finetune(torch.from_numpy(np.asarray(store.images))[torch.from_numpy(idx)], y, len(classes), device, on_step)
+        self.classes, self._channels = classes, store.shape[1]
         self._trained_on = trained_on(table, store, len(idx), cfg.seed)
         return self
 
-    def _fit_frozen(self, store, images: torch.Tensor, idx: np.ndarray, y: np.ndarray, device: torch.device) -> None:
+    def _fit_frozen(self, store, idx: np.ndarray, y: np.ndarray, device: torch.device) -> None:
         """Backbone features (as the runner: cached when the weights are fixed) + the standardised multinomial
         logistic head of features.logistic_head, kept as plain tensors."""
         cfg = self.config
         m, fz = cfg.model, cfg.frozen
         with _seeded(device, cfg.seed):  # random/xavier/gaussian backbones: reproducible from the seed
-            self._net = create_model(m.name, m.init, num_classes=0, in_chans=images.shape[1])
+            self._net = create_model(m.name, m.init, num_classes=0, in_chans=store.shape[1])
             mean, std = normalization(self._net)
             self._spec = InputSpec(size=m.input_size or default_input_size(m.name), mean=mean, std=std)
             if m.init == "imagenet" or m.init not in INIT_WORDS:  # fixed weights: the runner's cached features are this backbone's
                 feats = extract_features(store, m, fz.tta, fz.batch_size, device)[idx]
             else:
-                feats = self._features(images[torch.from_numpy(idx)], device).numpy()
+                feats = self._features(torch.from_numpy(np.asarray(store.images))[torch.from_numpy(idx)], device).numpy()
         scaler, head = fit_logistic_head(feats, y, fz.C, None if fz.class_weight == "none" else "balanced", cfg.seed)
         coef, intercept = head.coef_, head.intercept_
         if coef.shape[0] == 1:  # sklearn's binary head: one row for class 1; softmax over (0, z) is its sigmoid

@@ -55,27 +55,42 @@ def extract_features(store: Store, model_cfg: ModelConfig, tta: bool, batch_size
     hit = cached_features(store, model_cfg, tta, cache)
     if hit is not None:
         return hit
-    import torch
-
     device = device() if callable(device) else device
     from cellmorph.models.factory import create_model, normalization
-    from cellmorph.models.train import InputSpec, forward_batches
+    from cellmorph.models.train import InputSpec
 
     path = (cache or cache_dir()) / "features" / f"{feature_key(store, model_cfg, tta)}.npy"
-    model = create_model(model_cfg.name, model_cfg.init, num_classes=0, in_chans=store.images.shape[1])
+    model = create_model(model_cfg.name, model_cfg.init, num_classes=0, in_chans=store.shape[1])
     mean, std = normalization(model)
     spec = InputSpec(size=model_cfg.input_size or default_input_size(model_cfg.name), mean=mean, std=std)
-    images = torch.from_numpy(np.asarray(store.images))
     what = f"features {model_cfg.name}" + (" (8x dihedral TTA)" if tta else "")
-    with make_progress() as progress:
-        task = progress.add_task(what, total=len(images))
-        feats = forward_batches(model, images, spec, device, batch_size, tta=tta, on_batch=lambda n: progress.advance(task, n))
+    feats = stream_forward(model, store.batches(batch_size), spec, device, len(store.index), what, tta=tta)
     feats = feats.numpy().astype(np.float32)
     write_npy(path, feats, what="cache")
     write_digest(path)
     if model_cfg.init not in ("random", "xavier", "gaussian"):  # fixed weights: keep them beside their features
         _write_backbone(path, model, spec)
     return feats
+
+
+def stream_forward(model, batches, spec, device, total: int, what: str, tta: bool = False, head=None):
+    """`model`'s outputs for a stream of (rows, uint8 batch) (`Store.batches`, `stream.field_batches`), in stream
+    order, with a progress bar: the batches are decoded by the stream's threads while the network runs. The
+    network is put in channels_last once (forward_batches then leaves it so). `head(outputs) -> outputs` is
+    applied per batch (e.g. a classifier head on features), so only its outputs accumulate."""
+    import torch
+
+    from cellmorph.models.train import forward_batches
+
+    model.to(device).eval().to(memory_format=torch.channels_last)
+    outs = []
+    with make_progress() as progress:
+        task = progress.add_task(what, total=total)
+        for _, images in batches:
+            out = forward_batches(model, torch.from_numpy(images), spec, device, len(images), tta=tta)
+            outs.append(out if head is None else head(out))
+            progress.advance(task, len(images))
+    return torch.cat(outs) if outs else torch.empty(0)
 
 
 def _write_backbone(features_path: Path, model, spec) -> None:
