@@ -77,6 +77,6 @@ def test_a_field_of_another_size_in_a_later_batch_is_named(tmp_path):
         paths.append(str(p))
     import pandas as pd
 
-    table = ImageTable(pd.DataFrame({"Image_Path_DNA": paths}), name="sizes", label="Metadata_MoA", source=str(tmp_path / "t.csv"), required=())
-    with pytest.raises(CellmorphError, match=r"f5\.png: 24x20 pixels but the first row's .*f0\.png 20x20"):
+    table = ImageTable(pd.DataFrame({"Image_Path_DNA": paths, "Metadata_MoA": list("ababab")}), name="sizes", label="Metadata_MoA", source=str(tmp_path / "t.csv"), required=())
+    with pytest.raises(CellmorphError, match=r"f5\.png: 24x20 pixels but row 4's .*f4\.png 20x20"):
         list(field_batches(table, 0, batch=2))

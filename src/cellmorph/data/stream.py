@@ -85,13 +85,14 @@ def _field_decoder(table: ImageTable, image_size: int):
     paths = table.df[table.path_columns].astype(str).to_numpy()
 
     def decode(chunk: np.ndarray) -> np.ndarray:
+        which = "the first row's" if chunk[0] == 0 else f"row {chunk[0]}'s"
         first = load_field(list(paths[chunk[0]]), image_size)
         out = np.empty((len(chunk), *first.shape), dtype=np.uint8)
         out[0] = first
         for k, r in enumerate(chunk[1:], start=1):
             arr = load_field(list(paths[r]), image_size)
             if arr.shape != first.shape:
-                raise CellmorphError(shape_mismatch(list(paths[r]), arr.shape, list(paths[chunk[0]]), first.shape))
+                raise CellmorphError(shape_mismatch(list(paths[r]), arr.shape, list(paths[chunk[0]]), first.shape, which))
             out[k] = arr
         return out
 
@@ -144,16 +145,16 @@ def cut_patches(image: np.ndarray, cx: np.ndarray, cy: np.ndarray, size: int) ->
     return np.ascontiguousarray(windows[:, cy, cx].transpose(1, 0, 2, 3))  # N x C x size x size
 
 
-def shape_mismatch(row: list[str], shape: tuple, first_row: list[str], first_shape: tuple) -> str:
+def shape_mismatch(row: list[str], shape: tuple, first_row: list[str], first_shape: tuple, which: str = "the first row's") -> str:
     """Say what differs between a row's C x H x W and the first row's, and the fix for that difference."""
     if shape[0] != first_shape[0]:
         counts = [(p, read_image(p).shape[2], p0, read_image(p0).shape[2]) for p, p0 in zip(row, first_row)]
-        diffs = [f"{p} has {c} channel(s) where the first row's {p0} has {c0}" for p, c, p0, c0 in counts if c != c0]
+        diffs = [f"{p} has {c} channel(s) where {which} {p0} has {c0}" for p, c, p0, c0 in counts if c != c0]
         return (
             f"{'; '.join(diffs)}. Every row's images must give the same channels: make every image of a column "
             "RGB or every one grey (e.g. convert the grey ones to RGB)."
         )
     return (
-        f"{', '.join(row)}: {shape[1]}x{shape[2]} pixels but the first row's {', '.join(first_row)} {first_shape[1]}x{first_shape[2]}. "
+        f"{', '.join(row)}: {shape[1]}x{shape[2]} pixels but {which} {', '.join(first_row)} {first_shape[1]}x{first_shape[2]}. "
         "Set dataset.image_size in the config to resize every image to one size."
     )

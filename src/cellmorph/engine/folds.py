@@ -11,7 +11,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import copy
-from contextlib import contextmanager
 
 import numpy as np
 import pandas as pd
@@ -19,7 +18,7 @@ import pandas as pd
 from cellmorph.config import ExperimentConfig
 from cellmorph.data.store import Store
 from cellmorph.data.table import labelled_mask
-from cellmorph.engine.plan import Plan
+from cellmorph.engine.plan import Plan, torch_threads
 from cellmorph.engine.runfolder import FolderSink, FoldResult
 from cellmorph.errors import CellmorphError
 from cellmorph.evaluation.conformal import evaluate
@@ -32,22 +31,6 @@ from cellmorph.progress import console, make_progress
 
 if TYPE_CHECKING:
     import torch
-
-
-@contextmanager
-def _torch_threads(n: int):
-    """Run the block on `n` torch threads (0: leave torch's setting), then restore it."""
-    if not n:
-        yield
-        return
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 class FoldEngine:
@@ -130,7 +113,7 @@ class FoldEngine:
                 self.execution = {"backend": "ray", "ray": version("ray"), "address": ex.address or "local cluster", "cpus_per_task": ex.cpus_per_task,
                                   "torch_threads": ex.threads or ex.cpus_per_task, "gpus_per_task": ex.gpus_per_task, "task_devices": devices, "tasks_this_invocation": len(jobs)}
                 return
-            with _torch_threads(self.cfg.execution.threads if self.cfg.mode == "finetune" else 0):
+            with torch_threads(self.cfg.execution.threads if self.cfg.mode == "finetune" else 0):
                 self._run_here(jobs, progress, task)
 
     def _run_here(self, jobs: list, progress, task) -> None:

@@ -3,6 +3,8 @@ anything is written (cheap: no image decoded), and the environment a run records
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import platform
 import re
 import subprocess
@@ -126,3 +128,17 @@ def plan_run(cfg: ExperimentConfig, data_dir: str | Path | None = None, table: I
     return Plan(cfg, table, folds, excluded, description, levels, cfg.device, table.classes, protocol)
 
 
+@contextmanager
+def torch_threads(n: int):
+    """Run the block on `n` torch threads (0: leave torch's setting), then restore it."""
+    if not n:
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

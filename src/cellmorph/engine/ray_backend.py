@@ -192,40 +192,87 @@ def run_on_ray(engine, jobs: list[tuple[int, int, object]], progress, task, fold
     CellmorphError when a task fails for good; the finished folds stay on disk."""
     ex = engine.cfg.execution
     n_folds = len(engine.plan.folds)
-    with ray_session(ex) as ray:
-        from ray.exceptions import RayError, RayTaskError
+    devices: set[str] = set()
 
+    def what(job) -> str:
+        seed, i = job
+        return f"fold {i + 1}/{n_folds} ({engine.plan.folds[i].name}" + (f", seed {seed}" if len(engine.cfg.seed_list) > 1 else "") + ")"
+
+    def done(job, out) -> None:
+        devices.add(out["device"])
+        progress.advance(task)
+
+    with ray_session(ex) as ray:
         ref = ray.put(engine.for_workers())  # once: every task reads this one copy
-        remote = ray.remote(_fold_task).options(num_cpus=ex.cpus_per_task, num_gpus=ex.gpus_per_task, max_retries=ex.max_retries,
-                                                retry_exceptions=True)
-        pending = {remote.remote(fold_fn, ref, seed, i, str(sink.folder), ex.threads or ex.cpus_per_task,
-                                 os.environ.get(CRASH_HOOK_ENV, "")): (seed, i) for seed, i, sink in jobs}
-        devices: set[str] = set()
-        try:
-            while pending:
-                done, _ = ray.wait(list(pending), num_returns=1)
-                for r in done:
-                    seed, i = pending.pop(r)
-                    what = f"fold {i + 1}/{n_folds} ({engine.plan.folds[i].name}" + (f", seed {seed}" if len(engine.cfg.seed_list) > 1 else "") + ")"
-                    try:
-                        out = ray.get(r)
-                    except RayTaskError as err:
-                        cause = err.cause if isinstance(err.cause, BaseException) else err
-                        first = (str(cause).strip().splitlines() or [""])[0]
-                        raise CellmorphError(f"{what} failed on Ray after {ex.max_retries + 1} attempt(s): {type(cause).__name__}: {first}. "
-                                             "The finished folds are kept: fix the cause and rerun the same command to resume.") from None
-                    except RayError as err:  # the worker died (killed, out of memory), an object was lost
-                        first = (str(err).strip().splitlines() or [""])[0]
-                        raise CellmorphError(f"{what} failed on Ray after {ex.max_retries + 1} attempt(s): {type(err).__name__}: {first}. "
-                                             "The finished folds are kept: rerun the same command to resume.") from None
-                    if "error" in out:
-                        raise CellmorphError(out["error"])
-                    devices.add(out["device"])
-                    progress.advance(task)
-        finally:
-            for r in pending:  # a failure or Ctrl-C: stop the rest (each fold folder is whole or absent)
-                ray.cancel(r)
-        return sorted(devices)
+        crash = os.environ.get(CRASH_HOOK_ENV, "")
+        calls = {(seed, i): (fold_fn, ref, seed, i, str(sink.folder), ex.threads or ex.cpus_per_task, crash) for seed, i, sink in jobs}
+        _map_tasks(ray, ex, _fold_task, calls, what, done, "folds")
+    return sorted(devices)
+
+
+def _map_tasks(ray, ex: ExecutionConfig, fn, calls: dict, what, done, kept: str) -> None:
+    """Submit `fn(*args)` for every (job -> args) of `calls` as a Ray task; `done(job, result)` as each finishes.
+    A result {"error": message} (the user's input is at fault) stops at once with that message; a task that
+    failed after its retries stops with one line naming `what(job)`. The rest is cancelled on any failure or
+    Ctrl-C; what `done` wrote stays (`kept` says what, e.g. "folds")."""
+    from ray.exceptions import RayError, RayTaskError
+
+    remote = ray.remote(fn).options(num_cpus=ex.cpus_per_task, num_gpus=ex.gpus_per_task, max_retries=ex.max_retries, retry_exceptions=True)
+    pending = {remote.remote(*args): job for job, args in calls.items()}
+    try:
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            for r in ready:
+                job = pending.pop(r)
+                try:
+                    out = ray.get(r)
+                except RayTaskError as err:
+                    cause = err.cause if isinstance(err.cause, BaseException) else err
+                    first = (str(cause).strip().splitlines() or [""])[0]
+                    raise CellmorphError(f"{what(job)} failed on Ray after {ex.max_retries + 1} attempt(s): {type(cause).__name__}: {first}. "
+                                         f"The finished {kept} are kept: fix the cause and rerun the same command to resume.") from None
+                except RayError as err:  # the worker died (killed, out of memory), an object was lost
+                    first = (str(err).strip().splitlines() or [""])[0]
+                    raise CellmorphError(f"{what(job)} failed on Ray after {ex.max_retries + 1} attempt(s): {type(err).__name__}: {first}. "
+                                         f"The finished {kept} are kept: rerun the same command to resume.") from None
+                if isinstance(out, dict) and "error" in out:
+                    raise CellmorphError(out["error"])
+                done(job, out)
+    finally:
+        for r in pending:  # a failure or Ctrl-C: stop the rest (each fold folder / shard file is whole or absent)
+            ray.cancel(r)
+
+
+SHARD_CRASH_ENV = "CELLMORPH_TEST_CRASH_SHARD"  # tests: as CRASH_HOOK_ENV, for a screen's shard indices
+
+
+def _shard_task(score_fn, clf, table, image_size: int, shard, options: dict, threads: int, crash: str = "") -> dict:
+    """One shard of a screen, in a Ray worker: `score_fn(clf, table, image_size, shard, **options)` (the local code,
+    cellmorph.engine.screen.score_shard) on `threads` torch threads. Returns its outputs, or {"error": ...}."""
+    import torch
+
+    _test_crash(crash, shard.index)
+    torch.set_num_threads(threads)
+    try:
+        return {"outputs": score_fn(clf, table, image_size, shard, **options)}
+    except CellmorphError as err:
+        return {"error": str(err)}
+
+
+def run_shards_on_ray(ex: ExecutionConfig, clf, table, image_size: int, shards: list, options: dict, score_fn, finished, advance) -> None:
+    """Score `shards` of a screen as Ray tasks (one per shard; the classifier and the table go to the object store
+    once); `finished(shard, outputs)` on the driver as each arrives (it keeps the shard on disk), `advance()` too."""
+    by_index = {s.index: s for s in shards}
+
+    def done(job, out) -> None:
+        finished(by_index[job], out["outputs"])
+        advance()
+
+    with ray_session(ex) as ray:
+        clf_ref, table_ref = ray.put(clf), ray.put(table)
+        crash = os.environ.get(SHARD_CRASH_ENV, "")
+        calls = {s.index: (score_fn, clf_ref, table_ref, image_size, s, options, ex.threads or ex.cpus_per_task, crash) for s in shards}
+        _map_tasks(ray, ex, _shard_task, calls, lambda i: f"shard {i + 1} ({by_index[i].name})", done, "shards")
 
 
 def worker_cellmorph_file(ex: ExecutionConfig | None = None) -> str:

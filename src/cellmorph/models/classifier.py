@@ -10,7 +10,7 @@ fine-tuning by `train.fit`.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -219,9 +219,63 @@ class Classifier:
             return forward_batches(self._net, x, self._spec, device, batch, on_batch=on_batch).softmax(dim=1).numpy().astype(np.float32, copy=False)
         return self._mc_dropout(x, mc_dropout, device, batch, on_batch)
 
-    def _mc_dropout(self, x: torch.Tensor, passes: int, device: torch.device, batch: int, on_batch=None) -> tuple[np.ndarray, np.ndarray]:
+    @property
+    def batch_size(self) -> int:
+        """Images per forward pass when predicting (frozen.batch_size; fine-tuned: finetune.batch_size, at least 64)."""
+        return self.config.frozen.batch_size if self.config.mode == "frozen" else max(self.config.finetune.batch_size, 64)
+
+    def outputs(self, batches, *, features: bool = False, mc_dropout: int = 0, seed: int = 0, fold_models=(), on_batch=None) -> dict[str, np.ndarray]:
+        """Per-image outputs of a stream of (rows, uint8 batch) (`stream.field_batches` with `batch_size`): only one
+        batch of pixels is held at a time, so memory does not grow with the number of images beyond these outputs.
+
+        Returns {"probs": N x K float32, and with features=True "features": N x D float32 (the features the head
+        reads: frozen backbone, or fine-tuned pre-logits), with mc_dropout=N "std" (over N dropout passes, seeded by
+        `seed`; "probs" is then their mean), with fold_models (`nn.Module`s of the same architecture) the mean of
+        their probabilities}. Batch by batch the same numbers as `proba`/`embed` on the whole array.
+
+        Example:
+            >>> out = clf.outputs(field_batches(table, 0, batch=clf.batch_size), features=True)
+            >>> out["probs"].shape, out["features"].shape
+            ((660, 6), (660, 1280))
+        """
+        if self._net is None:
+            raise CellmorphError(f"{self._source} is not fitted: call fit(table) or Classifier.load(path) first.")
+        device = pick_device(self.config.device)
+        frozen = self.config.mode == "frozen"
+        if mc_dropout and frozen:
+            raise CellmorphError(f"{self._source}: MC dropout needs a fine-tuned model (mode = \"finetune\"); this one is frozen (a logistic head).")
+        nets = list(fold_models) or [self._net]
+        for net in nets:
+            net.to(device).eval().to(memory_format=torch.channels_last)
+        parts: dict[str, list] = {"probs": [], "features": [], "std": []}
+        with _seeded(device, seed):
+            for _, images in batches:
+                x = self.as_images(images)
+                if frozen:
+                    feats = self._features(x, device)
+                    parts["probs"].append(_head_proba(feats, self._head))
+                    if features:
+                        parts["features"].append(feats.numpy().astype(np.float32, copy=False))
+                else:
+                    x = resize_uint8_stack(x.to(device), self._spec.size)
+                    if mc_dropout:
+                        mean, std = self._mc_dropout(x, mc_dropout, device, len(x), reseed=False)
+                        parts["probs"].append(mean)
+                        parts["std"].append(std)
+                    else:
+                        probs = [forward_batches(net, x, self._spec, device, len(x)).softmax(dim=1).numpy() for net in nets]
+                        parts["probs"].append(np.mean(np.asarray(probs, np.float64), axis=0) if len(nets) > 1 else probs[0].astype(np.float32, copy=False))
+                    if features:
+                        net = pre_logits(self._net, self._source)
+                        parts["features"].append(forward_batches(net, x, self._spec, device, len(x)).numpy().astype(np.float32, copy=False))
+                if on_batch is not None:
+                    on_batch(len(images))
+        return {k: np.concatenate(v) for k, v in parts.items() if v}
+
+    def _mc_dropout(self, x: torch.Tensor, passes: int, device: torch.device, batch: int, on_batch=None, reseed: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """Monte Carlo dropout (Gal & Ghahramani 2016): dropout active at inference, batch norm in eval mode,
-        `passes` forward passes (seeded by the config's seed); mean and standard deviation of the softmax."""
+        `passes` forward passes (seeded by the config's seed, or by the caller's seeding when reseed=False);
+        mean and standard deviation of the softmax."""
         net = self._net.to(device)
         drop = self.config.model.drop_rate > 0 or any(isinstance(m, DROPOUT) and m.p > 0 for m in net.modules())
         if not drop:
@@ -229,7 +283,7 @@ class Classifier:
                                  "Fine-tune with model.drop_rate > 0 (e.g. 0.2), or predict without --mc-dropout.")
         x = resize_uint8_stack(x.to(device), self._spec.size)
         runs = []
-        with _seeded(device, self.config.seed), torch.inference_mode():
+        with _seeded(device, self.config.seed) if reseed else nullcontext(), torch.inference_mode():
             net.train()  # timm applies its head dropout when the model is training; every batch norm stays in eval mode
             for m in net.modules():
                 if isinstance(m, BATCH_NORM):

@@ -53,6 +53,9 @@ import pandas as pd
 
 from cellmorph.evaluation.aggregate import available_levels
 from cellmorph.data.table import ImageTable
+from cellmorph.config import ExecutionConfig
+from cellmorph.data.stream import field_batches
+from cellmorph.engine.screen import forget, job_key, score_screen
 from cellmorph.prediction.inputs import match_channels, read_images
 from cellmorph.errors import CellmorphError
 from cellmorph.progress import console, make_progress
@@ -76,15 +79,29 @@ class PlatePrediction:
     calibration: dict = field(default_factory=dict)  # level -> Calibrator.describe(), or {"none": reason}
     novelty: dict = field(default_factory=dict)  # level -> which score flags none_of_known there, and the distance score's data
     info: dict = field(default_factory=dict)  # predict.json
-    store_images: np.ndarray | None = field(default=None, repr=False)  # the decoded images (thumbnails)
+    source: tuple | None = field(default=None, repr=False)  # (ImageTable, image_size): where `pixels` decodes images again
 
     def level(self, name: str) -> pd.DataFrame | None:
         return {"image": self.images, "well": self.wells, "treatment": self.treatments}[name]
 
+    def pixels(self, rows) -> dict[int, np.ndarray]:
+        """The decoded uint8 C x H x W images of these image rows (for thumbnails), decoded again from their files:
+        a prediction keeps no pixels. Empty when the prediction has no source (made from arrays)."""
+        rows = sorted({int(r) for r in rows})
+        if self.source is None or not rows:
+            return {}
+        table, size = self.source
+        return {int(r): im for chunk, batch in field_batches(table, size, np.asarray(rows), 32) for r, im in zip(chunk, batch)}
+
 
 def predict_images(model, images, out: str | Path | None = None, confidence: float = 0.9, *, mc_dropout: int = 0,
-                   overwrite: bool = False, novelty: str | None = None, ensemble: bool = False) -> PlatePrediction:
+                   overwrite: bool = False, novelty: str | None = None, ensemble: bool = False,
+                   execution: ExecutionConfig | None = None) -> PlatePrediction:
     """Predict every image of `images` with the bundle `model`; aggregate; conformal sets; write `out`.
+
+    The images are streamed (decoded by threads ahead of the network, one batch in memory at a time) shard by
+    shard (a plate, or 2,048 of its fields); with `out`, each finished shard is kept in the cache until the
+    output is written, so a killed predict, rerun, resumes with the shards it had (cellmorph.engine.screen).
 
     Args:
         model: a bundle folder (RUN/model/ of `cellmorph run`, or `Classifier.save`'s) or a loaded `Classifier`.
@@ -101,6 +118,8 @@ def predict_images(model, images, out: str | Path | None = None, confidence: flo
             "distance" with references only, else "softmax" (see `choose_novelty`).
         ensemble: `model` is a fine-tuned run folder saved with finetune.save_models = true: the mean of
             its fold models' probabilities (folds/NN/model.pt) instead of the final model's.
+        execution: where the shards run (`ExecutionConfig(backend="ray", ...)`: one Ray task per shard, the same
+            numbers as locally at the same `threads`); None: here.
     Returns:
         A `PlatePrediction` (.images, .wells, .treatments DataFrames).
 
@@ -112,17 +131,22 @@ def predict_images(model, images, out: str | Path | None = None, confidence: flo
         raise CellmorphError(f"--level {confidence}: the confidence must lie strictly between 0 and 1, e.g. 0.9.")
     if mc_dropout < 0:
         raise CellmorphError(f"--mc-dropout {mc_dropout}: expected the number of passes, e.g. 20 (0 = off).")
+    if execution is not None and execution.backend == "ray":
+        from cellmorph.engine.ray_backend import check_ray
+
+        check_ray(execution)
     out = None if out is None else Path(out).expanduser()
     if out is None:
-        return _predict(model, images, confidence, mc_dropout, novelty, ensemble)
+        return _predict(model, images, confidence, mc_dropout, novelty, ensemble, execution, None)
     with locked(out):  # a second predict into the same --out is refused while this one runs
         claim(out, PREDICT, overwrite=overwrite)
-        result = _predict(model, images, confidence, mc_dropout, novelty, ensemble)
+        result = _predict(model, images, confidence, mc_dropout, novelty, ensemble, execution, out)
         write_prediction(out, result)
+        forget(result.info.get("resume_key"))
     return result
 
 
-def _predict(model, images, confidence: float, mc_dropout: int, novelty: str | None, ensemble: bool) -> PlatePrediction:
+def _predict(model, images, confidence: float, mc_dropout: int, novelty: str | None, ensemble: bool, execution, out) -> PlatePrediction:
     from cellmorph.models.classifier import Classifier
 
     clf = model if isinstance(model, Classifier) else Classifier.load(_check_model(model))
@@ -135,36 +159,35 @@ def _predict(model, images, confidence: float, mc_dropout: int, novelty: str | N
     score = choose_novelty(novelty, clf)
     if mc_dropout and clf.config.mode != "finetune":
         raise CellmorphError(f"--mc-dropout needs a fine-tuned model; {clf.source} is {clf.config.mode} (a logistic head on fixed features).")
+    size = clf.config.dataset.image_size
+    resume = None
+    if out is not None and not isinstance(model, Classifier):  # a bundle on disk: its hash names the job
+        bundle = json.loads((_check_model(model) / "bundle.json").read_text()).get("files", {})
+        resume = job_key(str(out.resolve()), bundle, size, mc_dropout, [str(f) for f in folds], score, table.source)
     t0 = time.perf_counter()
-    from cellmorph.data.store import build_store
+    from cellmorph.models.factory import load_fold_model
 
-    store = build_store(table, clf.config.dataset.image_size)
-    x = clf.as_images(store.images)
-    with make_progress() as progress:
-        what = f" ({mc_dropout} MC dropout passes)" if mc_dropout else f" with {len(folds)} fold models" if folds else ""
-        task = progress.add_task(f"predicting {len(x)} images{what}", total=len(x) * max(1, mc_dropout, len(folds)))
-        features = None  # the frozen backbone's features, as the reference profiles', for the distance score
-        if folds:
-            res = ensemble_proba(clf, folds, x, on_batch=lambda n: progress.advance(task, n))[0]
-        elif score != "softmax" and clf.config.mode == "frozen":
-            res, features = clf.proba_and_features(x, on_batch=lambda n: progress.advance(task, n))  # one backbone pass
-        else:
-            res = clf.proba(x, on_batch=lambda n: progress.advance(task, n), mc_dropout=mc_dropout)
-    probs, std = res if mc_dropout else (res, None)
-    if score != "softmax" and features is None:
-        features = clf.embed(x)
+    nets = [load_fold_model(clf.config.model, f, len(clf.classes), clf.channels) for f in folds]
+    outs = score_screen(clf, table, size, features=score != "softmax", mc_dropout=mc_dropout, fold_models=nets,
+                        resume=resume, execution=execution)
     seconds = time.perf_counter() - t0
+    probs, std, features = outs["probs"], outs.get("std"), outs.get("features")
     result = score_images(table.df, probs, clf, confidence, std=std, features=features, novelty=score)
-    result.store_images = store.images
+    result.source = (table, size)
+    n = len(table.df)
     result.info = {
         "model": str(clf.source).removeprefix("model bundle "), "architecture": clf.config.model.name, "mode": clf.config.mode,
-        "init": clf.config.model.init, "classes": clf.classes, "label": label, "input": table.source, "images": int(len(x)),
-        "image_shape": list(store.images.shape[1:]), "confidence": confidence, "aggregate": clf.config.evaluation.aggregate,
+        "init": clf.config.model.init, "classes": clf.classes, "label": label, "input": table.source, "images": int(n),
+        "image_shape": [clf.channels, *(clf.trained_on.get("image_shape") or [])], "confidence": confidence,
+        "aggregate": clf.config.evaluation.aggregate,
         "levels": [lv for lv in ("image", "well", "treatment") if result.level(lv) is not None],
         "calibration": result.calibration, "mc_dropout": mc_dropout,
-        "seconds_decode_and_predict": round(seconds, 2), "images_per_s": round(len(x) / seconds, 2) if seconds > 0 else None,
+        "seconds_decode_and_predict": round(seconds, 2), "images_per_s": round(n / seconds, 2) if seconds > 0 else None,
+        "execution": {"backend": execution.backend if execution is not None else "local",
+                      **({"cpus_per_task": execution.cpus_per_task, "threads": execution.threads or execution.cpus_per_task}
+                         if execution is not None and execution.backend == "ray" else {})},
         "novelty_score": score, "none_of_known": _FLAG_TEXT[score].format(c=confidence, a=round(1 - confidence, 6)),
-        "novelty": result.novelty,
+        "novelty": result.novelty, "resume_key": resume,
     }
     if folds:
         result.info["ensemble"] = {"fold_models": [str(f) for f in folds],

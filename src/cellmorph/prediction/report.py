@@ -61,7 +61,7 @@ def _members(images: pd.DataFrame, units: pd.DataFrame, level: str, keys: list[s
 
 
 def write_predict_report(path: Path, result) -> None:
-    """Write report.html for a `predict.PlatePrediction` (`result.store_images` gives the thumbnails)."""
+    """Write report.html for a `predict.PlatePrediction` (`result.pixels` gives the thumbnails' images)."""
     level = next(lv for lv in ("treatment", "well", "image") if result.level(lv) is not None)
     units, images = result.level(level), result.images
     keys = _keys(level, units)
@@ -76,14 +76,16 @@ def write_predict_report(path: Path, result) -> None:
             "prediction", "probability", *(["prediction set", "novelty", "none of the known"] if calibrated else []),
             *(["distance p-value", "flagged by"] if "flagged_by" in units.columns and "distance_pvalue" in units.columns else []), "thumbnails"]
     head = [h for h in head if h is not None]
+    best_of = {}
+    for i in shown:  # each unit's images most typical of its prediction, decoded again from their files (all at once)
+        idx, pred_col = members[i], f"prob_{units.iloc[i]['predicted']}"
+        best_of[i] = idx[np.argsort(-images[pred_col].to_numpy()[idx], kind="stable")][:THUMBS] if len(idx) else idx
+    pixels = result.pixels(np.concatenate([b for b in best_of.values()] or [np.array([], int)]))
     rows = []
     for i in shown:
         u = units.iloc[i]
-        pred_col = f"prob_{u['predicted']}"
-        idx = members[i]
-        best = idx[np.argsort(-images[pred_col].to_numpy()[idx], kind="stable")][:THUMBS] if len(idx) else idx
-        thumbs = "".join(f'<img src="{thumbnail(result.store_images[j])}" title="{html.escape(_title(images.iloc[j]))}">' for j in best) \
-            if result.store_images is not None else ""
+        idx, best = members[i], best_of[i]
+        thumbs = "".join(f'<img src="{thumbnail(pixels[j])}" title="{html.escape(_title(images.iloc[j]))}">' for j in best if j in pixels)
         cells = [html.escape(_fmt(u[k])) for k in keys]
         if level != "image":
             cells.append(str(len(idx)))

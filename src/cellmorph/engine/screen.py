@@ -1,0 +1,184 @@
+"""Screens: a table of new images scored in shards (a plate, or up to `SHARD_ROWS` of its fields, each), here or as
+Ray tasks, each shard's outputs kept on disk as it finishes so that a killed job resumes with the shards it has.
+
+A shard is streamed (`stream.field_batches`: decoded by threads ahead of the network, one batch of pixels in memory
+at a time) through `Classifier.outputs`; what it returns per image (probabilities, features, MC-dropout std) is all
+that accumulates. The shards, their batches and their seeds (MC dropout: the config's seed + the shard's index)
+are the same whichever process computes them, so a screen scored on Ray equals the local one byte for byte at
+the same torch thread count (`[execution] threads`; tests/engine/test_screen.py).
+
+Resume: with `resume` (a key naming the job: the model and the options), each finished shard is written to
+$CELLMORPH_CACHE/screens/KEY/NNNNN-FINGERPRINT.npz (atomically, with its content hash), where FINGERPRINT hashes
+the shard's rows and every one of their files' path, size, mtime, inode and ctime: a file changed since (even
+rewritten in place) makes that shard new work, never a stale answer. The caller removes the folder once its own
+output is written (`forget`).
+
+Example:
+    >>> out = score_screen(clf, table, image_size=0, features=True, resume="plate-7-job")
+    >>> out["probs"].shape
+    (3300, 6)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from cellmorph.config import ExecutionConfig
+from cellmorph.data.store import cache_dir
+from cellmorph.data.stream import field_batches
+from cellmorph.data.table import ImageTable
+from cellmorph.engine.plan import torch_threads
+from cellmorph.errors import CellmorphError
+from cellmorph.io import atomic_path
+from cellmorph.progress import console, make_progress
+from cellmorph.storage import digest_ok, write_digest
+
+SHARD_ROWS = 2048  # fields per shard at most: a plate of ~3,500 fields is two shards; a lost worker costs one
+SCREENS = "screens"
+
+
+@dataclass(frozen=True)
+class Shard:
+    index: int
+    name: str  # e.g. "plate Week1_22123 (1/2)"
+    rows: np.ndarray  # row positions into the table
+
+
+def plan_shards(df: pd.DataFrame, max_rows: int = SHARD_ROWS) -> list[Shard]:
+    """The table's rows as shards: per Metadata_Plate (in order of first appearance) when the table has it, cut
+    into pieces of at most `max_rows`; else pieces of `max_rows` in table order. Every row is in exactly one shard.
+
+    >>> [s.name for s in plan_shards(table.df)]
+    ['plate Week1_22123', 'plate Week1_22141']"""
+    if "Metadata_Plate" in df.columns:
+        groups = [(f"plate {k}", np.asarray(v)) for k, v in df.groupby("Metadata_Plate", sort=False, dropna=False).indices.items()]
+    else:
+        groups = [("rows", np.arange(len(df)))]
+    shards = []
+    for name, rows in groups:
+        pieces = [rows[s : s + max_rows] for s in range(0, len(rows), max_rows)]
+        for k, piece in enumerate(pieces):
+            label = name if len(pieces) == 1 else f"{name} ({k + 1}/{len(pieces)})"
+            if name == "rows":
+                label = f"rows {piece[0]}-{piece[-1]}"
+            shards.append(Shard(len(shards), label, piece))
+    return shards
+
+
+def shard_fingerprint(table: ImageTable, shard: Shard) -> str:
+    """A hash of the shard's rows and each of their files' path, size, mtime, inode and ctime (cheap: no file is read)."""
+    h = hashlib.sha256(np.ascontiguousarray(shard.rows).tobytes())
+    for row in table.df.iloc[shard.rows][table.path_columns].astype(str).itertuples(index=False):
+        for p in row:
+            try:
+                st = os.stat(p)
+            except OSError:
+                raise CellmorphError(f"{p}: image file not found ({table.source}).") from None
+            h.update(f"{p}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}|{st.st_ctime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def score_shard(clf, table: ImageTable, image_size: int, shard: Shard, *, features: bool = False, mc_dropout: int = 0,
+                fold_models=(), on_batch=None) -> dict[str, np.ndarray]:
+    """One shard's per-image outputs (`Classifier.outputs` over its streamed batches)."""
+    batches = field_batches(table, image_size, shard.rows, clf.batch_size)
+    return clf.outputs(batches, features=features, mc_dropout=mc_dropout, seed=clf.config.seed + shard.index,
+                       fold_models=fold_models, on_batch=on_batch)
+
+
+def screen_folder(resume: str) -> Path:
+    return cache_dir() / SCREENS / resume
+
+
+def job_key(*parts) -> str:
+    """A resume key from the job's identity (the model's bundle hash, the options, the input's name)."""
+    return hashlib.sha256(json.dumps([str(p) for p in parts]).encode()).hexdigest()[:20]
+
+
+def _shard_path(folder: Path, shard: Shard, fingerprint: str) -> Path:
+    return folder / f"{shard.index:05d}-{fingerprint}.npz"
+
+
+def _read_shard(path: Path) -> dict[str, np.ndarray] | None:
+    if not (path.is_file() and digest_ok(path)):
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except (OSError, ValueError):
+        return None
+
+
+def _write_shard(path: Path, out: dict[str, np.ndarray]) -> None:
+    with atomic_path(path, "cache") as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, **out)
+    write_digest(path)
+
+
+def score_screen(clf, table: ImageTable, image_size: int, *, features: bool = False, mc_dropout: int = 0, fold_models=(),
+                 resume: str | None = None, execution: ExecutionConfig | None = None, what: str = "predicting") -> dict[str, np.ndarray]:
+    """Every image's outputs, shard by shard (`plan_shards`), in table order: here, or on Ray when
+    execution.backend == "ray" (one task per shard, `execution.max_retries` retries of a shard whose worker dies).
+    With `resume`, finished shards are kept in the cache and reused by a rerun (see the module's docstring)."""
+    shards = plan_shards(table.df)
+    folder = screen_folder(resume) if resume else None
+    results: dict[int, dict[str, np.ndarray]] = {}
+    paths: dict[int, Path] = {}
+    if folder is not None:
+        for s in shards:
+            paths[s.index] = _shard_path(folder, s, shard_fingerprint(table, s))
+            got = _read_shard(paths[s.index])
+            if got is not None:
+                results[s.index] = got
+        if results:
+            console.print(f"resuming: {len(results)} of {len(shards)} shards already scored ({folder})")
+
+    def finished(s: Shard, out: dict[str, np.ndarray]) -> None:
+        results[s.index] = out
+        if folder is not None:
+            _write_shard(paths[s.index], out)
+
+    todo = [s for s in shards if s.index not in results]
+    n_todo = int(sum(len(s.rows) for s in todo))
+    passes = max(1, mc_dropout, len(fold_models))
+    label = f"{what} {len(table.df)} images" + (f" ({mc_dropout} MC dropout passes)" if mc_dropout else f" with {len(fold_models)} fold models" if fold_models else "")
+    with make_progress() as progress:
+        task = progress.add_task(label, total=n_todo * passes if (execution is None or execution.backend == "local") else len(todo))
+        if execution is not None and execution.backend == "ray" and todo:
+            from cellmorph.engine.ray_backend import run_shards_on_ray
+
+            run_shards_on_ray(execution, clf, table, image_size, todo, dict(features=features, mc_dropout=mc_dropout, fold_models=list(fold_models)),
+                              score_shard, finished, lambda: progress.advance(task))
+        else:
+            threads = execution.threads if execution is not None and execution.threads else 0
+            with torch_threads(threads):
+                for s in todo:
+                    finished(s, score_shard(clf, table, image_size, s, features=features, mc_dropout=mc_dropout, fold_models=fold_models,
+                                            on_batch=lambda n: progress.advance(task, n * passes)))
+    return assemble(shards, results, len(table.df))
+
+
+def assemble(shards: list[Shard], results: dict[int, dict[str, np.ndarray]], n: int) -> dict[str, np.ndarray]:
+    """The shards' outputs placed at their rows: one array per output, in table order."""
+    out: dict[str, np.ndarray] = {}
+    for s in shards:
+        for k, v in results[s.index].items():
+            if k not in out:
+                out[k] = np.empty((n, *v.shape[1:]), dtype=v.dtype)
+            out[k][s.rows] = v
+    return out
+
+
+def forget(resume: str | None) -> None:
+    """Remove a finished job's shard folder (cellmorph's own, in the cache)."""
+    if resume:
+        shutil.rmtree(screen_folder(resume), ignore_errors=True)
