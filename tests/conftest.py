@@ -90,3 +90,26 @@ def tiny_finetune() -> dict:
 def toy_table_maker():
     """make_toy_table: n small PNGs of two classes written into a folder, as an ImageTable."""
     return make_toy_table
+
+
+@pytest.fixture(scope="session")
+def screen_world(subset_table, tmp_path_factory):
+    """A tiny frozen bundle (offline ImageNet EfficientNet-Lite0 at 32 px + logistic head, fitted on up to 48 real
+    subset fields of 3 plates) and a LoadData CSV of other fields of the same plates (34): a small screen."""
+    from cellmorph.models.classifier import Classifier
+
+    df = subset_table.df
+    plates = df["Metadata_Plate"].drop_duplicates().iloc[:3]
+    rows = df[df["Metadata_Plate"].isin(plates)]
+    train, new = rows.iloc[::2].iloc[:48], rows.iloc[1::2].iloc[:48]
+    root = tmp_path_factory.mktemp("screen")
+    table = ImageTable(train.reset_index(drop=True), name="screen-train", label=subset_table.label, source="test")
+    clf = Classifier("tf_efficientnet_lite0", init="imagenet", mode="frozen",
+                     overrides={"model.input_size": 32, "dataset.image_size": 32, "frozen.batch_size": 8, "device": "cpu"})
+    clf.fit(table).save(root / "bundle")
+    paths = new["Image_Path_RGB"].map(os.path.split)
+    load = new[["Metadata_Plate", "Metadata_Well", "Metadata_Compound", "Metadata_Concentration"]].copy()
+    load["Image_FileName_RGB"] = [f for _, f in paths]
+    load["Image_PathName_RGB"] = [d for d, _ in paths]
+    load.to_csv(root / "load_data.csv", index=False)
+    return root

@@ -74,6 +74,23 @@ def sweep(
     console.print(f"{len(runs)} run folders in {out}; summary: {out}/summary/summary.csv, summary.md")
 
 
+BACKEND_HELP = "Where the shards (a plate, or 2,048 of its fields, each) run: local (here) or ray (one Ray task per shard; pip install 'cellmorph[ray]')."
+ADDRESS_HELP = "Ray: an existing cluster to join (e.g. auto, ray://head:10001); empty: start a local one (127.0.0.1 only) and stop it after."
+
+
+def _execution(backend: str, address: str, cpus_per_task: int, gpus_per_task: float, threads: int):
+    """The ExecutionConfig of predict/embed's options (validated as the config's [execution] section)."""
+    from cellmorph.config import ExecutionConfig
+
+    if backend not in ("local", "ray"):
+        raise CellmorphError(f"--backend {backend}: use local or ray.")
+    try:
+        return ExecutionConfig(backend=backend, address=address, cpus_per_task=cpus_per_task, gpus_per_task=gpus_per_task, threads=threads)
+    except ValueError as err:
+        first = (str(err).strip().splitlines() or [""])[-1]
+        raise CellmorphError(f"--cpus-per-task/--gpus-per-task/--threads: {first}") from None
+
+
 @app.command()
 def predict(
     model: Path = typer.Argument(..., help="Model bundle: a run's final model (RUN/model, or the run folder RUN) or a folder written by Classifier.save."),
@@ -88,6 +105,11 @@ def predict(
                                 "(frozen runs), else softmax."),
     ensemble: bool = typer.Option(False, "--ensemble", help="MODEL is a fine-tuned run folder saved with finetune.save_models = true: "
                                   "the mean of its fold models' probabilities."),
+    backend: str = typer.Option("local", "--backend", help=BACKEND_HELP),
+    address: str = typer.Option("", "--address", help=ADDRESS_HELP),
+    cpus_per_task: int = typer.Option(1, "--cpus-per-task", help="Ray: CPUs (and torch threads) per shard task."),
+    gpus_per_task: float = typer.Option(0.0, "--gpus-per-task", help="Ray: GPUs per shard task (fractional allowed)."),
+    threads: int = typer.Option(0, "--threads", help="torch threads (0: torch's default here, --cpus-per-task on Ray); the same count gives the same bits on both."),
 ) -> None:
     """Predict new plates: class probabilities per image, well and treatment, conformal prediction sets
     calibrated on the run's out-of-fold scores, and a "none of the known classes" flag.
@@ -96,7 +118,8 @@ def predict(
     """
     from cellmorph.prediction.predict import predict_images
 
-    res = predict_images(model, images, out, level, mc_dropout=mc_dropout, overwrite=overwrite, novelty=novelty, ensemble=ensemble)
+    ex = _execution(backend, address, cpus_per_task, gpus_per_task, threads)
+    res = predict_images(model, images, out, level, mc_dropout=mc_dropout, overwrite=overwrite, novelty=novelty, ensemble=ensemble, execution=ex)
     lv = "treatment" if res.treatments is not None else "well" if res.wells is not None else "image"
     units = res.level(lv)
     line = f"{len(res.images)} images, {len(units)} {lv}s; {res.info['images_per_s']} images/s"
@@ -202,16 +225,26 @@ def embed(
     source: Path = typer.Argument(..., help="A run folder (cellmorph run) or a model bundle (Classifier.save)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for embeddings.parquet, profiles_well.parquet, profiles_treatment.parquet (default: the run folder; required for a bundle)."),
     data: Optional[Path] = typer.Option(None, "--data", "-d", help=DATA_HELP),
+    images: Optional[Path] = typer.Option(None, "--images", help="New images to embed with the model (a CSV or a folder, as `cellmorph predict` reads them) "
+                                          "instead of its own dataset: streamed shard by shard, resumable."),
+    backend: str = typer.Option("local", "--backend", help=BACKEND_HELP),
+    address: str = typer.Option("", "--address", help=ADDRESS_HELP),
+    cpus_per_task: int = typer.Option(1, "--cpus-per-task", help="Ray: CPUs (and torch threads) per shard task."),
+    gpus_per_task: float = typer.Option(0.0, "--gpus-per-task", help="Ray: GPUs per shard task (fractional allowed)."),
+    threads: int = typer.Option(0, "--threads", help="torch threads (0: torch's default here, --cpus-per-task on Ray)."),
 ) -> None:
     """Per-image embeddings (parquet, Metadata_* + Image_CNN_* columns) and median well and treatment profiles.
 
     A frozen run reuses its cached backbone features; a fine-tuned run embeds each image with the fold model that held it out (needs finetune.save_models = true).
+    With --images, a screen's new images through the model, shard by shard (plates), here or on Ray (--backend ray).
 
-    Example: cellmorph embed runs/quickstart
+    Example: cellmorph embed runs/quickstart; cellmorph embed runs/quickstart/model --images plate7/load_data.csv --out runs/plate7-emb
     """
     from cellmorph.profiling.embed import embed as run_embed
 
-    res = run_embed(source, out, data)
+    if images is None and backend != "local":
+        raise CellmorphError("--backend ray embeds new images (--images): a run folder's own embeddings come from its cache or fold models.")
+    res = run_embed(source, out, data, images=images, execution=_execution(backend, address, cpus_per_task, gpus_per_task, threads))
     e = res.embeddings
     n_feat = sum(c.startswith("Image_CNN_") for c in e.columns)
     console.print(f"{len(e)} images x {n_feat} features ({res.how})")

@@ -406,3 +406,30 @@ def test_sweep_cli_on_ray_runs_every_point_and_summarizes(data_dir, tmp_path):
     _, err = bad.communicate(timeout=120)
     assert bad.returncode == 2 and "frozen.C" in err and "Traceback" not in err
     assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.realdata
+def test_screen_predict_and_embed_on_ray_equal_local_byte_for_byte(ray_cluster, screen_world, tmp_path, monkeypatch):
+    """`predict` and `embed --images` of a small screen (9 shards of up to 4 fields, 3 plates): one Ray task per shard,
+    the worker of shard 2 dying once (retried), give the local files byte for byte at the same torch thread count."""
+    from cellmorph.prediction.predict import predict_images
+    from cellmorph.profiling.embed import embed
+
+    monkeypatch.setenv("CELLMORPH_SHARD_ROWS", "4")
+    bundle, csv = screen_world / "bundle", screen_world / "load_data.csv"
+    here = ExecutionConfig(backend="local", threads=1)
+    ray = ExecutionConfig(backend="ray", threads=1, cpus_per_task=1, max_retries=1)
+    predict_images(bundle, csv, tmp_path / "local", execution=here)
+    marker = tmp_path / "crashed-once"
+    monkeypatch.setenv("CELLMORPH_TEST_CRASH_SHARD", f"2:{marker}")
+    predict_images(bundle, csv, tmp_path / "ray", execution=ray)
+    assert marker.exists(), "the hook did not crash the worker"
+    for name in ("predictions.parquet", "wells.csv", "treatments.csv"):
+        assert (tmp_path / "local" / name).read_bytes() == (tmp_path / "ray" / name).read_bytes(), name
+    monkeypatch.delenv("CELLMORPH_TEST_CRASH_SHARD")
+    a = embed(bundle, tmp_path / "emb-local", images=csv, execution=here)
+    embed(bundle, tmp_path / "emb-ray", images=csv, execution=ray)
+    for name in ("embeddings.parquet", "profiles_well.parquet", "profiles_treatment.parquet"):
+        assert (tmp_path / "emb-local" / name).read_bytes() == (tmp_path / "emb-ray" / name).read_bytes(), name
+    assert a.embeddings.filter(like="Image_CNN_").shape == (len(pd.read_csv(csv)), 1280)

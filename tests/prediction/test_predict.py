@@ -381,7 +381,7 @@ def test_fold_ensemble_of_a_tiny_finetune_run(data_dir, subset_table, tmp_path, 
     rows = subset_table.df[subset_table.df["Metadata_Compound"] == json.loads((run / "folds" / "00" / "fold.json").read_text())["held_out"]]
     _loaddata(rows, tmp_path / "load.csv")
     res = cm.predict_images(run, tmp_path / "load.csv", tmp_path / "pred", ensemble=True)
-    from cellmorph.prediction.inputs import read_images
+    from cellmorph.data.inputs import read_images
     from cellmorph.data.store import build_store
 
     mean, per = ensemble_proba(clf, paths, clf.as_images(build_store(read_images(tmp_path / "load.csv"), 32).images))

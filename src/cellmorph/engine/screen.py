@@ -42,6 +42,7 @@ from cellmorph.progress import console, make_progress
 from cellmorph.storage import digest_ok, write_digest
 
 SHARD_ROWS = 2048  # fields per shard at most: a plate of ~3,500 fields is two shards; a lost worker costs one
+SHARD_ROWS_ENV = "CELLMORPH_SHARD_ROWS"  # another maximum (smaller shards: more Ray tasks, less work lost to a kill)
 SCREENS = "screens"
 
 
@@ -52,12 +53,23 @@ class Shard:
     rows: np.ndarray  # row positions into the table
 
 
-def plan_shards(df: pd.DataFrame, max_rows: int = SHARD_ROWS) -> list[Shard]:
+def shard_rows() -> int:
+    """The maximum rows per shard: $CELLMORPH_SHARD_ROWS when set (a positive integer), else SHARD_ROWS."""
+    raw = os.environ.get(SHARD_ROWS_ENV, "")
+    if not raw:
+        return SHARD_ROWS
+    if not raw.isdigit() or int(raw) < 1:
+        raise CellmorphError(f"{SHARD_ROWS_ENV}={raw!r}: expected a positive number of fields per shard, e.g. 2048.")
+    return int(raw)
+
+
+def plan_shards(df: pd.DataFrame, max_rows: int | None = None) -> list[Shard]:
     """The table's rows as shards: per Metadata_Plate (in order of first appearance) when the table has it, cut
     into pieces of at most `max_rows`; else pieces of `max_rows` in table order. Every row is in exactly one shard.
 
     >>> [s.name for s in plan_shards(table.df)]
     ['plate Week1_22123', 'plate Week1_22141']"""
+    max_rows = max_rows or shard_rows()
     if "Metadata_Plate" in df.columns:
         groups = [(f"plate {k}", np.asarray(v)) for k, v in df.groupby("Metadata_Plate", sort=False, dropna=False).indices.items()]
     else:

@@ -56,7 +56,7 @@ from cellmorph.data.table import ImageTable
 from cellmorph.config import ExecutionConfig
 from cellmorph.data.stream import field_batches
 from cellmorph.engine.screen import forget, job_key, score_screen
-from cellmorph.prediction.inputs import match_channels, read_images
+from cellmorph.data.inputs import match_channels, read_images
 from cellmorph.errors import CellmorphError
 from cellmorph.progress import console, make_progress
 from cellmorph.storage import PREDICT, claim, locked, seed_folder, staged_folder

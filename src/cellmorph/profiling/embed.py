@@ -39,7 +39,8 @@ class EmbedResult:
     how: str
 
 
-def embed(source: str | Path, out: str | Path | None = None, data: str | Path | None = None) -> EmbedResult:
+def embed(source: str | Path, out: str | Path | None = None, data: str | Path | None = None, images: str | Path | None = None,
+          execution=None) -> EmbedResult:
     """Per-image embeddings of a run folder or a model bundle, plus well and treatment profiles.
 
     Args:
@@ -47,6 +48,9 @@ def embed(source: str | Path, out: str | Path | None = None, data: str | Path | 
         out: where to write embeddings.parquet, profiles_well.parquet and profiles_treatment.parquet;
             default: the run folder itself (a bundle needs `out`: a bundle folder holds only its own files).
         data: the folder holding the datasets (default $CELLMORPH_DATA).
+        images: new images to embed with the bundle (or a run's final model) instead of its own dataset: a CSV
+            (folder format or CellProfiler LoadData) or a folder of image files, as `cellmorph predict` reads them.
+            Streamed shard by shard (a plate, or 2,048 fields), resumable, on Ray with `execution` (engine/screen.py).
     Returns:
         An `EmbedResult` (tables and the folder written).
 
@@ -56,6 +60,13 @@ def embed(source: str | Path, out: str | Path | None = None, data: str | Path | 
         ((660, 1289), 55)
     """
     source = Path(source)
+    if images is not None:
+        bundle = source if (source / "bundle.json").is_file() else source / "model"
+        if not (bundle / "bundle.json").is_file():
+            raise CellmorphError(f"{source}: --images needs a model bundle (RUN/model, or a folder written by Classifier.save); none there.")
+        if out is None:
+            raise CellmorphError("--images: say where to write the embeddings with --out DIR (beside neither the model nor the images).")
+        return _embed_images(bundle, images, Path(out), execution)
     if (source / "bundle.json").is_file():
         if out is None:
             raise CellmorphError(f"{source} is a model bundle: say where to write the embeddings with --out DIR (a bundle folder holds only its own files).")
@@ -79,11 +90,11 @@ def embed(source: str | Path, out: str | Path | None = None, data: str | Path | 
 def _embed_run(run: Path, data) -> tuple[pd.DataFrame, str]:
     from cellmorph.config import load_config
     from cellmorph.engine.plan import plan_run
-    from cellmorph.data.store import build_store
+    from cellmorph.data.store import build_store, open_store
 
     cfg = load_config(run / "config.toml")
     plan = plan_run(cfg, data)
-    store = build_store(plan.table, cfg.dataset.image_size)
+    store = build_store(plan.table, cfg.dataset.image_size) if cfg.mode == "finetune" else open_store(plan.table, cfg.dataset.image_size)
     old = json.loads((run / "dataset.json").read_text())
     if old.get("store_key") != store.key:
         raise CellmorphError(
@@ -134,6 +145,35 @@ def _embed_folds(run: Path, cfg, plan, store) -> pd.DataFrame:
     if "Metadata_ImageNumber" in emb.columns:
         emb = emb.sort_values("Metadata_ImageNumber").reset_index(drop=True)
     return emb
+
+
+def _embed_images(bundle: Path, images, out: Path, execution) -> EmbedResult:
+    """New images through a bundle: streamed in shards (engine/screen.py), written at the end (EMBEDDINGS layout)."""
+    from cellmorph.data.inputs import match_channels, read_images
+    from cellmorph.engine.screen import forget, job_key, score_screen
+    from cellmorph.models.classifier import Classifier
+    from cellmorph.storage import claim, locked, staged_folder
+
+    clf = Classifier.load(bundle)
+    cfg = clf.config
+    table = match_channels(read_images(images, cfg.dataset.label), clf)
+    with locked(out):
+        claim(out, EMBEDDINGS_FOLDER)  # a user's folder is refused, not overwritten
+        files = json.loads((bundle / "bundle.json").read_text()).get("files", {})
+        resume = job_key("embed", str(out.resolve()), files, cfg.dataset.image_size, table.source)
+        feats = score_screen(clf, table, cfg.dataset.image_size, features=True, resume=resume, execution=execution, what="embedding")["features"]
+        emb = embeddings_table(table.df, feats, cfg.model.name)
+        wells = treatments = None
+        if set(WELL_KEYS + [COMPOUND, CONCENTRATION]) <= set(emb.columns):
+            wells, treatments = well_and_treatment_profiles(emb)
+        with staged_folder(out, EMBEDDINGS_FOLDER) as tmp:  # all the tables or none
+            write_parquet(tmp / EMBEDDINGS, emb)
+            if wells is not None:
+                write_parquet(tmp / WELL_PROFILES, wells)
+                write_parquet(tmp / TREATMENT_PROFILES, treatments)
+        forget(resume)
+    how = f"model bundle {bundle} ({cfg.mode} {cfg.model.name}) on {table.source}: the features its head reads"
+    return EmbedResult(emb, wells, treatments, out, how)
 
 
 def _embed_bundle(bundle: Path, data) -> tuple[pd.DataFrame, str]:
