@@ -7,7 +7,8 @@ from PIL import Image
 from cellmorph.data.catalog import load_dataset
 from cellmorph.data.datasets.crchisto import read_centres
 from cellmorph.errors import CellmorphError
-from cellmorph.data.store import build_store, cut_patches
+from cellmorph.data.store import build_store
+from cellmorph.data.stream import cut_patches
 
 
 def test_nucleus_table_counts_real(crchisto_table, data_dir):

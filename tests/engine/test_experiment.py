@@ -275,3 +275,19 @@ def test_missing_pretrained_weights_fail_before_the_folder_is_claimed(data_dir, 
     with pytest.raises(CellmorphError, match="no ImageNet weights for 'resnet50'"):
         run_experiment(cfg, out, data_dir)
     assert list(out.iterdir()) == []
+
+
+@pytest.mark.realdata
+def test_finetune_from_disk_when_the_store_does_not_fit_equals_in_memory(data_dir, tmp_path, monkeypatch):
+    """A store larger than the memory budget (forced with CELLMORPH_MEMORY_MB=0) is resized once onto disk by
+    streaming and read batch by batch: the same folds give the same predictions, byte for byte."""
+    sets = {"mode": "finetune", "dataset.image_size": 32, "model.input_size": 32, "finetune.epochs": 1, "finetune.batch_size": 16,
+            "evaluation.max_folds": 1, "execution.threads": 1, "save_model": False, "device": "cpu"}
+    cfg = override(load_config(QUICKSTART), sets)
+    run_experiment(cfg, tmp_path / "memory", data_dir)
+    monkeypatch.setenv("CELLMORPH_MEMORY_MB", "0")
+    monkeypatch.setenv("CELLMORPH_CACHE", str(tmp_path / "cache"))  # a cold cache: nothing decoded in memory before
+    run_experiment(cfg, tmp_path / "disk", data_dir)
+    assert list((tmp_path / "cache").glob("store/*/resized-32.npy")) and not list((tmp_path / "cache").glob("store/*/images.npy"))
+    for name in ("predictions.parquet", "folds/00/predictions.parquet"):
+        assert (tmp_path / "memory" / name).read_bytes() == (tmp_path / "disk" / name).read_bytes(), name

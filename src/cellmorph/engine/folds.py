@@ -60,11 +60,32 @@ class FoldEngine:
         elif cfg.mode == "finetune" and self.images is None:
             import torch
 
-            from cellmorph.models.train import resize_uint8_stack
+            from cellmorph.models.train import disk_images, fits_in_memory, resize_uint8_stack
 
-            # The whole uint8 store goes to the device once, resized once; folds index it there.
             size = cfg.model.input_size or default_input_size(cfg.model.name)
-            self.images = resize_uint8_stack(torch.from_numpy(np.asarray(self.store.images)).to(self.plan.device), size)
+            if self.store.decoded or fits_in_memory(self.store.shape, size):
+                # The whole uint8 store goes to the device once, resized once; folds index it there.
+                self.images = resize_uint8_stack(torch.from_numpy(np.asarray(self.store.images)).to(self.plan.device), size)
+            else:  # too large: resized once into the cache by streaming, then read batch by batch (memory-mapped)
+                n, c = self.store.shape[:2]
+                console.print(f"fine-tuning reads its images from disk: {n} x {c} x {size} x {size} uint8 (and the decoded store) exceed the "
+                              "memory budget (half the available memory, or CELLMORPH_MEMORY_MB)")
+                self.images = disk_images(self.store, size, self.plan.device)
+
+    def load_pixels(self) -> None:
+        """Decode what the folds will read, now (a bad image file stops the run before it starts): frozen, the features
+        (streamed through the backbone, or from the cache); fine-tuning, the store in memory, or resized on disk
+        when it does not fit (`prepare`, which Ray workers run again on their side)."""
+        if self.cfg.mode == "frozen":
+            self.prepare()
+            return
+        from cellmorph.models.train import fits_in_memory
+
+        size = self.cfg.model.input_size or default_input_size(self.cfg.model.name)
+        if fits_in_memory(self.store.shape, size):
+            self.store.images  # noqa: B018 - decoded into memory now
+        elif self.cfg.execution.backend == "local":
+            self.prepare()
 
     def for_workers(self) -> FoldEngine:
         """A copy to ship to Ray workers once: frozen, with the features (prepared here) and no pixels (the heads

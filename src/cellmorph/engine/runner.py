@@ -16,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 
 from cellmorph.config import ExperimentConfig
-from cellmorph.data.store import Store, build_store, open_store
+from cellmorph.data.store import Store, open_store
 from cellmorph.data.table import ImageTable
 from cellmorph.engine.final_model import save_final_model
 from cellmorph.engine.folds import FoldEngine
@@ -55,11 +55,11 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path, data_dir: str | Path 
         check_writable(out)
         try:
             # A bad image file stops us here, before the folder is this run's: fine-tuning decodes every image into
-            # memory; a frozen run streams them through the backbone once (or finds their features in the cache).
-            store = build_store(plan.table, cfg.dataset.image_size) if cfg.mode == "finetune" else open_store(plan.table, cfg.dataset.image_size)
+            # memory (or, too many, resizes them onto disk); a frozen run streams them through the backbone once (or
+            # finds their features in the cache).
+            store = open_store(plan.table, cfg.dataset.image_size)
             engine = FoldEngine(plan, store)
-            if cfg.mode == "frozen":
-                engine.prepare()
+            engine.load_pixels()
         except BaseException:
             if not existed and out.is_dir() and not any(out.iterdir()):  # a run that fails before it starts leaves no folder
                 out.rmdir()
@@ -124,7 +124,7 @@ def cross_validate_config(cfg: ExperimentConfig, table: ImageTable | None = None
         1.0
     """
     plan = plan_run(cfg, data_dir, table)
-    store = build_store(plan.table, cfg.dataset.image_size) if cfg.mode == "finetune" else open_store(plan.table, cfg.dataset.image_size)
+    store = open_store(plan.table, cfg.dataset.image_size)
     engine = FoldEngine(plan, store)
     per_seed, preds = [], []
     for seed in cfg.seed_list:

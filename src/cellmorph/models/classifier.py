@@ -24,7 +24,7 @@ from cellmorph.errors import CellmorphError
 from cellmorph.models.bundle import bundle_meta, load_bundle, load_state, save_bundle
 from cellmorph.models.factory import INIT_WORDS, check_model_config, create_model, default_input_size, normalization, pre_logits
 from cellmorph.models.features import extract_features, fit_logistic_head
-from cellmorph.models.train import InputSpec, fit as _fit, forward_batches, make_input_spec, pick_device, resize_uint8_stack
+from cellmorph.models.train import InputSpec, disk_images, fit as _fit, fits_in_memory, forward_batches, make_input_spec, pick_device, resize_uint8_stack
 
 DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
 BATCH_NORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
@@ -127,7 +127,7 @@ class Classifier:
             'Aurora kinase inhibitors'
         """
         cfg = override(self.config, {"dataset.label": table.label}) if table.label != self.config.dataset.label else self.config
-        return self.fit_store(table, build_store(table, cfg.dataset.image_size) if cfg.mode == "finetune" else open_store(table, cfg.dataset.image_size), cfg)
+        return self.fit_store(table, open_store(table, cfg.dataset.image_size), cfg)
 
     def fit_store(self, table: ImageTable, store, cfg: ExperimentConfig | None = None, on_step=None) -> Classifier:
         """`fit` on a store already built from `table` (the runner's final model reuses its store); `on_step()`
@@ -142,7 +142,9 @@ class Classifier:
         if cfg.mode == "frozen":
             self._fit_frozen(store, idx, y, device)
         else:
-            self._fit_finetune(torch.from_numpy(np.asarray(store.images))[torch.from_numpy(idx)], y, len(classes), device, on_step)
+            size = cfg.model.input_size or default_input_size(cfg.model.name)
+            images = torch.from_numpy(np.asarray(store.images)) if store.decoded or fits_in_memory(store.shape, size) else disk_images(store, size, device)
+            self._fit_finetune(images[torch.from_numpy(idx)], y, len(classes), device, on_step)
         self.classes, self._channels = classes, store.shape[1]
         self._trained_on = trained_on(table, store, len(idx), cfg.seed)
         return self

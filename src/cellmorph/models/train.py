@@ -6,8 +6,10 @@ resized and normalised there. On CUDA: bf16 autocast and channels_last.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -90,6 +92,95 @@ def class_weights(labels: np.ndarray, n_classes: int) -> torch.Tensor:
     w = np.zeros(n_classes)
     w[present] = counts.sum() / (present.sum() * counts[present])
     return torch.tensor(w, dtype=torch.float32)
+
+
+MEMORY_ENV = "CELLMORPH_MEMORY_MB"  # the memory fine-tuning may fill with images (default: half of what is available)
+
+
+def memory_budget() -> int:
+    """Bytes of images fine-tuning may hold in memory: $CELLMORPH_MEMORY_MB, else half of MemAvailable (Linux),
+    else 8 GiB."""
+    raw = os.environ.get(MEMORY_ENV, "")
+    if raw:
+        if not raw.isdigit():
+            raise CellmorphError(f"{MEMORY_ENV}={raw!r}: expected megabytes, e.g. 16000.")
+        return int(raw) * 2**20
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024 // 2
+    except OSError:
+        pass
+    return 8 * 2**30
+
+
+def fits_in_memory(shape: tuple, size: int) -> bool:
+    """Whether a store of `shape` (N x C x H x W) and its copy resized to `size` fit the memory budget."""
+    n, c, h, w = shape
+    return n * c * (h * w + (size or h) * (size or w)) <= memory_budget()
+
+
+class DiskImages:
+    """uint8 N x C x S x S images in a .npy file, read batch by batch (memory-mapped): fine-tuning's data when the
+    store does not fit in memory. `x[rows]` (a tensor or array of row positions) is a lazy view of those rows;
+    `x[a:b]` and `load()` read pixels, as a tensor on `device`. Pickles as its path (Ray workers map the file)."""
+
+    def __init__(self, path: str | Path, device, rows: np.ndarray | None = None):
+        self.path, self.device = Path(path), torch.device(device)
+        self._array = np.load(self.path, mmap_mode="r")
+        self.rows = np.arange(len(self._array)) if rows is None else np.asarray(rows, dtype=np.int64)
+
+    def __getstate__(self):
+        return {"path": self.path, "device": str(self.device), "rows": self.rows}
+
+    def __setstate__(self, state):
+        self.__init__(state["path"], state["device"], state["rows"])
+
+    @property
+    def shape(self) -> tuple:
+        return (len(self.rows), *self._array.shape[1:])
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def to(self, device, non_blocking: bool = False) -> DiskImages:
+        return DiskImages(self.path, device, self.rows)
+
+    def __getitem__(self, key):
+        if isinstance(key, slice):
+            return self._read(self.rows[key])
+        idx = key.cpu().numpy() if isinstance(key, torch.Tensor) else np.asarray(key)
+        return DiskImages(self.path, self.device, self.rows[idx])
+
+    def load(self) -> torch.Tensor:
+        return self._read(self.rows)
+
+    def _read(self, rows: np.ndarray) -> torch.Tensor:
+        order = np.argsort(rows, kind="stable")  # read in file order, put back in the asked order
+        out = np.empty((len(rows), *self._array.shape[1:]), dtype=np.uint8)
+        out[order] = self._array[rows[order]]
+        return torch.from_numpy(out).to(self.device)
+
+
+def disk_images(store, size: int, device) -> DiskImages:
+    """The store's images resized to `size`, written once to $CELLMORPH_CACHE/store/KEY/resized-SIZE.npy by streaming
+    (`Store.batches`: never all in memory; with its content hash), as `DiskImages`."""
+    from cellmorph.data.store import cache_dir
+    from cellmorph.io import atomic_path
+    from cellmorph.storage import digest_ok, write_digest
+
+    n, c, h, w = store.shape
+    size = size or h
+    path = cache_dir() / "store" / store.key / f"resized-{size}.npy"
+    if not digest_ok(path):
+        with atomic_path(path, "cache") as tmp:
+            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(n, c, size, size))
+            for rows, batch in store.batches(256):
+                out[rows] = resize_uint8_stack(torch.from_numpy(batch), size).numpy()
+            out.flush()
+            del out
+        write_digest(path)
+    return DiskImages(path, device)
 
 
 def channel_mean(images: torch.Tensor, chunk: int = 4096) -> tuple[float, ...]:
@@ -230,7 +321,10 @@ def fit(
 
 def training_batch(x_all: torch.Tensor, idx: torch.Tensor, spec: InputSpec, aug: AugmentConfig, gen: torch.Generator) -> torch.Tensor:
     """The per-step work in front of the network: index the uint8 batch, augment, normalise (channels_last on CUDA)."""
-    x = spec.normalize(augment(x_all[idx], aug, gen))
+    batch = x_all[idx]
+    if isinstance(batch, DiskImages):  # images on disk: this batch's rows read now
+        batch = batch.load()
+    x = spec.normalize(augment(batch, aug, gen))
     return x.contiguous(memory_format=torch.channels_last) if x.is_cuda else x
 
 

@@ -1,0 +1,128 @@
+"""Screens at scale: `cellmorph predict` on synthetic screens of N fields, against a bare inference loop, one run.
+
+    CELLMORPH_DATA=../shared/data python benchmarks/screen_scale.py --n 660 3300 6600
+
+The screen: the BBBC021 subset's 660 fields, hard-linked N / 660 times under new plate names (`<plate>-copyK`),
+as a CellProfiler LoadData CSV: each copy is a new plate of files with new paths (the page cache holds the
+bytes after the first read, as it would for a plate read twice; decoding is done every time).
+The model: the quickstart bundle (`cellmorph run configs/quickstart.toml`, frozen offline ImageNet
+EfficientNet-Lite0 + logistic head, 224 px input; its conformal and distance-novelty scores, so every image's
+1,280 features are kept), made once into a temporary folder unless --bundle is given.
+
+Per N, one JSON line:
+- peak_rss_mb: the predict process's peak resident memory (its own getrusage, process start to exit);
+- images_per_s_command: N / the wall seconds of the whole command (process start, imports, model load,
+  decoding, inference, aggregation, conformal sets, report, writing);
+- bare_loop_images_per_s: a channels_last, inference_mode forward loop of the same backbone (create_model +
+  head-less timm EfficientNet-Lite0) at 224 px, batch 32 (frozen.batch_size), on uint8 tensors already in
+  memory, the same torch threads, measured in this run just before the predict runs; ratio = the two;
+- load_avg_1min_at_start: this machine is shared; say the load beside each figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+import pandas as pd
+
+REPO = Path(__file__).resolve().parents[1]
+_CHILD = """
+import resource, sys, time
+t0 = time.perf_counter()
+from cellmorph.cli import main
+try:
+    main()
+except SystemExit as e:
+    code = e.code
+print("BENCH", code, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)
+"""
+
+
+def make_screen(data: Path, n: int, folder: Path) -> Path:
+    """A LoadData CSV of n fields: the subset's fields hard-linked under new plate names (copy k of plate P: P-copyk)."""
+    root = data / "bbbc021-subset"
+    raw = pd.read_csv(root / "bbbc021v1_labels.csv", sep=";", index_col=0)
+    rows = []
+    copies = -(-n // len(raw))
+    for k in range(copies):
+        d = folder / f"copy{k}"
+        d.mkdir(parents=True, exist_ok=True)
+        for i, r in raw.iterrows():
+            name = f"bbbc021v1_{i}.png"
+            if not (d / name).exists():
+                os.link(root / "images" / name, d / name)
+            rows.append({"Metadata_Plate": f"{r['plate']}-copy{k}", "Metadata_Well": r["well"], "Metadata_Compound": r["compound"],
+                         "Metadata_Concentration": r["concentration"], "Image_FileName_RGB": name, "Image_PathName_RGB": str(d)})
+    csv = folder / f"screen-{n}.csv"
+    pd.DataFrame(rows[:n]).to_csv(csv, index=False)
+    return csv
+
+
+def bare_loop(images: int = 640, batch: int = 32) -> float:
+    """Images/s of a bare channels_last forward loop of the backbone at 224 px (after one warm-up batch)."""
+    import torch
+
+    from cellmorph.models.factory import create_model
+
+    model = create_model("tf_efficientnet_lite0", "imagenet", num_classes=0, in_chans=3).eval().to(memory_format=torch.channels_last)
+    x = torch.randint(0, 256, (batch, 3, 224, 224), dtype=torch.uint8)
+    with torch.inference_mode():
+        model(x.float().div(255).contiguous(memory_format=torch.channels_last))
+        t0 = time.perf_counter()
+        for _ in range(images // batch):
+            model(x.float().div(255).contiguous(memory_format=torch.channels_last))
+        return images // batch * batch / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, nargs="+", default=[660, 3300])
+    ap.add_argument("--bundle", type=Path, default=None, help="a model bundle (default: run the quickstart into a temporary folder)")
+    args = ap.parse_args()
+    data = Path(os.environ.get("CELLMORPH_DATA") or REPO.parent / "shared" / "data").resolve()
+    import torch
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        bundle = args.bundle
+        if bundle is None:
+            subprocess.run([sys.executable, "-m", "cellmorph", "run", str(REPO / "configs" / "quickstart.toml"), "--out", str(tmp / "run"),
+                            "--data", str(data)], check=True, capture_output=True)
+            bundle = tmp / "run" / "model"
+        for n in args.n:
+            csv = make_screen(data, n, tmp / "screen")
+            load = os.getloadavg()[0]
+            bare = bare_loop()
+            t0 = time.perf_counter()
+            res = subprocess.run([sys.executable, "-c", _CHILD, "predict", str(bundle), str(csv), "--out", str(tmp / f"pred-{n}")],
+                                 capture_output=True, text=True)
+            wall = time.perf_counter() - t0
+            line = [ln for ln in res.stderr.splitlines() if ln.startswith("BENCH")]
+            if res.returncode != 0 or not line or line[-1].split()[1] != "0":
+                sys.exit(f"predict failed on {n} fields:\n{res.stderr[-2000:]}")
+            info = json.loads((tmp / f"pred-{n}" / "predict.json").read_text())
+            rate = n / wall
+            print(json.dumps({
+                "benchmark": "screen_scale", "date": date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+                "torch_threads": torch.get_num_threads(), "model": info["architecture"], "mode": info["mode"], "input_px": 224, "fields": n,
+                "plates": int(pd.read_csv(csv)["Metadata_Plate"].nunique()), "novelty_score": info["novelty_score"],
+                "peak_rss_mb": round(int(line[-1].split()[2]) / 1024, 1), "wall_s_command": round(wall, 1),
+                "images_per_s_command": round(rate, 2), "images_per_s_decode_and_predict": info["images_per_s"],
+                "bare_loop_images_per_s": round(bare, 2), "ratio_command_to_bare": round(rate / bare, 3),
+                "load_avg_1min_at_start": round(load, 2),
+            }), flush=True)
+            for f in (tmp / "screen").glob("screen-*.csv"):
+                f.unlink()
+
+
+if __name__ == "__main__":
+    main()
