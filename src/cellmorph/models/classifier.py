@@ -24,7 +24,7 @@ from cellmorph.errors import CellmorphError
 from cellmorph.models.bundle import bundle_meta, load_bundle, load_state, save_bundle
 from cellmorph.models.factory import INIT_WORDS, check_model_config, create_model, default_input_size, normalization, pre_logits
 from cellmorph.models.features import extract_features, fit_logistic_head
-from cellmorph.models.train import InputSpec, disk_images, fit as _fit, fits_in_memory, forward_batches, make_input_spec, pick_device, resize_uint8_stack
+from cellmorph.models.train import InputSpec, disk_images, fit as _fit, fits_in_memory, fold_batch_norm, forward_batches, make_input_spec, pick_device, resize_uint8_stack
 
 DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
 BATCH_NORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
@@ -62,6 +62,7 @@ class Classifier:
         self.classes: list[str] = []
         self._source = source
         self._net: torch.nn.Module | None = None  # finetune: the network; frozen: the backbone
+        self._folded: tuple | None = None  # frozen: (backbone, its batch-norm-folded inference copy)
         self._head: dict[str, torch.Tensor] = {}  # frozen: mean, scale, coef, intercept (float64)
         self._spec: InputSpec | None = None
         self._channels = 0
@@ -180,8 +181,12 @@ class Classifier:
             _fit(self._net, x, y, n_classes, cfg.finetune, self._spec, device, cfg.seed, on_step=on_step)
 
     def _features(self, images: torch.Tensor, device: torch.device, on_batch=None) -> torch.Tensor:
+        """Frozen: the backbone's features, through its batch-norm-folded copy (`fold_batch_norm`, made once per
+        backbone), as the runner's feature extraction computes them."""
         fz = self.config.frozen
-        return forward_batches(self._net, images, self._spec, device, fz.batch_size, tta=fz.tta, on_batch=on_batch)
+        if self._folded is None or self._folded[0] is not self._net:
+            self._folded = (self._net, fold_batch_norm(self._net, self._channels or images.shape[1]))
+        return forward_batches(self._folded[1], images, self._spec, device, fz.batch_size, tta=fz.tta, on_batch=on_batch)
 
     def proba_and_features(self, x: torch.Tensor, on_batch=None) -> tuple[np.ndarray, np.ndarray]:
         """Frozen: the probabilities and the backbone features of checked uint8 images from ONE backbone pass

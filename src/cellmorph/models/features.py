@@ -16,7 +16,8 @@ from cellmorph.progress import console, make_progress
 from cellmorph.storage import digest_ok, write_digest
 from cellmorph.data.store import Store, cache_dir
 
-FEATURES_VERSION = 1
+# 2: extracted through the batch-norm-folded backbone (train.fold_batch_norm; equal to 1's to ~1e-5)
+FEATURES_VERSION = 2
 
 
 def feature_key(store: Store, model_cfg: ModelConfig, tta: bool) -> str:
@@ -57,14 +58,14 @@ def extract_features(store: Store, model_cfg: ModelConfig, tta: bool, batch_size
         return hit
     device = device() if callable(device) else device
     from cellmorph.models.factory import create_model, normalization
-    from cellmorph.models.train import InputSpec
+    from cellmorph.models.train import InputSpec, fold_batch_norm
 
     path = (cache or cache_dir()) / "features" / f"{feature_key(store, model_cfg, tta)}.npy"
     model = create_model(model_cfg.name, model_cfg.init, num_classes=0, in_chans=store.shape[1])
     mean, std = normalization(model)
     spec = InputSpec(size=model_cfg.input_size or default_input_size(model_cfg.name), mean=mean, std=std)
     what = f"features {model_cfg.name}" + (" (8x dihedral TTA)" if tta else "")
-    feats = stream_forward(model, store.batches(batch_size), spec, device, len(store.index), what, tta=tta)
+    feats = stream_forward(fold_batch_norm(model, store.shape[1]), store.batches(batch_size), spec, device, len(store.index), what, tta=tta)
     feats = feats.numpy().astype(np.float32)
     write_npy(path, feats, what="cache")
     write_digest(path)
