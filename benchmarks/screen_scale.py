@@ -16,6 +16,8 @@ Per N, one JSON line:
 - bare_loop_images_per_s: a channels_last, inference_mode forward loop of the same backbone (create_model +
   head-less timm EfficientNet-Lite0) at 224 px, batch 32 (frozen.batch_size), on uint8 tensors already in
   memory, the same torch threads, measured in this run just before the predict runs; ratio = the two;
+- bare_loop_folded_images_per_s: the same loop on the batch-norm-folded copy (`train.fold_batch_norm`), the
+  network cellmorph's frozen path actually runs, so ratio_command_to_bare_folded compares like with like;
 - load_avg_1min_at_start: this machine is shared; say the load beside each figure.
 """
 
@@ -67,13 +69,16 @@ def make_screen(data: Path, n: int, folder: Path) -> Path:
     return csv
 
 
-def bare_loop(images: int = 640, batch: int = 32) -> float:
-    """Images/s of a bare channels_last forward loop of the backbone at 224 px (after one warm-up batch)."""
+def bare_loop(images: int = 640, batch: int = 32, folded: bool = False) -> float:
+    """Images/s of a bare channels_last forward loop of the backbone at 224 px (after one warm-up batch): timm's
+    module as it comes, or (folded=True) the batch-norm-folded copy cellmorph's frozen path runs."""
     import torch
 
     from cellmorph.models.factory import create_model
+    from cellmorph.models.train import fold_batch_norm
 
-    model = create_model("tf_efficientnet_lite0", "imagenet", num_classes=0, in_chans=3).eval().to(memory_format=torch.channels_last)
+    model = create_model("tf_efficientnet_lite0", "imagenet", num_classes=0, in_chans=3).eval()
+    model = (fold_batch_norm(model) if folded else model).to(memory_format=torch.channels_last)
     x = torch.randint(0, 256, (batch, 3, 224, 224), dtype=torch.uint8)
     with torch.inference_mode():
         model(x.float().div(255).contiguous(memory_format=torch.channels_last))
@@ -101,7 +106,7 @@ def main() -> None:
         for n in args.n:
             csv = make_screen(data, n, tmp / "screen")
             load = os.getloadavg()[0]
-            bare = bare_loop()
+            bare, bare_folded = bare_loop(), bare_loop(folded=True)
             t0 = time.perf_counter()
             res = subprocess.run([sys.executable, "-c", _CHILD, "predict", str(bundle), str(csv), "--out", str(tmp / f"pred-{n}")],
                                  capture_output=True, text=True)
@@ -118,6 +123,7 @@ def main() -> None:
                 "peak_rss_mb": round(int(line[-1].split()[2]) / 1024, 1), "wall_s_command": round(wall, 1),
                 "images_per_s_command": round(rate, 2), "images_per_s_decode_and_predict": info["images_per_s"],
                 "bare_loop_images_per_s": round(bare, 2), "ratio_command_to_bare": round(rate / bare, 3),
+                "bare_loop_folded_images_per_s": round(bare_folded, 2), "ratio_command_to_bare_folded": round(rate / bare_folded, 3),
                 "load_avg_1min_at_start": round(load, 2),
             }), flush=True)
             for f in (tmp / "screen").glob("screen-*.csv"):
