@@ -49,6 +49,7 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path, data_dir: str | Path 
     """
     out = Path(out)
     plan = plan_run(cfg, data_dir)
+    console.print(f"split: {plan.description}", highlight=False, markup=False)
     with locked(out):
         claim(out, RUN)  # before decoding anything: a user's files refused, our leftovers removed
         existed = out.exists()
