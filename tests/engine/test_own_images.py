@@ -1,10 +1,17 @@
 """Issue 24 ("a scientist's first hour with their own data"), on real 27x27 H&E nucleus patches with a patient column:
-every column the config names is checked before any work (item 3)."""
+every column the config names is checked before any work (item 3), and a finished run adds its calibrated final
+model without a second cross-validation (item 4)."""
 
 from __future__ import annotations
 
+import json
+import os
+
 import pandas as pd
 import pytest
+
+import cellmorph as cm
+from cellmorph.config import load_config
 
 
 @pytest.mark.parametrize("column, field", [("Metadata_Label", "dataset.label"), ("Metadata_Patient", "evaluation.group")])
@@ -37,3 +44,34 @@ def test_an_absolute_csv_needs_no_data_folder(nuclei_patches, nuclei_config, tmp
     (tmp_path / "rel.toml").write_text(nuclei_config(nuclei_patches).replace(str(nuclei_patches / "cells.csv"), "cells.csv"))
     code, said = cli(monkeypatch, capsys, "run", tmp_path / "rel.toml", "--out", tmp_path / "rel")
     assert code == 2 and "--data DIR" in said and "CELLMORPH_DATA" in said
+
+
+def test_a_finished_run_adds_its_calibrated_model_without_refitting_the_folds(nuclei_patches, nuclei_config, tmp_path, monkeypatch, capsys):
+    """save_model, [execution] and outputs do not change a fold's results: a finished run with save_model = false,
+    rerun with save_model = true (and another thread count), keeps its folds and only fits the final model, calibrated
+    on those folds' out-of-fold predictions. A setting that changes the folds (the seed) is still another config."""
+    monkeypatch.delenv("CELLMORPH_DATA", raising=False)
+    (tmp_path / "cfg.toml").write_text(nuclei_config(nuclei_patches))
+    cfg = load_config(tmp_path / "cfg.toml", ["save_model=false"])
+    out = tmp_path / "run"
+    first = cm.run(cfg, out)
+    assert not (out / "model").exists()
+    folds = sorted((out / "folds").glob("[0-9][0-9]/predictions.parquet"))
+    stamps = {p: os.stat(p).st_mtime_ns for p in folds}
+    capsys.readouterr()
+
+    again = cm.run(load_config(tmp_path / "cfg.toml", ["save_model=true", "execution.threads=1"]), out)
+    said = " ".join(capsys.readouterr().err.split())
+    assert "6 of 6 folds already done" in said and "final model:" in said
+    assert {p: os.stat(p).st_mtime_ns for p in folds} == stamps  # no fold computed again
+    assert again.levels == first.levels
+    oof = pd.read_parquet(out / "predictions.parquet")
+    meta = json.loads((out / "model" / "bundle.json").read_text())
+    assert meta["calibration"]["rows"] == len(oof) == 72 and meta["calibration"]["folds"] == 6
+    assert meta["trained_on"]["images"] == 72
+    model = cm.Classifier.load(out / "model")
+    pd.testing.assert_frame_equal(model.calibration, oof[model.calibration.columns].reset_index(drop=True), check_dtype=False)
+    assert "save_model = true" in (out / "config.toml").read_text()
+
+    with pytest.raises(cm.CellmorphError, match="different config .*seed was 0, now 1"):
+        cm.run(load_config(tmp_path / "cfg.toml", ["seed=1"]), out)
