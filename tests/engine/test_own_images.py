@@ -46,13 +46,19 @@ def test_an_absolute_csv_needs_no_data_folder(nuclei_patches, nuclei_config, tmp
     assert code == 2 and "--data DIR" in said and "CELLMORPH_DATA" in said
 
 
-def test_a_finished_run_adds_its_calibrated_model_without_refitting_the_folds(nuclei_patches, nuclei_config, tmp_path, monkeypatch, capsys):
+# A fine-tune small enough for seconds: the course's LeNet from scratch, one epoch on the 72 patches.
+TINY_LENET = ["mode=finetune", "model.name=lenet", "model.init=xavier", "finetune.epochs=1", "finetune.batch_size=16", "finetune.amp=false"]
+
+
+@pytest.mark.parametrize("mode", ["frozen", "finetune"])
+def test_a_finished_run_adds_its_calibrated_model_without_refitting_the_folds(nuclei_patches, nuclei_config, tmp_path, monkeypatch, capsys, mode):
     """save_model, [execution] and outputs do not change a fold's results: a finished run with save_model = false,
     rerun with save_model = true (and another thread count), keeps its folds and only fits the final model, calibrated
     on those folds' out-of-fold predictions. A setting that changes the folds (the seed) is still another config."""
     monkeypatch.delenv("CELLMORPH_DATA", raising=False)
     (tmp_path / "cfg.toml").write_text(nuclei_config(nuclei_patches))
-    cfg = load_config(tmp_path / "cfg.toml", ["save_model=false"])
+    recipe = TINY_LENET if mode == "finetune" else []
+    cfg = load_config(tmp_path / "cfg.toml", [*recipe, "save_model=false"])
     out = tmp_path / "run"
     first = cm.run(cfg, out)
     assert not (out / "model").exists()
@@ -60,7 +66,7 @@ def test_a_finished_run_adds_its_calibrated_model_without_refitting_the_folds(nu
     stamps = {p: os.stat(p).st_mtime_ns for p in folds}
     capsys.readouterr()
 
-    again = cm.run(load_config(tmp_path / "cfg.toml", ["save_model=true", "execution.threads=1"]), out)
+    again = cm.run(load_config(tmp_path / "cfg.toml", [*recipe, "save_model=true", "execution.threads=1"]), out)
     said = " ".join(capsys.readouterr().err.split())
     assert "6 of 6 folds already done" in said and "final model:" in said
     assert {p: os.stat(p).st_mtime_ns for p in folds} == stamps  # no fold computed again
@@ -68,10 +74,10 @@ def test_a_finished_run_adds_its_calibrated_model_without_refitting_the_folds(nu
     oof = pd.read_parquet(out / "predictions.parquet")
     meta = json.loads((out / "model" / "bundle.json").read_text())
     assert meta["calibration"]["rows"] == len(oof) == 72 and meta["calibration"]["folds"] == 6
-    assert meta["trained_on"]["images"] == 72
+    assert meta["trained_on"]["images"] == 72 and meta["mode"] == mode
     model = cm.Classifier.load(out / "model")
     pd.testing.assert_frame_equal(model.calibration, oof[model.calibration.columns].reset_index(drop=True), check_dtype=False)
     assert "save_model = true" in (out / "config.toml").read_text()
 
     with pytest.raises(cm.CellmorphError, match="different config .*seed was 0, now 1"):
-        cm.run(load_config(tmp_path / "cfg.toml", ["seed=1"]), out)
+        cm.run(load_config(tmp_path / "cfg.toml", [*recipe, "seed=1"]), out)

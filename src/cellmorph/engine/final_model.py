@@ -63,7 +63,10 @@ def save_final_model(path: Path, cfg: ExperimentConfig, plan: Plan, store: Store
             progress.advance(task)
     clf.calibration, clf.calibration_info = _calibration(cfg, plan, store, oof, seed)
     clf.reference = _reference(cfg, plan, store)
-    return clf.save(path, overwrite=True)
+    saved = clf.save(path, overwrite=True)
+    cal = "no calibration data" if clf.calibration is None else f"calibrated on {len(clf.calibration)} out-of-fold predictions"
+    console.print(f"final model: {path} ({cfg.mode}, fitted on all {n} labelled images; {cal})")
+    return saved
 
 
 def _calibration(cfg: ExperimentConfig, plan: Plan, store: Store, oof: pd.DataFrame, seed: int) -> tuple[pd.DataFrame | None, dict | None]:
