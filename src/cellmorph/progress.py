@@ -30,10 +30,11 @@ def progress_shown(shown: bool):
 
 
 def make_progress(**kwargs) -> Progress | PlainProgress:
-    """A progress display for the console: a rich bar on a terminal, plain lines otherwise, nothing when hidden."""
+    """A progress display for the console: a rich bar on a terminal (and in Jupyter), plain lines otherwise, nothing
+    when hidden."""
     if not _SHOWN.get():
         kwargs["disable"] = True
-    elif not console.is_terminal:
+    elif not console.is_jupyter and (not console.is_terminal or console.is_dumb_terminal):  # a log file, or TERM=dumb
         return PlainProgress(console, every=plain_interval())
     return Progress(
         TextColumn("[bold]{task.description}"),
