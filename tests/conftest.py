@@ -113,3 +113,93 @@ def screen_world(subset_table, tmp_path_factory):
     load["Image_PathName_RGB"] = [d for d, _ in paths]
     load.to_csv(root / "load_data.csv", index=False)
     return root
+
+
+NUCLEI_IMAGES = (5, 6, 7, 8, 9, 10)  # CRCHistoPhenotypes images with at least 10 nuclei of each of the 3 classes
+
+
+def write_nuclei_patches(data_dir: Path, folder: Path, per_class: int = 4, new_per_class: int = 2, size: int = 27) -> Path:
+    """A scientist's own table, as issue 24's user had it: size x size H&E nucleus patches cut from 6 real
+    CRCHistoPhenotypes images and saved as PNG files, one patient per source image. Writes `cells.csv`
+    (Image_Path_HE relative to the CSV, Metadata_Label, Metadata_Patient; `per_class` nuclei per class and patient)
+    and `new.csv` (other nuclei of the same images, no label column: new images to predict). Returns `folder`."""
+    from cellmorph.data.datasets.crchisto import CLASSES, read_centres
+
+    root = data_dir / "crchistophenotypes"
+    (folder / "patches").mkdir(parents=True, exist_ok=True)
+    half = size // 2
+    rows, new = [], []
+    for n in NUCLEI_IMAGES:
+        pixels = np.asarray(Image.open(root / f"img{n}" / f"img{n}.png").convert("RGB"))
+        for cls in CLASSES:
+            xy = np.rint(read_centres(root / f"img{n}" / f"img{n}_{cls}.mat")).astype(int) - 1
+            inside = [(x, y) for x, y in xy if half <= x < pixels.shape[1] - half and half <= y < pixels.shape[0] - half]
+            for k, (x, y) in enumerate(inside[: per_class + new_per_class]):
+                name = f"patches/p{n:02d}_{cls}_{k}.png"
+                Image.fromarray(pixels[y - half : y + half + 1, x - half : x + half + 1]).save(folder / name)
+                row = {"Image_Path_HE": name, "Metadata_Patient": n}
+                (rows if k < per_class else new).append({**row, "Metadata_Label": cls} if k < per_class else row)
+    pd.DataFrame(rows).to_csv(folder / "cells.csv", index=False)
+    pd.DataFrame(new).to_csv(folder / "new.csv", index=False)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def nuclei_patches(data_dir, tmp_path_factory) -> Path:
+    """write_nuclei_patches in a session folder (skipped, or failed under CELLMORPH_REQUIRE_DATA=1, without the data)."""
+    if not (data_dir / "crchistophenotypes" / "img1" / "img1.png").is_file():
+        msg = f"CRCHistoPhenotypes not found under {data_dir}/crchistophenotypes"
+        if os.environ.get("CELLMORPH_REQUIRE_DATA") == "1":
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return write_nuclei_patches(data_dir, tmp_path_factory.mktemp("nuclei-patches"))
+
+
+# Frozen offline ImageNet EfficientNet-Lite0 on 27x27 patches upsampled to 32 px: a real model in about a second.
+NUCLEI_CONFIG = ('name = "patches"\nmode = "frozen"\ndevice = "cpu"\n[dataset]\nname = "folder"\nlabel = "Metadata_Label"\n'
+                 'options = {{csv = "{csv}"}}\n[model]\nname = "tf_efficientnet_lite0"\ninit = "imagenet"\ninput_size = 32\n'
+                 '[frozen]\nbatch_size = 64\n[evaluation]\nprotocol = "logo"\ngroup = "Metadata_Patient"\n')
+
+
+@pytest.fixture(scope="session")
+def nuclei_config():
+    """nuclei_config(folder, **replace): the config text (NUCLEI_CONFIG) of a run on `folder`/cells.csv (absolute path)."""
+    return lambda folder, csv="cells.csv": NUCLEI_CONFIG.format(csv=Path(folder) / csv)
+
+
+@pytest.fixture
+def no_image_decoded(monkeypatch):
+    """Any image opened or decoded in the test (a field, a header, a patch) fails it: for checks that must come
+    before any work."""
+    import PIL.Image
+
+    from cellmorph.data import preprocess, stream
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"an image was opened or decoded: {args[:1]}")
+
+    for module, name in ((stream, "load_field"), (preprocess, "read_image"), (preprocess, "load_field"), (PIL.Image, "open")):
+        monkeypatch.setattr(module, name, refuse)
+    return refuse
+
+
+def run_cli(monkeypatch, capsys, *args) -> tuple[int, str]:
+    """`cellmorph ARGS` in this process: (exit code, everything printed, whitespace collapsed)."""
+    import sys
+
+    from cellmorph.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["cellmorph", *map(str, args)])
+    code = 0
+    try:
+        main()
+    except SystemExit as e:
+        code = e.code or 0
+    captured = capsys.readouterr()
+    return code, " ".join((captured.out + captured.err).split())
+
+
+@pytest.fixture(scope="session")
+def cli():
+    """run_cli(monkeypatch, capsys, *args) -> (exit code, output)."""
+    return run_cli

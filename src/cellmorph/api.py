@@ -17,13 +17,15 @@ from cellmorph.models.classifier import Classifier
 __all__ = ["Classifier", "cross_validate", "load_dataset", "run"]
 
 
-def load_dataset(name: str, data: str | Path | None = None, label: str = "Metadata_MoA", **options) -> ImageTable:
-    """Load a dataset's table of images (metadata and paths; no pixels decoded yet).
+def load_dataset(name: str, data: str | Path | None = None, label: str | None = None, **options) -> ImageTable:
+    """Load a dataset's table of images (metadata and paths; no pixels decoded yet), labelled or not.
 
     Args:
-        name: a dataset name (`cellmorph datasets` lists them), e.g. "bbbc021-subset".
-        data: the folder holding the datasets; None means $CELLMORPH_DATA.
-        label: the column to classify.
+        name: a dataset name (`cellmorph datasets` lists them), e.g. "bbbc021-subset", or "folder" for your own CSV.
+        data: the folder holding the datasets; None means $CELLMORPH_DATA (not needed for an absolute csv path).
+        label: the column to classify, which must then exist. None: the dataset's own (the folder dataset:
+            Metadata_MoA when the CSV has it; a CSV without it loads unlabelled, `table.labelled` False: new images
+            to predict with `Classifier.predict_proba(table)` or `predict_images(bundle, table)`).
         **options: the dataset's options, as `dataset.options` in a config (e.g. csv="plates.csv" for "folder").
     Returns:
         An `ImageTable`: one row per image, `Metadata_*` and `Image_Path_*` columns.
@@ -32,6 +34,8 @@ def load_dataset(name: str, data: str | Path | None = None, label: str = "Metada
         >>> table = load_dataset("bbbc021-subset", data="~/data")
         >>> len(table), table.classes[:2]
         (660, ['Aurora kinase inhibitors', 'Cholesterol-lowering'])
+        >>> new = load_dataset("folder", csv="/lab/new_patches.csv")     # no label column: to predict
+        >>> predict_images("runs/nuclei/model", new).images[["predicted", "probability"]]
     """
     return _load_dataset(name, None if data is None else Path(data).expanduser(), label=label, **options)
 

@@ -18,6 +18,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # help text is plain text: "pip install 'cellmorph[ray]'" keeps its [ray] (rich markup would eat it)
 )
 
 DATA_HELP = "Data folder holding the datasets (default: $CELLMORPH_DATA)."
@@ -122,7 +123,7 @@ def predict(
     res = predict_images(model, images, out, level, mc_dropout=mc_dropout, overwrite=overwrite, novelty=novelty, ensemble=ensemble, execution=ex)
     lv = "treatment" if res.treatments is not None else "well" if res.wells is not None else "image"
     units = res.level(lv)
-    line = f"{len(res.images)} images, {len(units)} {lv}s; {res.info['images_per_s']} images/s"
+    line = f"{len(res.images)} images" + (f", {len(units)} {lv}s" if lv != "image" else "") + f"; {res.info['images_per_s']} images/s"
     if "none_of_known" in units.columns:
         size = f"mean set size {units['set_size'].mean():.2f}, " if "set_size" in units.columns else ""
         score = res.novelty.get(lv, {}).get("score", "softmax")

@@ -208,3 +208,38 @@ def test_cross_validate_quickstart_numbers(subset_table):
     assert (treat.correct, treat.total) == (55, 55)
     assert (image.correct, image.total) == (573, 660)
     assert len(res.predictions) == 660 and res.predictions["fold"].nunique() == 18
+
+
+def test_unlabelled_new_images_load_and_predict_from_python(nuclei_patches, monkeypatch, capsys, tmp_path):
+    """Issue 24, item 5: a CSV of new images has no label column (the normal case): load_dataset takes it (no data folder
+    needed for an absolute path) and a bundle predicts it, as arrays would be; fitting or cross-validating it is refused,
+    naming the column. Item 7: fit shows progress unless asked not to."""
+    monkeypatch.delenv("CELLMORPH_DATA", raising=False)
+    cells = cm.load_dataset("folder", csv=str(nuclei_patches / "cells.csv"), label="Metadata_Label")
+    new = cm.load_dataset("folder", csv=str(nuclei_patches / "new.csv"))
+    assert cells.labelled and cells.classes == ["epithelial", "fibroblast", "inflammatory"]
+    assert not new.labelled and len(new) == 36 and new.classes == [] and "Metadata_MoA" not in new.df.columns
+    with pytest.raises(cm.CellmorphError, match=r"new\.csv.*missing column\(s\) \['Metadata_Label'\]"):
+        cm.load_dataset("folder", csv=str(nuclei_patches / "new.csv"), label="Metadata_Label")  # a label asked for must be there
+
+    capsys.readouterr()
+    clf = cm.Classifier("tf_efficientnet_lite0", init="imagenet", mode="frozen", overrides={"model.input_size": 32, "device": "cpu"})
+    clf.fit(cells)
+    assert "fitting tf_efficientnet_lite0 (frozen) on 72 labelled images" in capsys.readouterr().err
+    quiet = cm.Classifier("tf_efficientnet_lite0", init="imagenet", mode="frozen", overrides={"model.input_size": 32, "device": "cpu"})
+    quiet.fit(cells, progress=False)
+    assert capsys.readouterr().err == ""
+    bundle = clf.save(tmp_path / "nuclei-model")
+
+    loaded = cm.Classifier.load(bundle)
+    probs = loaded.predict_proba(new)
+    assert probs.shape == (36, 3) and np.allclose(probs.sum(axis=1), 1, atol=1e-5)
+    res = cm.predict_images(bundle, new)  # nothing written without out
+    assert list(res.images.predicted) == loaded.predict(new)
+    np.testing.assert_allclose(res.images[[f"prob_{c}" for c in loaded.classes]].to_numpy(), probs, rtol=1e-5, atol=1e-6)
+    assert "Metadata_Patient" in res.images.columns and "Metadata_MoA" not in res.images.columns
+
+    with pytest.raises(cm.CellmorphError, match=r"new\.csv: no labelled rows in column 'Metadata_MoA'.*label="):
+        clf.fit(new)
+    with pytest.raises(cm.CellmorphError, match=r"new\.csv: the table has no label column 'Metadata_MoA'"):
+        cm.cross_validate(clf, new, "logo", overrides={"evaluation.group": "Metadata_Patient"})

@@ -151,3 +151,14 @@ def test_config_errors_name_the_file_that_holds_the_bad_line(tmp_path, monkeypat
         assert f"{path}: " in line and field in line, (path, line)
     assert line.index(f"{base}: ") < line.index("'seed'") < line.index(f"{grand}: ") < line.index("'frozen.C'"), line
     assert not (tmp_path / "o").exists()
+
+
+def test_help_names_the_ray_extra():
+    """Help text is plain text: the [ray] of the extra is not eaten as markup (issue 24, item 7)."""
+    from typer.testing import CliRunner
+
+    from cellmorph.cli import app
+
+    for verb in ("run", "predict", "embed"):
+        res = CliRunner().invoke(app, [verb, "--help"], terminal_width=200)
+        assert res.exit_code == 0 and "pip install 'cellmorph[ray]'" in " ".join(res.output.split()), (verb, res.output)

@@ -395,3 +395,17 @@ def test_fold_ensemble_of_a_tiny_finetune_run(data_dir, subset_table, tmp_path, 
     assert len(info["ensemble"]["fold_models"]) == 2 and info["novelty_score"] == "softmax"
     code, text = _cli(monkeypatch, capsys, "predict", run / "model", tmp_path / "load.csv", "--out", tmp_path / "o", "--ensemble")
     assert code == 2 and text.count("error:") == 1 and "not a run folder" in text, text
+
+
+def test_predict_new_patches_summary_says_images_once(nuclei_patches, nuclei_config, tmp_path, monkeypatch, capsys, cli):
+    """Issue 24, item 7: images without wells are the unit: the summary line says "36 images" once, not "36 images,
+    36 images"; the run's calibrated model gives the new patches prediction sets."""
+    monkeypatch.delenv("CELLMORPH_DATA", raising=False)
+    (tmp_path / "cfg.toml").write_text(nuclei_config(nuclei_patches))
+    code, said = cli(monkeypatch, capsys, "run", tmp_path / "cfg.toml", "--out", tmp_path / "run")
+    assert code == 0, said
+    code, said = cli(monkeypatch, capsys, "predict", tmp_path / "run" / "model", nuclei_patches / "new.csv", "--out", tmp_path / "new")
+    assert code == 0, said
+    assert "36 images;" in said and "36 images, 36 images" not in said and "images/s; at confidence 0.9: mean set size" in said
+    pred = pd.read_parquet(tmp_path / "new" / "predictions.parquet")
+    assert len(pred) == 36 and "prediction_set" in pred.columns and pred.Metadata_Patient.nunique() == 6

@@ -39,9 +39,11 @@ def available() -> dict[str, str]:
     return dict(registry.DESCRIPTIONS)
 
 
-def load_dataset(name: str, data_dir: str | Path | None, label: str = "Metadata_MoA", **options) -> ImageTable:
+def load_dataset(name: str, data_dir: str | Path | None, label: str | None = "Metadata_MoA", **options) -> ImageTable:
     """The ImageTable of dataset `name` (every built-in dataset registered), from the data folder `data_dir`
-    (None: $CELLMORPH_DATA); a clear error for an unknown name or a bad option."""
+    (None: $CELLMORPH_DATA; not needed when the options name the files by absolute path); label None: the
+    dataset's own label column, optional for the folder dataset (new images); a clear error for an unknown name
+    or a bad option."""
     return registry.load_registered(name, data_dir, label, **options)
 
 

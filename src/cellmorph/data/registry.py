@@ -28,10 +28,17 @@ DOWNLOADS: dict[str, Callable] = {}
 PREPARES: dict[str, Callable] = {}
 
 
-def register(name: str, description: str):
+# name -> fn(options) -> True when these options locate every file themselves (an absolute path), so that no
+# data folder (--data / $CELLMORPH_DATA) is needed; the loader then gets data_dir = None.
+NEEDS_NO_DATA: dict[str, Callable[[dict], bool]] = {}
+
+
+def register(name: str, description: str, needs_no_data: Callable[[dict], bool] | None = None):
     def deco(fn: Callable[..., ImageTable]):
         LOADERS[name] = fn
         DESCRIPTIONS[name] = description
+        if needs_no_data is not None:
+            NEEDS_NO_DATA[name] = needs_no_data
         return fn
 
     return deco
@@ -61,13 +68,21 @@ def resolve_data_dir(data_dir: str | Path | None) -> Path:
     return path.resolve()
 
 
-def load_registered(name: str, data_dir: str | Path | None, label: str = "Metadata_MoA", **options) -> ImageTable:
+def is_absolute_option(key: str) -> Callable[[dict], bool]:
+    """A `needs_no_data` rule: the option `key` is an absolute path (e.g. the folder dataset's csv)."""
+    return lambda options: isinstance(options.get(key), str) and Path(options[key]).expanduser().is_absolute()
+
+
+def load_registered(name: str, data_dir: str | Path | None, label: str | None = "Metadata_MoA", **options) -> ImageTable:
     """The ImageTable of a dataset whose module has registered its loader (callers outside data/ use
-    cellmorph.data.catalog.load_dataset, which registers every built-in dataset first)."""
+    cellmorph.data.catalog.load_dataset, which registers every built-in dataset first). label None: the
+    dataset's own label column (the folder dataset: Metadata_MoA when the CSV has it, else no label: new images
+    to predict). No data folder is needed when the options locate the files themselves (an absolute csv)."""
     if name not in LOADERS:
         raise CellmorphError(f"unknown dataset '{name}'. Known datasets: {', '.join(sorted(LOADERS))} (config field dataset.name).")
-    root = resolve_data_dir(data_dir)
+    no_data = data_dir is None and not os.environ.get(DATA_ENV) and name in NEEDS_NO_DATA and NEEDS_NO_DATA[name](options)
+    root = None if no_data else resolve_data_dir(data_dir)
     try:
-        return LOADERS[name](root, label=label, **options)
+        return LOADERS[name](root, **({} if label is None else {"label": label}), **options)
     except TypeError as err:
         raise CellmorphError(f"dataset '{name}': bad option in dataset.options ({err}).") from None

@@ -72,6 +72,9 @@ class ImageTable:
     patch_size: int = 0
     # A prepared store (`cellmorph prepare`): the images are already decoded there, one row per image.
     store_dir: str | None = None
+    # False: a table of images to predict (new images), which may lack the label column; `labelled` says whether it
+    # has labels. Training and cross-validation refuse a table without them, naming the column.
+    needs_label: bool = True
 
     def __post_init__(self) -> None:
         self.df = self.df.reset_index(drop=True)
@@ -87,13 +90,21 @@ class ImageTable:
     def classes(self) -> list[str]:
         """Sorted names of the non-empty labels: the model's output order. Rows with an empty label
         (e.g. the middle doses of a dose series) are predicted but never trained on or scored."""
+        if self.label not in self.df.columns:
+            return []
         return sorted(self.df.loc[labelled_mask(self.df, self.label), self.label].astype(str).unique())
+
+    @property
+    def labelled(self) -> bool:
+        """Whether the table has its label column with at least one labelled row (a table of new images to predict
+        may have none)."""
+        return self.label in self.df.columns and bool(labelled_mask(self.df, self.label).any())
 
     def __len__(self) -> int:
         return len(self.df)
 
     def validate(self) -> None:
-        missing = [c for c in (*self.required, self.label) if c not in self.df.columns]
+        missing = [c for c in (*self.required, *([self.label] if self.needs_label else [])) if c not in self.df.columns]
         if missing:
             raise CellmorphError(
                 f"{self.source}: missing column(s) {missing}. The table needs "
@@ -114,7 +125,7 @@ class ImageTable:
                 raise CellmorphError(f"{self.source}: column '{col}' is empty in row(s) {rows}. Fill it in or drop those rows.")
         self._check_spellings()
         self._check_duplicate_rows()
-        if len(self.classes) < 2:
+        if self.needs_label and len(self.classes) < 2:
             raise CellmorphError(
                 f"{self.source}: label column '{self.label}' has fewer than 2 classes among its labelled rows "
                 f"({self.classes}); nothing to classify. Rows with an empty label are only predicted."
@@ -124,6 +135,8 @@ class ImageTable:
         """Labels that differ only in case or inner spaces ('DNA damage' / 'dna damage' / 'DNA  damage') would be
         separate classes: an error listing them."""
         variants: dict[str, set[str]] = {}
+        if self.label not in self.df.columns:
+            return
         for v in self.df.loc[labelled_mask(self.df, self.label), self.label].astype(str).unique():
             variants.setdefault(" ".join(v.split()).casefold(), set()).add(v)
         for spellings in variants.values():

@@ -17,6 +17,7 @@ from cellmorph.data.store import Store
 from cellmorph.data.store import trained_on as describe_training
 from cellmorph.data.table import labelled_mask
 from cellmorph.engine.plan import Plan
+from cellmorph.engine.runfolder import what_is_computed
 from cellmorph.evaluation.novelty import reference_profiles
 from cellmorph.models.bundle import META, bundle_meta, save_bundle
 from cellmorph.models.features import cached_backbone, cached_features, fit_logistic_head
@@ -41,7 +42,7 @@ def save_final_model(path: Path, cfg: ExperimentConfig, plan: Plan, store: Store
         except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
             done = {}
         if done.get("store_key") == store.key and done.get("seed") == seed and (path / "config.toml").is_file() \
-                and (path / "config.toml").read_text() == dump_toml(final_cfg) + "\n":
+                and what_is_computed((path / "config.toml").read_text()) == what_is_computed(dump_toml(final_cfg)):
             console.print(f"final model: {path} already fitted on this data (kept)")
             return path
     label = plan.table.label
@@ -62,7 +63,10 @@ def save_final_model(path: Path, cfg: ExperimentConfig, plan: Plan, store: Store
             progress.advance(task)
     clf.calibration, clf.calibration_info = _calibration(cfg, plan, store, oof, seed)
     clf.reference = _reference(cfg, plan, store)
-    return clf.save(path, overwrite=True)
+    saved = clf.save(path, overwrite=True)
+    cal = "no calibration data" if clf.calibration is None else f"calibrated on {len(clf.calibration)} out-of-fold predictions"
+    console.print(f"final model: {path} ({cfg.mode}, fitted on all {n} labelled images; {cal})")
+    return saved
 
 
 def _calibration(cfg: ExperimentConfig, plan: Plan, store: Store, oof: pd.DataFrame, seed: int) -> tuple[pd.DataFrame | None, dict | None]:

@@ -141,9 +141,19 @@ class FoldEngine:
         folds, many = self.plan.folds, len(self.cfg.seed_list) > 1
         for seed, i, sink in jobs:
             fold = folds[i]
-            progress.update(task, description=f"fold {i + 1}/{len(folds)}: {fold.name}" + (f", seed {seed}" if many else ""))
+            progress.update(task, description=f"fold {i + 1}/{len(folds)}: {self.fold_label(fold)}" + (f", seed {seed}" if many else ""))
             self.compute_fold(seed, i, sink, progress)
             progress.advance(task)
+
+    def fold_label(self, fold: Fold) -> str:
+        """What a fold holds out, for progress: "Metadata_Patient=9" when its name is the one value of the protocol's
+        group among its test rows (leave-one-group-out), else its name ("random", "Metadata_Patient fold 2/5")."""
+        group = protocol_group(self.cfg.evaluation)
+        if group and group in self.index.columns:
+            values = self.index[group].iloc[fold.test].astype(str).unique()
+            if len(values) == 1 and values[0] == str(fold.name):
+                return f"{group}={fold.name}"
+        return str(fold.name)
 
     def compute_fold(self, seed: int, i: int, sink, progress) -> None:
         """Fold `i` of seed `seed`: the model (seeded by seed * 1000 + i), its test predictions, saved in `sink`

@@ -22,7 +22,7 @@ from cellmorph.data.table import ImageTable
 from cellmorph.errors import CellmorphError
 from cellmorph.evaluation.aggregate import available_levels
 from cellmorph.evaluation.protocols import get as get_protocol
-from cellmorph.evaluation.protocols import make_folds
+from cellmorph.evaluation.protocols import check_group, make_folds, protocol_group
 from cellmorph.evaluation.splits import Fold, Protocol
 from cellmorph.data.store import cache_dir
 from cellmorph.io import check_writable
@@ -101,8 +101,14 @@ class Plan:
 
 def plan_run(cfg: ExperimentConfig, data_dir: str | Path | None = None, table: ImageTable | None = None) -> Plan:
     """Validate the dataset, model, device, protocol, levels and outputs of `cfg` (cheap: no image decoded)."""
+    get_protocol(cfg.evaluation.protocol)
+    check_group(cfg.evaluation)  # settings alone: before the dataset is even read
     if table is None:
         table = load_dataset(cfg.dataset.name, data_dir, label=cfg.dataset.label, **cfg.dataset.options)
+    if not table.labelled:
+        raise CellmorphError(f"{table.source}: the table has no label column '{table.label}'; cross-validation needs labelled rows. "
+                             "Load it with the label column (load_dataset(..., label=\"Metadata_...\")), or predict it with a model instead.")
+    check_carried_columns(table, {"dataset.label": table.label, "evaluation.group": protocol_group(cfg.evaluation)})
     check_model_config(cfg.model.name, cfg.model.init)
     if cfg.model.init not in INIT_WORDS:  # a weights file: read it now, not in the first fold after the folder is claimed
         from cellmorph.models.factory import read_weights_file  # (torch: needed for this network anyway)
@@ -126,6 +132,19 @@ def plan_run(cfg: ExperimentConfig, data_dir: str | Path | None = None, table: I
 
         check_ray(cfg.execution)
     return Plan(cfg, table, folds, excluded, description, levels, cfg.device, table.classes, protocol)
+
+
+def check_carried_columns(table: ImageTable, named: dict[str, str]) -> None:
+    """Each column the config names ({config field: column}) must reach the predictions, metrics and bundles, which
+    carry the Metadata_* columns: a column of the table without that prefix is refused now, before any image is
+    decoded, not after the folds (a name the table lacks is left to the check that names what it has)."""
+    for field_name, column in named.items():
+        if column and column in table.df.columns and not column.startswith("Metadata_"):
+            raise CellmorphError(
+                f"{field_name} = '{column}': cellmorph carries only Metadata_* columns into predictions, metrics and model bundles, "
+                f"so '{column}' would be lost after the folds. Rename the column '{column}' in {table.source} to 'Metadata_{column}' "
+                f"and set {field_name} = \"Metadata_{column}\"."
+            )
 
 
 @contextmanager

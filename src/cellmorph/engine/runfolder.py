@@ -32,11 +32,18 @@ from cellmorph.io import atomic_path, write_json, write_npy, write_parquet, writ
 from cellmorph.storage import RUN, fold_folder, make_temporary_folder, remove_own_folder
 
 
+# Settings that do not change any fold's results: where the folds run ([execution]: a run started on Ray resumes
+# locally, and back), whether the final model is saved (save_model: a finished run adds its model later, fitted
+# once more and calibrated on the folds it has) and which extra outputs are written from the predictions (outputs).
+NOT_COMPUTED = ("execution", "save_model", "outputs")
+
+
 def what_is_computed(config_toml: str) -> dict:
-    """A resolved config without the settings that do not change the folds' numbers: where the folds run
-    ([execution]), so a run started on Ray resumes locally (and back)."""
+    """A resolved config without the settings that do not change the folds' numbers (NOT_COMPUTED): a rerun that
+    differs only there resumes the run folder instead of being refused as another config."""
     data = tomllib.loads(config_toml)
-    data.pop("execution", None)
+    for key in NOT_COMPUTED:
+        data.pop(key, None)
     return data
 
 
@@ -49,7 +56,8 @@ def claim_run_folder(out: Path, cfg: ExperimentConfig, store_key: str, rows: int
     if cfg_path.is_file():
         if what_is_computed(cfg_path.read_text()) != what_is_computed(resolved):
             raise CellmorphError(
-                f"{out} holds a run of a different config ({cfg_path} differs). Resume it with the same config, or choose another --out."
+                f"{out} holds a run of a different config ({cfg_path} differs{_first_difference(cfg_path.read_text(), resolved)}). "
+                "Resume it with the same config, or choose another --out."
             )
         if data_path.is_file():
             old = json.loads(data_path.read_text())
@@ -61,6 +69,21 @@ def claim_run_folder(out: Path, cfg: ExperimentConfig, store_key: str, rows: int
                 )
     write_text(cfg_path, resolved)
     write_json(data_path, {"store_key": store_key, "rows": int(rows), "dataset": cfg.dataset.name})
+
+
+def _first_difference(old_toml: str, new_toml: str) -> str:
+    """': field X was A, now B' for the first setting (as a dotted name) that differs between two resolved configs."""
+    def flat(d: dict, prefix: str = "") -> dict:
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) and k != "options" else {f"{prefix}{k}": v})
+        return out
+
+    old, new = flat(what_is_computed(old_toml)), flat(what_is_computed(new_toml))
+    for key in sorted(set(old) | set(new)):
+        if old.get(key) != new.get(key):
+            return f": {key} was {old.get(key)!r}, now {new.get(key)!r}"
+    return ""
 
 
 class FoldResult:

@@ -69,6 +69,7 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path, data_dir: str | Path 
 
 
 def _run(out: Path, cfg: ExperimentConfig, plan, store: Store, engine: FoldEngine) -> Metrics:
+    console.print(f"split: {plan.description}", highlight=False, markup=False)  # once the run has started (an error stays one line)
     env = environment(cfg, plan.device_setting)
     write_json(out / "environment.json", env)
     t0 = time.perf_counter()

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import replace
 from types import SimpleNamespace
 
+import numpy as np
 import pandas as pd
 
 from cellmorph.data.table import labelled_mask
@@ -38,6 +39,26 @@ def protocol_group(ev) -> str:
     return ev.group or get(ev.protocol).default_group
 
 
+GROUPED_CHOICES = "image-grouped (one split of whole groups), logo or group-kfold"
+
+
+def check_group(ev) -> None:
+    """Refuse an evaluation.group that the protocol would ignore (random draws, lcbo's compound + batch): the run
+    would be described and read as grouped while test groups also sit in training. Cheap (no data): the runner
+    calls it before the dataset is loaded."""
+    p = get(ev.protocol)
+    if not p.fixed_group or not ev.group or ev.group == p.default_group:
+        return
+    how = (f"always holds out {p.default_group} (with its {', '.join(c.removeprefix('Metadata_') for c in p.needs_columns)})"
+           if p.default_group else "draws rows at random")
+    raise CellmorphError(
+        f"evaluation.group = '{ev.group}' is set, but evaluation.protocol = '{ev.protocol}' {how} and ignores it: "
+        f"rows of one {ev.group} would land in both training and test. To hold whole {ev.group} groups out, choose "
+        f"evaluation.protocol = {GROUPED_CHOICES} (e.g. --set evaluation.protocol=logo); to split as '{ev.protocol}' does, "
+        "remove evaluation.group from the config (or --set evaluation.group=\"\")."
+    )
+
+
 def make_folds(df: pd.DataFrame, label: str, ev) -> tuple[list[Fold], list[dict], str]:
     """Folds of `df` under the evaluation settings `ev`, the groups that cannot be scored, and a
     description computed from the data.
@@ -50,6 +71,7 @@ def make_folds(df: pd.DataFrame, label: str, ev) -> tuple[list[Fold], list[dict]
         >>> folds, excluded, text = make_folds(table.df, "Metadata_MoA", cfg.evaluation)
     """
     p = get(ev.protocol)
+    check_group(ev)
     group = protocol_group(ev)
     if p.needs_group and not group:
         raise CellmorphError(f"evaluation.protocol = '{ev.protocol}' needs evaluation.group, the column to group by (e.g. Metadata_Patient).")
@@ -105,17 +127,33 @@ def validation_folds(p: Protocol, df: pd.DataFrame, group: str, ev, folds: list[
 
 
 def describe(df: pd.DataFrame, folds: list[Fold], excluded: list[dict], group: str, ev) -> str:
-    """What the protocol did to these rows, in words, with the counts."""
+    """What the protocol did to these rows, in words, with the counts: computed from the folds as made (how many
+    groups were held out, and how many of them also sit in training), never from the settings alone."""
     n = len(df)
     p = get(ev.protocol)
+    codes = pd.factorize(df[group].astype(str))[0] if group and group in df.columns else None
     if p.single_split:
         (f,) = folds
-        how = f"whole {group} groups held out" if group else "rows drawn at random"
+        if codes is None:
+            how = "rows drawn at random"
+        else:
+            held, shared = _groups(codes, f)
+            how = (f"whole {group} groups held out ({held:,} in test, none of them in training)" if not shared else
+                   f"rows drawn without regard to {group}: {shared:,} of the {held:,} {group} groups in test are also in training")
         text = f"{ev.protocol}: one split (seed {ev.split_seed}), {how}: {len(f.train):,} training / {len(f.test):,} test rows of {n:,}"
         if ev.validation:
             text += f" (validation: both drawn from the training rows of that split, split seed {ev.split_seed + 1}; its test rows unused)"
     else:
         text = f"{p.what(group, ev, folds)}: {len(folds)} {p.fold_word} over {n:,} rows"
+        leaky = [f.name for f in folds if codes is not None and p.runner is None and _groups(codes, f)[1]]
+        if leaky:
+            text += f"; {len(leaky)} fold(s) with {group} groups in both training and test ({', '.join(map(str, leaky[:3]))})"
     if excluded:
         text += f"; {len(excluded)} held-out group(s) excluded (a class with no training data), listed in metrics.json"
     return text
+
+
+def _groups(codes, fold: Fold) -> tuple[int, int]:
+    """(groups among the fold's test rows, how many of them also have training rows)."""
+    test, train = np.unique(codes[fold.test]), np.unique(codes[fold.train])
+    return len(test), len(np.intersect1d(test, train, assume_unique=True))

@@ -148,8 +148,9 @@ class Protocol:
     grouping column it uses when evaluation.group is empty ("" when none), `needs_group` that it has no
     default; `needs_columns` further columns it reads (lcbo: Metadata_Batch); `single_split` one
     train/test split (the random-split family); `what(group, ev, folds)` the words for its folds in the
-    run's description. `runner` (lomo): the protocol scores its folds itself, in memory, instead of the
-    runner's fold loop (see cellmorph.evaluation.lomo); `frozen_only` that it needs mode = "frozen"."""
+    run's description; `fixed_group` that it ignores evaluation.group (random draws, lcbo's compound +
+    batch). `runner` (lomo): the protocol scores its folds itself, in memory, instead of the runner's fold
+    loop (see cellmorph.evaluation.lomo); `frozen_only` that it needs mode = "frozen"."""
 
     make: Callable
     default_group: str = ""
@@ -161,6 +162,9 @@ class Protocol:
     fold_word: str = "folds"
     runner: Callable | None = None
     frozen_only: str = ""  # why, when the protocol needs mode = "frozen" ("" when it does not)
+    # The protocol's grouping is its own (its default_group, or none: rows drawn at random) and it never reads
+    # evaluation.group: a group set there anyway is an error (protocols.check_group), never silently ignored.
+    fixed_group: bool = False
 
 
 def _frac(ev, default: float) -> float:
@@ -178,7 +182,7 @@ def register_protocol(name: str, protocol: Protocol) -> None:
 
 register_protocol("loco", Protocol(lambda df, g, ev: leave_one_group_out(df, g), default_group="Metadata_Compound",
                                    what=lambda g, ev, folds: "leave-one-compound-out"))
-register_protocol("lcbo", Protocol(lambda df, g, ev: _lcbo_candidates(df), default_group="Metadata_Compound", needs_columns=("Metadata_Batch",),
+register_protocol("lcbo", Protocol(lambda df, g, ev: _lcbo_candidates(df), default_group="Metadata_Compound", needs_columns=("Metadata_Batch",), fixed_group=True,
                                    what=lambda g, ev, folds: "leave-compound-and-batch-out (the test compound and every row of its batch held out of training)"))
 register_protocol("logo", Protocol(lambda df, g, ev: leave_one_group_out(df, g), needs_group=True,
                                    what=lambda g, ev, folds: f"leave-one-group-out over {g}"))
@@ -186,7 +190,8 @@ register_protocol("group-kfold", Protocol(lambda df, g, ev: group_kfold(df, g, e
                                           what=lambda g, ev, folds: f"{ev.n_splits}-fold over whole {g} groups"))
 register_protocol("predefined", Protocol(lambda df, g, ev: leave_one_group_out(df, g), default_group="Metadata_Fold",
                                          what=lambda g, ev, folds: f"predefined folds from {g}"))
-register_protocol("random", Protocol(lambda df, g, ev: random_split(df, _frac(ev, PAPER_TEST_FRACTION), ev.split_seed), single_split=True))
+register_protocol("random", Protocol(lambda df, g, ev: random_split(df, _frac(ev, PAPER_TEST_FRACTION), ev.split_seed), single_split=True, fixed_group=True))
 register_protocol("image-grouped", Protocol(lambda df, g, ev: group_split(df, g, _frac(ev, PAPER_TEST_FRACTION), ev.split_seed, name="image-grouped"),
                                             default_group="Metadata_Image", single_split=True))
-register_protocol("holdout-25", Protocol(lambda df, g, ev: random_split(df, _frac(ev, 0.25), ev.split_seed, name="holdout-25"), single_split=True))
+register_protocol("holdout-25", Protocol(lambda df, g, ev: random_split(df, _frac(ev, 0.25), ev.split_seed, name="holdout-25"), single_split=True,
+                                         fixed_group=True))

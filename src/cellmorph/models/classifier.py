@@ -24,6 +24,7 @@ from cellmorph.errors import CellmorphError
 from cellmorph.models.bundle import bundle_meta, load_bundle, load_state, save_bundle
 from cellmorph.models.factory import INIT_WORDS, check_model_config, create_model, default_input_size, normalization, pre_logits
 from cellmorph.models.features import extract_features, fit_logistic_head
+from cellmorph.progress import make_progress, progress_shown
 from cellmorph.models.train import InputSpec, disk_images, fit as _fit, fits_in_memory, fold_batch_norm, forward_batches, make_input_spec, pick_device, resize_uint8_stack
 
 DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
@@ -114,11 +115,12 @@ class Classifier:
         """The number of image channels the fitted model takes (0 before fit)."""
         return self._channels
 
-    def fit(self, table: ImageTable) -> Classifier:
+    def fit(self, table: ImageTable, progress: bool = True) -> Classifier:
         """Train on the labelled rows of `table` (rows with an empty or NaN label are skipped).
 
         Args:
             table: an `ImageTable` (e.g. from `load_dataset`); its label column names the classes.
+            progress: show progress (decoding, features, training steps) on the console; False: silent.
         Returns:
             self, fitted: `classes` holds the class names in probability-column order.
 
@@ -127,13 +129,26 @@ class Classifier:
             >>> clf.classes[0]
             'Aurora kinase inhibitors'
         """
+        check_labelled(table)
         cfg = override(self.config, {"dataset.label": table.label}) if table.label != self.config.dataset.label else self.config
-        return self.fit_store(table, open_store(table, cfg.dataset.image_size), cfg)
+        n = int(labelled_mask(table.df, table.label).sum())
+        with progress_shown(progress), make_progress() as bar:
+            store = open_store(table, cfg.dataset.image_size)
+            what = f"fitting {cfg.model.name} ({cfg.mode}) on {n} labelled images"
+            if cfg.mode == "finetune":
+                task = bar.add_task(what, total=cfg.finetune.epochs * max(1, n // min(cfg.finetune.batch_size, n)))
+                self.fit_store(table, store, cfg, on_step=lambda: bar.advance(task))
+            else:  # the features show their own progress; then one logistic head
+                task = bar.add_task(what, total=1)
+                self.fit_store(table, store, cfg)
+                bar.advance(task)
+        return self
 
     def fit_store(self, table: ImageTable, store, cfg: ExperimentConfig | None = None, on_step=None) -> Classifier:
         """`fit` on a store already built from `table` (the runner's final model reuses its store); `on_step()`
         after each training step (progress bars)."""
         cfg = cfg or self.config
+        check_labelled(table)
         lab = labelled_mask(table.df, table.label)
         classes = table.classes
         idx = np.flatnonzero(lab)
@@ -432,6 +447,13 @@ class Classifier:
         self._reset(cfg, source=source)
         self._net, self._head, self._spec = net, head, spec
         self.classes, self._channels, self._trained_on = classes, channels, trained_on
+
+def check_labelled(table: ImageTable) -> None:
+    """Training needs labels: a table loaded without its label column (new images) is refused, naming it."""
+    if not table.labelled:
+        raise CellmorphError(f"{table.source}: no labelled rows in column '{table.label}' to train on. Load the table with its label "
+                             "column (load_dataset(..., label=\"Metadata_...\")); a table without labels can only be predicted.")
+
 
 def _check_head(tensors: dict[str, torch.Tensor], n_classes: int, n_features: int | None, where: str) -> dict[str, torch.Tensor]:
     head = {k: tensors.get(f"head.{k}") for k in ("mean", "scale", "coef", "intercept")}

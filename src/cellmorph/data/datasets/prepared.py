@@ -14,13 +14,13 @@ from pathlib import Path
 
 import pandas as pd
 
-from cellmorph.data.registry import register
+from cellmorph.data.registry import is_absolute_option, register
 from cellmorph.data.table import ImageTable
 from cellmorph.errors import CellmorphError
 
 
-@register("prepared", "a store made by `cellmorph prepare` (option: path, the folder given to --out)")
-def load_prepared(data_dir: Path, path: str | None = None, label: str = "Metadata_MoA") -> ImageTable:
+@register("prepared", "a store made by `cellmorph prepare` (option: path, the folder given to --out)", needs_no_data=is_absolute_option("path"))
+def load_prepared(data_dir: Path | None, path: str | None = None, label: str = "Metadata_MoA") -> ImageTable:
     if path is None:
         raise CellmorphError("dataset 'prepared' needs dataset.options = {path = \"FOLDER\"}: the --out folder of `cellmorph prepare`.")
     folder = Path(path).expanduser()
