@@ -38,13 +38,13 @@ _LAZY = {
 }
 __all__ = ["CellmorphError", "__version__", *_LAZY]
 
-if TYPE_CHECKING:
-    from cellmorph.api import Classifier, cross_validate, load_dataset, run
-    from cellmorph.config import ExperimentConfig, load_config
-    from cellmorph.data.table import ImageTable
-    from cellmorph.engine.runner import CVResult
-    from cellmorph.evaluation.metrics import Metrics
-    from cellmorph.prediction.predict import predict_images
+if TYPE_CHECKING:  # for type checkers and editors; at run time __getattr__ imports on first use
+    from cellmorph.api import Classifier, cross_validate, load_dataset, run  # noqa: F401
+    from cellmorph.config import ExperimentConfig, load_config  # noqa: F401
+    from cellmorph.data.table import ImageTable  # noqa: F401
+    from cellmorph.engine.runner import CVResult  # noqa: F401
+    from cellmorph.evaluation.metrics import Metrics  # noqa: F401
+    from cellmorph.prediction.predict import predict_images  # noqa: F401
 
 
 def __getattr__(name: str):

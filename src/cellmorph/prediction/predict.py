@@ -58,7 +58,7 @@ from cellmorph.data.stream import field_batches
 from cellmorph.engine.screen import forget, job_key, score_screen
 from cellmorph.data.inputs import match_channels, read_images
 from cellmorph.errors import CellmorphError
-from cellmorph.progress import console, make_progress
+from cellmorph.progress import console
 from cellmorph.storage import PREDICT, claim, locked, seed_folder, staged_folder
 
 PREDICT_FILES = PREDICT.files

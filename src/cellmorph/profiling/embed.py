@@ -94,6 +94,7 @@ def _embed_run(run: Path, data) -> tuple[pd.DataFrame, str]:
 
     cfg = load_config(run / "config.toml")
     plan = plan_run(cfg, data)
+    paths = fold_model_paths(run, cfg, plan) if cfg.mode == "finetune" else []  # refused before any image is decoded
     store = build_store(plan.table, cfg.dataset.image_size) if cfg.mode == "finetune" else open_store(plan.table, cfg.dataset.image_size)
     old = json.loads((run / "dataset.json").read_text())
     if old.get("store_key") != store.key:
@@ -107,16 +108,12 @@ def _embed_run(run: Path, data) -> tuple[pd.DataFrame, str]:
         feats = extract_features(store, cfg.model, cfg.frozen.tta, cfg.frozen.batch_size, lambda: plan.device)
         how = f"frozen {cfg.model.name} (init {cfg.model.init}) pooled features" + (" (8x dihedral TTA)" if cfg.frozen.tta else "") + "; the same for every fold (the backbone is never trained)"
         return embeddings_table(plan.table.df, feats, cfg.model.name), how
-    return _embed_folds(run, cfg, plan, store), f"fine-tuned {cfg.model.name}: each image by the {cfg.evaluation.protocol} fold model that held it out (pooled pre-logit features)"
+    return _embed_folds(cfg, plan, store, paths), f"fine-tuned {cfg.model.name}: each image by the {cfg.evaluation.protocol} fold model that held it out (pooled pre-logit features)"
 
 
-def _embed_folds(run: Path, cfg, plan, store) -> pd.DataFrame:
-    """Fine-tuned run: each fold's held-out images through that fold's saved model (folds/NN/model.pt)."""
-    import torch
-
-    from cellmorph.models.factory import FOLD_MODEL, load_fold_model, pre_logits
-    from cellmorph.models.names import default_input_size
-    from cellmorph.models.train import forward_batches, make_input_spec, resize_uint8_stack
+def fold_model_paths(run: Path, cfg, plan) -> list[Path]:
+    """A fine-tuned run's saved fold models (folds/NN/model.pt), one per fold; a clear error when any is missing."""
+    from cellmorph.models.factory import FOLD_MODEL
 
     folder = seed_folder(run, cfg.seed_list[0], cfg.seed_list)
     paths = [fold_folder(folder, i) / FOLD_MODEL for i in range(len(plan.folds))]
@@ -126,6 +123,17 @@ def _embed_folds(run: Path, cfg, plan, store) -> pd.DataFrame:
             f"{run}: no saved fold model {missing[0]} ({len(missing)} of {len(paths)} missing). Embedding a fine-tuned run needs every fold's model: "
             "rerun the config with --set finetune.save_models=true (into a new --out)."
         )
+    return paths
+
+
+def _embed_folds(cfg, plan, store, paths: list[Path]) -> pd.DataFrame:
+    """Fine-tuned run: each fold's held-out images through that fold's saved model (`paths`, folds/NN/model.pt)."""
+    import torch
+
+    from cellmorph.models.factory import load_fold_model, pre_logits
+    from cellmorph.models.names import default_input_size
+    from cellmorph.models.train import forward_batches, make_input_spec, resize_uint8_stack
+
     size = cfg.model.input_size or default_input_size(cfg.model.name)
     images = resize_uint8_stack(torch.from_numpy(np.asarray(store.images)), size)
     device = plan.device

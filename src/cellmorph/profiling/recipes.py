@@ -52,13 +52,13 @@ class Recipe:
     similarity: str = "cosine"  # "cosine" or "pearson"
     snf: bool = False  # similarity network fusion of the similarity (SNFtool's algorithm; K=20, sigma=0.5, t=20)
     snf_update: str = "2.2"  # SNFtool <= 2.2's update (what the gallery ran) or "2.3" (SNFtool >= 2.2.1)
-    preset: str = ""
+    preset_name: str = ""  # the preset this recipe came from (Recipe.preset), "" for a hand-made one
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "Recipe":
         if name not in PRESETS:
             raise CellmorphError(f"unknown profile recipe {name!r}: choose one of {', '.join(PRESETS)}.")
-        return cls(**{**PRESETS[name], **overrides, "preset": name})
+        return cls(**{**PRESETS[name], **overrides, "preset_name": name})
 
     def selection_steps(self) -> list[str]:
         if not self.feature_select:
@@ -82,11 +82,11 @@ class Recipe:
         return "; ".join(steps)
 
     def name(self) -> str:
-        if self.preset in PRESETS:
-            base = Recipe(**PRESETS[self.preset], control=self.control, preset=self.preset)
+        if self.preset_name in PRESETS:
+            base = Recipe(**PRESETS[self.preset_name], control=self.control, preset_name=self.preset_name)
             changed = [f"{k}={v}" for k, v in vars(self).items() if v != getattr(base, k)]
-            if self.preset != "default":
-                return self.preset + (f"({', '.join(changed)})" if changed else "")
+            if self.preset_name != "default":
+                return self.preset_name + (f"({', '.join(changed)})" if changed else "")
         parts = [{"mad_robustize": "robustize", "standardize": "standardize"}.get(self.normalize, "raw")] + (["featsel"] if self.feature_select else []) + (["sphere"] if self.sphere else [])
         return "+".join(parts)
 
