@@ -5,6 +5,8 @@ with CELLMORPH_REQUIRE_DATA=1 (set by CI) a missing dataset fails instead of ski
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -113,3 +115,15 @@ def screen_world(subset_table, tmp_path_factory):
     load["Image_PathName_RGB"] = [d for d, _ in paths]
     load.to_csv(root / "load_data.csv", index=False)
     return root
+
+
+@pytest.fixture(scope="session")
+def quick_run(data_dir, tmp_path_factory):
+    """The quickstart (frozen EfficientNet-Lite0, LOCO) on the real subset, first fold only, through the CLI, with its
+    final model (RUN/model); shared by the prediction and report tests."""
+    out = tmp_path_factory.mktemp("run") / "quick"
+    env = {**os.environ, "CELLMORPH_DATA": str(data_dir)}
+    res = subprocess.run([sys.executable, "-m", "cellmorph", "run", str(REPO / "configs" / "quickstart.toml"), "--out", str(out),
+                          "--set", "evaluation.max_folds=1"], env=env, capture_output=True, text=True, timeout=1200)
+    assert res.returncode == 0, res.stderr[-2000:]
+    return out
