@@ -79,13 +79,17 @@ def test_image_reference_is_checked_on_load(quick_run, tmp_path):
     clf = cm.Classifier.load(quick_run / "model")
     ref = clf.image_reference
     assert ref["features"].dtype == np.float16 and ref["features"].shape == (660, 1280) and int(ref["version"]) == 1
-    assert len(ref["calibration"]) == 660 and str(ref["feature_space"]) == "frozen backbone features"
+    assert len(ref["calibration"]) == 660 and str(ref["feature_space"]) == "frozen backbone features" and str(ref["metric"]) == "cosine_raw"
+    clf.image_reference = dict(ref, metric=np.array("euclid"))
+    clf.save(tmp_path / "other-metric")
+    with pytest.raises(CellmorphError, match="damaged image reference"):
+        cm.Classifier.load(tmp_path / "other-metric")
     newer = dict(ref, version=np.array(2))
     clf.image_reference = newer
     clf.save(tmp_path / "newer")
     with pytest.raises(CellmorphError, match="image reference version 2, made by a newer cellmorph"):
         cm.Classifier.load(tmp_path / "newer")
-    clf.image_reference = dict(ref, features=ref["features"][:, :100], mean=ref["mean"][:100], std=ref["std"][:100])
+    clf.image_reference = dict(ref, features=ref["features"][:, :100])
     clf.save(tmp_path / "narrow")
     with pytest.raises(CellmorphError, match="features of width 100, but the network gives 1280"):
         cm.Classifier.load(tmp_path / "narrow")

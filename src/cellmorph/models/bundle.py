@@ -21,7 +21,7 @@
                         `cellmorph run` for frozen models; about 2.6 MB on the BBBC021 subset.
     image_reference.npz (optional) the image novelty score's reference (novelty.image_reference): up to 1,000
                         training images' features (float16; the frozen backbone's, or a fine-tuned network's
-                        pre-logits), their mean and deviation, groups, leave-one-group-out calibration distances
+                        pre-logits), the distance metric, groups, leave-one-group-out calibration distances
                         and the out-of-focus threshold; its own `version` (IMAGE_REFERENCE_VERSION: a newer one is
                         refused, naming the file) and a feature width checked against the network on load.
                         Written by `cellmorph run` (save_model = true) for frozen and fine-tuned models; about
@@ -60,7 +60,8 @@ if TYPE_CHECKING:
 
 FORMAT_VERSION = 2
 IMAGE_REFERENCE_VERSION = 1  # image_reference.npz's own version (its keys: novelty.image_reference)
-IMAGE_REFERENCE_KEYS = ("version", "features", "mean", "std", "groups", "calibration", "group_column", "feature_space", "n_training")
+IMAGE_REFERENCE_KEYS = ("version", "metric", "features", "groups", "calibration", "group_column", "feature_space", "n_training")
+IMAGE_METRICS = ("cosine_raw",)  # distances this cellmorph computes for image_reference.npz (novelty.IMAGE_METRIC)
 WEIGHTS, META, CONFIG, CALIBRATION, REFERENCE, IMAGE_REFERENCE = BUNDLE.files  # REFERENCE: the training units' feature profiles (distance novelty)
 REQUIRED_FILES = (WEIGHTS, META, CONFIG)
 META_FIELDS = ("mode", "model", "init", "classes", "label", "input")
@@ -233,8 +234,8 @@ def _read_image_reference(path: Path) -> dict[str, np.ndarray]:
                              f"version {IMAGE_REFERENCE_VERSION}); upgrade cellmorph to load it.")
     missing = [k for k in IMAGE_REFERENCE_KEYS if k not in ref]
     f = ref.get("features")
-    if missing or f is None or f.ndim != 2 or ref["mean"].shape != (f.shape[1],) or ref["std"].shape != (f.shape[1],) \
-            or len(ref["groups"]) != len(f) or len(ref["calibration"]) != len(f):
+    if missing or f is None or f.ndim != 2 or len(ref["groups"]) != len(f) or len(ref["calibration"]) != len(f) \
+            or str(ref["metric"]) not in IMAGE_METRICS:
         raise CellmorphError(f"{path}: damaged image reference (missing {missing}, or arrays of inconsistent shapes). "
                              "Run the experiment again to rewrite the bundle.")
     return ref

@@ -25,13 +25,18 @@ profiles (reference_profiles.npz). Each new well and treatment gets `distance` (
 standardised backbone-feature profile to the nearest training unit) and `distance_pvalue` (its rank among
 the training units' leave-one-compound-out distances); with "combined" (the default when the bundle has
 both) none_of_known is "set empty or distance p-value <= 1 - level", and `flagged_by` says which.
-Images are flagged by softmax only (image-level distance AUROC under lomo: 0.577). Fine-tuned bundles
-and those saved outside a run hold no profiles: softmax, said so in predict.json.
+Images get their own distance (image_reference.npz, written by `cellmorph run` for frozen and fine-tuned
+models, image-only data included): `distance` (cosine distance of the image's features to the nearest of up to
+1,000 training images) and `distance_pvalue` (its rank among the training images' leave-one-group-out distances),
+computed batch by batch as the images stream; and QC (`qc_std`, `qc_saturated`, `qc_focus`, `qc_flags`: blank,
+saturated, out of focus; data/quality.py). Bundles saved outside a run hold no references: softmax, said so in
+predict.json, and `--novelty distance` is an error naming how to get them.
 
 DIR receives, all at once (written in a temporary sibling folder and renamed):
 
     predictions.parquet   per image: Metadata_*, prob_<class>, predicted, probability, and with calibration
-                          pvalue_<class>, prediction_set, set_size, novelty, none_of_known
+                          pvalue_<class>, prediction_set, set_size, novelty, none_of_known; qc_std, qc_saturated,
+                          qc_focus, qc_flags; with an image reference distance, distance_pvalue, flagged_by
                           (wells and treatments, with reference profiles: distance, distance_pvalue, flagged_by)
                           (with --mc-dropout N: prob_<class> is the mean over N passes, mcstd_<class> the std;
                           with --ensemble and MODEL a fine-tuned RUN folder: the mean of its fold models' probabilities)
@@ -61,7 +66,7 @@ from cellmorph.evaluation.novelty import IMAGE_SCORE_TEXT
 from cellmorph.engine.screen import forget, job_key, score_screen
 from cellmorph.data.inputs import match_channels, read_images
 from cellmorph.errors import CellmorphError
-from cellmorph.progress import console, make_progress
+from cellmorph.progress import console
 from cellmorph.storage import PREDICT, claim, locked, seed_folder, staged_folder
 
 PREDICT_FILES = PREDICT.files

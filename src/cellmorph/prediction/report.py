@@ -114,9 +114,8 @@ def _summary(result, level: str, units: pd.DataFrame, calibrated: bool) -> str:
     if calibrated:
         c = result.confidence
         text += (f"<p>At confidence {c:.2f}: mean prediction-set size {units['set_size'].mean():.2f}; "
-                 f"<b>{int(units['none_of_known'].sum())}</b> {_PLURAL[level]} flagged as none of the known classes "
-                 "(empty prediction set: every class's conformal p-value is at most "
-                 f"{1 - c:.2f}).</p>")
+                 f"<b>{int((units['set_size'] == 0).sum())}</b> {_PLURAL[level]} with an empty prediction set "
+                 f"(every class's conformal p-value is at most {1 - c:.2f}).</p>")
     else:
         text += "<p><b>No conformal calibration</b>: " + html.escape(result.calibration.get(level, {}).get("none", "")) + ".</p>"
     if "qc_flags" in result.images.columns:
