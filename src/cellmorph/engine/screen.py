@@ -112,6 +112,7 @@ def per_image_numbers(clf):
             out["image_distance"], out["image_distance_pvalue"] = image_distances(ref, feats)
         return out
 
+    numbers.needs_features = ref is not None  # QC alone needs no features (a fine-tuned network's would cost a pass)
     return numbers
 
 

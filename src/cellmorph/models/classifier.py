@@ -243,7 +243,7 @@ class Classifier:
         `seed`; "probs" is then their mean), with fold_models (`nn.Module`s of the same architecture) the mean of
         their probabilities}. Batch by batch the same numbers as `proba`/`embed` on the whole array.
         `per_batch(images, feats)`: called with each uint8 batch and its features (computed for it even when
-        features=False; the fitted network's), returns {name: one small number per image} (QC, image novelty),
+        features=False, unless per_batch.needs_features is False: then feats may be None), returns {name: one small number per image} (QC, image novelty),
         concatenated into the result: per-image numbers are derived while the batch is in memory, never kept as pixels.
 
         Example:
@@ -261,7 +261,7 @@ class Classifier:
         for net in nets:
             net.to(device).eval().to(memory_format=torch.channels_last)
         parts: dict[str, list] = {"probs": [], "features": [], "std": []}
-        want = features or per_batch is not None
+        want = features or (per_batch is not None and getattr(per_batch, "needs_features", True))  # fine-tuned: one more pass
         with _seeded(device, seed):
             for _, images in batches:
                 x = self.as_images(images)
