@@ -5,6 +5,8 @@ with CELLMORPH_REQUIRE_DATA=1 (set by CI) a missing dataset fails instead of ski
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -203,3 +205,15 @@ def run_cli(monkeypatch, capsys, *args) -> tuple[int, str]:
 def cli():
     """run_cli(monkeypatch, capsys, *args) -> (exit code, output)."""
     return run_cli
+
+
+@pytest.fixture(scope="session")
+def quick_run(data_dir, tmp_path_factory):
+    """The quickstart (frozen EfficientNet-Lite0, LOCO) on the real subset, first fold only, through the CLI, with its
+    final model (RUN/model); shared by the prediction and report tests."""
+    out = tmp_path_factory.mktemp("run") / "quick"
+    env = {**os.environ, "CELLMORPH_DATA": str(data_dir)}
+    res = subprocess.run([sys.executable, "-m", "cellmorph", "run", str(REPO / "configs" / "quickstart.toml"), "--out", str(out),
+                          "--set", "evaluation.max_folds=1"], env=env, capture_output=True, text=True, timeout=1200)
+    assert res.returncode == 0, res.stderr[-2000:]
+    return out

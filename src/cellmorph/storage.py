@@ -76,14 +76,15 @@ class Layout:
 
 # --- the layouts ----------------------------------------------------------------------------------------------
 
-BUNDLE = Layout("bundle", ("model.safetensors", "bundle.json", "config.toml", "calibration.parquet", "reference_profiles.npz"),
+BUNDLE = Layout("bundle", ("model.safetensors", "bundle.json", "config.toml", "calibration.parquet", "reference_profiles.npz",
+                               "image_reference.npz"),
                 marker="bundle.json")
 PROFILE_FILES = ("embeddings.parquet", "profiles_well.parquet", "profiles_treatment.parquet", "profile_metrics.json", "profiles.png")
 RUN = Layout("run folder", ("config.toml", "dataset.json", "environment.json", "fold.json", "history.json", "curve_probs.npy",
                             "predictions.parquet", "model.pt", "metrics.json", "treatments.csv", "wells.csv", "report.html",
                             "confusion.png", "reliability.png", "coverage.png", "novelty.png", "novelty_treatments.csv", "novelty_wells.csv",
                             "novelty_images.csv", "activation_maximization.png", "gradcam.png", *PROFILE_FILES,
-                            "summary.csv", "summary.md", "curves.png", *BUNDLE.files),
+                            "summary.csv", "summary.md", "curves.png", "training_curves.png", *BUNDLE.files),
              folders=(r"folds", r"folds/\d\d", r"seeds", r"seeds/\d+", r"seeds/\d+/folds", r"seeds/\d+/folds/\d\d", r"model", r"summary"),
              marker="config.toml")
 PREDICT = Layout("predict output", ("predictions.parquet", "wells.csv", "treatments.csv", "report.html", "predict.json"), marker="predict.json")

@@ -27,17 +27,6 @@ CLASSES = ["Aurora kinase inhibitors", "Cholesterol-lowering", "DNA damage", "DN
 PROBS = [f"prob_{c}" for c in CLASSES]
 
 
-@pytest.fixture(scope="module")
-def quick_run(data_dir, tmp_path_factory):
-    """The quickstart (frozen EfficientNet-Lite0, LOCO) on the real subset, first fold only, through the CLI."""
-    out = tmp_path_factory.mktemp("run") / "quick"
-    env = {**os.environ, "CELLMORPH_DATA": str(data_dir)}
-    res = subprocess.run([sys.executable, "-m", "cellmorph", "run", str(REPO / "configs" / "quickstart.toml"), "--out", str(out),
-                          "--set", "evaluation.max_folds=1"], env=env, capture_output=True, text=True, timeout=1200)
-    assert res.returncode == 0, res.stderr[-2000:]
-    return out
-
-
 def _loaddata(rows: pd.DataFrame, path) -> None:
     """A CellProfiler LoadData CSV of subset rows (Image_FileName_/Image_PathName_ + Metadata_*)."""
     paths = rows["Image_Path_RGB"].map(lambda p: os.path.split(p))
@@ -58,7 +47,8 @@ def _cli(monkeypatch, capsys, *args):
 @pytest.mark.slow
 def test_run_writes_final_model_with_calibration(quick_run, subset_table):
     model = quick_run / "model"
-    assert sorted(p.name for p in model.iterdir()) == ["bundle.json", "calibration.parquet", "config.toml", "model.safetensors", "reference_profiles.npz"]
+    assert sorted(p.name for p in model.iterdir()) == ["bundle.json", "calibration.parquet", "config.toml", "image_reference.npz", "model.safetensors",
+                                                         "reference_profiles.npz"]
     ref = dict(np.load(model / "reference_profiles.npz"))  # the distance novelty score's reference: every labelled training unit
     n_treat = subset_table.df.groupby(["Metadata_Compound", "Metadata_Concentration"]).ngroups
     n_well = subset_table.df.groupby(["Metadata_Plate", "Metadata_Well"]).ngroups
@@ -144,13 +134,13 @@ def test_predict_reproduces_the_loco_fold(quick_run, subset_table, tmp_path, mon
     assert "no out-of-fold" in info["calibration"]["treatment"]["none"]
     assert not [c for c in res.treatments.columns if c.startswith("pvalue_")]
     # No reference profiles either: softmax (here: no flag at all), said so; asking for the distance score is a one-line error.
-    assert info["novelty_score"] == "softmax" and "no reference profiles" in info["novelty"]["treatment"]["distance"]
+    assert info["novelty_score"] == "softmax" and "no well/treatment reference profiles" in info["novelty"]["treatment"]["distance"]
     assert "distance" not in res.treatments.columns
     monkeypatch.setattr(sys, "argv", ["cellmorph", "predict", str(bundle), str(tmp_path / "load_data.csv"), "--out", str(tmp_path / "o"), "--novelty", "distance"])
     with pytest.raises(SystemExit) as e:
         main()
     text = " ".join(capsys.readouterr().err.split())
-    assert e.value.code == 2 and text.count("error:") == 1 and "no reference profiles" in text, text
+    assert e.value.code == 2 and text.count("error:") == 1 and "holds no distance reference" in text and "save_model = true" in text, text
     # With the reference profiles of its training rows (the run's cached features), the unseen compound's distance
     # p-values are novelty.py's: nearest training unit, calibrated on leave-one-compound-out distances.
     from cellmorph.models.features import cached_features
@@ -202,7 +192,7 @@ def test_three_input_formats_agree_and_outputs_have_the_documented_columns(quick
     in_set = [p in s.split("; ") for p, s in zip(img["predicted"], img["prediction_set"])]
     p_top = img[[f"pvalue_{c}" for c in CLASSES]].to_numpy().max(axis=1)
     assert all(i == (p > 0.1) for i, p in zip(in_set, p_top))  # the top class is in the set exactly when its p-value > 1 - 0.9
-    assert (img["none_of_known"] == (img["set_size"] == 0)).all()  # images: softmax only (no image-level reference)
+    assert (img["none_of_known"] == ((img["set_size"] == 0) | (img["distance_pvalue"] <= 0.1))).all()  # images: combined with the image distance
     info = json.loads((tmp_path / "out-loaddata" / "predict.json").read_text())
     assert info["novelty_score"] == "combined" and info["novelty"]["treatment"]["score"] == "combined"
     out = tmp_path / "out-loaddata"
@@ -392,7 +382,8 @@ def test_fold_ensemble_of_a_tiny_finetune_run(data_dir, subset_table, tmp_path, 
     assert len(fold0) == len(rows) and (fold0["Metadata_Well"].to_numpy() == rows["Metadata_Well"].to_numpy()).all()
     np.testing.assert_allclose(per[0], fold0[PROBS].to_numpy(), rtol=0, atol=1e-5)
     info = json.loads((tmp_path / "pred" / "predict.json").read_text())
-    assert len(info["ensemble"]["fold_models"]) == 2 and info["novelty_score"] == "softmax"
+    assert len(info["ensemble"]["fold_models"]) == 2 and info["novelty_score"] == "combined"  # the run's image reference
+    assert "pre-logit" in info["novelty"]["image"]["feature_space"] and clf.image_reference["features"].shape == (len(subset_table), 512)
     code, text = _cli(monkeypatch, capsys, "predict", run / "model", tmp_path / "load.csv", "--out", tmp_path / "o", "--ensemble")
     assert code == 2 and text.count("error:") == 1 and "not a run folder" in text, text
 

@@ -15,10 +15,11 @@ from cellmorph.config import ExperimentConfig, dump_toml
 from cellmorph.config import override as override_config
 from cellmorph.data.store import Store
 from cellmorph.data.store import trained_on as describe_training
-from cellmorph.data.table import labelled_mask
+from cellmorph.data.table import PATH_PREFIX, labelled_mask
+from cellmorph.data.quality import image_qc, qc_of_batches
 from cellmorph.engine.plan import Plan
 from cellmorph.engine.runfolder import what_is_computed
-from cellmorph.evaluation.novelty import reference_profiles
+from cellmorph.evaluation.novelty import image_group_column, image_reference, reference_profiles, reference_sample
 from cellmorph.models.bundle import META, bundle_meta, save_bundle
 from cellmorph.models.features import cached_backbone, cached_features, fit_logistic_head
 from cellmorph.progress import console, make_progress
@@ -63,6 +64,7 @@ def save_final_model(path: Path, cfg: ExperimentConfig, plan: Plan, store: Store
             progress.advance(task)
     clf.calibration, clf.calibration_info = _calibration(cfg, plan, store, oof, seed)
     clf.reference = _reference(cfg, plan, store)
+    clf.image_reference = _image_reference(cfg, plan, store, clf=clf)
     saved = clf.save(path, overwrite=True)
     cal = "no calibration data" if clf.calibration is None else f"calibrated on {len(clf.calibration)} out-of-fold predictions"
     console.print(f"final model: {path} ({cfg.mode}, fitted on all {n} labelled images; {cal})")
@@ -77,7 +79,8 @@ def _calibration(cfg: ExperimentConfig, plan: Plan, store: Store, oof: pd.DataFr
     info = {"what": "out-of-fold predictions of the cross-validation (each row scored by a fold model that never saw its group)",
             "protocol": cfg.evaluation.protocol, "folds": len(plan.folds), "seed": seed, "label": label,
             "aggregate": cfg.evaluation.aggregate, "store_key": store.key}
-    return oof[labelled_mask(oof, label)].reset_index(drop=True), info
+    cal = oof[labelled_mask(oof, label)].reset_index(drop=True)
+    return cal.drop(columns=[c for c in cal.columns if c.startswith(PATH_PREFIX)]), info  # a bundle names no files of the lab's disk
 
 
 def _reference(cfg: ExperimentConfig, plan: Plan, store: Store, feats: np.ndarray | None = None) -> dict[str, np.ndarray] | None:
@@ -92,6 +95,26 @@ def _reference(cfg: ExperimentConfig, plan: Plan, store: Store, feats: np.ndarra
     table = plan.table
     idx = np.flatnonzero(labelled_mask(table.df, table.label))
     return reference_profiles(feats[idx], table.df.iloc[idx], table.label, cfg.evaluation.aggregate)
+
+
+def _image_reference(cfg: ExperimentConfig, plan: Plan, store: Store, clf=None, feats: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """The image novelty score's reference (novelty.image_reference) of the final model: up to 1,000 of its labelled
+    training images (a sample seeded by the config's seed), their features (`feats`: the cached frozen features of
+    every row; else computed through `clf`, the fitted final model: a fine-tuned network's pre-logits) and their
+    QC focus (the out-of-focus threshold), calibration groups by novelty.image_group_column."""
+    table = plan.table
+    idx = np.flatnonzero(labelled_mask(table.df, table.label))
+    rows = idx[reference_sample(len(idx), cfg.seed_list[0])]
+    column = image_group_column(table.df)
+    groups = table.df[column].astype(str).to_numpy()[rows] if column else None
+    if feats is not None:
+        f, focus = feats[rows], qc_of_batches(store.batches(64, rows=rows))["qc_focus"]
+    else:
+        out = clf.outputs(store.batches(clf.batch_size, rows=rows), features=True,
+                          per_batch=lambda images, _: {"qc_focus": image_qc(images)["qc_focus"]})
+        f, focus = out["features"], out["qc_focus"]
+    space = "frozen backbone features" if cfg.mode == "frozen" else "the fine-tuned network's pre-logit features"
+    return image_reference(f, groups, column, space, focus, n_training=len(idx))
 
 
 def _save_frozen_from_cache(path: Path, cfg: ExperimentConfig, plan: Plan, store: Store, oof: pd.DataFrame) -> bool:
@@ -119,6 +142,7 @@ def _save_frozen_from_cache(path: Path, cfg: ExperimentConfig, plan: Plan, store
     calibration, info = _calibration(cfg, plan, store, oof, cfg.seed)
     meta = bundle_meta(cfg, plan.classes, store.shape[1], spec["size"], spec["mean"], spec["std"], spec["normalize"], trained_on,
                        info, len(calibration) if calibration is not None else 0)
-    save_bundle(path, tensors, meta, cfg, overwrite=True, calibration=calibration, reference=_reference(cfg, plan, store, feats))
+    save_bundle(path, tensors, meta, cfg, overwrite=True, calibration=calibration, reference=_reference(cfg, plan, store, feats),
+                image_reference=_image_reference(cfg, plan, store, feats=feats))
     console.print(f"final model: {path} (frozen head on all {len(idx)} labelled images, backbone weights from the feature cache)")
     return True

@@ -17,7 +17,7 @@ import pandas as pd
 
 from cellmorph.config import ExperimentConfig
 from cellmorph.data.store import Store
-from cellmorph.data.table import labelled_mask
+from cellmorph.data.table import PATH_PREFIX, labelled_mask
 from cellmorph.engine.plan import Plan, torch_threads
 from cellmorph.engine.runfolder import FolderSink, FoldResult
 from cellmorph.errors import CellmorphError
@@ -189,8 +189,8 @@ class FoldEngine:
 
     def fold_predictions(self, i: int, fold: Fold, probs: np.ndarray) -> pd.DataFrame:
         index = self.index
-        keep = [c for c in index.columns if c.startswith("Metadata_")]
-        pred = index.iloc[fold.test][keep].copy()
+        keep = [c for c in index.columns if c.startswith("Metadata_")] + [c for c in index.columns if c.startswith(PATH_PREFIX)]
+        pred = index.iloc[fold.test][keep].copy()  # with the image files' paths: each row traceable to its file
         pred.insert(0, "fold", i)
         pred.insert(1, "fold_held_out", fold.name)
         for j, c in enumerate(self.plan.classes):

@@ -28,6 +28,7 @@ from cellmorph.io import check_writable, write_json, write_parquet, write_text
 from cellmorph.progress import console
 from cellmorph.reporting.outputs import write_outputs
 from cellmorph.reporting.report import write_confusion_png, write_conformal_pngs, write_novelty_png, write_report
+from cellmorph.reporting.sections import write_training_curves
 from cellmorph.storage import MODEL_DIR, RUN, claim, locked, seed_folder
 
 
@@ -152,6 +153,7 @@ def _finish(out: Path, cfg: ExperimentConfig, plan: Plan, pred: pd.DataFrame, me
     else:
         write_confusion_png(out / "confusion.png", first, metrics, label, title, how)
         write_conformal_pngs(out, metrics, title)
+    write_training_curves(seed_folder(out, cfg.seed_list[0], cfg.seed_list), out, metrics.curve, title)
     write_outputs(cfg.outputs, out, cfg, plan.table, pred, metrics)
-    write_report(out / "report.html", metrics, cfg)
+    write_report(out / "report.html", metrics, cfg, first, plan.table)
     metrics.write(out / "metrics.json")

@@ -32,11 +32,13 @@ import numpy as np
 import pandas as pd
 
 from cellmorph.config import ExecutionConfig
+from cellmorph.data.quality import image_qc
 from cellmorph.data.store import cache_dir
 from cellmorph.data.stream import field_batches
 from cellmorph.data.table import ImageTable
 from cellmorph.engine.plan import torch_threads
 from cellmorph.errors import CellmorphError
+from cellmorph.evaluation.novelty import image_distances
 from cellmorph.io import atomic_path
 from cellmorph.progress import console, make_progress
 from cellmorph.storage import digest_ok, write_digest
@@ -98,12 +100,29 @@ def shard_fingerprint(table: ImageTable, shard: Shard) -> str:
     return h.hexdigest()[:16]
 
 
+def per_image_numbers(clf):
+    """The per-batch callback of `Classifier.outputs` that adds each image's QC numbers (data.quality.image_qc) and,
+    when the classifier has an image reference, its image_distance and image_distance_pvalue (novelty.image_distances):
+    a few floats per image, computed while its batch is in memory."""
+    ref = getattr(clf, "image_reference", None)
+
+    def numbers(images: np.ndarray, feats: np.ndarray | None) -> dict[str, np.ndarray]:
+        out = image_qc(images)
+        if ref is not None and feats is not None:
+            out["image_distance"], out["image_distance_pvalue"] = image_distances(ref, feats)
+        return out
+
+    numbers.needs_features = ref is not None  # QC alone needs no features (a fine-tuned network's would cost a pass)
+    return numbers
+
+
 def score_shard(clf, table: ImageTable, image_size: int, shard: Shard, *, features: bool = False, mc_dropout: int = 0,
-                fold_models=(), on_batch=None) -> dict[str, np.ndarray]:
-    """One shard's per-image outputs (`Classifier.outputs` over its streamed batches)."""
+                fold_models=(), on_batch=None, quality: bool = False) -> dict[str, np.ndarray]:
+    """One shard's per-image outputs (`Classifier.outputs` over its streamed batches); with `quality`, each image's
+    QC numbers and image novelty (`per_image_numbers`)."""
     batches = field_batches(table, image_size, shard.rows, clf.batch_size)
     return clf.outputs(batches, features=features, mc_dropout=mc_dropout, seed=clf.config.seed + shard.index,
-                       fold_models=fold_models, on_batch=on_batch)
+                       fold_models=fold_models, on_batch=on_batch, per_batch=per_image_numbers(clf) if quality else None)
 
 
 def screen_folder(resume: str) -> Path:
@@ -137,10 +156,12 @@ def _write_shard(path: Path, out: dict[str, np.ndarray]) -> None:
 
 
 def score_screen(clf, table: ImageTable, image_size: int, *, features: bool = False, mc_dropout: int = 0, fold_models=(),
-                 resume: str | None = None, execution: ExecutionConfig | None = None, what: str = "predicting") -> dict[str, np.ndarray]:
+                 resume: str | None = None, execution: ExecutionConfig | None = None, what: str = "predicting",
+                 quality: bool = False) -> dict[str, np.ndarray]:
     """Every image's outputs, shard by shard (`plan_shards`), in table order: here, or on Ray when
     execution.backend == "ray" (one task per shard, `execution.max_retries` retries of a shard whose worker dies).
-    With `resume`, finished shards are kept in the cache and reused by a rerun (see the module's docstring)."""
+    With `resume`, finished shards are kept in the cache and reused by a rerun (see the module's docstring).
+    With `quality`, also each image's QC numbers and image novelty (`per_image_numbers`)."""
     shards = plan_shards(table.df)
     folder = screen_folder(resume) if resume else None
     results: dict[int, dict[str, np.ndarray]] = {}
@@ -168,14 +189,14 @@ def score_screen(clf, table: ImageTable, image_size: int, *, features: bool = Fa
         if execution is not None and execution.backend == "ray" and todo:
             from cellmorph.engine.ray_backend import run_shards_on_ray
 
-            run_shards_on_ray(execution, clf, table, image_size, todo, dict(features=features, mc_dropout=mc_dropout, fold_models=list(fold_models)),
+            run_shards_on_ray(execution, clf, table, image_size, todo, dict(features=features, mc_dropout=mc_dropout, fold_models=list(fold_models), quality=quality),
                               score_shard, finished, lambda: progress.advance(task))
         else:
             threads = execution.threads if execution is not None and execution.threads else 0
             with torch_threads(threads):
                 for s in todo:
                     finished(s, score_shard(clf, table, image_size, s, features=features, mc_dropout=mc_dropout, fold_models=fold_models,
-                                            on_batch=lambda n: progress.advance(task, n * passes)))
+                                            on_batch=lambda n: progress.advance(task, n * passes), quality=quality))
     return assemble(shards, results, len(table.df))
 
 

@@ -19,6 +19,13 @@
                         the training units' raw well and treatment feature profiles, their compounds,
                         and per compound the image count, feature sum and sum of squares. Written by
                         `cellmorph run` for frozen models; about 2.6 MB on the BBBC021 subset.
+    image_reference.npz (optional) the image novelty score's reference (novelty.image_reference): up to 1,000
+                        training images' features (float16; the frozen backbone's, or a fine-tuned network's
+                        pre-logits), the distance metric, groups, leave-one-group-out calibration distances
+                        and the out-of-focus threshold; its own `version` (IMAGE_REFERENCE_VERSION: a newer one is
+                        refused, naming the file) and a feature width checked against the network on load.
+                        Written by `cellmorph run` (save_model = true) for frozen and fine-tuned models; about
+                        1.7 MB on the BBBC021 subset.
 
 Format 2 adds the optional calibration.parquet; format 1 bundles (none) load unchanged. The optional
 reference_profiles.npz keeps format 2: a reader that does not know it predicts without it. An older
@@ -52,7 +59,10 @@ if TYPE_CHECKING:
     from torch import nn
 
 FORMAT_VERSION = 2
-WEIGHTS, META, CONFIG, CALIBRATION, REFERENCE = BUNDLE.files  # REFERENCE: the training units' feature profiles (distance novelty)
+IMAGE_REFERENCE_VERSION = 1  # image_reference.npz's own version (its keys: novelty.image_reference)
+IMAGE_REFERENCE_KEYS = ("version", "metric", "features", "groups", "calibration", "group_column", "feature_space", "n_training")
+IMAGE_METRICS = ("cosine_raw",)  # distances this cellmorph computes for image_reference.npz (novelty.IMAGE_METRIC)
+WEIGHTS, META, CONFIG, CALIBRATION, REFERENCE, IMAGE_REFERENCE = BUNDLE.files  # REFERENCE: the training units' feature profiles (distance novelty)
 REQUIRED_FILES = (WEIGHTS, META, CONFIG)
 META_FIELDS = ("mode", "model", "init", "classes", "label", "input")
 INPUT_FIELDS = ("channels", "size", "mean", "std", "normalize")
@@ -68,10 +78,12 @@ class Bundle:
     config: ExperimentConfig
     calibration: pd.DataFrame | None = None  # out-of-fold predictions (calibration.parquet), when the bundle has them
     reference: dict[str, np.ndarray] | None = None  # reference_profiles.npz (novelty.reference_profiles), when present
+    image_reference: dict[str, np.ndarray] | None = None  # image_reference.npz (novelty.image_reference), when present
 
 
 def save_bundle(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict, cfg: ExperimentConfig, overwrite: bool = False,
-                calibration: pd.DataFrame | None = None, reference: dict[str, np.ndarray] | None = None) -> Path:
+                calibration: pd.DataFrame | None = None, reference: dict[str, np.ndarray] | None = None,
+                image_reference: dict[str, np.ndarray] | None = None) -> Path:
     """Write a bundle folder atomically.
 
     Args:
@@ -83,6 +95,7 @@ def save_bundle(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict, 
         overwrite: replace an existing bundle at `path` (never a folder holding anything else).
         calibration: out-of-fold predictions to store as calibration.parquet (None: none).
         reference: novelty.reference_profiles of the training rows, stored as reference_profiles.npz (None: none).
+        image_reference: novelty.image_reference of the training images, stored as image_reference.npz (None: none).
     Returns:
         The bundle folder.
 
@@ -113,6 +126,8 @@ def save_bundle(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict, 
                 calibration.to_parquet(tmp / CALIBRATION, index=False)
             if reference is not None:
                 np.savez(tmp / REFERENCE, **reference)
+            if image_reference is not None:
+                np.savez(tmp / IMAGE_REFERENCE, **image_reference)
             files = {f.name: sha256_file(f) for f in sorted(tmp.iterdir())}  # bundle.json ties every other file to this bundle
             full = {"format_version": FORMAT_VERSION, "cellmorph_version": __version__, **meta,
                     "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "files": files}
@@ -200,7 +215,30 @@ def load_bundle(path: str | Path) -> Bundle:
                 reference = {k: z[k] for k in z.files}
         except Exception as err:  # noqa: BLE001 - any unreadable file is the same fix
             raise CellmorphError(f"{path / REFERENCE}: cannot read the reference profiles ({type(err).__name__}: {err}). Run the experiment again to rewrite the bundle.") from None
-    return Bundle(path, tensors, meta, cfg, calibration, reference)
+    image_reference = _read_image_reference(path / IMAGE_REFERENCE) if (path / IMAGE_REFERENCE).is_file() else None
+    return Bundle(path, tensors, meta, cfg, calibration, reference, image_reference)
+
+
+def _read_image_reference(path: Path) -> dict[str, np.ndarray]:
+    """image_reference.npz, checked: readable, this cellmorph's version, every key, consistent shapes."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            ref = {k: z[k] for k in z.files}
+    except Exception as err:  # noqa: BLE001 - any unreadable file is the same fix
+        raise CellmorphError(f"{path}: cannot read the image reference ({type(err).__name__}: {err}). Run the experiment again to rewrite the bundle.") from None
+    version = int(ref["version"]) if "version" in ref and ref["version"].shape == () else None
+    if version is None or version < 1:
+        raise CellmorphError(f"{path}: no valid 'version' (expected {IMAGE_REFERENCE_VERSION}). Run the experiment again to rewrite the bundle.")
+    if version > IMAGE_REFERENCE_VERSION:
+        raise CellmorphError(f"{path}: image reference version {version}, made by a newer cellmorph (this is {__version__}, reading "
+                             f"version {IMAGE_REFERENCE_VERSION}); upgrade cellmorph to load it.")
+    missing = [k for k in IMAGE_REFERENCE_KEYS if k not in ref]
+    f = ref.get("features")
+    if missing or f is None or f.ndim != 2 or len(ref["groups"]) != len(f) or len(ref["calibration"]) != len(f) \
+            or str(ref["metric"]) not in IMAGE_METRICS:
+        raise CellmorphError(f"{path}: damaged image reference (missing {missing}, or arrays of inconsistent shapes). "
+                             "Run the experiment again to rewrite the bundle.")
+    return ref
 
 
 def sha256_file(path: Path) -> str:

@@ -74,6 +74,8 @@ class Classifier:
         self.calibration_info: dict = {}  # where it came from (run, protocol, aggregation), saved in bundle.json
         # the training units' feature profiles for the distance novelty score (novelty.reference_profiles); None outside a run
         self.reference = None
+        # the training images' features for the image novelty score (novelty.image_reference); None outside a run
+        self.image_reference = None
 
     def __repr__(self) -> str:
         m = self.config.model
@@ -246,7 +248,8 @@ class Classifier:
         """Images per forward pass when predicting (frozen.batch_size; fine-tuned: finetune.batch_size, at least 64)."""
         return self.config.frozen.batch_size if self.config.mode == "frozen" else max(self.config.finetune.batch_size, 64)
 
-    def outputs(self, batches, *, features: bool = False, mc_dropout: int = 0, seed: int = 0, fold_models=(), on_batch=None) -> dict[str, np.ndarray]:
+    def outputs(self, batches, *, features: bool = False, mc_dropout: int = 0, seed: int = 0, fold_models=(), on_batch=None,
+                per_batch=None) -> dict[str, np.ndarray]:
         """Per-image outputs of a stream of (rows, uint8 batch) (`stream.field_batches` with `batch_size`): only one
         batch of pixels is held at a time, so memory does not grow with the number of images beyond these outputs.
 
@@ -254,6 +257,9 @@ class Classifier:
         reads: frozen backbone, or fine-tuned pre-logits), with mc_dropout=N "std" (over N dropout passes, seeded by
         `seed`; "probs" is then their mean), with fold_models (`nn.Module`s of the same architecture) the mean of
         their probabilities}. Batch by batch the same numbers as `proba`/`embed` on the whole array.
+        `per_batch(images, feats)`: called with each uint8 batch and its features (computed for it even when
+        features=False, unless per_batch.needs_features is False: then feats may be None), returns {name: one small number per image} (QC, image novelty),
+        concatenated into the result: per-image numbers are derived while the batch is in memory, never kept as pixels.
 
         Example:
             >>> out = clf.outputs(field_batches(table, 0, batch=clf.batch_size), features=True)
@@ -270,14 +276,17 @@ class Classifier:
         for net in nets:
             net.to(device).eval().to(memory_format=torch.channels_last)
         parts: dict[str, list] = {"probs": [], "features": [], "std": []}
+        want = features or (per_batch is not None and getattr(per_batch, "needs_features", True))  # fine-tuned: one more pass
         with _seeded(device, seed):
             for _, images in batches:
                 x = self.as_images(images)
+                feats = None
                 if frozen:
                     feats = self._features(x, device)
                     parts["probs"].append(_head_proba(feats, self._head))
+                    feats = feats.numpy().astype(np.float32, copy=False)
                     if features:
-                        parts["features"].append(feats.numpy().astype(np.float32, copy=False))
+                        parts["features"].append(feats)
                 else:
                     x = resize_uint8_stack(x.to(device), self._spec.size)
                     if mc_dropout:
@@ -287,9 +296,14 @@ class Classifier:
                     else:
                         probs = [forward_batches(net, x, self._spec, device, len(x)).softmax(dim=1).numpy() for net in nets]
                         parts["probs"].append(np.mean(np.asarray(probs, np.float64), axis=0) if len(nets) > 1 else probs[0].astype(np.float32, copy=False))
-                    if features:
+                    if want:
                         net = pre_logits(self._net, self._source)
-                        parts["features"].append(forward_batches(net, x, self._spec, device, len(x)).numpy().astype(np.float32, copy=False))
+                        feats = forward_batches(net, x, self._spec, device, len(x)).numpy().astype(np.float32, copy=False)
+                        if features:
+                            parts["features"].append(feats)
+                if per_batch is not None:
+                    for k, v in per_batch(np.asarray(images), feats).items():
+                        parts.setdefault(k, []).append(np.asarray(v))
                 if on_batch is not None:
                     on_batch(len(images))
         return {k: np.concatenate(v) for k, v in parts.items() if v}
@@ -401,7 +415,8 @@ class Classifier:
         cal = self.calibration is not None
         meta = bundle_meta(cfg, self.classes, self._channels, spec.size, spec.mean, spec.std, spec.normalize_mode, self._trained_on,
                            self.calibration_info if cal else None, len(self.calibration) if cal else 0)
-        return save_bundle(path, state, meta, cfg, overwrite, calibration=self.calibration, reference=self.reference)
+        return save_bundle(path, state, meta, cfg, overwrite, calibration=self.calibration, reference=self.reference,
+                           image_reference=self.image_reference)
 
     @classmethod
     def load(cls, path: str | Path, device: str | None = None) -> Classifier:
@@ -440,6 +455,12 @@ class Classifier:
                      list(meta["classes"]), spec["channels"], meta.get("trained_on", {}))
         clf.calibration, clf.calibration_info = b.calibration, meta.get("calibration", {})
         clf.reference = b.reference
+        if b.image_reference is not None:
+            width = head["mean"].shape[0] if frozen else getattr(net, "num_features", None)
+            if width is not None and b.image_reference["features"].shape[1] != width:
+                raise CellmorphError(f"{b.path / 'image_reference.npz'}: features of width {b.image_reference['features'].shape[1]}, but the "
+                                     f"network gives {width}: the file belongs to another model. Run the experiment again to rewrite the bundle.")
+        clf.image_reference = b.image_reference
         return clf
 
     def _restore(self, cfg: ExperimentConfig, source: str, net, head: dict, spec: InputSpec, classes: list[str], channels: int, trained_on: dict) -> None:

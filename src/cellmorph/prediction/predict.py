@@ -25,13 +25,18 @@ profiles (reference_profiles.npz). Each new well and treatment gets `distance` (
 standardised backbone-feature profile to the nearest training unit) and `distance_pvalue` (its rank among
 the training units' leave-one-compound-out distances); with "combined" (the default when the bundle has
 both) none_of_known is "set empty or distance p-value <= 1 - level", and `flagged_by` says which.
-Images are flagged by softmax only (image-level distance AUROC under lomo: 0.577). Fine-tuned bundles
-and those saved outside a run hold no profiles: softmax, said so in predict.json.
+Images get their own distance (image_reference.npz, written by `cellmorph run` for frozen and fine-tuned
+models, image-only data included): `distance` (cosine distance of the image's features to the nearest of up to
+1,000 training images) and `distance_pvalue` (its rank among the training images' leave-one-group-out distances),
+computed batch by batch as the images stream; and QC (`qc_std`, `qc_saturated`, `qc_focus`, `qc_flags`: blank,
+saturated, out of focus; data/quality.py). Bundles saved outside a run hold no references: softmax, said so in
+predict.json, and `--novelty distance` is an error naming how to get them.
 
 DIR receives, all at once (written in a temporary sibling folder and renamed):
 
     predictions.parquet   per image: Metadata_*, prob_<class>, predicted, probability, and with calibration
-                          pvalue_<class>, prediction_set, set_size, novelty, none_of_known
+                          pvalue_<class>, prediction_set, set_size, novelty, none_of_known; qc_std, qc_saturated,
+                          qc_focus, qc_flags; with an image reference distance, distance_pvalue, flagged_by
                           (wells and treatments, with reference profiles: distance, distance_pvalue, flagged_by)
                           (with --mc-dropout N: prob_<class> is the mean over N passes, mcstd_<class> the std;
                           with --ensemble and MODEL a fine-tuned RUN folder: the mean of its fold models' probabilities)
@@ -54,7 +59,10 @@ import pandas as pd
 from cellmorph.evaluation.aggregate import available_levels
 from cellmorph.data.table import ImageTable
 from cellmorph.config import ExecutionConfig
+from cellmorph.data.quality import FLAG_TEXT as QC_FLAG_TEXT, QC_COLUMNS, qc_flags
 from cellmorph.data.stream import field_batches
+from cellmorph.evaluation.conformal import in_set
+from cellmorph.evaluation.novelty import IMAGE_SCORE_TEXT
 from cellmorph.engine.screen import forget, job_key, score_screen
 from cellmorph.data.inputs import match_channels, read_images
 from cellmorph.errors import CellmorphError
@@ -163,16 +171,17 @@ def _predict(model, images, confidence: float, mc_dropout: int, novelty: str | N
     resume = None
     if out is not None and not isinstance(model, Classifier):  # a bundle on disk: its hash names the job
         bundle = json.loads((_check_model(model) / "bundle.json").read_text()).get("files", {})
-        resume = job_key(str(out.resolve()), bundle, size, mc_dropout, [str(f) for f in folds], score, table.source)
+        resume = job_key(str(out.resolve()), bundle, size, mc_dropout, [str(f) for f in folds], score, table.source, "qc+image-novelty 1")
     t0 = time.perf_counter()
     from cellmorph.models.factory import load_fold_model
 
     nets = [load_fold_model(clf.config.model, f, len(clf.classes), clf.channels) for f in folds]
-    outs = score_screen(clf, table, size, features=score != "softmax", mc_dropout=mc_dropout, fold_models=nets,
-                        resume=resume, execution=execution)
+    outs = score_screen(clf, table, size, features=score != "softmax" and clf.reference is not None, mc_dropout=mc_dropout,
+                        fold_models=nets, resume=resume, execution=execution, quality=True)
     seconds = time.perf_counter() - t0
     probs, std, features = outs["probs"], outs.get("std"), outs.get("features")
-    result = score_images(table.df, probs, clf, confidence, std=std, features=features, novelty=score)
+    per_image = {k: v for k, v in outs.items() if k.startswith(("qc_", "image_distance"))}
+    result = score_images(table.df, probs, clf, confidence, std=std, features=features, novelty=score, per_image=per_image)
     result.source = (table, size)
     n = len(table.df)
     result.info = {
@@ -205,8 +214,8 @@ _FLAG_TEXT = {
                  "(novelty.py's distance score; wells and treatments only)"),
     "combined": "a unit is flagged when its prediction set at confidence {c} is empty or its distance p-value is <= {a} (novelty.py)",
 }
-_NO_REFERENCE = ("the bundle holds no reference profiles (saved by Classifier.save outside a run, a fine-tuned model, or written by "
-                 "cellmorph before they existed): no distance novelty score")
+_NO_REFERENCE = ("the bundle holds no well/treatment reference profiles (reference_profiles.npz: written by `cellmorph run` for frozen "
+                 "models on data with compounds; not by Classifier.save outside a run, nor by fine-tuned runs): no distance score at this level")
 
 
 def choose_novelty(requested: str | None, clf) -> str:
@@ -220,14 +229,19 @@ def choose_novelty(requested: str | None, clf) -> str:
     'combined'"""
     from cellmorph.evaluation.novelty import NOVELTY_SCORES
 
-    has_ref = getattr(clf, "reference", None) is not None
+    has_ref = getattr(clf, "reference", None) is not None or getattr(clf, "image_reference", None) is not None
     if requested is None:
         return ("combined" if clf.calibration is not None else "distance") if has_ref else "softmax"
     if requested not in NOVELTY_SCORES:
         raise CellmorphError(f"--novelty {requested}: not a novelty score; use one of {', '.join(NOVELTY_SCORES)}.")
     if requested != "softmax" and not has_ref:
-        raise CellmorphError(f"--novelty {requested}: {clf.source} holds no reference profiles (reference_profiles.npz, written by "
-                             "`cellmorph run` for frozen models); use --novelty softmax, or predict with a frozen run's RUN/model.")
+        made = str(clf.trained_on.get("cellmorph_version") or "")
+        raise CellmorphError(
+            f"--novelty {requested}: {clf.source} holds no distance reference (neither image_reference.npz nor reference_profiles.npz). "
+            "`cellmorph run` with save_model = true writes them into RUN/model (frozen and fine-tuned models, image-only data "
+            "included); a bundle saved by Classifier.save outside a run, or by a cellmorph older than this one"
+            + (f" ({made})" if made else "") + ", has none. Rerun the config with save_model = true into a new --out and predict with "
+            "its RUN/model, or use --novelty softmax.")
     if requested != "distance" and clf.calibration is None:
         raise CellmorphError(f"--novelty {requested}: {clf.source} holds no calibration data (calibration.parquet) for prediction sets; "
                              + ("use --novelty distance." if has_ref else "predict without --novelty (no flag is possible)."))
@@ -274,11 +288,13 @@ def ensemble_proba(clf, paths: list[Path], x, on_batch=None) -> tuple[np.ndarray
 
 
 def score_images(df: pd.DataFrame, probs: np.ndarray, clf, confidence: float, std: np.ndarray | None = None,
-                 features: np.ndarray | None = None, novelty: str = "softmax") -> PlatePrediction:
+                 features: np.ndarray | None = None, novelty: str = "softmax", per_image: dict | None = None) -> PlatePrediction:
     """Image rows (Metadata_* of `df`, prob_<class>) -> image, well and treatment tables with conformal
     p-values, sets and novelty calibrated on the bundle's out-of-fold predictions (when it has them), and
     with `novelty` "distance" or "combined" the distance score of each well and treatment from the image
-    `features` and the bundle's reference profiles (none_of_known is then that score's flag)."""
+    `features` and the bundle's reference profiles (none_of_known is then that score's flag). `per_image`: the
+    streamed per-image numbers (QC: qc_*, image novelty: image_distance, image_distance_pvalue), added to the
+    image table with the QC flags and, for "distance"/"combined", the image level's distance flag."""
     from cellmorph.evaluation.conformal import level_table
 
     classes, label = clf.classes, clf.config.dataset.label
@@ -307,7 +323,10 @@ def score_images(df: pd.DataFrame, probs: np.ndarray, clf, confidence: float, st
         tables[level] = units
     novelty_info = {}
     for level, units in tables.items():
-        novelty_info[level] = _distance_novelty(units, pred, features, clf, level, novelty, confidence)
+        if level == "image":
+            novelty_info[level] = _image_novelty(units, per_image or {}, clf, novelty, confidence)
+        else:
+            novelty_info[level] = _distance_novelty(units, pred, features, clf, level, novelty, confidence)
     for level, t in tables.items():  # the label column only where the input carried labels (e.g. reference compounds)
         if label in t.columns and not t[label].notna().any():
             tables[level] = t.drop(columns=[label])
@@ -319,12 +338,11 @@ def score_images(df: pd.DataFrame, probs: np.ndarray, clf, confidence: float, st
 def _distance_novelty(units: pd.DataFrame, pred: pd.DataFrame, features, clf, level: str, novelty: str, confidence: float) -> dict:
     """Add distance, distance_pvalue, flagged_by and (for "distance"/"combined") the chosen none_of_known
     to `units` (in place); returns what predict.json says about this level's flag."""
-    from cellmorph.evaluation.conformal import in_set
     from cellmorph.evaluation.novelty import distance_p_values, reference_distances, unit_profiles
 
     softmax = "none_of_known" in units.columns
     ref = getattr(clf, "reference", None)
-    if novelty == "softmax" or features is None:
+    if novelty == "softmax" or features is None or ref is None:
         why = _NO_REFERENCE if ref is None else "softmax chosen (--novelty softmax)"
         return {"score": "softmax" if softmax else "none", "distance": why}
     if f"{level}_profiles" not in ref:
@@ -353,6 +371,37 @@ def _distance_novelty(units: pd.DataFrame, pred: pd.DataFrame, features, clf, le
     return {"score": novelty, "reference_units": int(len(ref[f"{level}_profiles"])), "calibration_distances": int(len(cal)),
             "distance": "cosine distance of the unit's standardised frozen-feature profile to the nearest training unit; p-value by rank "
                         "among the training units' leave-one-compound-out distances (novelty.py)"}
+
+
+def _image_novelty(units: pd.DataFrame, per_image: dict, clf, novelty: str, confidence: float) -> dict:
+    """Add the streamed QC numbers, qc_flags ("blank; out_of_focus", "" when the image passes) and, with an image
+    reference, image_distance, distance_pvalue and (for "distance"/"combined") the image level's none_of_known and
+    flagged_by to the image table `units` (in place); returns what predict.json says about the image level."""
+    ref = getattr(clf, "image_reference", None)
+    info: dict = {}
+    if all(k in per_image for k in QC_COLUMNS):
+        for k in QC_COLUMNS:
+            units[k] = per_image[k].astype(np.float64)
+        focus_min = float(ref["focus_min"]) if ref is not None and "focus_min" in ref else None
+        flags = qc_flags(per_image, focus_min)
+        units["qc_flags"] = ["; ".join(k for k in flags if flags[k][i]) for i in range(len(units))]
+        info["qc"] = {"flags": {k: QC_FLAG_TEXT[k] for k in flags if k != "out_of_focus" or focus_min is not None},
+                      "flagged": {k: int(v.sum()) for k, v in flags.items()}, "focus_min": focus_min}
+    softmax = "none_of_known" in units.columns
+    if ref is None or "image_distance_pvalue" not in per_image:
+        return {**info, "score": "softmax" if softmax else "none",
+                "distance": "the bundle holds no image reference (image_reference.npz): no image distance score"}
+    units["distance"] = per_image["image_distance"].astype(np.float64)
+    units["distance_pvalue"] = per_image["image_distance_pvalue"].astype(np.float64)
+    if novelty == "softmax":
+        return {**info, "score": "softmax" if softmax else "none", "distance": "computed, not used for the flag (--novelty softmax)"}
+    far = ~in_set(units["distance_pvalue"].to_numpy(), confidence)
+    empty = units["none_of_known"].to_numpy(bool) if softmax and novelty == "combined" else np.zeros(len(units), bool)
+    units["flagged_by"] = np.select([empty & far, empty, far], ["softmax+distance", "softmax", "distance"], "")
+    units["novelty"] = np.maximum(units["novelty"], 1 - units["distance_pvalue"]) if softmax and novelty == "combined" else 1 - units["distance_pvalue"]
+    units["none_of_known"] = empty | far
+    return {**info, "score": novelty, "reference_images": int(len(ref["features"])), "calibration_distances": int(len(ref["calibration"])),
+            "feature_space": str(ref["feature_space"]), "groups_left_out": str(ref["group_column"]) or "each image", "distance": IMAGE_SCORE_TEXT}
 
 
 def _conformal(units: pd.DataFrame, cal: pd.DataFrame, level: str, classes: list[str], label: str, how: str, confidence: float) -> dict:

@@ -11,37 +11,18 @@ Example:
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from cellmorph.reporting.thumbnails import thumbnail
+
 THUMBS = 3
 THUMB_PX = 96
 MAX_ROWS = 300  # an image-level report lists at most this many units (the parquet holds all)
 _PLURAL = {"image": "images", "well": "wells", "treatment": "treatments"}
-
-
-def thumbnail(image: np.ndarray, px: int = THUMB_PX) -> str:
-    """A uint8 C x H x W image as a data: URI of a px-wide PNG (1 channel grey; 2 channels as red and green;
-    3 as RGB; more: the first 3)."""
-    from PIL import Image
-
-    c = image.shape[0]
-    if c == 1:
-        rgb = image[0]
-    else:
-        rgb = np.zeros((3, *image.shape[1:]), np.uint8)
-        rgb[: min(c, 3)] = image[:3]
-        rgb = rgb.transpose(1, 2, 0)
-    im = Image.fromarray(np.ascontiguousarray(rgb))
-    im.thumbnail((px, px), Image.Resampling.BOX)
-    buf = io.BytesIO()
-    im.save(buf, format="PNG", optimize=True)
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
 def _keys(level: str, units: pd.DataFrame) -> list[str]:
@@ -72,9 +53,11 @@ def write_predict_report(path: Path, result) -> None:
         order = np.lexsort((np.arange(len(units)), -units["set_size"].to_numpy(), ~units["none_of_known"].to_numpy()))
     shown = order[:MAX_ROWS]
     label = result.label if result.label in units.columns else None
+    qc_column = "qc_flags" in images.columns and bool((images["qc_flags"] != "").any())  # a column only when some image failed QC
     head = [*(k.removeprefix("Metadata_") for k in keys), "images" if level != "image" else None, f"known {label.removeprefix('Metadata_')}" if label else None,
             "prediction", "probability", *(["prediction set", "novelty", "none of the known"] if calibrated else []),
-            *(["distance p-value", "flagged by"] if "flagged_by" in units.columns and "distance_pvalue" in units.columns else []), "thumbnails"]
+            *(["distance p-value", "flagged by"] if "flagged_by" in units.columns and "distance_pvalue" in units.columns else []),
+            *(["QC" if level == "image" else "QC-flagged images"] if qc_column else []), "thumbnails"]
     head = [h for h in head if h is not None]
     best_of = {}
     for i in shown:  # each unit's images most typical of its prediction, decoded again from their files (all at once)
@@ -96,6 +79,9 @@ def write_predict_report(path: Path, result) -> None:
             cells += [html.escape(u["prediction_set"]) or "<i>empty</i>", f"{u['novelty']:.2f}", "<b>yes</b>" if u["none_of_known"] else "no"]
         if "flagged_by" in units.columns and "distance_pvalue" in units.columns:
             cells += [f"{u['distance_pvalue']:.3f}", html.escape(u["flagged_by"]) or "-"]
+        if qc_column:
+            bad = [images["qc_flags"].iat[j] for j in idx if images["qc_flags"].iat[j]]
+            cells.append(html.escape(bad[0]) if level == "image" and bad else ("ok" if level == "image" else str(len(bad))))
         cells.append(thumbs)
         flag = ' class="novel"' if "none_of_known" in units.columns and u["none_of_known"] else ""
         rows.append(f"<tr{flag}>" + "".join(f"<td>{c}</td>" for c in cells[:-1]) + f'<td class="thumbs">{cells[-1]}</td></tr>')
@@ -128,11 +114,16 @@ def _summary(result, level: str, units: pd.DataFrame, calibrated: bool) -> str:
     if calibrated:
         c = result.confidence
         text += (f"<p>At confidence {c:.2f}: mean prediction-set size {units['set_size'].mean():.2f}; "
-                 f"<b>{int(units['none_of_known'].sum())}</b> {_PLURAL[level]} flagged as none of the known classes "
-                 "(empty prediction set: every class's conformal p-value is at most "
-                 f"{1 - c:.2f}).</p>")
+                 f"<b>{int((units['set_size'] == 0).sum())}</b> {_PLURAL[level]} with an empty prediction set "
+                 f"(every class's conformal p-value is at most {1 - c:.2f}).</p>")
     else:
         text += "<p><b>No conformal calibration</b>: " + html.escape(result.calibration.get(level, {}).get("none", "")) + ".</p>"
+    if "qc_flags" in result.images.columns:
+        qc = result.novelty.get("image", {}).get("qc", {})
+        counts = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in qc.get("flagged", {}).items())
+        rules = "; ".join(f"{k.replace('_', ' ')}: {v}" for k, v in qc.get("flags", {}).items())
+        text += (f"<p><abbr title=\"{html.escape(rules)}\">Image QC</abbr>: <b>{int((result.images['qc_flags'] != '').sum())}</b> of "
+                 f"{len(result.images)} images flagged ({html.escape(counts)}; rules in predict.json).</p>")
     nov = result.novelty.get(level, {})
     if "flagged_by" in units.columns and nov.get("score") in ("distance", "combined"):
         by = units["flagged_by"].value_counts()

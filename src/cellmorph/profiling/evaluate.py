@@ -174,7 +174,10 @@ def refresh_report(run: Path) -> None:
     from cellmorph.evaluation.metrics import Metrics
     from cellmorph.reporting.report import write_report
 
-    write_report(run / "report.html", Metrics.read(run / "metrics.json"), load_config(run / "config.toml"))
+    pred = pd.read_parquet(run / "predictions.parquet") if (run / "predictions.parquet").is_file() else None
+    if pred is not None and "seed" in pred.columns:
+        pred = pred[pred["seed"] == pred["seed"].iloc[0]]
+    write_report(run / "report.html", Metrics.read(run / "metrics.json"), load_config(run / "config.toml"), pred)
 
 
 def summary_line(m: dict) -> str:

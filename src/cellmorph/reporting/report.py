@@ -13,7 +13,10 @@ from cellmorph.evaluation.aggregate import aggregate
 from cellmorph.config import ExperimentConfig, dump_toml
 from cellmorph.io import atomic_path, write_text
 from cellmorph.data.table import labelled_rows
+from cellmorph.data.table import ImageTable
 from cellmorph.evaluation.metrics import LEVELS, Metrics, confusion
+from cellmorph.reporting.sections import (CURVES_PNG, confusion_rates_html, examples_html, group_spread_html, roc_auc,
+                                          wall_time_text)
 
 _PLURAL = {"image": "images", "well": "wells", "treatment": "treatments"}
 
@@ -52,7 +55,7 @@ def write_confusion_png(path: Path, pred: pd.DataFrame, metrics: Metrics, label:
     plt.close(fig)
 
 
-_OWN_PNGS = {"confusion.png", "reliability.png", "coverage.png", "novelty.png", "profiles.png"}  # placed by the report itself
+_OWN_PNGS = {"confusion.png", "reliability.png", "coverage.png", "novelty.png", "profiles.png", CURVES_PNG}  # placed by the report itself
 
 
 def _pyplot():
@@ -242,9 +245,27 @@ def _profiles_section(folder: Path) -> str:
             f"{c['compounds']} compounds.</p>" + _table(["metric", "count", "value", "protocol"], cells) + plot)
 
 
-def write_report(path: Path, metrics: Metrics, cfg: ExperimentConfig) -> None:
-    """report.html: scores per level, per-class scores and misclassified units of the headline level,
-    spread over seeds, excluded groups, the confusion matrices and the config."""
+def config_text(cfg: ExperimentConfig) -> str:
+    """The resolved config as TOML without the section the run's mode does not use ([finetune] in a frozen run,
+    [frozen] in a fine-tuned one)."""
+    unused = "frozen" if cfg.mode == "finetune" else "finetune"
+    out, skip = [], False
+    for line in dump_toml(cfg).splitlines():
+        if line.startswith("["):
+            name = line.strip("[] ").split(".")[0]
+            skip = name == unused
+        if not skip:
+            out.append(line)
+    return "\n".join(out).strip() + "\n"
+
+
+def write_report(path: Path, metrics: Metrics, cfg: ExperimentConfig, pred: pd.DataFrame | None = None,
+                 table: ImageTable | None = None) -> None:
+    """report.html: scores per level (ROC AUC too for binary tasks), per-class scores, the row-normalised confusion
+    matrix and the accuracy per group, example images per class and the most confident mistakes (from `pred`, the
+    first seed's out-of-fold predictions, and `table`'s patch size), misclassified units of the headline level,
+    spread over seeds, excluded groups, the confusion, training and conformal plots, wall time and the config.
+    Sections that do not apply to the run are left out."""
     # plots of the config's extra outputs (outputs.py), written into the run folder before the report
     extra = "".join(f'<h2>{html.escape(p.stem.replace("_", " "))}</h2><img src="{html.escape(p.name)}" style="max-width:100%">'
                     for p in sorted(Path(path).parent.glob("*.png")) if p.name not in _OWN_PNGS)
@@ -252,15 +273,22 @@ def write_report(path: Path, metrics: Metrics, cfg: ExperimentConfig) -> None:
     m, ctx, head = metrics, metrics.context, metrics.headline_level
     several = len(m.seeds) > 1 and bool(m.spread)
     levels = [lv for lv in reversed(LEVELS) if lv in m.levels]
+    label, how = cfg.dataset.label, cfg.evaluation.aggregate
+    usable = pred is not None and label in pred.columns
+    aucs = roc_auc(pred, label, levels, m.classes, how) if usable else {}
     rows = []
     for lv in levels:
         s = m.levels[lv]
         row = [_PLURAL[lv], f"{s.correct}/{s.total}", _fmt(s.accuracy), _fmt(s.balanced_accuracy), _fmt(s.macro_f1, pct=False)]
+        if aucs:
+            row.append(_fmt(aucs.get(lv), pct=False))
         if several:
             sp = m.spread[lv]
             row += [_pm(sp, "accuracy"), _pm(sp, "balanced_accuracy"), _pm(sp, "macro_f1", pct=False)]
         rows.append(row)
     cols = ["level", "correct", "accuracy", "balanced accuracy", "macro-F1"]
+    if aucs:
+        cols.append(f"ROC AUC ({m.classes[1]} vs {m.classes[0]}, first seed)")
     if several:
         cols[1] = f"correct (summed over {len(m.seeds)} seeds)"
         cols[2:5] = [f"{c} (mean over seeds)" for c in cols[2:5]]
@@ -275,6 +303,9 @@ def write_report(path: Path, metrics: Metrics, cfg: ExperimentConfig) -> None:
         ("model", f"{ctx.get('model', '?')} (init {ctx.get('init', '?')}, {ctx.get('mode', '?')})"),
         ("seeds", ", ".join(map(str, m.seeds)) or "?"),
     ]
+    wall = wall_time_text(Path(path).parent, ctx)
+    if wall:
+        about.append(("wall time", wall))
     about_html = "".join(f"<tr><td>{html.escape(k)}</td><td><b>{html.escape(v)}</b></td></tr>" for k, v in about)
     wrong = m.levels[head].misclassified
     wrong_html = "".join(f"<li>{html.escape(_unit(w))}</li>" for w in wrong) or "<li>none</li>"
@@ -283,16 +314,27 @@ def write_report(path: Path, metrics: Metrics, cfg: ExperimentConfig) -> None:
     excluded = "".join(f"<li>{html.escape(', '.join(f'{k}: {v}' for k, v in e.items()))}</li>" for e in m.excluded)
     excluded_html = f"<h2>Excluded (not scored)</h2><ul>{excluded}</ul>" if excluded else ""
     confusion_img = '<img src="confusion.png" style="max-width:100%">' if (Path(path).parent / "confusion.png").is_file() else ""
+    rates = confusion_rates_html(pred, label, head, list(m.classes), how) if usable and not m.novelty else ""
+    groups = group_spread_html(pred, label) if usable else ""
+    patch = table.patch_size if table is not None else int((cfg.dataset.options or {}).get("patch_size", 0) or 0)
+    examples = examples_html(pred, label, table, patch, cfg.dataset.image_size) if usable and not m.novelty else ""
+    curves = (f'<h2 id="training">Fine-tuning curves</h2><p>Per fold: training loss and accuracy per epoch (folds/NN/history.json); '
+              f'black: held-out accuracy where the run measured it.</p><img src="{CURVES_PNG}" style="max-width:100%">'
+              if cfg.mode == "finetune" and (Path(path).parent / CURVES_PNG).is_file() else "")
     body = f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(cfg.name)}</title>
-<style>body{{font-family:sans-serif;max-width:60em;margin:2em auto}}td,th{{padding:2px 12px;text-align:left}}pre{{background:#f4f4f4;padding:1em}}</style></head>
+<style>body{{font-family:sans-serif;max-width:60em;margin:2em auto}}td,th{{padding:2px 12px;text-align:left}}pre{{background:#f4f4f4;padding:1em}}
+figure{{display:inline-block;margin:2px 4px;vertical-align:top;font-size:11px;max-width:150px}}figure img{{width:64px;height:64px;image-rendering:pixelated}}
+table.rates td{{text-align:right;min-width:3em}}div.mistakes figure{{width:150px}}</style></head>
 <body><h1>{html.escape(cfg.name)}</h1>
 <p>{html.escape(m.protocol)}: {html.escape(m.protocol_description)}. Aggregation: {html.escape(str(ctx.get("aggregation", "none")))}.</p>
 <table>{about_html}</table>
 <h2>Scores per level</h2>{scores}
 <h2>Per class ({html.escape(_PLURAL[head])})</h2>{per_class}
+{rates}{groups}
 <h2>Misclassified {html.escape(_PLURAL[head])}</h2><ul>{wrong_html}</ul>
+{examples}
 {excluded_html}
-{confusion_img}{_conformal_html(m)}{_novelty_html(m)}{extra}
-<h2>Config</h2><pre>{html.escape(dump_toml(cfg))}</pre></body></html>
+{confusion_img}{curves}{_conformal_html(m)}{_novelty_html(m)}{extra}
+<h2>Config</h2><pre>{html.escape(config_text(cfg))}</pre></body></html>
 """
     write_text(path, body)

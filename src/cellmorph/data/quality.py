@@ -1,0 +1,81 @@
+"""Image quality control: cheap per-image numbers from the pixels a model sees, computed batch by batch in the
+streaming path (never on all images at once), and the flags a screener expects from them.
+
+Per image (uint8 C x H x W, as the store and `stream.field_batches` give them):
+
+    qc_std         standard deviation of all its pixel values (0-255): a blank field has almost none
+    qc_saturated   the largest fraction, over its channels, of pixels at 255 (clipped bright)
+    qc_focus       variance of the 4-neighbour Laplacian of the channel-mean image: sharp edges give a large
+                   variance, a blurred (out-of-focus) field a small one (Pech-Pacheco et al. 2000)
+
+Flags (`qc_flags`):
+
+    blank          qc_std < BLANK_STD (a flat field: empty well, missing channel, failed acquisition)
+    saturated      qc_saturated > SATURATED_FRACTION
+    out_of_focus   qc_focus below the training images' FOCUS_QUANTILE quantile of qc_focus, divided by
+                   FOCUS_FACTOR (relative to the training data: an absolute sharpness depends on the
+                   microscope, the magnification and the stain); not flagged without training quantiles
+
+Example:
+    >>> qc = image_qc(np.zeros((2, 3, 64, 64), np.uint8))
+    >>> qc_flags(qc)["blank"]
+    array([ True,  True])
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+QC_COLUMNS = ("qc_std", "qc_saturated", "qc_focus")
+BLANK_STD = 2.0  # grey levels (of 255)
+SATURATED_FRACTION = 0.25  # of one channel's pixels at 255
+FOCUS_QUANTILE = 0.01
+FOCUS_FACTOR = 2.0
+FLAGS = ("blank", "saturated", "out_of_focus")
+FLAG_TEXT = {
+    "blank": f"pixel standard deviation < {BLANK_STD:g} grey levels (a flat field)",
+    "saturated": f"more than {SATURATED_FRACTION:.0%} of one channel's pixels at 255",
+    "out_of_focus": (f"Laplacian variance below the training images' {FOCUS_QUANTILE:.0%} quantile / {FOCUS_FACTOR:g} "
+                     "(blurred relative to what the model was trained on)"),
+}
+
+
+def image_qc(images: np.ndarray) -> dict[str, np.ndarray]:
+    """The QC numbers (QC_COLUMNS, float32, one per image) of a uint8 N x C x H x W batch."""
+    x = np.asarray(images)
+    n = len(x)
+    if n == 0:
+        return {k: np.zeros(0, np.float32) for k in QC_COLUMNS}
+    flat = x.reshape(n, -1).astype(np.float32)
+    std = flat.std(axis=1)
+    saturated = (x == 255).reshape(n, x.shape[1], -1).mean(axis=2).max(axis=1)
+    grey = x.astype(np.float32).mean(axis=1)
+    if grey.shape[1] >= 3 and grey.shape[2] >= 3:
+        lap = (grey[:, :-2, 1:-1] + grey[:, 2:, 1:-1] + grey[:, 1:-1, :-2] + grey[:, 1:-1, 2:] - 4 * grey[:, 1:-1, 1:-1])
+        focus = lap.reshape(n, -1).var(axis=1)
+    else:
+        focus = np.zeros(n, np.float32)
+    return {"qc_std": std.astype(np.float32), "qc_saturated": saturated.astype(np.float32), "qc_focus": focus.astype(np.float32)}
+
+
+def focus_threshold(training_focus: np.ndarray) -> float:
+    """The out-of-focus threshold from the training images' qc_focus values."""
+    return float(np.quantile(np.asarray(training_focus, dtype=np.float64), FOCUS_QUANTILE) / FOCUS_FACTOR)
+
+
+def qc_flags(qc: dict[str, np.ndarray], focus_min: float | None = None) -> dict[str, np.ndarray]:
+    """Boolean flags (FLAGS) per image from `image_qc` numbers; out_of_focus needs `focus_min` (`focus_threshold`
+    of the training images), else it is all False."""
+    std = np.asarray(qc["qc_std"])
+    flags = {"blank": std < BLANK_STD, "saturated": np.asarray(qc["qc_saturated"]) > SATURATED_FRACTION}
+    focus = np.asarray(qc["qc_focus"])
+    flags["out_of_focus"] = (focus < focus_min) & ~flags["blank"] if focus_min is not None else np.zeros(len(std), bool)
+    return flags
+
+
+def qc_of_batches(batches, rows: int | None = None) -> dict[str, np.ndarray]:
+    """`image_qc` of a stream of (rows, uint8 batch), concatenated in stream order."""
+    parts = [image_qc(images) for _, images in batches]
+    if not parts:
+        return {k: np.zeros(0, np.float32) for k in QC_COLUMNS}
+    return {k: np.concatenate([p[k] for p in parts]) for k in QC_COLUMNS}

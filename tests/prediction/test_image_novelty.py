@@ -1,0 +1,95 @@
+"""Image-level "none of the known" and QC (issue 24, item 2): garbage images predicted through the quickstart's
+final model (frozen EfficientNet-Lite0 on the real BBBC021 subset) are flagged, real ones are not; the bundle's
+image reference is checked on load; the QC numbers flag blank, saturated and blurred real fields."""
+
+from __future__ import annotations
+
+import glob
+import json
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image, ImageFilter
+
+import cellmorph as cm
+from cellmorph.cli import main
+from cellmorph.data.quality import focus_threshold, image_qc, qc_flags
+from cellmorph.errors import CellmorphError
+
+
+def _subset_pngs(data_dir, n):
+    files = sorted(glob.glob(str(data_dir / "bbbc021-subset" / "images" / "*.png")))
+    return [np.asarray(Image.open(f).convert("RGB")) for f in files[: n * 7 : 7]]
+
+
+def test_qc_flags_blank_saturated_and_blurred_real_fields(data_dir):
+    real = _subset_pngs(data_dir, 12)
+    x = np.stack([im.transpose(2, 0, 1) for im in real])
+    blurred = np.stack([np.asarray(Image.fromarray(im).filter(ImageFilter.GaussianBlur(4))).transpose(2, 0, 1) for im in real[:4]])
+    saturated = x[:2].copy()
+    saturated[:, 1] = 255
+    blank = np.full((2, 3, 256, 256), 37, np.uint8)
+    qc_real = image_qc(x)
+    thr = focus_threshold(qc_real["qc_focus"])
+    flags = {k: qc_flags(image_qc(v), thr) for k, v in (("real", x), ("blurred", blurred), ("saturated", saturated), ("blank", blank))}
+    print({k: {f: int(v.sum()) for f, v in fl.items()} for k, fl in flags.items()}, "focus threshold", round(thr, 2))
+    assert not any(v.any() for v in flags["real"].values())
+    assert flags["blurred"]["out_of_focus"].all() and flags["saturated"]["saturated"].all() and flags["blank"]["blank"].all()
+    assert not flags["blank"]["out_of_focus"].any()  # a blank field is blank, not out of focus
+    assert not qc_flags(image_qc(blurred))["out_of_focus"].any()  # no training threshold: never flagged
+
+
+@pytest.mark.slow
+def test_garbage_images_are_flagged_by_the_quickstart_bundle(quick_run, data_dir, tmp_path, monkeypatch, capsys):
+    """Flat grey, uniform noise and colour-inverted fields through `cellmorph predict` (a folder of files: image-only
+    data): every grey one QC-flagged blank, every noise one flagged none-of-known by its image distance; the real
+    fields (training images of the bundle) are neither."""
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    for i, im in enumerate(_subset_pngs(data_dir, 6)):
+        Image.fromarray(im).save(folder / f"real{i}.png")
+        Image.fromarray(np.full((256, 256, 3), rng.integers(20, 230), np.uint8)).save(folder / f"grey{i}.png")
+        Image.fromarray(rng.integers(0, 256, (256, 256, 3), dtype=np.uint8)).save(folder / f"noise{i}.png")
+    out = tmp_path / "pred"
+    monkeypatch.setattr(sys, "argv", ["cellmorph", "predict", str(quick_run / "model"), str(folder), "--out", str(out), "--novelty", "distance"])
+    with pytest.raises(SystemExit) as e:
+        main()
+    assert e.value.code in (0, None), capsys.readouterr().err
+    p = pd.read_parquet(out / "predictions.parquet")
+    kind = p["Metadata_FileName"].str.extract(r"^([a-z]+)")[0]
+    print(p.assign(kind=kind).groupby("kind")[["distance_pvalue", "qc_std", "qc_focus"]].agg(["min", "max"]).round(4).to_string())
+    assert {"qc_std", "qc_saturated", "qc_focus", "qc_flags", "distance", "distance_pvalue", "flagged_by", "none_of_known"} <= set(p.columns)
+    assert not [c for c in p.columns if c.startswith("feature")]  # per image: a few numbers, never the features
+    assert (p.loc[kind == "grey", "qc_flags"] == "blank").all() and (p.loc[kind != "grey", "qc_flags"] == "").all()
+    assert p.loc[kind == "noise", "none_of_known"].all() and (p.loc[kind == "noise", "distance_pvalue"] <= 0.1).all()
+    assert not p.loc[kind == "real", "none_of_known"].any()
+    info = json.loads((out / "predict.json").read_text())
+    img = info["novelty"]["image"]
+    assert img["score"] == "distance" and img["groups_left_out"] == "Metadata_Compound" and img["reference_images"] == 660
+    assert img["qc"]["flagged"]["blank"] == 6 and img["qc"]["focus_min"] > 0
+    html = (out / "report.html").read_text()
+    assert "blank" in html and "QC" in html
+
+
+@pytest.mark.slow
+def test_image_reference_is_checked_on_load(quick_run, tmp_path):
+    clf = cm.Classifier.load(quick_run / "model")
+    ref = clf.image_reference
+    assert ref["features"].dtype == np.float16 and ref["features"].shape == (660, 1280) and int(ref["version"]) == 1
+    assert len(ref["calibration"]) == 660 and str(ref["feature_space"]) == "frozen backbone features" and str(ref["metric"]) == "cosine_raw"
+    clf.image_reference = dict(ref, metric=np.array("euclid"))
+    clf.save(tmp_path / "other-metric")
+    with pytest.raises(CellmorphError, match="damaged image reference"):
+        cm.Classifier.load(tmp_path / "other-metric")
+    newer = dict(ref, version=np.array(2))
+    clf.image_reference = newer
+    clf.save(tmp_path / "newer")
+    with pytest.raises(CellmorphError, match="image reference version 2, made by a newer cellmorph"):
+        cm.Classifier.load(tmp_path / "newer")
+    clf.image_reference = dict(ref, features=ref["features"][:, :100])
+    clf.save(tmp_path / "narrow")
+    with pytest.raises(CellmorphError, match="features of width 100, but the network gives 1280"):
+        cm.Classifier.load(tmp_path / "narrow")
