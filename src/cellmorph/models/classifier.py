@@ -24,6 +24,7 @@ from cellmorph.errors import CellmorphError
 from cellmorph.models.bundle import bundle_meta, load_bundle, load_state, save_bundle
 from cellmorph.models.factory import INIT_WORDS, check_model_config, create_model, default_input_size, normalization, pre_logits
 from cellmorph.models.features import extract_features, fit_logistic_head
+from cellmorph.models.heads import check_head, head_proba
 from cellmorph.progress import make_progress, progress_shown
 from cellmorph.models.train import InputSpec, disk_images, fit as _fit, fits_in_memory, fold_batch_norm, forward_batches, make_input_spec, pick_device, resize_uint8_stack
 
@@ -209,7 +210,7 @@ class Classifier:
         """Frozen: the probabilities and the backbone features of checked uint8 images from ONE backbone pass
         (the same numbers as `_proba` and `embed`)."""
         feats = self._features(x, pick_device(self.config.device), on_batch)
-        return _head_proba(feats, self._head), feats.numpy().astype(np.float32, copy=False)
+        return head_proba(feats, self._head), feats.numpy().astype(np.float32, copy=False)
 
     def predict_proba(self, images: np.ndarray | torch.Tensor | ImageTable) -> np.ndarray:
         """Class probabilities.
@@ -235,7 +236,7 @@ class Classifier:
         if self.config.mode == "frozen":
             if mc_dropout:
                 raise CellmorphError(f"{self._source}: MC dropout needs a fine-tuned model (mode = \"finetune\"); this one is frozen (a logistic head).")
-            return _head_proba(self._features(x, device, on_batch), self._head)
+            return head_proba(self._features(x, device, on_batch), self._head)
         ft = self.config.finetune
         batch = max(ft.batch_size, 64)
         if not mc_dropout:
@@ -283,7 +284,7 @@ class Classifier:
                 feats = None
                 if frozen:
                     feats = self._features(x, device)
-                    parts["probs"].append(_head_proba(feats, self._head))
+                    parts["probs"].append(head_proba(feats, self._head))
                     feats = feats.numpy().astype(np.float32, copy=False)
                     if features:
                         parts["features"].append(feats)
@@ -446,7 +447,7 @@ class Classifier:
         head = {}
         if frozen:
             load_state(net, {k.removeprefix("backbone."): v for k, v in b.tensors.items() if k.startswith("backbone.")}, where)
-            head = _check_head(b.tensors, len(meta["classes"]), getattr(net, "num_features", None), where)
+            head = check_head(b.tensors, len(meta["classes"]), getattr(net, "num_features", None), where)
         else:
             load_state(net, b.tensors, where)
         clf = cls.__new__(cls)
@@ -469,32 +470,12 @@ class Classifier:
         self._net, self._head, self._spec = net, head, spec
         self.classes, self._channels, self._trained_on = classes, channels, trained_on
 
+
 def check_labelled(table: ImageTable) -> None:
     """Training needs labels: a table loaded without its label column (new images) is refused, naming it."""
     if not table.labelled:
         raise CellmorphError(f"{table.source}: no labelled rows in column '{table.label}' to train on. Load the table with its label "
                              "column (load_dataset(..., label=\"Metadata_...\")); a table without labels can only be predicted.")
-
-
-def _check_head(tensors: dict[str, torch.Tensor], n_classes: int, n_features: int | None, where: str) -> dict[str, torch.Tensor]:
-    head = {k: tensors.get(f"head.{k}") for k in ("mean", "scale", "coef", "intercept")}
-    absent = [f"head.{k}" for k, v in head.items() if v is None]
-    if absent:
-        raise CellmorphError(f"{where}: the logistic head is missing ({', '.join(absent)}). Save the model again.")
-    d = head["mean"].shape[0]
-    want = {"mean": (d,), "scale": (d,), "coef": (n_classes, d), "intercept": (n_classes,)}
-    wrong = [f"head.{k} {tuple(head[k].shape)} (expected {s})" for k, s in want.items() if tuple(head[k].shape) != s]
-    if n_features is not None and d != n_features:
-        wrong.append(f"{d} head features for a backbone of {n_features}")
-    if wrong:
-        raise CellmorphError(f"{where}: the logistic head does not fit {n_classes} classes: {'; '.join(wrong)}. Save the model again.")
-    return {k: v.to(torch.float64) for k, v in head.items()}
-
-
-def _head_proba(features: torch.Tensor, head: dict[str, torch.Tensor]) -> np.ndarray:
-    """softmax(standardised features @ coef.T + intercept), in float64: the same bits before and after a save."""
-    z = (features.to(torch.float64) - head["mean"]) / head["scale"]
-    return torch.softmax(z @ head["coef"].T + head["intercept"], dim=1).numpy().astype(np.float32)
 
 
 @contextmanager
