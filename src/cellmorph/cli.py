@@ -79,6 +79,16 @@ BACKEND_HELP = "Where the shards (a plate, or 2,048 of its fields, each) run: lo
 ADDRESS_HELP = "Ray: an existing cluster to join (e.g. auto, ray://head:10001); empty: start a local one (127.0.0.1 only) and stop it after."
 
 
+def screen_option(name: str):
+    """The options `predict` and `embed` share for running a screen's shards (here or on Ray)."""
+    return {
+        "backend": lambda: typer.Option("local", "--backend", help=BACKEND_HELP),
+        "address": lambda: typer.Option("", "--address", help=ADDRESS_HELP),
+        "cpus_per_task": lambda: typer.Option(1, "--cpus-per-task", help="Ray: CPUs (and torch threads) per shard task."),
+        "gpus_per_task": lambda: typer.Option(0.0, "--gpus-per-task", help="Ray: GPUs per shard task (fractional allowed)."),
+    }[name]()
+
+
 def _execution(backend: str, address: str, cpus_per_task: int, gpus_per_task: float, threads: int):
     """The ExecutionConfig of predict/embed's options (validated as the config's [execution] section)."""
     from cellmorph.config import ExecutionConfig
@@ -106,10 +116,10 @@ def predict(
                                 "(frozen runs), else softmax."),
     ensemble: bool = typer.Option(False, "--ensemble", help="MODEL is a fine-tuned run folder saved with finetune.save_models = true: "
                                   "the mean of its fold models' probabilities."),
-    backend: str = typer.Option("local", "--backend", help=BACKEND_HELP),
-    address: str = typer.Option("", "--address", help=ADDRESS_HELP),
-    cpus_per_task: int = typer.Option(1, "--cpus-per-task", help="Ray: CPUs (and torch threads) per shard task."),
-    gpus_per_task: float = typer.Option(0.0, "--gpus-per-task", help="Ray: GPUs per shard task (fractional allowed)."),
+    backend: str = screen_option("backend"),
+    address: str = screen_option("address"),
+    cpus_per_task: int = screen_option("cpus_per_task"),
+    gpus_per_task: float = screen_option("gpus_per_task"),
     threads: int = typer.Option(0, "--threads", help="torch threads (0: torch's default here, --cpus-per-task on Ray); the same count gives the same bits on both."),
 ) -> None:
     """Predict new plates: class probabilities per image, well and treatment, conformal prediction sets
@@ -228,10 +238,10 @@ def embed(
     data: Optional[Path] = typer.Option(None, "--data", "-d", help=DATA_HELP),
     images: Optional[Path] = typer.Option(None, "--images", help="New images to embed with the model (a CSV or a folder, as `cellmorph predict` reads them) "
                                           "instead of its own dataset: streamed shard by shard, resumable."),
-    backend: str = typer.Option("local", "--backend", help=BACKEND_HELP),
-    address: str = typer.Option("", "--address", help=ADDRESS_HELP),
-    cpus_per_task: int = typer.Option(1, "--cpus-per-task", help="Ray: CPUs (and torch threads) per shard task."),
-    gpus_per_task: float = typer.Option(0.0, "--gpus-per-task", help="Ray: GPUs per shard task (fractional allowed)."),
+    backend: str = screen_option("backend"),
+    address: str = screen_option("address"),
+    cpus_per_task: int = screen_option("cpus_per_task"),
+    gpus_per_task: float = screen_option("gpus_per_task"),
     threads: int = typer.Option(0, "--threads", help="torch threads (0: torch's default here, --cpus-per-task on Ray)."),
 ) -> None:
     """Per-image embeddings (parquet, Metadata_* + Image_CNN_* columns) and median well and treatment profiles.

@@ -5,7 +5,6 @@ sees the new pixels and the old run folder refuses to resume."""
 from __future__ import annotations
 
 import os
-import sys
 
 import numpy as np
 import pandas as pd
@@ -13,17 +12,11 @@ import pytest
 import tifffile
 from PIL import Image
 
-from cellmorph.cli import main
+from tests.conftest import run_cli as _cli
 
 COMPOUNDS = ("AZ841", "AZ258", "AZ-C", "AZ138")  # 2 MoAs x 2 compounds
 
 
-def _cli(monkeypatch, capsys, *args) -> tuple[int, str]:
-    monkeypatch.setattr(sys, "argv", ["cellmorph", *map(str, args)])
-    with pytest.raises(SystemExit) as e:
-        main()
-    captured = capsys.readouterr()
-    return e.value.code, " ".join((captured.out + captured.err).split())
 
 
 @pytest.fixture

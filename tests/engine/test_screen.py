@@ -16,6 +16,7 @@ import pytest
 
 from cellmorph.engine import screen
 from cellmorph.engine.screen import plan_shards, shard_fingerprint
+from tests.conftest import run_cli as _cli
 
 
 def test_shards_follow_plates_and_a_size_limit():
@@ -26,14 +27,6 @@ def test_shards_follow_plates_and_a_size_limit():
     assert [s.name for s in plan_shards(pd.DataFrame({"x": range(5)}), max_rows=2)] == ["rows 0-1", "rows 2-3", "rows 4-4"]
 
 
-def _cli(monkeypatch, capsys, *args) -> tuple[int, str]:
-    from cellmorph.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["cellmorph", *map(str, args)])
-    with pytest.raises(SystemExit) as e:
-        main()
-    captured = capsys.readouterr()
-    return e.value.code, " ".join((captured.out + captured.err).split())
 
 
 def test_interrupted_predict_resumes_with_its_finished_shards(screen_world, tmp_path, monkeypatch, capsys):
