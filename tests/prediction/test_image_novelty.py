@@ -11,10 +11,16 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from PIL import Image, ImageFilter
 
 import cellmorph as cm
 from cellmorph.cli import main
+from cellmorph.config import ModelConfig
+from cellmorph.data import quality
+from cellmorph.data.store import open_store
+from cellmorph.data.table import ImageTable
+from cellmorph.models.features import extract_features
 from cellmorph.data.quality import focus_threshold, image_qc, qc_flags
 from cellmorph.errors import CellmorphError
 
@@ -93,3 +99,25 @@ def test_image_reference_is_checked_on_load(quick_run, tmp_path):
     clf.save(tmp_path / "narrow")
     with pytest.raises(CellmorphError, match="features of width 100, but the network gives 1280"):
         cm.Classifier.load(tmp_path / "narrow")
+
+
+def test_training_qc_is_computed_in_the_feature_pass_and_cached(subset_table, tmp_path, monkeypatch):
+    """The final model's out-of-focus threshold needs every training image's QC numbers: the frozen feature pass leaves
+    them in the cache (one decode), a warm run reads them back, and a changed cache file is computed again."""
+    table = ImageTable(subset_table.df.iloc[:24].reset_index(drop=True), name="subset-24", label=subset_table.label, source="test")
+    store = open_store(table, 0, cache=tmp_path)
+    direct = quality.qc_of_batches(store.batches(7))
+    assert quality.cached_store_qc(store) is None
+    extract_features(store, ModelConfig(name="tf_efficientnet_lite0", init="imagenet", input_size=64), tta=False, batch_size=8,
+                     device=torch.device("cpu"), cache=tmp_path)
+    cached = quality.cached_store_qc(store)
+    assert cached is not None and all(np.array_equal(cached[k], direct[k]) for k in quality.QC_COLUMNS)
+
+    monkeypatch.setattr(quality, "qc_of_batches", lambda *a, **k: pytest.fail("decoded the images again"))
+    assert np.array_equal(quality.store_qc(store)["qc_focus"], direct["qc_focus"])  # warm: from the cache
+    monkeypatch.undo()
+
+    path = quality.qc_cache_path(store)
+    path.write_bytes(path.read_bytes()[:-8] + b"\x00" * 8)  # bytes changed behind cellmorph's back
+    assert quality.cached_store_qc(store) is None
+    assert np.array_equal(quality.store_qc(store)["qc_std"], direct["qc_std"])

@@ -24,7 +24,14 @@ Example:
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Iterator
+
 import numpy as np
+
+from cellmorph.data.store import Store
+from cellmorph.io import write_npy
+from cellmorph.storage import digest_ok, write_digest
 
 QC_COLUMNS = ("qc_std", "qc_saturated", "qc_focus")
 BLANK_STD = 2.0  # grey levels (of 255)
@@ -79,3 +86,63 @@ def qc_of_batches(batches, rows: int | None = None) -> dict[str, np.ndarray]:
     if not parts:
         return {k: np.zeros(0, np.float32) for k in QC_COLUMNS}
     return {k: np.concatenate([p[k] for p in parts]) for k in QC_COLUMNS}
+
+
+def qc_cache_path(store: Store) -> Path:
+    """Where the QC numbers of every image of `store` are cached: $CELLMORPH_CACHE/qc/STORE_KEY.npy (the store key
+    names the data's content and the image size, so a changed image is a new file, never a stale one)."""
+    return store.cache_root / "qc" / f"{store.key}.npy"
+
+
+def cached_store_qc(store: Store) -> dict[str, np.ndarray] | None:
+    """The cached QC numbers of every image of `store` (QC_COLUMNS, in row order), or None when absent or when the
+    file does not match its recorded content hash."""
+    path = qc_cache_path(store)
+    if not path.is_file() or not digest_ok(path):
+        return None
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except (OSError, ValueError):
+        return None
+    if arr.shape != (len(QC_COLUMNS), len(store.index)):
+        return None
+    return {k: arr[i] for i, k in enumerate(QC_COLUMNS)}
+
+
+def save_store_qc(store: Store, qc: dict[str, np.ndarray]) -> None:
+    """Cache the QC numbers of every image of `store` (atomically, with a content hash)."""
+    path = qc_cache_path(store)
+    write_npy(path, np.stack([np.asarray(qc[k], np.float32) for k in QC_COLUMNS]), what="cache")
+    write_digest(path)
+
+
+def store_qc(store: Store, batch: int = 64) -> dict[str, np.ndarray]:
+    """The QC numbers of every image of `store`: from the cache, else streamed through `image_qc` and cached."""
+    hit = cached_store_qc(store)
+    if hit is None:
+        hit = qc_of_batches(store.batches(batch))
+        save_store_qc(store, hit)
+    return hit
+
+
+class QCTap:
+    """Passes a stream of (rows, uint8 batch) through unchanged while computing each batch's `image_qc`, so that a
+    pass that decodes every image anyway (the frozen features) leaves their QC numbers too; `result()` after the
+    stream is consumed.
+
+        >>> tap = QCTap(store.batches(32)); feats = forward(tap); save_store_qc(store, tap.result())
+    """
+
+    def __init__(self, batches) -> None:
+        self._batches, self._parts = batches, []
+
+    def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for rows, images in self._batches:
+            self._parts.append(image_qc(images))
+            yield rows, images
+
+    def result(self) -> dict[str, np.ndarray]:
+        if not self._parts:
+            return {k: np.zeros(0, np.float32) for k in QC_COLUMNS}
+        return {k: np.concatenate([p[k] for p in self._parts]) for k in QC_COLUMNS}
+

@@ -59,6 +59,11 @@ class Store:
         return np.load(folder / STORE_FILES[0], mmap_mode="r" if mmap else None)
 
     @property
+    def cache_root(self) -> Path:
+        """The cache folder this store's derived files go to (its own, else $CELLMORPH_CACHE's)."""
+        return Path(self._cache or cache_dir())
+
+    @property
     def images(self) -> np.ndarray:
         """All the images in memory (decoded, and cached on disk, the first time)."""
         if self._images is None:

@@ -16,7 +16,7 @@ from cellmorph.config import override as override_config
 from cellmorph.data.store import Store
 from cellmorph.data.store import trained_on as describe_training
 from cellmorph.data.table import PATH_PREFIX, labelled_mask
-from cellmorph.data.quality import image_qc, qc_of_batches
+from cellmorph.data.quality import image_qc, store_qc
 from cellmorph.engine.plan import Plan
 from cellmorph.engine.runfolder import what_is_computed
 from cellmorph.evaluation.novelty import image_group_column, image_reference, reference_profiles, reference_sample
@@ -108,7 +108,7 @@ def _image_reference(cfg: ExperimentConfig, plan: Plan, store: Store, clf=None, 
     column = image_group_column(table.df)
     groups = table.df[column].astype(str).to_numpy()[rows] if column else None
     if feats is not None:
-        f, focus = feats[rows], qc_of_batches(store.batches(64, rows=rows))["qc_focus"]
+        f, focus = feats[rows], store_qc(store)["qc_focus"][rows]  # cached by the feature pass: no second decode
     else:
         out = clf.outputs(store.batches(clf.batch_size, rows=rows), features=True,
                           per_batch=lambda images, _: {"qc_focus": image_qc(images)["qc_focus"]})

@@ -14,6 +14,7 @@ from cellmorph.io import write_json, write_npy
 from cellmorph.models.names import default_input_size
 from cellmorph.progress import console, make_progress
 from cellmorph.storage import digest_ok, write_digest
+from cellmorph.data.quality import QCTap, cached_store_qc, save_store_qc
 from cellmorph.data.store import Store, cache_dir
 
 # 2: extracted through the batch-norm-folded backbone (train.fold_batch_norm; equal to 1's to ~1e-5)
@@ -65,10 +66,13 @@ def extract_features(store: Store, model_cfg: ModelConfig, tta: bool, batch_size
     mean, std = normalization(model)
     spec = InputSpec(size=model_cfg.input_size or default_input_size(model_cfg.name), mean=mean, std=std)
     what = f"features {model_cfg.name}" + (" (8x dihedral TTA)" if tta else "")
-    feats = stream_forward(fold_batch_norm(model, store.shape[1]), store.batches(batch_size), spec, device, len(store.index), what, tta=tta)
+    batches = QCTap(store.batches(batch_size))  # every image is decoded here anyway: keep its QC numbers (final model's reference)
+    feats = stream_forward(fold_batch_norm(model, store.shape[1]), batches, spec, device, len(store.index), what, tta=tta)
     feats = feats.numpy().astype(np.float32)
     write_npy(path, feats, what="cache")
     write_digest(path)
+    if cached_store_qc(store) is None:
+        save_store_qc(store, batches.result())
     if model_cfg.init not in ("random", "xavier", "gaussian"):  # fixed weights: keep them beside their features
         _write_backbone(path, model, spec)
     return feats
