@@ -12,7 +12,6 @@ import pytest
 import tifffile
 from PIL import Image
 
-from tests.conftest import run_cli as _cli
 
 COMPOUNDS = ("AZ841", "AZ258", "AZ-C", "AZ138")  # 2 MoAs x 2 compounds
 
@@ -45,9 +44,9 @@ def _probs(run) -> np.ndarray:
     return p[[c for c in p.columns if c.startswith("prob_")]].to_numpy()
 
 
-def _run_ok(world, monkeypatch, capsys, out) -> tuple[np.ndarray, str]:
+def _run_ok(world, monkeypatch, capsys, out, cli) -> tuple[np.ndarray, str]:
     """`cellmorph run` of the tiny config into `out`: it must succeed; its probabilities and console text."""
-    code, text = _cli(monkeypatch, capsys, "run", world / "tiny.toml", "--out", out)
+    code, text = cli(monkeypatch, capsys, "run", world / "tiny.toml", "--out", out)
     assert code == 0, text
     return _probs(out), text
 
@@ -61,13 +60,13 @@ def _flip_middle(path) -> None:
 
 
 @pytest.mark.realdata
-def test_a_damaged_cache_is_rebuilt_never_used(world, monkeypatch, capsys):
-    want, _ = _run_ok(world, monkeypatch, capsys, world / "a")
+def test_a_damaged_cache_is_rebuilt_never_used(world, monkeypatch, capsys, cli):
+    want, _ = _run_ok(world, monkeypatch, capsys, world / "a", cli)
     (features,) = (world / "cache" / "features").glob("*[0-9a-f].npy")
     assert not list((world / "cache" / "store").glob("*/images.npy"))  # a frozen run streams: no decoded copy cached
     for n, damage in enumerate([_flip_middle, lambda p: p.write_bytes(p.read_bytes()[: 200]), lambda p: p.write_bytes(b"")]):
         damage(features)
-        got, text = _run_ok(world, monkeypatch, capsys, world / f"f{n}")
+        got, text = _run_ok(world, monkeypatch, capsys, world / f"f{n}", cli)
         assert "cached features" in text and "damaged" in text and "extracting them again" in text, text
         np.testing.assert_array_equal(got, want)
     # The decoded store is cached for what needs every image in memory (fine-tuning, Classifier.fit): a damaged
@@ -87,15 +86,15 @@ def test_a_damaged_cache_is_rebuilt_never_used(world, monkeypatch, capsys):
 
 
 @pytest.mark.realdata
-def test_an_image_rewritten_with_size_and_mtime_kept_is_new_data(world, monkeypatch, capsys):
-    before, _ = _run_ok(world, monkeypatch, capsys, world / "old")
+def test_an_image_rewritten_with_size_and_mtime_kept_is_new_data(world, monkeypatch, capsys, cli):
+    before, _ = _run_ok(world, monkeypatch, capsys, world / "old", cli)
     target = sorted((world / "images").glob("*.tif"))[0]
     st = os.stat(target)
     pixels = tifffile.imread(target)
     tifffile.imwrite(target, 255 - pixels, photometric="rgb")  # the same size: an uncompressed TIFF of the same shape
     os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))  # as cp -p / rsync -t keep it
     assert os.stat(target).st_size == st.st_size and os.stat(target).st_mtime_ns == st.st_mtime_ns
-    after, _ = _run_ok(world, monkeypatch, capsys, world / "new")
+    after, _ = _run_ok(world, monkeypatch, capsys, world / "new", cli)
     assert not np.array_equal(before, after) and len(after) == 12  # the new pixels were read, not the old store
-    code, text = _cli(monkeypatch, capsys, "run", world / "tiny.toml", "--out", world / "old")
+    code, text = cli(monkeypatch, capsys, "run", world / "tiny.toml", "--out", world / "old")
     assert code == 2 and "computed from other data" in text, text

@@ -16,7 +16,6 @@ import pytest
 
 from cellmorph.engine import screen
 from cellmorph.engine.screen import plan_shards, shard_fingerprint
-from tests.conftest import run_cli as _cli
 
 
 def test_shards_follow_plates_and_a_size_limit():
@@ -28,12 +27,11 @@ def test_shards_follow_plates_and_a_size_limit():
 
 
 
-
-def test_interrupted_predict_resumes_with_its_finished_shards(screen_world, tmp_path, monkeypatch, capsys):
+def test_interrupted_predict_resumes_with_its_finished_shards(screen_world, tmp_path, monkeypatch, capsys, cli):
     monkeypatch.setenv("CELLMORPH_SHARD_ROWS", "8")
     monkeypatch.setenv("CELLMORPH_CACHE", str(tmp_path / "cache"))
     bundle, csv = screen_world / "bundle", screen_world / "load_data.csv"
-    code, text = _cli(monkeypatch, capsys, "predict", bundle, csv, "--out", tmp_path / "whole")
+    code, text = cli(monkeypatch, capsys, "predict", bundle, csv, "--out", tmp_path / "whole")
     assert code == 0, text
     assert not list((tmp_path / "cache").glob("screens/*/*.npz"))  # a finished job leaves no shard behind
 
@@ -54,7 +52,7 @@ def test_interrupted_predict_resumes_with_its_finished_shards(screen_world, tmp_
     assert len(list((tmp_path / "cache").glob("screens/*/*.npz"))) == 3
     monkeypatch.setattr(screen, "score_shard", real)
     calls.clear()
-    code, text = _cli(monkeypatch, capsys, "predict", bundle, csv, "--out", tmp_path / "again")
+    code, text = cli(monkeypatch, capsys, "predict", bundle, csv, "--out", tmp_path / "again")
     assert code == 0 and "resuming: 3 of" in text, text
     a, b = pd.read_parquet(tmp_path / "whole" / "predictions.parquet"), pd.read_parquet(tmp_path / "again" / "predictions.parquet")
     pd.testing.assert_frame_equal(a, b)
@@ -78,7 +76,7 @@ def test_a_changed_file_changes_its_shard_fingerprint(screen_world, tmp_path):
     assert shard_fingerprint(table, first) != before
 
 
-def test_sigkilled_predict_leaves_no_output_and_resumes(screen_world, tmp_path, monkeypatch, capsys):
+def test_sigkilled_predict_leaves_no_output_and_resumes(screen_world, tmp_path, monkeypatch, capsys, cli):
     """A real SIGKILL in the middle of a streaming predict: --out is absent (never half-written), the finished shards
     stay in the cache, and the same command resumes with them."""
     cache = tmp_path / "cache"
@@ -99,7 +97,7 @@ def test_sigkilled_predict_leaves_no_output_and_resumes(screen_world, tmp_path, 
     assert not out.exists() and not list(tmp_path.glob(".pred.tmp-*"))
     monkeypatch.setenv("CELLMORPH_SHARD_ROWS", "4")
     monkeypatch.setenv("CELLMORPH_CACHE", str(cache))
-    code, text = _cli(monkeypatch, capsys, "predict", screen_world / "bundle", screen_world / "load_data.csv", "--out", out, "--threads", "1")
+    code, text = cli(monkeypatch, capsys, "predict", screen_world / "bundle", screen_world / "load_data.csv", "--out", out, "--threads", "1")
     assert code == 0 and f"resuming: {kept} of {total}" in text, text
     pred = pd.read_parquet(out / "predictions.parquet")
     assert len(pred) == n and np.allclose(pred.filter(like="prob_").sum(axis=1), 1, atol=1e-5)
