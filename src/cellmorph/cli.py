@@ -211,21 +211,42 @@ def download(
 
 @app.command()
 def prepare(
-    name: str = typer.Argument(..., help="Raw dataset to preprocess: bbbc021, bbbc013 or bbbc014."),
+    name: str = typer.Argument(..., help="What to prepare: plate (your own plates: --images CSV + --platemap), or the presets bbbc021, bbbc013, bbbc014."),
     out: Path = typer.Option(..., "--out", "-o", help="Folder for the prepared store (images.npy, index.parquet, prepared.json)."),
-    data: Optional[Path] = typer.Option(None, "--data", "-d", help=DATA_HELP),
-    images: Optional[Path] = typer.Option(None, "--images", help="bbbc021: folder of the plate folders (default: DATA/bbbc021-raw)."),
+    data: Optional[Path] = typer.Option(None, "--data", "-d", help=DATA_HELP + " Not needed for `plate`."),
+    images: Optional[Path] = typer.Option(None, "--images", help="plate: the LoadData CSV (Image_FileName_/Image_PathName_<Ch>) or folder-format CSV "
+                                          "(Image_Path_<Ch>) of raw single-channel files. bbbc021: folder of the plate folders (default: DATA/bbbc021-raw)."),
+    platemap: Optional[Path] = typer.Option(None, "--platemap", help="plate: CSV, one row per well: Metadata_Well and Metadata_* columns "
+                                            "(compound, concentration, label); Metadata_Plate too when plates differ."),
+    channels: Optional[str] = typer.Option(None, "--channels", help="plate: comma-separated channels to keep, in store order (default: all, as in the CSV)."),
+    controls: Optional[str] = typer.Option(None, "--controls", help="plate: the control compound that normalises each plate (default DMSO)."),
+    control_column: Optional[str] = typer.Option(None, "--control-column", help="plate: the column holding it (default Metadata_Compound)."),
+    normalise: Optional[str] = typer.Option(None, "--normalise", help="plate: controls (z-score by the plate's control pixels, the paper's; default) "
+                                            "or field (each field's own min-max; no controls needed)."),
+    crops: Optional[str] = typer.Option(None, "--crops", help="plate: ROWSxCOLUMNS crops per field (default 2x2; 1x1: whole fields)."),
+    keep_empty: Optional[bool] = typer.Option(None, "--keep-empty", help="plate: keep near-empty crops (default: dropped, the paper's rule).", show_default=False),
+    include_controls: Optional[bool] = typer.Option(None, "--include-controls", help="plate: write the control fields too (e.g. DMSO as a class).", show_default=False),
+    illumination: Optional[str] = typer.Option(None, "--illumination", help="plate: none (default) or plate: divide by a per-plate, per-channel illumination function."),
     plates: Optional[str] = typer.Option(None, "--plates", help="bbbc021: comma-separated plates to prepare (default: all in the metadata)."),
-    image_size: int = typer.Option(0, "--image-size", help="bbbc021: resize each crop to N x N (default 0: keep 512 x 640)."),
+    image_size: int = typer.Option(0, "--image-size", help="Resize each crop to N x N (default 0: keep the crop size; bbbc021: 512 x 640)."),
     workers: Optional[int] = typer.Option(None, "--workers", help="Threads reading and normalising fields (default: CPU count)."),
 ) -> None:
-    """Preprocess raw plates as Kensert et al. 2019 into a store that training reads (dataset.name = "prepared")."""
-    from cellmorph.data.registry import resolve_data_dir
+    """Preprocess raw plates as Kensert et al. 2019 into a store that training reads (dataset.name = "prepared").
+
+    Your own plate: cellmorph prepare plate --images load_data.csv --platemap platemap.csv --channels DNA,ER,RNA,AGP,Mito --out store
+    """
+    import os
+
+    from cellmorph.data.registry import DATA_ENV, resolve_data_dir
     from cellmorph.data.catalog import prepare as run_prepare
 
-    given = {"images_root": images, "plates": [p.strip() for p in plates.split(",")] if plates else None, "image_size": image_size or None}
+    given = {"images_root": images, "plates": [p.strip() for p in plates.split(",")] if plates else None, "image_size": image_size or None,
+             "platemap": platemap, "channels": [c.strip() for c in channels.split(",") if c.strip()] if channels else None,
+             "controls": controls, "control_column": control_column, "normalise": normalise, "crops": crops, "keep_empty": keep_empty,
+             "include_controls": include_controls, "illumination": illumination}
     kw = {"workers": workers, **{k: v for k, v in given.items() if v is not None}}  # the dataset's prepare says which it takes
-    recipe = run_prepare(name, resolve_data_dir(data), out, **kw)
+    needs_data = name != "plate" or data is not None or os.environ.get(DATA_ENV)
+    recipe = run_prepare(name, resolve_data_dir(data) if needs_data else None, out, **kw)
     console.print(f"{name}: {recipe['n_images']} images of {'x'.join(map(str, recipe['image_shape']))} in {out} (prepared.json says how)")
     if recipe.get("crops_dropped"):
         console.print(f"{len(recipe['crops_dropped'])} near-empty crops dropped (listed in prepared.json)")

@@ -56,8 +56,8 @@ def test_prepare_matches_the_formulas(synthetic_plate):
     for plate, wells in [("Week1_00001", {"D03", "E05"}), ("Week2_00002", {"B05"})]:
         mean, std, ref = reference_plate(image, d / "bbbc021-raw" / plate, plate, wells)
         got = recipe["plates"][plate]
-        np.testing.assert_allclose(list(got["dmso_anscombe_mean"].values()), mean, rtol=1e-6)
-        np.testing.assert_allclose(list(got["dmso_anscombe_std"].values()), std, rtol=1e-6)
+        np.testing.assert_allclose(list(got["control_anscombe_mean"].values()), mean, rtol=1e-6)
+        np.testing.assert_allclose(list(got["control_anscombe_std"].values()), std, rtol=1e-6)
         kept = [(w, c) for w, c, k in ref if k]
         rows = np.flatnonzero((idx.Metadata_Plate == plate).to_numpy())
         assert len(rows) == len(kept)

@@ -47,7 +47,8 @@ from cellmorph.data.preprocess import (
 
 
 def read_raw_field(paths: list[str], channels: list[str], dtype=np.uint16) -> np.ndarray:
-    """The channel files of one field, stacked as C x H x W of `dtype`; clear errors for a wrong bit depth or size."""
+    """The channel files of one field, stacked as C x H x W of `dtype` (None: 8- or 16-bit, the first file's, the same
+    for every channel); clear errors for a wrong bit depth or size."""
     planes = []
     for p, ch in zip(paths, channels):
         arr = read_image(p)  # CellmorphError naming the file when missing or corrupt
@@ -56,6 +57,11 @@ def read_raw_field(paths: list[str], channels: list[str], dtype=np.uint16) -> np
                 arr = arr[:, :, :1]  # grey saved as RGB (some BMPs)
             else:
                 raise CellmorphError(f"{p}: expected one grey channel ({ch}), got {arr.shape[2]} channels.")
+        if dtype is None:  # the first file decides: raw 8- or 16-bit
+            if arr.dtype not in (np.uint8, np.uint16):
+                raise CellmorphError(f"{p}: expected a raw 8- or 16-bit image ({ch} channel), got {arr.dtype.name} pixels. "
+                                     "Use the microscope's original files, not converted (e.g. float) copies.")
+            dtype = arr.dtype
         if arr.dtype != dtype:
             bits = np.dtype(dtype).itemsize * 8
             raise CellmorphError(
@@ -180,22 +186,6 @@ class StoreWriter:
 def chunks(items: list, size: int):
     for i in range(0, len(items), size):
         yield items[i : i + size]
-
-
-def plate_stats(paths: list[list[str]], channels: list[str], pool: ThreadPoolExecutor, workers: int, on_field=None, levels: int = 65536):
-    """Per channel (mean, std) of the Anscombe-transformed pixels of the given (DMSO) fields: exact, streaming."""
-
-    def hist(ps):
-        field = read_raw_field(ps, channels)
-        return np.stack([pixel_histogram(field[c], levels) for c in range(field.shape[0])])
-
-    total = None
-    for chunk in chunks(paths, 4 * workers):  # at most 4 fields per worker in flight
-        for h in pool.map(hist, chunk):
-            total = h if total is None else total + h
-            if on_field:
-                on_field()
-    return [anscombe_stats(total[c]) for c in range(total.shape[0])]
 
 
 def check_plates(fields: pd.DataFrame) -> None:

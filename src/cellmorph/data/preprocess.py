@@ -262,11 +262,3 @@ def normalize_field(field: np.ndarray, ztab: np.ndarray, grid: tuple[int, int] =
         crops.append(img[:, top : top + h, left : left + w])
         kept.append(not near_empty(field, scaled, box))
     return crops, kept
-
-
-def anscombe_minmax_uint8(field: np.ndarray) -> np.ndarray:
-    """Translocation preprocessing (BBBC013/BBBC014): Anscombe, then the field's own min-max over all channels
-    to 0-255, truncated to uint8. `field` is C x H x W unsigned ints (8- or 16-bit)."""
-    levels = 256 if field.dtype == np.uint8 else 65536
-    ztab = np.broadcast_to(anscombe_table(levels), (field.shape[0], levels))
-    return apply_tables(field, scaled_tables(field, ztab))

@@ -15,10 +15,8 @@ normalisation. `cellmorph prepare bbbc021` (cellmorph.data.prepare) turns them i
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
-from concurrent.futures import ThreadPoolExecutor
 import tempfile
 from pathlib import Path
 
@@ -26,11 +24,11 @@ import numpy as np
 import pandas as pd
 
 from cellmorph.data.datasets.download import fetch, read_manifest, sha256_file
-from cellmorph.data.prepare import StoreWriter, check_plates, chunks, load_recipe, plate_stats, read_raw_field
-from cellmorph.data.preprocess import EMPTY_FRACTION, EMPTY_LEVEL, normalize_field, resize_uint8, tile_boxes, zscore_tables
+from cellmorph.data.platemap import ROLE
+from cellmorph.data.plates import PlateSettings, prepare_plate
+from cellmorph.data.prepare import check_plates
 from cellmorph.data.registry import register_download, register_prepare
 from cellmorph.errors import CellmorphError
-from cellmorph.progress import make_progress
 
 METADATA_DIR = "bbbc021-metadata"
 RAW_DIR = "bbbc021-raw"
@@ -267,78 +265,16 @@ def prepare_bbbc021(
     grid: tuple[int, int] = (2, 2),
     fields: pd.DataFrame | None = None,
 ) -> dict:
-    """Raw BBBC021 plates -> prepared store in `out`. Returns prepared.json's content."""
+    """Raw BBBC021 plates -> prepared store in `out` (the generic plate path, cellmorph.data.plates, with the paper's
+    settings: DMSO controls, 16-bit, Actin/Tubulin/DAPI as RGB, 2 x 2 crops, near-empty crops dropped). Returns
+    prepared.json's content."""
     if fields is None:
         fields = raw_fields(Path(data_dir), images_root, plates)
     check_plates(fields)
-    fields = fields[fields["Metadata_Plate"].isin(fields.loc[fields["Metadata_Role"] == "treatment", "Metadata_Plate"])]
-    channels = list(CHANNELS)
-    path_cols = [f"Image_Path_{c}" for c in channels]
-    treat = fields[fields["Metadata_Role"] == "treatment"]
-    if treat.empty:
-        raise CellmorphError("no annotated treatment fields to prepare (check --plates and the metadata).")
-    first = read_raw_field(treat[path_cols].iloc[0].tolist(), channels)
-    h, w = tile_boxes(first.shape[1], first.shape[2], grid)[0][2:]
-    shape = (len(channels), image_size, image_size) if image_size else (len(channels), h, w)
-    meta_cols = [c for c in fields.columns if c.startswith("Metadata_") and c != "Metadata_Role"]
-    workers = workers or os.cpu_count() or 1
-    writer = StoreWriter(Path(out), len(treat) * grid[0] * grid[1], shape)
-    per_plate, dropped = {}, []
-    try:
-        with make_progress() as progress, ThreadPoolExecutor(workers) as pool:
-            task = progress.add_task("preparing bbbc021", total=len(fields))
-            for plate, pf in fields.groupby("Metadata_Plate", sort=True):
-                progress.update(task, description=f"{plate}: DMSO statistics")
-                dmso = pf[pf["Metadata_Role"] == "dmso"]
-                stats = plate_stats(dmso[path_cols].values.tolist(), channels, pool, workers, lambda: progress.advance(task))
-                for ch, (m, s) in zip(channels, stats):
-                    if not s > 0:
-                        raise CellmorphError(f"plate {plate}: the DMSO fields' {ch} channel is constant (std 0); check those files.")
-                ztab = zscore_tables([m for m, _ in stats], [s for _, s in stats], 65536)
-                progress.update(task, description=f"{plate}: treatments")
-                tf = pf[pf["Metadata_Role"] == "treatment"]
-
-                def work(ps):
-                    field = read_raw_field(ps, channels)
-                    if field.shape != first.shape:
-                        raise CellmorphError(f"{ps[0]}: field size {field.shape[1:]} differs from the first field's {first.shape[1:]}.")
-                    return normalize_field(field, ztab, grid)
-
-                rows = tf[meta_cols].to_dict("records")
-                kept_n = 0
-                for chunk_rows, chunk_paths in zip(chunks(rows, 4 * workers), chunks(tf[path_cols].values.tolist(), 4 * workers)):
-                    for row, (crops, kept) in zip(chunk_rows, pool.map(work, chunk_paths)):
-                        for k, (crop, keep) in enumerate(zip(crops, kept), start=1):
-                            if not keep:
-                                dropped.append(f"{row['Metadata_Plate']}/{row['Metadata_Well']}/s{row['Metadata_Site']}/crop{k}")
-                                continue
-                            if image_size:
-                                crop = resize_uint8(crop.transpose(1, 2, 0), image_size).transpose(2, 0, 1)
-                            writer.add(crop, {**row, "Metadata_Crop": k})
-                            kept_n += 1
-                        progress.advance(task)
-                per_plate[plate] = {
-                    "dmso_fields": len(dmso),
-                    "treatment_fields": len(tf),
-                    "crops_kept": kept_n,
-                    "dmso_anscombe_mean": dict(zip(channels, [round(m, 6) for m, _ in stats])),
-                    "dmso_anscombe_std": dict(zip(channels, [round(s, 6) for _, s in stats])),
-                }
-        recipe = {
-            "dataset": "bbbc021",
-            "channels": channels,
-            "preprocessing": "Anscombe 2*sqrt(x+3/8); z-score per plate and channel by all DMSO pixels; per-field min-max "
-            f"to 0-255 (all channels), truncated to uint8; {grid[0]}x{grid[1]} crops; crops with <= {EMPTY_FRACTION:.1%} "
-            f"of values > {EMPTY_LEVEL:.1f} dropped; only the 103 annotated treatments, taxol only Week1 D01-D09 at 0.3/1/3 uM",
-            "image_size": image_size,
-            "plates": per_plate,
-            "crops_dropped": dropped,
-        }
-        writer.finish(recipe)
-    except BaseException:
-        writer.abort()
-        raise
-    return load_recipe(out)
+    fields = fields.assign(**{ROLE: fields["Metadata_Role"].map({"dmso": "control", "treatment": "treatment"})})
+    settings = PlateSettings(channels=CHANNELS, normalise="controls", grid=grid, drop_empty=True, image_size=image_size, bit_depth=16)
+    selection = "only the 103 annotated treatments, taxol only Week1 D01-D09 at 0.3/1/3 uM; DMSO wells are the controls"
+    return prepare_plate(fields, Path(out), settings, dataset="bbbc021", workers=workers, extra={"selection": selection})
 
 
 register_prepare("bbbc021", prepare_bbbc021)

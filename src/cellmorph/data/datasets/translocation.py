@@ -16,20 +16,15 @@ after each evaluated epoch (fig4.png).
 from __future__ import annotations
 
 import json
-import os
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from cellmorph.data.prepare import StoreWriter, load_recipe, read_raw_field
-from cellmorph.data.preprocess import anscombe_minmax_uint8, read_image, tile_boxes
+from cellmorph.data.plates import PlateSettings, field_crops, prepare_plate, resize_plane
 from cellmorph.data.registry import load_registered
 from cellmorph.data.store import cache_dir, open_prepared, store_key
-from cellmorph.errors import CellmorphError
 from cellmorph.io import write_json, write_npy, write_parquet
-from cellmorph.progress import make_progress
 
 POSITIVE, NEGATIVE, MIDDLE = "translocated", "not translocated", "middle"
 
@@ -60,68 +55,26 @@ def translocation_labels(labels: pd.Series) -> pd.Series:
     return lab.where(lab.isin([POSITIVE, NEGATIVE]), "")
 
 
-def _resize_plane(plane: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Area-resize one integer plane to (height, width), keeping its dtype (the paper's cv2.INTER_AREA)."""
-    from PIL import Image
-
-    if plane.shape == size:
-        return plane
-    out = np.asarray(Image.fromarray(plane.astype(np.float32), mode="F").resize((size[1], size[0]), Image.Resampling.BOX))
-    info = np.iinfo(plane.dtype)
-    return np.clip(np.rint(out), info.min, info.max).astype(plane.dtype)
+def translocation_settings(name: str, channels: list[str]) -> PlateSettings:
+    """The paper's translocation preprocessing as generic plate settings: each field's own Anscombe min-max, a zero
+    channel first, 4 x 4 = 16 crops, none dropped (BBBC014's 1360 x 1024 fields first area-resized to 1024 x 1024)."""
+    return PlateSettings(channels=tuple(channels), normalise="field", grid=(4, 4), drop_empty=False, zero_channel=True,
+                         square_fields=name == "bbbc014")
 
 
-def translocation_crops(field: np.ndarray, grid: tuple[int, int] = (4, 4), resize: tuple[int, int] | str | None = None) -> list[np.ndarray]:
+def translocation_crops(field: np.ndarray, grid: tuple[int, int] = (4, 4), square: bool = False) -> list[np.ndarray]:
     """2 x H x W raw field (reporter, nuclei) -> 16 uint8 crops of (0, reporter, nuclei)."""
-    if resize == "square":  # BBBC014: 1360 x 1024 -> 1024 x 1024, as the paper
-        resize = (field.shape[1], field.shape[1])
-    if resize is not None:
-        field = np.stack([_resize_plane(p, resize) for p in field])
-    img = anscombe_minmax_uint8(field)
-    img = np.concatenate([np.zeros_like(img[:1]), img])
-    return [img[:, t : t + h, l : l + w] for t, l, h, w in tile_boxes(img.shape[1], img.shape[2], grid)]
+    settings = PlateSettings(channels=("reporter", "nuclei"), normalise="field", grid=grid, drop_empty=False, zero_channel=True)
+    if square:  # BBBC014: 1360 x 1024 -> 1024 x 1024, as the paper
+        field = np.stack([resize_plane(p, (field.shape[1], field.shape[1])) for p in field])
+    return field_crops(field, settings, None)[0]
 
 
 def prepare_translocation(name: str, data_dir: Path, out: Path, workers: int | None = None) -> dict:
+    """The plate's wells -> a store of 16 crops each (the generic plate path with translocation_settings)."""
     table = load_registered(name, data_dir)
-    df = table.df
     channels = [c.removeprefix("Image_Path_") for c in table.path_columns]
-    resize = "square" if name == "bbbc014" else None
-    grid = (4, 4)
-
-    def work(ps):
-        planes = []
-        for p, ch in zip(ps, channels):
-            arr = read_image(p)
-            if arr.dtype not in (np.uint8, np.uint16):
-                raise CellmorphError(f"{p}: expected an 8- or 16-bit image ({ch}), got {arr.dtype}.")
-            planes.append(read_raw_field([p], [ch], dtype=arr.dtype)[0])
-        if len({p.shape for p in planes}) > 1 or len({p.dtype for p in planes}) > 1:
-            raise CellmorphError(f"the channel files of one well differ in size or bit depth: {ps}")
-        return translocation_crops(np.stack(planes), grid, resize)
-
-    paths = df[table.path_columns].values.tolist()
-    first = work(paths[0])
-    meta_cols = [c for c in df.columns if c.startswith("Metadata_")]
-    writer = StoreWriter(Path(out), len(df) * 16, first[0].shape)
-    try:
-        with make_progress() as progress, ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
-            task = progress.add_task(f"preparing {name}", total=len(df))
-            for row, crops in zip(df[meta_cols].to_dict("records"), pool.map(work, paths)):
-                for k, crop in enumerate(crops, start=1):
-                    writer.add(crop, {**row, "Metadata_Crop": k})
-                progress.advance(task)
-        recipe = {
-            "dataset": name,
-            "channels": ["zero", *channels],
-            "preprocessing": "2 channels + a zero channel; Anscombe 2*sqrt(x+3/8); per-field min-max to 0-255 (both channels), "
-            "truncated to uint8; 4x4 = 16 crops" + ("; fields first area-resized to square (1360x1024 -> 1024x1024)" if resize else ""),
-            "label_column": table.label,
-        }
-        writer.finish(recipe)
-    except BaseException:
-        writer.abort()
-        raise
-    return load_recipe(out)
+    return prepare_plate(table.df, Path(out), translocation_settings(name, channels), dataset=name, workers=workers,
+                         extra={"label_column": table.label})
 
 
