@@ -1,30 +1,17 @@
-"""`cellmorph prepare`: raw plates -> a prepared store (images.npy + index.parquet + prepared.json) that training reads.
+"""`cellmorph prepare`'s building blocks: reading a raw field's channel files, and the store writer (images.npy +
+index.parquet + prepared.json) that training reads. The preprocessing itself (Kensert et al. 2019: Anscombe,
+plate-wise control normalisation, 8-bit, crops) is cellmorph.data.plates, for any plate; BBBC021 and BBBC013/14
+are presets of it (data/datasets/).
 
-BBBC021 (Kensert et al. 2019's preprocessing), one plate at a time:
-
-  1. the DMSO fields of the plate: exact histograms of each channel's raw values (streaming, 65,536 counts
-     per channel), hence the mean and standard deviation of their Anscombe-transformed pixels;
-  2. each treatment field: stack (Actin, Tubulin, DAPI), Anscombe, z-score with the plate's DMSO statistics,
-     map the field to 0-255 by its own min and max, truncate to uint8, tile into 2 x 2 crops (512 x 640 on a
-     1024 x 1280 field), drop near-empty crops (<= 0.2% of values above 255/5.1).
-
-Memory: the plate's histograms plus the fields in flight (a few per worker); crops go straight into a
-memory-mapped images.npy. Fields are read and normalised in a thread pool (numpy and the TIFF reader
-release the GIL). The store is built in a staging folder beside --out and replaces the store in --out only
-once it is complete (prepared.json, written last, marks it so): a failed, interrupted or killed prepare leaves
-the previous store as it was, and the next prepare removes a killed one's staging folder (StoreWriter).
-
-BBBC013/BBBC014 (translocation): the 2 channels plus a zero channel (R = 0, G = reporter, B = nuclei),
-Anscombe, the field's min-max to 8-bit, 4 x 4 = 16 crops (BBBC014 first resized to 1024 x 1024 by area, as
-the paper). Crops are resized to the model input at training time.
-"""
+The store is built in a staging folder beside --out and replaces the store in --out only once it is complete
+(prepared.json, written last, marks it so): a failed, interrupted or killed prepare leaves the previous store as it
+was, and the next prepare removes a killed one's staging folder (StoreWriter)."""
 
 from __future__ import annotations
 
 import io as _io
 import json
 import os
-from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -36,8 +23,6 @@ from cellmorph.errors import CellmorphError
 from cellmorph.io import check_writable, no_space_is_an_error
 from cellmorph.storage import PREPARED, clean_temporaries, locked, make_temporary_folder, remove_own_folder
 from cellmorph.data.preprocess import (
-    anscombe_stats,
-    pixel_histogram,
     read_image,
 )
 
