@@ -120,3 +120,80 @@ def test_generic_plate_equals_the_bbbc013_preparation_byte_for_byte(data_dir, tm
     assert cli_store.images.shape == (96 * 16, 2, 160, 160)
     assert np.array_equal(cli_store.images, dedicated.images[:, 1:])
     assert cli_store.index["Metadata_Well"].tolist() == dedicated.index["Metadata_Well"].tolist()
+
+
+# --- a 5-channel Cell Painting-like plate, end to end -------------------------------------------------------------
+
+CP_CHANNELS = ("DNA", "ER", "RNA", "AGP", "Mito")
+CP_WELLS = {"B02": ("DMSO", 0.0, ""), "B03": ("DMSO", 0.0, ""), "C02": ("cmpA", 1.0, "up"), "C03": ("cmpA", 3.0, "up"),
+            "C04": ("cmpA", 10.0, "up"), "D02": ("cmpB", 1.0, "down"), "D03": ("cmpB", 3.0, "down"), "D04": ("cmpB", 10.0, "down")}
+
+
+def _cell_painting_plate(root, plates=("P1", "P2"), sites=2, shape=(96, 96), seed=0):
+    """16-bit single-channel TIFFs of 5 channels per field; cmpA brightens DNA and ER, cmpB RNA. LoadData CSV + plate map.
+    (Not AGP/Mito for cmpB: timm adapts an RGB first layer to 5 channels by repeating its filters, so a frozen backbone sees
+    channels 1 and 4, 2 and 5 through the same filters: docs/datasets.md.)"""
+    from cellmorph.data.datasets.synthetic import synthetic_field
+
+    rng = np.random.default_rng(seed)
+    rows = []
+    for plate in plates:
+        folder = root / plate
+        folder.mkdir(parents=True, exist_ok=True)
+        for well, (compound, _, _) in CP_WELLS.items():
+            for site in range(1, sites + 1):
+                row = {"Metadata_Plate": plate, "Metadata_Well": well, "Metadata_Site": site}
+                for i, ch in enumerate(CP_CHANNELS):
+                    boost = 3.0 if (compound == "cmpA" and i < 2) or (compound == "cmpB" and i == 2) else 1.0
+                    name = f"{plate}_{well}_s{site}_{ch}.tif"
+                    tifffile.imwrite(folder / name, synthetic_field(rng, shape, 200.0 * (i + 1) * boost, cells=6))
+                    row[f"Image_FileName_{ch}"] = name
+                    row[f"Image_PathName_{ch}"] = str(folder)
+                rows.append(row)
+    pd.DataFrame(rows).to_csv(root / "load_data.csv", index=False)
+    pd.DataFrame([{"Metadata_Well": w, "Metadata_Compound": c, "Metadata_Concentration": x, "Metadata_MoA": m}
+                  for w, (c, x, m) in CP_WELLS.items()]).to_csv(root / "platemap.csv", index=False)
+    return root / "load_data.csv", root / "platemap.csv"
+
+
+@pytest.mark.parametrize("mode", ["frozen", "finetune"])
+def test_five_channel_plate_prepare_run_predict(tmp_path, cli, monkeypatch, capsys, tiny_finetune, mode):
+    """prepare plate -> run (ImageNet EfficientNet-Lite0 adapted to 5 channels) -> predict a new plate's store."""
+    ld, pm = _cell_painting_plate(tmp_path / "train")
+    code, said = cli(monkeypatch, capsys, "prepare", "plate", "--images", ld, "--platemap", pm, "--crops", "1x1", "--image-size", 64,
+                     "--out", tmp_path / "store")
+    assert code == 0, said
+    assert "plate: 24 images of 5x64x64" in said  # 2 plates x 6 treated wells x 2 sites; DMSO only normalises
+    recipe = json.loads((tmp_path / "store" / "prepared.json").read_text())
+    assert recipe["channels"] == list(CP_CHANNELS) and recipe["plates"]["P1"]["control_fields"] == 4
+    cfg = tmp_path / "cfg.toml"
+    cfg.write_text(f'name = "cp"\nmode = "{mode}"\ndevice = "cpu"\nsave_model = true\n'
+                   f'[dataset]\nname = "prepared"\noptions = {{path = "{tmp_path / "store"}"}}\n'
+                   '[model]\nname = "tf_efficientnet_lite0"\ninit = "imagenet"\ninput_size = 64\n'
+                   '[evaluation]\nprotocol = "logo"\ngroup = "Metadata_Plate"\n')
+    sets = [x for k, v in tiny_finetune.items() for x in ("--set", f"{k}={str(v).lower() if isinstance(v, bool) else v}")] if mode == "finetune" else []
+    code, said = cli(monkeypatch, capsys, "run", cfg, "--out", tmp_path / "run", *sets)
+    assert code == 0, said
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert json.loads((tmp_path / "run" / "model" / "bundle.json").read_text())["input"]["channels"] == 5
+    assert metrics["levels"]["image"]["total"] == 24 and metrics["context"]["n_folds"] == 2
+    new_ld, new_pm = _cell_painting_plate(tmp_path / "new", plates=("P3",), sites=1, seed=5)
+    code, said = cli(monkeypatch, capsys, "prepare", "plate", "--images", new_ld, "--platemap", new_pm, "--crops", "1x1", "--image-size", 64,
+                     "--out", tmp_path / "new_store")
+    assert code == 0, said
+    code, said = cli(monkeypatch, capsys, "predict", tmp_path / "run" / "model", tmp_path / "new_store", "--out", tmp_path / "pred")
+    assert code == 0, said
+    pred = pd.read_parquet(tmp_path / "pred" / "predictions.parquet")
+    assert len(pred) == 6 and set(pred.Metadata_Compound) == {"cmpA", "cmpB"}
+    assert np.allclose(pred[["prob_down", "prob_up"]].sum(axis=1), 1.0)
+    # every channel reaches the network: the same plate with DNA and RNA swapped is predicted differently
+    code, said = cli(monkeypatch, capsys, "prepare", "plate", "--images", new_ld, "--platemap", new_pm, "--crops", "1x1", "--image-size", 64,
+                     "--channels", "RNA,ER,DNA,AGP,Mito", "--out", tmp_path / "swapped")
+    assert code == 0, said
+    code, said = cli(monkeypatch, capsys, "predict", tmp_path / "run" / "model", tmp_path / "swapped", "--out", tmp_path / "pred_swapped")
+    assert code == 0, said
+    swapped = pd.read_parquet(tmp_path / "pred_swapped" / "predictions.parquet")
+    assert np.abs(swapped["prob_up"].to_numpy() - pred["prob_up"].to_numpy()).max() > 1e-3
+    # the raw files of the new plate are refused: the model was trained on prepared images
+    code, said = cli(monkeypatch, capsys, "predict", tmp_path / "run" / "model", new_ld, "--out", tmp_path / "raw_pred")
+    assert code == 2 and "trained on a store made by `cellmorph prepare`" in said and not (tmp_path / "raw_pred").exists()

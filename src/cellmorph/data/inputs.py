@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from cellmorph.data.table import PATH_PREFIX, ImageTable
@@ -20,6 +21,8 @@ class NewImages(ImageTable):
     """An ImageTable of images to predict: image paths required, no label needed (kept when present)."""
 
     def validate(self) -> None:
+        if self.store_dir is not None and len(self.df):
+            return  # a prepared store: its images are in images.npy, one per index row
         if not self.path_columns:
             raise CellmorphError(
                 f"{self.source}: no image column. Name one column per channel '{PATH_PREFIX}<Channel>' (folder format) "
@@ -47,6 +50,11 @@ def read_images(images: str | Path, label: str = "Metadata_MoA") -> NewImages:
         ['Image_Path_DNA', 'Image_Path_Actin', 'Image_Path_Tubulin']
     """
     path = Path(images).expanduser()
+    if path.is_dir() and (path / "prepared.json").is_file():  # a store made by `cellmorph prepare` (e.g. a new plate)
+        if not (path / "images.npy").is_file() or not (path / "index.parquet").is_file():
+            raise CellmorphError(f"{path}: a prepared store without images.npy or index.parquet; run `cellmorph prepare` for it again.")
+        index = pd.read_parquet(path / "index.parquet")
+        return NewImages(index, name=f"prepared:{path.resolve().name}", label=label, source=str(path), required=(), store_dir=str(path.resolve()))
     if path.is_dir():
         files = sorted(f for f in path.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
@@ -102,6 +110,13 @@ def match_channels(table: NewImages, clf) -> NewImages:
     image size of the first row (the store checks every other row against it) against the model."""
     from cellmorph.data.preprocess import image_dtype, intensity_mapping, read_image
 
+    if table.store_dir is not None:
+        return _match_store(table, clf)
+    if str(clf.trained_on.get("dataset", "")).startswith("prepared:"):
+        raise CellmorphError(
+            f"{table.source}: image files, but the model {clf.source} was trained on a store made by `cellmorph prepare` "
+            f"({clf.trained_on['dataset'].removeprefix('prepared:')}), whose images went through the plate's preprocessing. Prepare the "
+            "new plate the same way (`cellmorph prepare plate --images ... --out NEW_STORE` with the same settings) and predict NEW_STORE.")
     trained = list(clf.trained_on.get("channel_columns") or [])
     cols = table.path_columns
     if trained and set(cols) == set(trained) and cols != trained:
@@ -139,3 +154,16 @@ def match_channels(table: NewImages, clf) -> NewImages:
 
 
 # --- the prediction -----------------------------------------------------------------------------------
+
+
+def _match_store(table: NewImages, clf) -> NewImages:
+    """A prepared store against the model: its channels and image size (from images.npy's header)."""
+    images = np.load(Path(table.store_dir) / "images.npy", mmap_mode="r")
+    if images.shape[1] != clf.channels:
+        raise CellmorphError(f"{table.store_dir}: {images.shape[1]} channel(s) per image but the model {clf.source} takes {clf.channels}. "
+                             "Prepare the plate with the model's channels (--channels, in its order).")
+    shape = clf.trained_on.get("image_shape")
+    if shape and not clf.config.dataset.image_size and list(images.shape[2:]) != list(shape):
+        raise CellmorphError(f"{table.store_dir}: images of {images.shape[2]}x{images.shape[3]} but the model was trained on {shape[0]}x{shape[1]} "
+                             "at their native size. Prepare with the same --crops and --image-size as the training store.")
+    return table

@@ -19,6 +19,7 @@ Example:
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Iterator
@@ -49,7 +50,10 @@ def field_batches(table: ImageTable, image_size: int = 0, rows: np.ndarray | Non
     """
     rows = np.arange(len(table.df)) if rows is None else np.asarray(rows, dtype=np.int64)
     chunks = [rows[s : s + batch] for s in range(0, len(rows), batch)]
-    decode = _patch_decoder(table, image_size) if table.patch_size else _field_decoder(table, image_size)
+    if table.store_dir is not None:
+        decode = _store_decoder(table, image_size)
+    else:
+        decode = _patch_decoder(table, image_size) if table.patch_size else _field_decoder(table, image_size)
     workers = workers or default_workers()
     prefetch = max(1, prefetch or 2 * workers)
     first: tuple | None = None
@@ -79,6 +83,21 @@ def field_batches(table: ImageTable, image_size: int = 0, rows: np.ndarray | Non
 
 def _paths(table: ImageTable, row: int) -> list[str]:
     return table.df.iloc[int(row)][table.path_columns].astype(str).tolist()
+
+
+def _store_decoder(table: ImageTable, image_size: int):
+    """A store made by `cellmorph prepare`: rows read from its memory-mapped images.npy (already 8-bit)."""
+    images = np.load(Path(table.store_dir) / "images.npy", mmap_mode="r")
+    if len(images) != len(table.df):
+        raise CellmorphError(f"{table.store_dir}: images.npy holds {len(images)} images but its index {len(table.df)} rows; prepare it again.")
+
+    def decode(chunk: np.ndarray) -> np.ndarray:
+        out = np.ascontiguousarray(images[chunk])
+        if image_size and out.shape[-2:] != (image_size, image_size):
+            out = np.stack([resize_uint8(im.transpose(1, 2, 0), image_size).transpose(2, 0, 1) for im in out])
+        return out
+
+    return decode
 
 
 def _field_decoder(table: ImageTable, image_size: int):

@@ -90,6 +90,10 @@ def plan_shards(df: pd.DataFrame, max_rows: int | None = None) -> list[Shard]:
 def shard_fingerprint(table: ImageTable, shard: Shard) -> str:
     """A hash of the shard's rows and each of their files' path, size, mtime, inode and ctime (cheap: no file is read)."""
     h = hashlib.sha256(np.ascontiguousarray(shard.rows).tobytes())
+    if table.store_dir is not None:  # a prepared store: its files as a whole
+        for name in ("images.npy", "prepared.json"):
+            st = os.stat(Path(table.store_dir) / name)
+            h.update(f"{name}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}|{st.st_ctime_ns}\n".encode())
     for row in table.df.iloc[shard.rows][table.path_columns].astype(str).itertuples(index=False):
         for p in row:
             try:

@@ -53,6 +53,18 @@ class InputSpec:
             x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False)
         return self.normalize(x)
 
+    def per_channel(self, c: int) -> tuple[list[float], list[float]]:
+        """Mean and std for c channels: the model's own for up to as many channels as it has (1-3: the first c);
+        for more (e.g. 5 Cell Painting channels, whose first layer timm adapts by repeating the RGB filters) the
+        average mean and std for every channel.
+
+        >>> InputSpec(224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)).per_channel(5)[0]
+        [0.449, 0.449, 0.449, 0.449, 0.449]"""
+        if c <= len(self.mean):
+            return list(self.mean[:c]), list(self.std[:c])
+        m, s = round(sum(self.mean) / len(self.mean), 6), round(sum(self.std) / len(self.std), 6)
+        return [m] * c, [s] * c
+
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """(x - mean) / std as one fused multiply-add; "raw" gives 0-255 values."""
         if self.normalize_mode == "raw":
@@ -60,8 +72,9 @@ class InputSpec:
         c = x.shape[1]
         key = (x.device, x.dtype, c)
         if key not in self._affine:
-            scale = 1.0 / torch.tensor(self.std[:c], dtype=x.dtype).view(1, c, 1, 1)
-            shift = -torch.tensor(self.mean[:c], dtype=x.dtype).view(1, c, 1, 1) * scale
+            mean, std = self.per_channel(c)
+            scale = 1.0 / torch.tensor(std, dtype=x.dtype).view(1, c, 1, 1)
+            shift = -torch.tensor(mean, dtype=x.dtype).view(1, c, 1, 1) * scale
             self._affine[key] = (scale.to(x.device), shift.to(x.device))
         scale, shift = self._affine[key]
         return torch.addcmul(shift, x, scale)
