@@ -197,3 +197,69 @@ def test_five_channel_plate_prepare_run_predict(tmp_path, cli, monkeypatch, caps
     # the raw files of the new plate are refused: the model was trained on prepared images
     code, said = cli(monkeypatch, capsys, "predict", tmp_path / "run" / "model", new_ld, "--out", tmp_path / "raw_pred")
     assert code == 2 and "trained on a store made by `cellmorph prepare`" in said and not (tmp_path / "raw_pred").exists()
+
+
+def test_bad_plate_input_is_one_line_and_writes_nothing(tmp_path, cli, monkeypatch, capsys):
+    ld, pm = _cell_painting_plate(tmp_path / "p", plates=("P1",), sites=1, shape=(32, 32))
+    out = tmp_path / "store"
+
+    def prepare(*extra, images=ld, platemap=pm):
+        code, said = cli(monkeypatch, capsys, "prepare", "plate", "--images", images, "--platemap", platemap, *extra, "--out", out)
+        assert code == 2 and "Traceback" not in said, said
+        assert not out.exists()
+        return said
+
+    full = pd.read_csv(pm)
+    full[full.Metadata_Well != "C03"].to_csv(tmp_path / "short_map.csv", index=False)
+    said = prepare(platemap=tmp_path / "short_map.csv")
+    assert "no row for 1 well(s) that have images: ['P1 C03']" in said and "short_map.csv" in said
+    table = pd.read_csv(ld)
+    table.loc[3, "Image_FileName_Mito"] = None
+    table.to_csv(tmp_path / "gap.csv", index=False)
+    said = prepare(images=tmp_path / "gap.csv")
+    assert "Image_FileName_Mito" in said and "row(s) [3]" in said
+    full.assign(Metadata_Compound=full.Metadata_Compound.replace("DMSO", "water")).to_csv(tmp_path / "no_dmso.csv", index=False)
+    said = prepare(platemap=tmp_path / "no_dmso.csv")
+    assert "plate(s) ['P1'] have no control wells (Metadata_Compound = DMSO)" in said and "--controls" in said
+    said = prepare("--channels", "DNA,Actin")
+    assert "--channels: ['Actin'] not in" in said and "'Mito'" in said
+    said = prepare("--crops", "two")
+    assert "--crops two: write ROWSxCOLUMNS" in said
+    tifffile.imwrite(tmp_path / "p" / "P1" / "P1_C02_s1_ER.tif", np.zeros((32, 32), np.float32))
+    said = prepare()
+    assert "P1_C02_s1_ER.tif" in said and "float32" in said
+    # the same plate without the plate map's controls, by each field's own min-max, needs none
+    code, said = cli(monkeypatch, capsys, "prepare", "plate", "--images", ld, "--platemap", tmp_path / "no_dmso.csv", "--normalise", "field",
+                     "--channels", "DNA,RNA", "--crops", "1x1", "--out", out)
+    assert code == 0 and "plate: 8 images of 2x32x32" in said, said
+
+
+def test_illumination_correction_flattens_a_vignetted_plate(tmp_path):
+    """A plate whose every field is darker at the left (a vignette): with --illumination plate the control statistics and
+    the crops no longer depend on the position in the field."""
+    from cellmorph.data.datasets.plate import plate_fields
+    from cellmorph.data.plates import PlateSettings, illumination_function, prepare_plate
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = np.random.default_rng(1)
+    ramp = np.linspace(0.4, 1.0, 64)[None, :]
+    rows = []
+    for k, well in enumerate(["B02", "B03", "C02", "C03"]):
+        path = tmp_path / f"{well}.tif"
+        tifffile.imwrite(path, np.clip(rng.poisson(1000, size=(64, 64)) * ramp, 0, 65535).astype(np.uint16))
+        rows.append({"Metadata_Plate": "P", "Metadata_Well": well, "Image_Path_DNA": str(path),
+                     "Metadata_Compound": "DMSO" if k < 2 else "x"})
+    pd.DataFrame(rows).to_csv(tmp_path / "t.csv", index=False)
+    fields = plate_fields(tmp_path / "t.csv")
+    settings = PlateSettings(channels=("DNA",), normalise="controls", grid=(1, 2), drop_empty=False, illumination="plate")
+    with ThreadPoolExecutor(1) as pool:
+        illum = illumination_function(fields[["Image_Path_DNA"]].values.tolist(), settings, pool, 1)
+    assert illum.shape == (1, 64, 64) and illum[0, :, -1].mean() / illum[0, :, 0].mean() == pytest.approx(2.5, rel=0.1)
+    recipe = prepare_plate(fields, tmp_path / "flat", settings, workers=1)
+    flat = open_prepared(tmp_path / "flat").images
+    plain = PlateSettings(channels=("DNA",), normalise="controls", grid=(1, 2), drop_empty=False)
+    prepare_plate(fields, tmp_path / "raw", plain, workers=1)
+    raw = open_prepared(tmp_path / "raw").images
+    left_right = lambda imgs: imgs[0::2].mean() / imgs[1::2].mean()  # crop 1 = left half, crop 2 = right half
+    assert left_right(raw) < 0.75 and left_right(flat) == pytest.approx(1.0, abs=0.1)
+    assert recipe["settings"]["illumination"] == "plate" and "illumination correction" in recipe["preprocessing"]
