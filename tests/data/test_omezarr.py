@@ -53,6 +53,9 @@ def plate_world(subset_table, tmp_path_factory):
 
 
 def test_round_trip_plate_fields_and_planes(plate_world):
+    from cellmorph.data import omezarr, table
+
+    assert omezarr.PATH_PREFIX == table.PATH_PREFIX  # one fact, written twice only because table imports omezarr
     root, images = plate_world
     fields = plate_fields(root / "plate.zarr")
     assert fields.columns.tolist() == ["Metadata_Plate", "Metadata_Well", "Metadata_Site", *[f"Image_Path_{c}" for c in CHANNELS]]
@@ -179,3 +182,22 @@ def test_the_data_fingerprint_follows_the_plane_content(tmp_path):
     zarr.open_array(str(plate / "A" / "2" / "1" / "s0"), mode="r+")[1, 3, 3] = 200
     assert read_image(fields["Image_Path_RNA"].iloc[3])[3, 3, 0] == 200
     assert store_key(table, 0, tmp_path / "cache") != before
+
+
+def test_an_ome_ngff_04_plate_in_zarr_v2_reads_quietly(tmp_path, caplog):
+    """Plates written before OME-NGFF 0.5 (zarr v2, 0.4 metadata) read the same, without a warning per group; a
+    czyx field with Z = 1 is a single plane."""
+    import zarr
+    from ome_zarr.format import FormatV04
+    from ome_zarr.writer import write_image, write_plate_metadata, write_well_metadata
+
+    planes = np.arange(2 * 20 * 30, dtype=np.uint16).reshape(2, 1, 20, 30)
+    group = zarr.open_group(str(tmp_path / "v04.zarr"), mode="w", zarr_format=2)
+    write_plate_metadata(group, ["A"], ["1"], ["A/1"], fmt=FormatV04())
+    well = group.require_group("A").require_group("1")
+    write_well_metadata(well, ["0"], fmt=FormatV04())
+    write_image(planes, well.require_group("0"), axes="czyx", scale_factors=[], fmt=FormatV04())
+    fields = plate_fields(tmp_path / "v04.zarr")
+    assert fields.columns.tolist()[-2:] == ["Image_Path_C0", "Image_Path_C1"] and fields["Metadata_Well"].tolist() == ["A01"]
+    assert np.array_equal(read_image(fields["Image_Path_C1"].iloc[0])[:, :, 0], planes[1, 0]) and image_dtype(fields["Image_Path_C0"].iloc[0]) == "uint16"
+    assert "version mismatch" not in caplog.text

@@ -19,6 +19,7 @@ Example:
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
 from dataclasses import dataclass
@@ -58,9 +59,19 @@ def _parse(ref: object) -> _Ref:
     return _Ref(plate, f"{plate}/{m['row']}/{m['col']}/{m['field']}", int(m["c"]))
 
 
+def _older_format_notice(record: logging.LogRecord) -> bool:
+    """ome-zarr-py warns "version mismatch" on every group of a plate in an older OME-NGFF version (0.4 in zarr v2),
+    which it reads correctly: not the user's problem, and one line per field would bury cellmorph's own output."""
+    return not str(record.msg).startswith("version mismatch")
+
+
 def _attrs(path: str) -> dict | None:
     """The OME-NGFF attributes of the group at `path` (ome-zarr-py unwraps 0.5's "ome" key), None when no group."""
     from ome_zarr.io import parse_url
+
+    io_log = logging.getLogger("ome_zarr.io")
+    if _older_format_notice not in io_log.filters:
+        io_log.addFilter(_older_format_notice)
 
     try:
         loc = parse_url(path, mode="r")
