@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Callable
 
 from cellmorph.data import registry
-from cellmorph.data.datasets import bbbc013, bbbc014, bbbc021, bbbc021_raw, crchisto, folder, plate, prepared  # noqa: F401  (registers them)
+from cellmorph.data.datasets import bbbc013, bbbc014, bbbc021, bbbc021_raw, crchisto, folder, omezarr, plate, prepared  # noqa: F401  (registers them)
 from cellmorph.data.table import ImageTable
 from cellmorph.errors import CellmorphError
 
-BUILTIN = (bbbc013, bbbc014, bbbc021, bbbc021_raw, crchisto, folder, plate, prepared)
+BUILTIN = (bbbc013, bbbc014, bbbc021, bbbc021_raw, crchisto, folder, omezarr, plate, prepared)
 
 
 def downloader(name: str) -> Callable:

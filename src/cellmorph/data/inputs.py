@@ -1,5 +1,5 @@
 """The images `cellmorph predict` reads: a folder-format CSV (Image_Path_<Channel>), a CellProfiler LoadData
-CSV (Image_FileName_/Image_PathName_<Channel>) or a folder of image files, as an ImageTable that needs no
+CSV (Image_FileName_/Image_PathName_<Channel>), an OME-Zarr HCS plate (PLATE.zarr) or a folder of image files, as an ImageTable that needs no
 label; and the check of its channels and image size against the model's, before anything is decoded."""
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from cellmorph.data.omezarr import plate_fields
 from cellmorph.data.table import PATH_PREFIX, ImageTable
 from cellmorph.errors import CellmorphError
 
@@ -37,10 +38,12 @@ class NewImages(ImageTable):
 
 
 def read_images(images: str | Path, label: str = "Metadata_MoA") -> NewImages:
-    """The table of images to predict from a folder-format CSV, a CellProfiler LoadData CSV or a folder.
+    """The table of images to predict from a folder-format CSV, a CellProfiler LoadData CSV, an OME-Zarr HCS plate
+    or a folder.
 
     Args:
-        images: the CSV file or the folder of image files.
+        images: the CSV file, the plate's folder (a name ending in .zarr: cellmorph.data.omezarr.plate_fields) or the
+            folder of image files.
         label: the bundle's label column: kept when the input has it (e.g. reference compounds), never needed.
     Returns:
         A `NewImages` table: Metadata_* and Image_Path_<Channel> columns (absolute paths), files checked.
@@ -55,6 +58,8 @@ def read_images(images: str | Path, label: str = "Metadata_MoA") -> NewImages:
             raise CellmorphError(f"{path}: a prepared store without images.npy or index.parquet; run `cellmorph prepare` for it again.")
         index = pd.read_parquet(path / "index.parquet")
         return NewImages(index, name=f"prepared:{path.resolve().name}", label=label, source=str(path), required=(), store_dir=str(path.resolve()))
+    if path.suffix == ".zarr" and path.is_dir():
+        return NewImages(plate_fields(path), name=f"images:{path.resolve()}", label=label, source=str(path), required=())
     if path.is_dir():
         files = sorted(f for f in path.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
         if not files:

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from cellmorph.data.omezarr import is_zarr_ref, read_zarr_plane, zarr_ref_dtype, zarr_ref_shape
 from cellmorph.errors import CellmorphError
 
 TIFF_SUFFIXES = {".tif", ".tiff"}
@@ -23,12 +24,17 @@ _PILLOW_OPEN = threading.Lock()
 
 
 def read_image(path: str | Path) -> np.ndarray:
-    """Read one image file as an H x W x C array (grey images get C = 1).
+    """Read one image file as an H x W x C array (grey images get C = 1); an OME-Zarr image reference
+    (`PLATE.zarr/ROW/COL/FIELD#c=N`, cellmorph.data.omezarr) reads that field's channel as H x W x 1.
 
     Raises CellmorphError naming the file when it is missing, truncated, corrupt, compressed with a codec
     that is not installed, holds NaN/infinite pixels (which would otherwise become a blank image), or its
     header declares more pixels than `max_pixels()` (checked before anything is decoded).
     """
+    if is_zarr_ref(path):
+        height, width = zarr_ref_shape(str(path))
+        _check_pixels(path, height * width)
+        return read_zarr_plane(str(path))
     path = Path(path)
     if not path.is_file():
         raise CellmorphError(f"{path}: image file not found. Check the data folder and the table's image paths.")
@@ -77,7 +83,7 @@ def max_pixels() -> int:
     return value
 
 
-def _check_pixels(path: Path, pixels: int) -> None:
+def _check_pixels(path: Path | str, pixels: int) -> None:
     limit = max_pixels()
     if pixels > limit:
         raise CellmorphError(
@@ -109,7 +115,10 @@ def _decode(path: Path) -> np.ndarray:
 
 
 def image_dtype(path: str | Path) -> str:
-    """The pixel type of an image file ("uint8", "uint16", ...), from its header only (nothing decoded)."""
+    """The pixel type of an image file ("uint8", "uint16", ...), from its header only (nothing decoded); of an
+    OME-Zarr image reference, from its array's metadata."""
+    if is_zarr_ref(path):
+        return zarr_ref_dtype(str(path))
     path = Path(path)
     try:
         if path.suffix.lower() in TIFF_SUFFIXES:

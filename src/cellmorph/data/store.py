@@ -25,6 +25,7 @@ import pandas as pd
 from cellmorph.data.table import ImageTable
 from cellmorph.errors import CellmorphError
 from cellmorph.io import write_npy, write_parquet, write_text
+from cellmorph.data.omezarr import is_zarr_ref, zarr_ref_digest, zarr_ref_stat
 from cellmorph.data.preprocess import image_dtype, intensity_mapping
 from cellmorph.data.stream import field_batches
 from cellmorph.progress import console, make_progress
@@ -139,17 +140,21 @@ def file_digests(paths: list[str], cache: Path, where: str = "") -> dict[str, st
         index = {}
     out, changed = {}, False
     for p in dict.fromkeys(paths):
+        zarr = is_zarr_ref(p)  # an OME-Zarr plane: its array's files stat-ed, its pixels hashed
         try:
-            st = os.stat(p)
+            if zarr:
+                meta = zarr_ref_stat(p)
+            else:
+                st = os.stat(p)
+                meta = [st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns]
         except OSError:
             raise CellmorphError(f"{p}: image file not found ({where}).") from None
-        meta = [st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns]
         known = index.get(p)
         if isinstance(known, list) and known[:4] == meta and len(known) == 5:
             out[p] = known[4]
             continue
         try:
-            out[p] = file_digest(p)
+            out[p] = zarr_ref_digest(p) if zarr else file_digest(p)
         except OSError as err:
             raise CellmorphError(f"{p}: cannot read the image file ({err.strerror}; {where}).") from None
         index[p] = [*meta, out[p]]

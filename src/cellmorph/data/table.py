@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from cellmorph.data.omezarr import is_zarr_ref, zarr_ref_exists
 from cellmorph.errors import CellmorphError
 
 REQUIRED = ("Metadata_Plate", "Metadata_Well", "Metadata_Compound", "Metadata_Concentration")
@@ -168,7 +169,7 @@ class ImageTable:
             return
         for col in self.path_columns:
             for p in self.df[col]:
-                if not Path(p).is_file():
+                if not (zarr_ref_exists(p) if is_zarr_ref(p) else Path(p).is_file()):
                     raise CellmorphError(
                         f"{self.source}: image file {p} (column {col}) does not exist. "
                         "Check the data folder (--data or CELLMORPH_DATA) and the table's paths."

@@ -32,6 +32,7 @@ import numpy as np
 import pandas as pd
 
 from cellmorph.config import ExecutionConfig
+from cellmorph.data.omezarr import is_zarr_ref, zarr_ref_stat
 from cellmorph.data.quality import image_qc
 from cellmorph.data.store import cache_dir
 from cellmorph.data.stream import field_batches
@@ -97,10 +98,14 @@ def shard_fingerprint(table: ImageTable, shard: Shard) -> str:
     for row in table.df.iloc[shard.rows][table.path_columns].astype(str).itertuples(index=False):
         for p in row:
             try:
-                st = os.stat(p)
+                if is_zarr_ref(p):  # an OME-Zarr plane: its level-0 array's files
+                    size, mtime, ino, ctime = zarr_ref_stat(p)
+                else:
+                    st = os.stat(p)
+                    size, mtime, ino, ctime = st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns
             except OSError:
                 raise CellmorphError(f"{p}: image file not found ({table.source}).") from None
-            h.update(f"{p}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}|{st.st_ctime_ns}\n".encode())
+            h.update(f"{p}|{size}|{mtime}|{ino}|{ctime}\n".encode())
     return h.hexdigest()[:16]
 
 
