@@ -263,3 +263,25 @@ def test_illumination_correction_flattens_a_vignetted_plate(tmp_path):
     left_right = lambda imgs: imgs[0::2].mean() / imgs[1::2].mean()  # crop 1 = left half, crop 2 = right half
     assert left_right(raw) < 0.75 and left_right(flat) == pytest.approx(1.0, abs=0.1)
     assert recipe["settings"]["illumination"] == "plate" and "illumination correction" in recipe["preprocessing"]
+
+
+def test_an_ome_zarr_plate_prepares_to_the_same_store_as_its_tiffs(tmp_path, cli, monkeypatch, capsys):
+    """The 5-channel 16-bit plate written as TIFFs (LoadData CSV) and as an OME-Zarr HCS plate (ome-zarr-py): the same
+    prepared bytes through `prepare plate`, with the same plate map."""
+    from cellmorph.data.omezarr import write_plate
+
+    ld, pm = _cell_painting_plate(tmp_path / "tiff", plates=("P1",), sites=2, shape=(48, 48))
+    table = pd.read_csv(ld)
+    images = {}
+    for r in table.itertuples(index=False):
+        row = r.Metadata_Well[0]
+        planes = [tifffile.imread(f"{getattr(r, f'Image_PathName_{c}')}/{getattr(r, f'Image_FileName_{c}')}") for c in CP_CHANNELS]
+        images[(row, int(r.Metadata_Well[1:]), r.Metadata_Site - 1)] = np.stack(planes)
+    write_plate(tmp_path / "P1.zarr", images, list(CP_CHANNELS), "P1")
+    for name, source in (("tiff", ld), ("zarr", tmp_path / "P1.zarr")):
+        code, said = cli(monkeypatch, capsys, "prepare", "plate", "--images", source, "--platemap", pm, "--crops", "2x2", "--keep-empty",
+                         "--out", tmp_path / f"store_{name}")
+        assert code == 0, said
+    assert _digest(tmp_path / "store_tiff") == _digest(tmp_path / "store_zarr")
+    idx = [open_prepared(tmp_path / f"store_{n}").index[["Metadata_Plate", "Metadata_Well", "Metadata_Site", "Metadata_Crop"]] for n in ("tiff", "zarr")]
+    pd.testing.assert_frame_equal(*idx, check_dtype=False)
