@@ -285,3 +285,28 @@ def test_an_ome_zarr_plate_prepares_to_the_same_store_as_its_tiffs(tmp_path, cli
     assert _digest(tmp_path / "store_tiff") == _digest(tmp_path / "store_zarr")
     idx = [open_prepared(tmp_path / f"store_{n}").index[["Metadata_Plate", "Metadata_Well", "Metadata_Site", "Metadata_Crop"]] for n in ("tiff", "zarr")]
     pd.testing.assert_frame_equal(*idx, check_dtype=False)
+
+
+def test_a_failed_prepare_resumes_plate_by_plate(tmp_path, cli, monkeypatch, capsys):
+    """Plate P2 has a damaged file: the prepare stops (no store), P1's finished crops wait in the cache; once the file
+    is restored the next prepare takes P1 as it was, prepares P2, and gives the same bytes as a clean run."""
+    from cellmorph.data.plates import segments_folder
+
+    ld, pm = _cell_painting_plate(tmp_path / "p", plates=("P1", "P2"), sites=1, shape=(32, 32))
+    args = ["prepare", "plate", "--images", ld, "--platemap", pm, "--crops", "1x1"]
+    code, said = cli(monkeypatch, capsys, *args, "--out", tmp_path / "clean")
+    assert code == 0, said
+    bad = tmp_path / "p" / "P2" / "P2_C03_s1_ER.tif"
+    good = bad.read_bytes()
+    bad.write_bytes(good[:100])
+    out = tmp_path / "store"
+    code, said = cli(monkeypatch, capsys, *args, "--out", out)
+    assert code == 2 and "P2_C03_s1_ER.tif" in said and not (out / "prepared.json").exists()
+    finished = list(segments_folder(out).glob("*/plate.json"))
+    assert len(finished) == 1 and json.loads(finished[0].read_text())["summary"]["fields"] == 6
+    bad.write_bytes(good)
+    code, said = cli(monkeypatch, capsys, *args, "--out", out)
+    assert code == 0 and "resumed: 1 plate(s) prepared by an earlier run taken as they were (P1)" in said, said
+    assert _digest(out) == _digest(tmp_path / "clean")
+    assert json.loads((out / "prepared.json").read_text())["resumed_plates"] == ["P1"]
+    assert not segments_folder(out).exists()  # the store is complete: the waiting copies are gone

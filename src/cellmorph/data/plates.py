@@ -28,6 +28,8 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -48,8 +50,11 @@ from cellmorph.data.preprocess import (
     resize_uint8,
     zscore_tables,
 )
+from cellmorph.data.store import cache_dir
 from cellmorph.errors import CellmorphError
-from cellmorph.progress import make_progress
+from cellmorph.io import write_json, write_parquet
+from cellmorph.progress import console, make_progress
+from cellmorph.storage import remove_own_folder
 
 NORMALISE = ("controls", "field")
 ILLUMINATION = ("none", "plate")
@@ -194,6 +199,67 @@ def control_stats(paths: list[list[str]], settings: PlateSettings, illum, pool, 
     return [anscombe_stats(total[c]) for c in range(total.shape[0])], levels
 
 
+# --- finished plates, kept until the store is complete (a killed prepare resumes plate by plate) ------------------
+
+SEGMENT_FILES = {"crops.bin", "rows.parquet", "plate.json"}  # plate.json last: marks a segment complete
+
+
+def plate_key(pf: pd.DataFrame, path_cols: list[str], settings: PlateSettings, dataset: str) -> str:
+    """What a plate's prepared crops depend on: the settings, its rows' metadata, and each file's path, size and mtime."""
+    h = hashlib.sha256(json.dumps({"dataset": dataset, **settings.__dict__}, sort_keys=True, default=str).encode())
+    h.update(pd.util.hash_pandas_object(pf.drop(columns=path_cols).astype(str), index=False).to_numpy().tobytes())
+    for p in pf[path_cols].astype(str).to_numpy().ravel():
+        try:
+            st = os.stat(p)
+            h.update(f"{p}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        except OSError:  # an OME-Zarr reference, or a missing file (named when it is read)
+            h.update(f"{p}\n".encode())
+    return h.hexdigest()[:20]
+
+
+def segments_folder(out: Path) -> Path:
+    """Where the finished plates of a prepare into `out` wait until the store is complete (in the cache, keyed by
+    the absolute --out): a killed prepare's next run takes them instead of preparing those plates again."""
+    return cache_dir() / "prepare" / hashlib.sha256(str(Path(out).resolve()).encode()).hexdigest()[:16]
+
+
+def read_segment(folder: Path) -> tuple[np.ndarray, pd.DataFrame, dict] | None:
+    """A finished plate's crops (memory-mapped), rows and summary; None when absent, unfinished or damaged."""
+    try:
+        info = json.loads((folder / "plate.json").read_text())
+        rows = pd.read_parquet(folder / "rows.parquet")
+        n = info["crops_kept"]
+        crops = np.memmap(folder / "crops.bin", dtype=np.uint8, mode="r", shape=(n, *info["crop_shape"])) if n else np.zeros((0,), np.uint8)
+    except (OSError, ValueError, KeyError):
+        return None
+    if len(rows) != n or (n and crops.size != (folder / "crops.bin").stat().st_size):
+        return None
+    return crops, rows, info
+
+
+class SegmentWriter:
+    """One plate's kept crops (appended to crops.bin as they come) and rows; `finish` writes rows.parquet and plate.json."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        remove_own_folder(folder, SEGMENT_FILES)  # an unfinished one from a killed run
+        folder.mkdir(parents=True, exist_ok=True)
+        self.file = open(folder / "crops.bin", "wb")
+        self.rows: list[dict] = []
+
+    def add(self, crop: np.ndarray, row: dict) -> None:
+        self.file.write(np.ascontiguousarray(crop).tobytes())
+        self.rows.append(row)
+
+    def finish(self, info: dict) -> None:
+        self.file.close()
+        write_parquet(self.folder / "rows.parquet", pd.DataFrame(self.rows), "cache")
+        write_json(self.folder / "plate.json", info, "cache")
+
+    def close(self) -> None:
+        self.file.close()
+
+
 def prepare_plate(fields: pd.DataFrame, out: Path, settings: PlateSettings, dataset: str = "plate", workers: int | None = None,
                   extra: dict | None = None) -> dict:
     """Raw plate fields -> a prepared store in `out` (replaced only once complete). Returns prepared.json's content.
@@ -219,13 +285,30 @@ def prepare_plate(fields: pd.DataFrame, out: Path, settings: PlateSettings, data
     workers = workers or os.cpu_count() or 1
     meta_cols = [c for c in fields.columns if c.startswith("Metadata_") and c != ROLE]
     n_crops = settings.grid[0] * settings.grid[1]
-    per_plate, dropped = {}, []
+    per_plate, dropped, resumed = {}, [], []
     first_crops = None
     writer = None
+    segments = segments_folder(out)
     try:
         with make_progress() as progress, ThreadPoolExecutor(workers) as pool:
             task = progress.add_task(f"preparing {dataset}", total=len(fields))
             for plate, pf in fields.groupby("Metadata_Plate", sort=True):
+                seg_dir = segments / plate_key(pf, path_cols, settings, dataset)
+                done = read_segment(seg_dir)
+                if done is not None:  # prepared by an earlier, killed run: its crops as they were
+                    crops_done, rows_done, info = done
+                    if writer is not None and tuple(info["field_shape"]) != first_crops[0]:
+                        raise CellmorphError(f"plate {plate}: field size {info['field_shape'][1:]} differs from the first field's "
+                                             f"{list(first_crops[0][1:])}; prepare plates of one field size together.")
+                    if writer is None:
+                        first_crops = (tuple(info["field_shape"]), tuple(info["crop_shape"]))
+                        writer = StoreWriter(Path(out), len(written) * n_crops, first_crops[1])
+                    for crop, row in zip(crops_done, rows_done.to_dict("records")):
+                        writer.add(np.asarray(crop), row)
+                    per_plate[plate], resumed = info["summary"], resumed + [plate]
+                    dropped += info["dropped"]
+                    progress.advance(task, len(pf))
+                    continue
                 illum = None
                 if settings.illumination == "plate":
                     progress.update(task, description=f"{plate}: illumination")
@@ -250,7 +333,8 @@ def prepare_plate(fields: pd.DataFrame, out: Path, settings: PlateSettings, data
                     return field.shape, field_crops(field, settings, ztab)
 
                 rows = tf[meta_cols].to_dict("records")
-                kept_n = 0
+                kept_n, plate_dropped = 0, []
+                segment = SegmentWriter(seg_dir)
                 for chunk_rows, chunk_paths in zip(chunks(rows, 4 * workers), chunks(tf[path_cols].values.tolist(), 4 * workers)):
                     for row, (shape, (crops, kept)) in zip(chunk_rows, pool.map(work, chunk_paths)):
                         if writer is None:
@@ -261,9 +345,10 @@ def prepare_plate(fields: pd.DataFrame, out: Path, settings: PlateSettings, data
                                                  f"{first_crops[0][1:]}; prepare plates of one field size together.")
                         for k, (crop, keep) in enumerate(zip(crops, kept), start=1):
                             if not keep:
-                                dropped.append(f"{row['Metadata_Plate']}/{row['Metadata_Well']}/s{row.get('Metadata_Site', '')}/crop{k}")
+                                plate_dropped.append(f"{row['Metadata_Plate']}/{row['Metadata_Well']}/s{row.get('Metadata_Site', '')}/crop{k}")
                                 continue
                             writer.add(crop, {**row, "Metadata_Crop": k})
+                            segment.add(crop, {**row, "Metadata_Crop": k})
                             kept_n += 1
                         progress.advance(task)
                 per_plate[plate] = {"fields": len(tf), "crops_kept": kept_n}
@@ -273,6 +358,9 @@ def prepare_plate(fields: pd.DataFrame, out: Path, settings: PlateSettings, data
                         "control_anscombe_mean": dict(zip(channels, [round(m, 6) for m, _ in stats])),
                         "control_anscombe_std": dict(zip(channels, [round(s, 6) for _, s in stats])),
                     })
+                dropped += plate_dropped
+                segment.finish({"summary": per_plate[plate], "dropped": plate_dropped, "crops_kept": kept_n,
+                                "field_shape": list(first_crops[0]), "crop_shape": list(first_crops[1])})
         recipe = {
             "dataset": dataset,
             "channels": (["zero"] if settings.zero_channel else []) + channels,
@@ -283,10 +371,18 @@ def prepare_plate(fields: pd.DataFrame, out: Path, settings: PlateSettings, data
             "crops_dropped": dropped,
             **(extra or {}),
         }
+        if resumed:
+            recipe["resumed_plates"] = resumed
         writer.finish(recipe)
     except BaseException:
         if writer is not None:
             writer.abort()
         raise
+    for folder in sorted(segments.glob("*")):  # the store is complete: the finished plates' copies go
+        remove_own_folder(folder, SEGMENT_FILES)
+    if segments.is_dir() and not any(segments.iterdir()):
+        segments.rmdir()
+    if resumed:
+        console.print(f"resumed: {len(resumed)} plate(s) prepared by an earlier run taken as they were ({', '.join(map(str, resumed[:5]))})")
     return load_recipe(out)
 
