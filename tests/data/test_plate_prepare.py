@@ -3,7 +3,7 @@
 The dedicated BBBC021 and BBBC013 preparations are presets of the generic path; these tests give the generic path
 the same plates as a user would (a LoadData CSV, a plate map) and compare the stores byte for byte. The BBBC021
 plate is made of the real raw 16-bit sample field (flipped and shifted into 3 channels and 6 fields); its store's
-SHA-256 was taken from the dedicated code before it became a preset (commit 8d3c5f2's parent), so the presets are
+SHA-256 was taken from the dedicated code before it became a preset (at commit 4b0ddbf), so the presets are
 held to the old bytes too.
 """
 
