@@ -161,10 +161,9 @@ def illumination_function(paths: list[list[str]], settings: PlateSettings, pool:
     """C x H x W float64: per channel the mean of the plate's fields, Gaussian-smoothed, scaled to a robust minimum of 1."""
     from scipy.ndimage import gaussian_filter
 
-    plain = PlateSettings(**{**settings.__dict__, "illumination": "none"})
     total = None
     for chunk in chunks(paths, 4 * workers):
-        for field in pool.map(lambda ps: read_plate_field(ps, plain), chunk):
+        for field in pool.map(lambda ps: read_plate_field(ps, settings), chunk):  # no illum given: uncorrected
             total = field.astype(np.float64) if total is None else total + field
     mean = total / len(paths)
     sigma = max(1.0, min(mean.shape[1:]) / 20)
