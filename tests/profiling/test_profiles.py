@@ -46,6 +46,25 @@ def test_nsc_excludes_same_compound_and_nscb_same_batch():
     assert (nscb["correct"], nscb["total"], nscb["no_candidate"]) == (3, 5, 0)
 
 
+def test_published_nscb_drops_the_moas_seen_in_one_batch_as_queries_and_neighbours():
+    from cellmorph.profiling.evaluate import multi_batch_nscb
+
+    # TINY plus a sixth treatment e of MoA Z, seen only in batch W2, placed beside q1/q2/q5 (W1): over all
+    # treatments it steals their other-batch neighbour and is itself a query with no right answer.
+    t = pd.concat([TINY, pd.DataFrame({"Metadata_Compound": ["e"], "Metadata_MoA": ["Z"], "Metadata_Batch": ["W2"]})], ignore_index=True)
+    X = np.vstack([TINY_X, [[0.99, 0.12, 0]]])
+    U = X / np.linalg.norm(X, axis=1, keepdims=True)
+    S = U @ U.T
+    everything = nearest_neighbour_matching(None, t["Metadata_MoA"], t["Metadata_Compound"], t["Metadata_Batch"], similarity=S)
+    assert everything["total"] == 6 and everything["queries"][5]["correct"] is False  # Z has no other-batch match: wrong by construction
+    assert everything["queries"][0]["neighbour"] == 5  # q1's nearest other-batch profile is now the Z treatment
+    published = multi_batch_nscb(t, S)
+    assert published["moas_dropped"] == ["Z"] and published["moas_kept"] == ["X", "Y"] and published["total"] == 5
+    assert [q["index"] for q in published["queries"]] == [0, 1, 2, 3, 4]  # indices of the whole table
+    assert [q["neighbour"] for q in published["queries"]] == [2, 2, 1, 1, 2]  # as in TINY: Z is no neighbour either
+    assert published["correct"] == 3 and "Z (1 treatments)" in published["protocol"]
+
+
 def test_nsc_separated_moas_and_queries_without_candidates():
     rng = np.random.default_rng(0)
     centres = {"X": np.array([5.0, 0, 0, 0]), "Y": np.array([0, 5.0, 0, 0]), "Z": np.array([0, 0, 5.0, 0])}
@@ -209,6 +228,10 @@ def test_ljosa_table_end_to_end_counts(ljosa, tmp_path):
     assert (c["wells"], c["control_wells"], c["treatments"], c["compounds"], c["moas"]) == (632, 330, 103, 38, 12)
     assert m["nsc"]["total"] == 103 and 0 <= m["nsc"]["correct"] <= 103
     assert m["nscb"]["total"] + m["nscb"]["no_candidate"] == 103
+    # NSCB as published: Kinase inhibitors (5 treatments, Week7) and Cholesterol-lowering (6, Week9) drop out
+    multi = m["nscb_multi_batch"]
+    assert multi["moas_dropped"] == ["Cholesterol-lowering", "Kinase inhibitors"] and multi["total"] == 92
+    assert multi["correct"] >= m["nscb"]["correct"] - 11  # dropping 11 queries loses at most their hits
     assert m["map"]["queries"] + m["map"]["queries_without_positive"] == 103 and len(m["map"]["per_moa"]) == 12
     assert "per plate to its DMSO wells (330 DMSO wells)" in m["preparation"]["normalisation"]
     assert 0 < m["preparation"]["feature_selection"]["features_kept"] < 516

@@ -236,9 +236,10 @@ def _profiles_section(folder: Path) -> str:
     if not f.is_file():
         return ""
     m = json.loads(f.read_text())
-    cells = [[k.upper() if k != "map" else "mAP (copairs)",
+    names = {"nsc": "NSC", "nscb": "NSCB (all treatments)", "nscb_multi_batch": "NSCB (MoAs in >1 batch, as published)", "map": "mAP (copairs)"}
+    cells = [[names[k],
               f"{m[k]['correct']}/{m[k]['total']}" if k != "map" else f"{m[k].get('queries')} queries",
-              _fmt(m[k].get("accuracy")) if k != "map" else _fmt(m[k].get("mean"), pct=False), m[k]["protocol"]] for k in ("nsc", "nscb", "map")]
+              _fmt(m[k].get("accuracy")) if k != "map" else _fmt(m[k].get("mean"), pct=False), m[k]["protocol"]] for k in names if k in m]
     c = m["counts"]
     plot = '<img src="profiles.png" style="max-width:100%">' if (folder / "profiles.png").is_file() else ""
     return (f"<h2>Profiles (MoA retrieval)</h2><p>{html.escape(m['recipe'])}; {c['treatments']} treatments, {c['moas']} MoAs, "
