@@ -44,6 +44,11 @@ def run(
     m = run_experiment(cfg, out, data)
     seeds = cfg.seed_list
     console.print(f"[bold green]{cfg.name}[/]: {m.summary_line()}, {m.context['n_folds']} folds, seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}")
+    from cellmorph.evaluation.metrics import balance_line
+
+    for line in (m.recall_line("image"), balance_line(m.context.get("class_balance", {}), m.context.get("class_balance", {}).get("setting", ""))):
+        if line:
+            console.print(line, highlight=False, markup=False)
     if m.novelty:
         from cellmorph.evaluation.novelty import summary_line as novelty_line
 

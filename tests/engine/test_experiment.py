@@ -43,6 +43,9 @@ def test_quickstart_run_folder(quickstart_run):
     # The quickstart's published numbers (seed 0, deterministic): 55/55 treatments, 573/660 images.
     assert (t.correct, i.correct) == (55, 573)
     assert 0 < i.balanced_accuracy <= 1 and 0 < i.macro_f1 <= 1 and set(i.per_class) == set(m.classes)
+    # 144 images of Aurora kinase and Eg5 inhibitors, 72 of Cholesterol-lowering: 2x, weighted (frozen default)
+    b = m.context["class_balance"]
+    assert (b["ratio"], b["weighted"], b["images"]["Cholesterol-lowering"], sum(b["images"].values())) == (2.0, True, 72, 660)
     env = json.loads((out / "environment.json").read_text())
     # "cpu" when a network ran; "auto" when the features came from the cache and none had to run
     assert env["seeds"] == [0] and env["torch"] and env["device"] in ("cpu", "auto")

@@ -126,6 +126,26 @@ def test_balanced_accuracy_and_macro_f1_match_sklearn():
         assert s.per_class[c]["precision"] == (None if not (predicted == c).any() else pytest.approx(p[i]))
 
 
+def test_recall_per_class_and_the_imbalance_line():
+    from cellmorph.evaluation.metrics import balance_line, class_balance
+
+    truth = ["a"] * 60 + ["b"] * 30 + ["c"] * 10
+    predicted = ["a"] * 60 + ["b"] * 15 + ["a"] * 15 + ["c"] * 3 + ["a"] * 7
+    pred = pd.DataFrame({"Metadata_Label": truth, **{f"prob_{k}": [1.0 if p == k else 0.0 for p in predicted] for k in "abc"}})
+    m = compute_metrics(pred, "Metadata_Label", "random")
+    line = m.recall_line("image")
+    # lowest recall first, with the counts behind each
+    assert line == "recall per class (images), lowest first: c 30.0% (3/10), b 50.0% (15/30), a 100.0% (60/60)"
+    assert m.recall_line("treatment") == ""  # a level not scored: nothing to say
+    b = class_balance(truth, weighted=True)
+    assert (b["ratio"], b["largest"], b["smallest"], b["images"]) == (6.0, "a", "c", {"a": 60, "b": 30, "c": 10})
+    on = balance_line(b, 'frozen.class_weight = "none"')
+    assert on.startswith("classes differ 6.0x in images (a 60, c 10): class weights on") and 'frozen.class_weight = "none" turns them off' in on
+    off = balance_line(class_balance(truth, weighted=False), "finetune.class_weights = false")
+    assert "class weights are OFF (finetune.class_weights = false)" in off
+    assert balance_line(class_balance(["a"] * 20 + ["b"] * 10, weighted=True), "x") == ""  # 2x exactly: not worth a line
+
+
 def _multi_seed() -> Metrics:
     seeds = [compute_metrics(nuclei(a).assign(seed=s), "Metadata_Label", "random") for s, a in enumerate([[0.9, 0.2, 0.6, 0.3], [0.9, 0.2, 0.1, 0.3], [0.9, 0.8, 0.1, 0.3]])]
     for s, m in enumerate(seeds):

@@ -17,13 +17,13 @@ import pandas as pd
 
 from cellmorph.config import ExperimentConfig
 from cellmorph.data.store import Store, open_store
-from cellmorph.data.table import ImageTable
+from cellmorph.data.table import ImageTable, labelled_mask
 from cellmorph.engine.final_model import save_final_model
 from cellmorph.engine.folds import FoldEngine
 from cellmorph.engine.plan import Plan, device_details, environment, plan_run
 from cellmorph.engine.runfolder import FolderSink, MemorySink, claim_run_folder
 from cellmorph.evaluation.aggregate import aggregate
-from cellmorph.evaluation.metrics import Metrics, combine_seeds
+from cellmorph.evaluation.metrics import Metrics, class_balance, combine_seeds
 from cellmorph.io import check_writable, write_json, write_parquet, write_text
 from cellmorph.progress import console
 from cellmorph.reporting.outputs import write_outputs
@@ -98,6 +98,7 @@ def _run(out: Path, cfg: ExperimentConfig, plan, store: Store, engine: FoldEngin
         preds.append(pred)
     metrics = combine_seeds(per_seed) if len(per_seed) > 1 else per_seed[0]
     metrics.context["seconds_in_folds_this_invocation"] = round(time.perf_counter() - t0, 2)
+    metrics.context["class_balance"] = training_balance(cfg, plan.table)
     if plan.resolved_device is not None:  # a network ran: record the device it ran on
         write_json(out / "environment.json", {**env, "device": str(plan.resolved_device), **device_details(plan.resolved_device)})
     pred = pd.concat(preds, ignore_index=True)
@@ -134,7 +135,17 @@ def cross_validate_config(cfg: ExperimentConfig, table: ImageTable | None = None
         per_seed.append(m)
         preds.append(pred.assign(seed=seed) if len(cfg.seed_list) > 1 else pred)
     metrics = combine_seeds(per_seed) if len(per_seed) > 1 else per_seed[0]
+    metrics.context["class_balance"] = training_balance(cfg, plan.table)
     return CVResult(metrics, pd.concat(preds, ignore_index=True))
+
+
+def training_balance(cfg: ExperimentConfig, table: ImageTable) -> dict:
+    """Labelled images per class and whether this config's training weighs the classes (`class_balance`),
+    with the config field that switches the weights (`setting`)."""
+    frozen = cfg.mode == "frozen"
+    weighted = cfg.frozen.class_weight != "none" if frozen else cfg.finetune.class_weights
+    labels = table.df.loc[labelled_mask(table.df, table.label), table.label]
+    return {**class_balance(labels, weighted), "setting": 'frozen.class_weight = "none"' if frozen else "finetune.class_weights = false"}
 
 
 def _finish(out: Path, cfg: ExperimentConfig, plan: Plan, pred: pd.DataFrame, metrics: Metrics) -> None:

@@ -26,7 +26,7 @@ from cellmorph.errors import CellmorphError
 from cellmorph.io import write_json
 
 __all__ = [
-    "LEVELS", "LevelScore", "Metrics", "aggregate", "available_levels", "combine_seeds", "compute_metrics",
+    "LEVELS", "LevelScore", "Metrics", "aggregate", "available_levels", "balance_line", "class_balance", "combine_seeds", "compute_metrics",
     "confusion", "score_level",
 ]
 
@@ -148,6 +148,44 @@ class Metrics:
                 parts.append(f"{lv} accuracy {s.accuracy:.1%} ({s.correct}/{s.total}), balanced {s.balanced_accuracy:.1%}, macro-F1 {s.macro_f1:.3f}")
         tail = f"{self.protocol}, mean ± SEM over {n} seeds" if n > 1 and self.spread else self.protocol
         return "; ".join(parts) + f" ({tail})"
+
+
+    def recall_line(self, level: str = "image", limit: int = 12) -> str:
+        """One console line: recall per true class at `level`, lowest first (the classes a model misses
+        show first), with the counts; the rest summed up beyond `limit` classes.
+
+        >>> Metrics.read("runs/quickstart/metrics.json").recall_line()
+        'recall per class (images), lowest first: DNA damage 72.9% (105/144), ...'"""
+        if level not in self.levels:
+            return ""
+        pc = self.levels[level].per_class
+        rows = sorted(pc.items(), key=lambda kv: (kv[1]["recall"], kv[0]))
+        shown = [f"{c} {v['recall']:.1%} ({round(v['recall'] * v['support'])}/{v['support']})" for c, v in rows[:limit]]
+        more = f", and {len(rows) - limit} more classes" if len(rows) > limit else ""
+        seeds = f", seed {self.seeds[0]}" if len(self.seeds) > 1 else ""
+        return f"recall per class ({level}s{seeds}), lowest first: " + ", ".join(shown) + more
+
+
+def class_balance(labels, weighted: bool) -> dict:
+    """How unequal the classes are (labelled images per class) and whether training weighs them.
+
+    >>> class_balance(["a"] * 30 + ["b"] * 10, weighted=True)["ratio"]
+    3.0"""
+    counts = pd.Series(np.asarray(labels, dtype=object).astype(str)).value_counts()
+    return {"images": {str(k): int(v) for k, v in counts.sort_index().items()}, "largest": str(counts.index[0]), "smallest": str(counts.index[-1]),
+            "ratio": round(float(counts.iloc[0] / counts.iloc[-1]), 2), "weighted": bool(weighted)}
+
+
+def balance_line(b: dict, setting: str) -> str:
+    """One console line on class imbalance: said whenever the largest class has more than twice the images
+    of the smallest, with what the training does about it (`setting` names the config field)."""
+    if not b or b["ratio"] <= 2:
+        return ""
+    n = b["images"]
+    head = f"classes differ {b['ratio']:.1f}x in images ({b['largest']} {n[b['largest']]}, {b['smallest']} {n[b['smallest']]})"
+    if b["weighted"]:
+        return f"{head}: class weights on (balanced: each class counts equally in the loss; {setting} turns them off)"
+    return f"{head}: class weights are OFF ({setting}); small classes will be missed more often. Recall per class is above."
 
 
 def _pct_pm(mean: float, sem: float | None) -> str:
