@@ -49,7 +49,7 @@ def main() -> None:
         lomo, lomo_s = run("lomo.toml", Path(tmp) / "lomo", f"evaluation.novelty_score={args.novelty_score}")
     conf = {}
     for lv, s in qs["conformal"]["levels"].items():
-        conf[lv] = {"units": s["n_units"], "ece": round(s["ece"], 4), "methods": s["methods"],
+        conf[lv] = {"units": s["n_units"], "ece": round(s["ece"], 4), "ece_temperature_scaled": round(s["ece_scaled"], 4), "temperature": round(s["temperature"]["all_units"], 3), "methods": s["methods"],
                     **{c: {"coverage": round(b["coverage"], 4), "covered": b["covered"], "total": b["total"],
                            "mean_set_size": round(b["mean_set_size"], 3), "empty": b["empty"]} for c, b in s["by_confidence"].items()}}
     nov = lomo["novelty"]

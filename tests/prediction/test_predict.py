@@ -195,12 +195,18 @@ def test_three_input_formats_agree_and_outputs_have_the_documented_columns(quick
     assert (img["none_of_known"] == ((img["set_size"] == 0) | (img["distance_pvalue"] <= 0.1))).all()  # images: combined with the image distance
     info = json.loads((tmp_path / "out-loaddata" / "predict.json").read_text())
     assert info["novelty_score"] == "combined" and info["novelty"]["treatment"]["score"] == "combined"
+    # the calibrated probability: the top class's probability tempered with the T fitted on the bundle's calibration units
+    from cellmorph.evaluation.calibration import temper
+
+    t_image = info["calibration"]["image"]["temperature"]
+    assert 0.1 < t_image < 10 and info["calibration"]["treatment"]["temperature"] > 0
+    np.testing.assert_allclose(img["calibrated_probability"], temper(img[PROBS].to_numpy(), t_image).max(axis=1), rtol=1e-9)
     out = tmp_path / "out-loaddata"
     assert sorted(p.name for p in out.iterdir()) == ["predict.json", "predictions.parquet", "report.html", "treatments.csv", "wells.csv"]
     wells, treatments = pd.read_csv(out / "wells.csv"), pd.read_csv(out / "treatments.csv")
     assert len(wells) == 2 and len(treatments) == 2 and (treatments["n"] == 1).all() and (wells["n"] == 4).all()
     for t in (wells, treatments):
-        assert {"predicted", "probability", "prediction_set", "set_size", "novelty", "none_of_known", "distance", "distance_pvalue", *PROBS} <= set(t.columns)
+        assert {"predicted", "probability", "calibrated_probability", "prediction_set", "set_size", "novelty", "none_of_known", "distance", "distance_pvalue", *PROBS} <= set(t.columns)
         assert (t["none_of_known"] == ((t["set_size"] == 0) | (t["distance_pvalue"] <= 0.1))).all()  # the combined flag
     assert set(results["dir"].columns) >= {"Metadata_FileName", *PROBS} and not (tmp_path / "out-dir" / "treatments.csv").exists()
     report = (out / "report.html").read_text()

@@ -54,6 +54,7 @@ import pandas as pd
 
 from cellmorph.data.table import labelled_rows
 from cellmorph.evaluation.aggregate import aggregate, prob_columns
+from cellmorph.evaluation.calibration import cross_fitted, fit_temperature
 from cellmorph.evaluation.stats import mean_sem
 from cellmorph.errors import CellmorphError
 
@@ -344,11 +345,19 @@ def evaluate(pred: pd.DataFrame, label: str, levels: list[str], how: str = "medi
         true_idx = np.array([classes.index(v) for v in y])
         p, methods = cross_conformal_p_values(probs, y, classes, groups, min_per_class)
         e, table = ece(probs, true_idx)
+        scaled, temps = cross_fitted(probs, true_idx, _group_folds(groups))
+        e_scaled, table_scaled = ece(scaled, true_idx)
         full = Calibrator.fit(probs, y, classes, min_per_class=min_per_class, groups=groups)
         block["levels"][lv] = {
             "n_units": int(len(units)), "n_groups": int(len(set(groups))), "n_calibrations": len(methods),
             "methods": sorted(set(methods)), "calibration_all_units": full.describe()["classes"],
-            "ece": e, "reliability": table, "by_confidence": set_scores(p, true_idx, classes, confidences)}
+            "ece": e, "reliability": table, "by_confidence": set_scores(p, true_idx, classes, confidences),
+            "ece_scaled": e_scaled, "reliability_scaled": table_scaled,
+            "temperature": {"all_units": fit_temperature(probs, true_idx), "folds_min": min(temps), "folds_median": float(np.median(temps)),
+                            "folds_max": max(temps), "n_fits": len(temps)}}
+    block["temperature_scaling"] = (f"ece_scaled: the ECE after temperature scaling (cellmorph.evaluation.calibration), each {group or 'unit'}'s "
+                                    f"units tempered with the T fitted (NLL) on the other {group or 'unit'}s' units; the prediction sets use "
+                                    "the unscaled probabilities (scaling changes no predicted class)")
     return block
 
 
@@ -368,6 +377,8 @@ def combine(blocks: list[dict]) -> dict:
             continue
         runs = [b["levels"][lv] for b in blocks]
         e, e_sem = mean_sem([r["ece"] for r in runs])
+        scaled = [r["ece_scaled"] for r in runs if r.get("ece_scaled") is not None]
+        es, es_sem = mean_sem(scaled) if len(scaled) == len(runs) else (None, None)
         by = {}
         for c in s0["by_confidence"]:
             rs = [r["by_confidence"][c] for r in runs]
@@ -377,6 +388,7 @@ def combine(blocks: list[dict]) -> dict:
                      **{k: sum(r[k] for r in rs) for k in ("covered", "total", "empty", "singletons")}}
         out["levels"][lv] = {**{k: s0[k] for k in ("n_units", "n_groups", "n_calibrations", "calibration_all_units")},
                              "methods": sorted({m for r in runs for m in r["methods"]}), "ece": e, "ece_sem": e_sem,
+                             "ece_scaled": es, "ece_scaled_sem": es_sem,
                              "reliability": s0["reliability"], "reliability_seed": "first seed", "by_confidence": by}
     return out
 
@@ -391,6 +403,7 @@ def summary_line(block: dict) -> str:
         s = block["levels"].get(lv)
         if s and "0.9" in s["by_confidence"]:
             b = s["by_confidence"]["0.9"]
-            parts.append(f"{lv} coverage {b['coverage']:.1%} ({b['covered']}/{b['total']}), set size {b['mean_set_size']:.2f}, ECE {s['ece']:.3f}")
+            scaled = f" ({s['ece_scaled']:.3f} temperature-scaled)" if s.get("ece_scaled") is not None else ""
+            parts.append(f"{lv} coverage {b['coverage']:.1%} ({b['covered']}/{b['total']}), set size {b['mean_set_size']:.2f}, ECE {s['ece']:.3f}{scaled}")
     unit = block["group"] if not block["group"].startswith("(") else "unit"
     return f"conformal sets at 0.9 (leave-one-{unit}-out): " + "; ".join(parts)

@@ -35,6 +35,7 @@ predict.json, and `--novelty distance` is an error naming how to get them.
 DIR receives, all at once (written in a temporary sibling folder and renamed):
 
     predictions.parquet   per image: Metadata_*, prob_<class>, predicted, probability, and with calibration
+                          calibrated_probability (temperature-scaled on the calibration units of the level),
                           pvalue_<class>, prediction_set, set_size, novelty, none_of_known; qc_std, qc_saturated,
                           qc_focus, qc_flags; with an image reference distance, distance_pvalue, flagged_by
                           (wells and treatments, with reference profiles: distance, distance_pvalue, flagged_by)
@@ -57,10 +58,11 @@ import numpy as np
 import pandas as pd
 
 from cellmorph.evaluation.aggregate import available_levels
-from cellmorph.data.table import ImageTable
+from cellmorph.data.table import ImageTable, labelled_mask
 from cellmorph.config import ExecutionConfig
 from cellmorph.data.quality import FLAG_TEXT as QC_FLAG_TEXT, QC_COLUMNS, qc_flags
 from cellmorph.data.stream import field_batches
+from cellmorph.evaluation.calibration import fit_temperature, temper
 from cellmorph.evaluation.conformal import in_set
 from cellmorph.evaluation.novelty import IMAGE_SCORE_TEXT
 from cellmorph.engine.screen import forget, job_key, score_screen
@@ -420,7 +422,13 @@ def _conformal(units: pd.DataFrame, cal: pd.DataFrame, level: str, classes: list
     units["set_size"] = sets.sum(axis=1)
     units["novelty"] = 1 - p.max(axis=1)
     units["none_of_known"] = ~sets.any(axis=1)
-    return c.describe()
+    # temperature scaling on the same calibration units: "calibrated_probability" is how often a call this sure was
+    # right out of fold (the prediction sets above use the unscaled probabilities; scaling changes no predicted class)
+    cal_probs = cal_units[[f"prob_{k}" for k in classes]].to_numpy(dtype=np.float64)
+    known = labelled_mask(cal_units, label)
+    t = fit_temperature(cal_probs[known], np.array([classes.index(str(v)) for v in cal_units.loc[known, label]]))
+    units["calibrated_probability"] = temper(probs, t).max(axis=1)
+    return {**c.describe(), "temperature": t}
 
 
 # --- writing the output folder ------------------------------------------------------------------------

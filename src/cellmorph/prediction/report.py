@@ -74,7 +74,8 @@ def write_predict_report(path: Path, result) -> None:
             cells.append(str(len(idx)))
         if label:
             cells.append(html.escape(_fmt(u[label])))
-        cells += [f"<b>{html.escape(str(u['predicted']))}</b>", f"{u['probability']:.2f}"]
+        scaled = f" (calibrated {u['calibrated_probability']:.2f})" if "calibrated_probability" in units.columns else ""
+        cells += [f"<b>{html.escape(str(u['predicted']))}</b>", f"{u['probability']:.2f}{scaled}"]
         if calibrated:
             cells += [html.escape(u["prediction_set"]) or "<i>empty</i>", f"{u['novelty']:.2f}", "<b>yes</b>" if u["none_of_known"] else "no"]
         if "flagged_by" in units.columns and "distance_pvalue" in units.columns:

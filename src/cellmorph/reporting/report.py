@@ -94,8 +94,12 @@ def write_conformal_pngs(out: Path, metrics: Metrics, title: str) -> None:
         ax.plot([r["confidence"] for r in rel], [r["accuracy"] for r in rel], "o", color="C3", ms=4, label="(mean confidence, accuracy)")
         for r in rel:
             ax.text((r["lo"] + r["hi"]) / 2, 0.02, str(r["n"]), ha="center", fontsize=7)
+        scaled = s.get("reliability_scaled")
+        if scaled:
+            ax.plot([r["confidence"] for r in scaled], [r["accuracy"] for r in scaled], "s-", color="C2", ms=3, lw=1, label="temperature-scaled")
+        after = f" ({s['ece_scaled']:.3f} scaled)" if s.get("ece_scaled") is not None else ""
         ax.set(xlim=(0, 1), ylim=(0, 1.02), xlabel="top-class probability (softmax, aggregated)", ylabel="fraction correct",
-               title=f"{_PLURAL[lv]}: ECE {s['ece']:.3f}")
+               title=f"{_PLURAL[lv]}: ECE {s['ece']:.3f}{after}")
     axes[0][0].legend(fontsize=7, loc="upper left")
     fig.suptitle(f"{title}\nreliability (numbers: units per bin)", fontsize=9)
     _save(fig, Path(out) / "reliability.png")
@@ -167,7 +171,8 @@ def _conformal_html(m: Metrics) -> str:
         for c, b in s["by_confidence"].items():
             sem = b.get("coverage_sem")
             rows.append([_PLURAL[lv], c, _fmt(b["coverage"]) + ("" if sem is None else f" ± {_fmt(sem)}") + f" ({b['covered']}/{b['total']})",
-                         f"{b['mean_set_size']:.2f}", str(b["empty"]), f"{s['ece']:.3f}", ", ".join(s["methods"])])
+                         f"{b['mean_set_size']:.2f}", str(b["empty"]), f"{s['ece']:.3f}",
+                         "–" if s.get("ece_scaled") is None else f"{s['ece_scaled']:.3f}", ", ".join(s["methods"])])
     per_class = ""
     head = next(lv for lv in reversed(LEVELS) if lv in block["levels"])
     b9 = block["levels"][head]["by_confidence"].get("0.9", {})
@@ -178,8 +183,9 @@ def _conformal_html(m: Metrics) -> str:
     skipped = "".join(f"<li>{html.escape(k)}: {html.escape(v)}</li>" for k, v in block.get("skipped", {}).items())
     return (f"<h2>Conformal prediction sets</h2><p>{html.escape(block['evaluation'])}{html.escape(seeds)}. Score: {html.escape(block['nonconformity'])}; "
             f"p-values {html.escape(block['p_values'])} ({html.escape(block['library'])}). An empty set = flagged as none of the classes. "
-            f"ECE: expected calibration error of the plain softmax (10 bins).</p>"
-            + _table(["level", "confidence", "coverage", "mean set size", "empty sets", "ECE", "calibration"], rows)
+            f"ECE: expected calibration error of the plain softmax (10 bins); scaled: after temperature scaling, each group's units "
+            f"tempered with the temperature fitted on the other groups' (the sets use the plain softmax).</p>"
+            + _table(["level", "confidence", "coverage", "mean set size", "empty sets", "ECE", "ECE scaled", "calibration"], rows)
             + per_class + (f"<p>Skipped:</p><ul>{skipped}</ul>" if skipped else "")
             + '<img src="coverage.png" style="max-width:100%"><img src="reliability.png" style="max-width:100%">')
 
