@@ -47,3 +47,19 @@ def test_gpu_throughput_cpu_smoke(data_dir, capsys):
         assert line[key] > 0, key
     assert line["ratio"] == pytest.approx(line["cellmorph_img_s"] / line["bare_img_s"], rel=0.02)  # the two are rounded
     assert "aten::convolution" in captured.err  # the profiler table went to stderr
+
+
+def test_train_speed_cpu_smoke(data_dir, capsys):
+    """The fine-tuning speed benchmark at a tiny size: both bare layouts and train.fit run, one JSON line,
+    the ratios follow from the figures it prints (the measured ratio lives in RESULTS.md)."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import train_speed
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    out = train_speed.main(["--data", str(data_dir), "--size", "32", "--n", "16", "--batch", "8", "--epochs", "2", "--steps", "2",
+                            "--warmup", "1", "--repeats", "1"])
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line == out and line["fit_layout"] == "channels_last" and line["images"] == 16
+    assert len(line["fit_epochs_all"][0]) == 2 and all(v > 0 for v in line["bare_images_per_s"].values())
+    assert abs(line["ratio"] - line["fit_images_per_s"] / line["bare_images_per_s"]["channels_last"]) < 0.005
