@@ -235,6 +235,9 @@ def prepare(
     plates: Optional[str] = typer.Option(None, "--plates", help="bbbc021: comma-separated plates to prepare (default: all in the metadata)."),
     image_size: int = typer.Option(0, "--image-size", help="Resize each crop to N x N (default 0: keep the crop size; bbbc021: 512 x 640)."),
     workers: Optional[int] = typer.Option(None, "--workers", help="Threads reading and normalising fields (default: CPU count)."),
+    ome_zarr: Optional[Path] = typer.Option(None, "--ome-zarr", help="Also write the prepared images as OME-Zarr HCS plates in this new (or empty) "
+                                            "folder: PLATE.zarr per plate (each crop a field of its well) and platemap.csv, for napari or "
+                                            "`cellmorph run` with dataset omezarr."),
 ) -> None:
     """Preprocess raw plates as Kensert et al. 2019 into a store that training reads (dataset.name = "prepared").
 
@@ -251,10 +254,19 @@ def prepare(
              "include_controls": include_controls, "illumination": illumination}
     kw = {"workers": workers, **{k: v for k, v in given.items() if v is not None}}  # the dataset's prepare says which it takes
     needs_data = name != "plate" or data is not None or os.environ.get(DATA_ENV)
+    if ome_zarr is not None:  # refused before any field is read, not after an hour of preparing
+        from cellmorph.data.omezarr import check_export_folder
+
+        check_export_folder(ome_zarr)
     recipe = run_prepare(name, resolve_data_dir(data) if needs_data else None, out, **kw)
     console.print(f"{name}: {recipe['n_images']} images of {'x'.join(map(str, recipe['image_shape']))} in {out} (prepared.json says how)")
     if recipe.get("crops_dropped"):
         console.print(f"{len(recipe['crops_dropped'])} near-empty crops dropped (listed in prepared.json)")
+    if ome_zarr is not None:
+        from cellmorph.data.omezarr import write_prepared_plates
+
+        written = write_prepared_plates(out, ome_zarr)
+        console.print(f"OME-Zarr: {len(written)} plate(s) in {ome_zarr} ({', '.join(p.name for p in written)}) and platemap.csv")
 
 
 @app.command()

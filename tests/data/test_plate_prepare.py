@@ -310,3 +310,47 @@ def test_a_failed_prepare_resumes_plate_by_plate(tmp_path, cli, monkeypatch, cap
     assert _digest(out) == _digest(tmp_path / "clean")
     assert json.loads((out / "prepared.json").read_text())["resumed_plates"] == ["P1"]
     assert not segments_folder(out).exists()  # the store is complete: the waiting copies are gone
+
+
+def test_prepare_writes_ome_zarr_plates_of_its_store(tmp_path, cli, monkeypatch, capsys):
+    """--ome-zarr: each plate of the prepared store as an OME-Zarr HCS plate (ome-zarr-py), every crop a field of its
+    well, byte for byte the store's images, with a plate map of the store's per-well metadata; the plate trains through
+    `cellmorph run` (dataset omezarr). A folder that is not new or empty is refused before anything is prepared."""
+    from cellmorph.data.omezarr import plate_fields, read_zarr_plane
+
+    ld, pm = _cell_painting_plate(tmp_path / "p", plates=("P1", "P2"), sites=1, shape=(64, 64))
+    code, said = cli(monkeypatch, capsys, "prepare", "plate", "--images", ld, "--platemap", pm, "--crops", "2x2",
+                     "--out", tmp_path / "store", "--ome-zarr", tmp_path / "zarr")
+    assert code == 0, said
+    assert "OME-Zarr: 2 plate(s)" in said and sorted(p.name for p in (tmp_path / "zarr").iterdir()) == ["P1.zarr", "P2.zarr", "platemap.csv"]
+    store = open_prepared(tmp_path / "store")
+    images, index = np.load(tmp_path / "store" / "images.npy"), store.index
+    for plate in ("P1", "P2"):
+        fields = plate_fields(tmp_path / "zarr" / f"{plate}.zarr")
+        rows = index[index["Metadata_Plate"] == plate]
+        assert len(fields) == len(rows) and list(fields["Metadata_Plate"].unique()) == [plate]
+        assert sorted(fields["Metadata_Well"]) == sorted(rows["Metadata_Well"])
+        for well, got in fields.groupby("Metadata_Well"):
+            want = images[rows.index[rows["Metadata_Well"] == well]]  # the well's crops in store order = its fields in order
+            planes = np.stack([np.stack([read_zarr_plane(r[f"Image_Path_{c}"])[..., 0] for c in CP_CHANNELS]) for _, r in got.iterrows()])
+            assert planes.dtype == np.uint8 and np.array_equal(planes, want)
+    platemap = pd.read_csv(tmp_path / "zarr" / "platemap.csv")
+    assert len(platemap) == 12 and {"Metadata_Compound", "Metadata_Concentration"} <= set(platemap.columns)  # 6 treatment wells x 2 plates
+    assert "Metadata_Crop" not in platemap.columns and "Metadata_Site" not in platemap.columns  # a crop's, a field's: not a well's
+
+    # the exported plate is an input like any other: it trains through `run`
+    (tmp_path / "cfg.toml").write_text(
+        'name = "zarr-out"\nmode = "frozen"\ndevice = "cpu"\n[dataset]\nname = "omezarr"\nimage_size = 32\nlabel = "Metadata_Compound"\n'
+        f'options = {{path = "{tmp_path / "zarr" / "P1.zarr"}", platemap = "{tmp_path / "zarr" / "platemap.csv"}"}}\n'
+        '[model]\nname = "tf_efficientnet_lite0"\ninit = "imagenet"\ninput_size = 32\n[frozen]\nbatch_size = 8\n'
+        '[evaluation]\nprotocol = "random"\n')
+    monkeypatch.delenv("CELLMORPH_DATA", raising=False)
+    code, said = cli(monkeypatch, capsys, "run", tmp_path / "cfg.toml", "--out", tmp_path / "run", "--set", "save_model=false")
+    assert code == 0, said
+    assert len(pd.read_parquet(tmp_path / "run" / "predictions.parquet")) > 0
+
+    # a folder with something in it: refused at once, naming it; no store is prepared
+    code, said = cli(monkeypatch, capsys, "prepare", "plate", "--images", ld, "--platemap", pm, "--out", tmp_path / "store2",
+                     "--ome-zarr", tmp_path / "zarr")
+    assert code == 2 and "is not an empty folder" in said and str(tmp_path / "zarr") in said
+    assert not (tmp_path / "store2").exists() and (tmp_path / "zarr" / "P1.zarr").is_dir()

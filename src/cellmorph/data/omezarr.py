@@ -22,6 +22,7 @@ import hashlib
 import logging
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +30,7 @@ import numpy as np
 import pandas as pd
 
 from cellmorph.errors import CellmorphError
+from cellmorph.storage import make_temporary_folder
 
 PATH_PREFIX = "Image_Path_"  # as cellmorph.data.table.PATH_PREFIX (kept here: table imports this module)
 DTYPES = ("uint8", "uint16")
@@ -215,7 +217,7 @@ def plate_fields(path: str | Path) -> pd.DataFrame:
     + 1) and one Image_Path_<Channel> column per channel (omero labels, else C0, C1...) of image references.
 
     Every field is checked from its metadata before anything is returned (nothing decoded): a folder without plate
-    metadata, a field listed in its well's metadata but missing on disk, wells with different numbers of fields,
+    metadata, a field listed in its well's metadata but missing on disk (wells may hold different numbers of fields, as NGFF allows),
     channels that differ between fields, a pixel type other than uint8/uint16 and stacks (Z or T > 1) are errors
     naming the plate and the fix.
 
@@ -235,7 +237,7 @@ def plate_fields(path: str | Path) -> pd.DataFrame:
     wells = [w.get("path", "") for w in meta.get("wells", []) if isinstance(w, dict)]
     if not wells:
         raise CellmorphError(f"{plate}: the plate metadata lists no wells. {_WRITE_HINT}.")
-    rows, counts, first = [], {}, None
+    rows, first = [], None
     for well in wells:
         parts = str(well).strip("/").split("/")
         well_attrs = _attrs(str(plate / well))
@@ -246,7 +248,6 @@ def plate_fields(path: str | Path) -> pd.DataFrame:
         if not (row.isalpha() and col.isdigit()):
             raise CellmorphError(f"{plate}: well {well}: expected a row letter and a column number (like B/3). Rename the well.")
         images = [im.get("path") for im in well_attrs["well"].get("images", []) if isinstance(im, dict)]
-        counts[well] = len(images)
         for site, image in enumerate(images, start=1):
             ref = f"{plate}/{row}/{col}/{image}"
             f = _open_field(ref, str(plate))
@@ -259,9 +260,6 @@ def plate_fields(path: str | Path) -> pd.DataFrame:
                                      f"{channels} {list(f.channels)}. Every field of a plate needs the same channels in the same order.")
             rows.append({"Metadata_Plate": name, "Metadata_Well": f"{row.upper()}{int(col):02d}", "Metadata_Site": site,
                          "_field": ref})
-    if len(set(counts.values())) > 1:
-        raise CellmorphError(f"{plate}: wells have different numbers of fields ({', '.join(f'{w}: {n}' for w, n in counts.items())}). "
-                             "Write every field of every well, or remove the missing ones from the wells' metadata.")
     if first is None:
         raise CellmorphError(f"{plate}: the wells list no fields. {_WRITE_HINT}.")
     df = pd.DataFrame(rows)
@@ -278,38 +276,115 @@ def _channel_names(labels: tuple[str, ...]) -> list[str]:
     return [f"C{i}" for i in range(len(labels))]
 
 
-def write_plate(path: str | Path, images: dict[tuple, np.ndarray], channel_names: list[str], plate_name: str | None = None) -> Path:
+def write_plate(path: str | Path, images: Mapping[tuple, np.ndarray], channel_names: list[str], plate_name: str | None = None) -> Path:
     """Write an OME-Zarr HCS plate with ome-zarr-py: `images` maps (row, column, field) to a C x H x W uint8 or uint16
     array; every field gets two pyramid levels and omero channel labels. The folder must not exist yet.
 
+    `images` may be any mapping, e.g. one that reads each field when asked: fields are read one at a time, in plate
+    order, and written straight away. The plate is written in a temporary folder beside `path` and renamed into place
+    when complete, so a bad field or a full disk leaves nothing behind.
+
     >>> write_plate("out/plate.zarr", {("B", 3, 0): np.zeros((3, 256, 256), np.uint8)}, ["Actin", "Tubulin", "DAPI"], "P1")
     PosixPath('out/plate.zarr')"""
+    import shutil
+
     import zarr
     from ome_zarr.writer import write_image, write_plate_metadata, write_well_metadata
 
     path = Path(path).expanduser()
     if path.exists():
         raise CellmorphError(f"{path}: already exists; write the plate to a new folder (or remove the old one).")
-    if not images:
+    if not len(images):
         raise CellmorphError(f"{path}: no images to write.")
-    for key, arr in images.items():
-        if arr.ndim != 3 or arr.shape[0] != len(channel_names) or str(arr.dtype) not in DTYPES:
-            raise CellmorphError(f"{path}: field {key}: expected a {len(channel_names)} x H x W uint8 or uint16 array, got {arr.dtype} {arr.shape}.")
-    wells: dict[tuple[str, str], list[str]] = {}
-    for row, col, field in sorted(images, key=lambda k: (str(k[0]), int(k[1]), int(k[2]))):
-        wells.setdefault((str(row), str(col)), []).append(str(field))
+    wells: dict[tuple[str, str], list[tuple[str, tuple]]] = {}
+    for key in sorted(images, key=lambda k: (str(k[0]), int(k[1]), int(k[2]))):
+        row, col, field = key
+        wells.setdefault((str(row), str(int(col))), []).append((str(field), key))
     rows = sorted({r for r, _ in wells})
     cols = sorted({c for _, c in wells}, key=int)
-    root = zarr.open_group(str(path), mode="w")
-    write_plate_metadata(root, rows, cols, [f"{r}/{c}" for r, c in wells], name=plate_name or path.stem,
-                         field_count=max(map(len, wells.values())))
-    for (row, col), fields in wells.items():
-        well = root.require_group(row).require_group(col)
-        write_well_metadata(well, fields)
-        for field in fields:
-            arr = next(a for (r, c, f), a in images.items() if (str(r), str(c), str(f)) == (row, col, field))
-            top = float(np.iinfo(arr.dtype).max)
-            omero = {"channels": [{"label": n, "color": "FFFFFF", "window": {"start": 0.0, "end": top, "min": 0.0, "max": top}}
-                                  for n in channel_names]}
-            write_image(arr, well.require_group(field), axes="cyx", scale_factors=[2] if min(arr.shape[1:]) >= 2 else [], omero=omero)
+    tmp = make_temporary_folder(path)
+    try:
+        root = zarr.open_group(str(tmp), mode="w")
+        write_plate_metadata(root, rows, cols, [f"{r}/{c}" for r, c in wells], name=plate_name or path.stem,
+                             field_count=max(map(len, wells.values())))
+        for (row, col), fields in wells.items():
+            well = root.require_group(row).require_group(col)
+            write_well_metadata(well, [f for f, _ in fields])
+            for field, key in fields:
+                arr = np.asarray(images[key])
+                if arr.ndim != 3 or arr.shape[0] != len(channel_names) or str(arr.dtype) not in DTYPES:
+                    raise CellmorphError(f"{path}: field {key}: expected a {len(channel_names)} x H x W uint8 or uint16 array, got {arr.dtype} {arr.shape}.")
+                top = float(np.iinfo(arr.dtype).max)
+                omero = {"channels": [{"label": n, "color": "FFFFFF", "window": {"start": 0.0, "end": top, "min": 0.0, "max": top}}
+                                      for n in channel_names]}
+                write_image(np.ascontiguousarray(arr), well.require_group(field), axes="cyx", scale_factors=[2] if min(arr.shape[1:]) >= 2 else [],
+                            omero=omero)
+        os.rename(tmp, path)
+    finally:
+        if tmp.exists():  # made by us just now: everything in it is ours
+            shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+_WELL = re.compile(r"^([A-Za-z]+)0*(\d+)$")
+
+
+class _StoreFields(Mapping):
+    """(row, column, field) -> one image of a prepared store, read from its memory-mapped images.npy when asked."""
+
+    def __init__(self, images: np.ndarray, positions: dict[tuple, int]):
+        self.images, self.positions = images, positions
+
+    def __getitem__(self, key):
+        return self.images[self.positions[key]]
+
+    def __iter__(self):
+        return iter(self.positions)
+
+    def __len__(self):
+        return len(self.positions)
+
+
+def write_prepared_plates(store: str | Path, out: str | Path) -> list[Path]:
+    """Each plate of a prepared store (`cellmorph prepare`) as an OME-Zarr HCS plate, out/<plate>.zarr: its wells, each
+    prepared image (a crop, or a whole field) a field of its well in the store's order, uint8 channels named as in
+    prepared.json; and out/platemap.csv, the store's per-well metadata (the columns constant within each well), so that
+    the plates train through `cellmorph run` (dataset "omezarr", options.platemap). One image in memory at a time.
+    `out` must be a new or empty folder.
+
+    >>> write_prepared_plates("prepared/plate7", "prepared/plate7-zarr")
+    [PosixPath('prepared/plate7-zarr/Week1_22123.zarr')]"""
+    import json
+
+    store, out = Path(store).expanduser(), Path(out).expanduser()
+    check_export_folder(out)
+    recipe = json.loads((store / "prepared.json").read_text())
+    index = pd.read_parquet(store / "index.parquet")
+    images = np.load(store / "images.npy", mmap_mode="r")
+    channels = [str(c) for c in recipe.get("channels") or [f"C{i}" for i in range(images.shape[1])]]
+    bad = sorted({str(w) for w in index["Metadata_Well"] if not _WELL.match(str(w))})
+    if bad:
+        raise CellmorphError(f"{store}: wells {bad[:3]} are not a row letter and a column number (like B03); an OME-Zarr plate cannot name them.")
+    written = []
+    for plate, rows in index.groupby("Metadata_Plate", sort=True):
+        positions, count = {}, {}
+        for pos, well in zip(rows.index, rows["Metadata_Well"].astype(str)):
+            r, c = _WELL.match(well).groups()
+            k = count.get(well, 0)
+            count[well] = k + 1
+            positions[(r.upper(), int(c), k)] = int(pos)
+        written.append(write_plate(out / f"{plate}.zarr", _StoreFields(images, positions), channels, plate_name=str(plate)))
+    meta = [c for c in index.columns if c.startswith("Metadata_")]
+    per_well = index.groupby(["Metadata_Plate", "Metadata_Well"], sort=True)[meta].nunique(dropna=False)
+    # Metadata_Site is the plate reader's own (a field's index in its well): never a well's metadata
+    constant = [c for c in meta if c not in ("Metadata_Plate", "Metadata_Well", "Metadata_Site") and (per_well[c] <= 1).all()]
+    platemap = index.groupby(["Metadata_Plate", "Metadata_Well"], sort=True)[constant].first().reset_index()
+    platemap.to_csv(out / "platemap.csv", index=False)
+    return written
+
+
+def check_export_folder(out: Path) -> None:
+    """An OME-Zarr export goes to a new or empty folder: cellmorph never writes among a user's files there."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise CellmorphError(f"--ome-zarr {out}: exists and is not an empty folder. Give a new folder for the OME-Zarr plates "
+                             "(cellmorph writes one PLATE.zarr per plate and platemap.csv there).")
