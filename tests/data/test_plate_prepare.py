@@ -354,3 +354,34 @@ def test_prepare_writes_ome_zarr_plates_of_its_store(tmp_path, cli, monkeypatch,
                      "--ome-zarr", tmp_path / "zarr")
     assert code == 2 and "is not an empty folder" in said and str(tmp_path / "zarr") in said
     assert not (tmp_path / "store2").exists() and (tmp_path / "zarr" / "P1.zarr").is_dir()
+
+
+def test_a_sigkilled_prepare_resumes_with_the_plates_it_finished(tmp_path, cli, monkeypatch, capsys):
+    """SIGKILL (no clean-up runs) once the first plate is finished: no store appears in --out, and the next prepare takes
+    the finished plates as they were (a plate cut off mid-write is prepared again) and gives the same bytes as a clean run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from cellmorph.data.plates import segments_folder
+
+    ld, pm = _cell_painting_plate(tmp_path / "p", plates=("P1", "P2", "P3", "P4"), sites=2, shape=(256, 256))
+    args = ["prepare", "plate", "--images", str(ld), "--platemap", str(pm), "--crops", "2x2", "--workers", "1"]
+    code, said = cli(monkeypatch, capsys, *args, "--out", tmp_path / "clean")
+    assert code == 0, said
+    out = tmp_path / "store"
+    proc = subprocess.Popen([sys.executable, "-m", "cellmorph", *args, "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not list(segments_folder(out).glob("*/plate.json")) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    finished = len(list(segments_folder(out).glob("*/plate.json")))
+    assert 1 <= finished < 4, "the prepare finished (or never finished a plate) before it could be killed"
+    assert not (out / "prepared.json").exists()  # no store, not even a partial one, where the user looks
+    code, said = cli(monkeypatch, capsys, *args, "--out", out)
+    assert code == 0 and f"resumed: {finished} plate(s) prepared by an earlier run" in said, said
+    assert _digest(out) == _digest(tmp_path / "clean")
+    assert not segments_folder(out).exists() and not [p for p in tmp_path.iterdir() if ".tmp" in p.name]
