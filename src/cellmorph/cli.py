@@ -46,6 +46,13 @@ def run(
     console.print(f"[bold green]{cfg.name}[/]: {m.summary_line()}, {m.context['n_folds']} folds, seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}")
     from cellmorph.evaluation.metrics import balance_line
 
+    chosen = m.context.get("frozen_C_chosen")
+    if chosen:
+        from collections import Counter
+
+        counts = Counter(c for c in chosen["per_fold"] if c is not None)
+        console.print(f"frozen.C = \"auto\" (inner {chosen['score']}): " + ", ".join(f"C {c:g} in {n} fold{'s' if n > 1 else ''}" for c, n in sorted(counts.items())),
+                      highlight=False, markup=False)
     for line in (m.recall_line("image"), balance_line(m.context.get("class_balance", {}), m.context.get("class_balance", {}).get("setting", ""))):
         if line:
             console.print(line, highlight=False, markup=False)

@@ -10,7 +10,7 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cellmorph.errors import CellmorphError
 
@@ -45,9 +45,17 @@ class FrozenConfig(_Strict):
     # Average features over the 8 dihedral transforms of each image.
     tta: bool = False
     batch_size: int = Field(32, ge=1)
-    # Inverse L2 strength of the logistic-regression head.
-    C: float = Field(1.0, gt=0)
+    # Inverse L2 strength of the logistic-regression head; "auto": chosen per training fold by an inner split grouped
+    # like the protocol, among 0.01, 0.1, 1 and 10, by balanced accuracy (models/features.py: choose_C).
+    C: float | str = 1.0
     class_weight: Literal["balanced", "none"] = "balanced"
+
+    @field_validator("C")
+    @classmethod
+    def _positive_or_auto(cls, v):
+        if v == "auto" or (isinstance(v, float) and v > 0):
+            return v
+        raise ValueError('should be a positive number, or "auto"')
 
 
 class AugmentConfig(_Strict):
@@ -196,6 +204,8 @@ class ExperimentConfig(_Strict):
             raise ValueError(f"seeds {self.seeds} repeat a seed")
         if self.finetune.eval_epochs and max(self.finetune.eval_epochs) > self.finetune.epochs:
             raise ValueError(f"finetune.eval_epochs {self.finetune.eval_epochs} go past finetune.epochs = {self.finetune.epochs}")
+        if self.frozen.C == "auto" and self.evaluation.protocol == "lomo":
+            raise ValueError('frozen.C = "auto" is not available under the lomo protocol; give a number, e.g. frozen.C = 1.0')
         return self
 
 

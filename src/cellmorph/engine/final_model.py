@@ -19,9 +19,10 @@ from cellmorph.data.table import PATH_PREFIX, labelled_mask
 from cellmorph.data.quality import image_qc, store_qc
 from cellmorph.engine.plan import Plan
 from cellmorph.engine.runfolder import what_is_computed
+from cellmorph.evaluation.protocols import protocol_group
 from cellmorph.evaluation.novelty import image_group_column, image_reference, reference_profiles, reference_sample
 from cellmorph.models.bundle import META, bundle_meta, save_bundle
-from cellmorph.models.features import cached_backbone, cached_features, fit_logistic_head
+from cellmorph.models.features import cached_backbone, cached_features, fit_logistic_head, head_C, head_groups
 from cellmorph.progress import console, make_progress
 
 
@@ -60,7 +61,7 @@ def save_final_model(path: Path, cfg: ExperimentConfig, plan: Plan, store: Store
             clf.fit_store(plan.table, store, final_cfg, on_step=lambda: progress.advance(task))
         else:
             task = progress.add_task(f"final model on all {n} labelled images", total=1)
-            clf.fit_store(plan.table, store, final_cfg)
+            clf.fit_store(plan.table, store, final_cfg, group=protocol_group(cfg.evaluation))
             progress.advance(task)
     clf.calibration, clf.calibration_info = _calibration(cfg, plan, store, oof, seed)
     clf.reference = _reference(cfg, plan, store)
@@ -132,7 +133,9 @@ def _save_frozen_from_cache(path: Path, cfg: ExperimentConfig, plan: Plan, store
     table = plan.table
     idx = np.flatnonzero(labelled_mask(table.df, table.label))
     y = table.df[table.label].astype(str).map({c: i for i, c in enumerate(plan.classes)}).to_numpy()[idx].astype(np.int64)
-    scaler, head = fit_logistic_head(feats[idx], y, fz.C, None if fz.class_weight == "none" else "balanced", cfg.seed)
+    cw = None if fz.class_weight == "none" else "balanced"
+    C, _ = head_C(fz.C, feats[idx], y, head_groups(table.df, protocol_group(cfg.evaluation), idx), cw, cfg.seed)
+    scaler, head = fit_logistic_head(feats[idx], y, C, cw, cfg.seed)
     coef, intercept = head.coef_, head.intercept_
     if coef.shape[0] == 1:  # sklearn's binary head, as Classifier.fit_store stores it
         coef, intercept = np.vstack([np.zeros_like(coef), coef]), np.concatenate([[0.0], intercept])

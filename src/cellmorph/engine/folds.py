@@ -25,7 +25,7 @@ from cellmorph.evaluation.conformal import evaluate
 from cellmorph.evaluation.metrics import Metrics, compute_metrics
 from cellmorph.evaluation.protocols import protocol_group
 from cellmorph.evaluation.splits import Fold
-from cellmorph.models.features import extract_features, logistic_head
+from cellmorph.models.features import C_GRID, extract_features, head_C, logistic_head
 from cellmorph.models.names import default_input_size
 from cellmorph.progress import console, make_progress
 
@@ -167,6 +167,10 @@ class FoldEngine:
         folds = self.plan.folds
         pred = pd.concat([sink.predictions(i) for i in range(len(folds))], ignore_index=True)
         m = self.score(pred, seed, [sink.curve(i) for i in range(len(folds))])
+        chosen = [(h or {}).get("frozen_C") for h in (sink.history(i) for i in range(len(folds)))]
+        if any(chosen):  # frozen.C = "auto": what each fold's inner split chose
+            m.context["frozen_C_chosen"] = {"grid": list(C_GRID), "per_fold": [c and c["C"] for c in chosen],
+                                            "inner": [c for c in chosen], "score": "balanced accuracy of the inner split"}
         return pred, m
 
     def run_protocol(self, seed: int) -> tuple[pd.DataFrame, Metrics, dict]:
@@ -184,7 +188,11 @@ class FoldEngine:
         cfg, n_classes = self.cfg, len(self.plan.classes)
         if cfg.mode == "frozen":
             cw = None if cfg.frozen.class_weight == "none" else "balanced"
-            return FoldResult(logistic_head(self.features, self.y, fold.train, fold.test, n_classes, cfg.frozen.C, cw, seed)), None
+            group = protocol_group(cfg.evaluation)
+            groups = self.index[group].to_numpy()[fold.train] if group and group in self.index.columns else None
+            C, chosen = head_C(cfg.frozen.C, self.features[fold.train], self.y[fold.train], groups, cw, seed)
+            probs = logistic_head(self.features, self.y, fold.train, fold.test, n_classes, C, cw, seed)
+            return FoldResult(probs, history={"frozen_C": chosen} if chosen else None), None
         return finetune_fold(cfg, self.images, self.y, n_classes, fold, self.plan.device, seed, progress)
 
     def fold_predictions(self, i: int, fold: Fold, probs: np.ndarray) -> pd.DataFrame:

@@ -136,6 +136,10 @@ class FolderSink:
     def predictions(self, i: int) -> pd.DataFrame:
         return pd.read_parquet(self.fold_dir(i) / "predictions.parquet")
 
+    def history(self, i: int) -> dict | None:
+        f = self.fold_dir(i) / "history.json"
+        return json.loads(f.read_text()) if f.is_file() else None
+
     def curve(self, i: int):
         info = json.loads((self.fold_dir(i) / "fold.json").read_text())
         if "curve_x" not in info:
@@ -159,6 +163,9 @@ class MemorySink:
 
     def predictions(self, i: int) -> pd.DataFrame:
         return self.results[i][0]
+
+    def history(self, i: int) -> dict | None:
+        return self.results[i][1].history
 
     def curve(self, i: int):
         res = self.results[i][1]

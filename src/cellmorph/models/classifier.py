@@ -23,7 +23,7 @@ from cellmorph.data.table import ImageTable, labelled_mask
 from cellmorph.errors import CellmorphError
 from cellmorph.models.bundle import bundle_meta, load_bundle, load_state, save_bundle
 from cellmorph.models.factory import INIT_WORDS, check_model_config, create_model, default_input_size, normalization, pre_logits
-from cellmorph.models.features import extract_features, fit_logistic_head
+from cellmorph.models.features import extract_features, fit_logistic_head, head_C, head_groups
 from cellmorph.models.heads import check_head, head_proba
 from cellmorph.progress import make_progress, progress_shown
 from cellmorph.models.train import InputSpec, disk_images, fit as _fit, fits_in_memory, fold_batch_norm, forward_batches, make_input_spec, pick_device, resize_uint8_stack
@@ -147,9 +147,10 @@ class Classifier:
                 bar.advance(task)
         return self
 
-    def fit_store(self, table: ImageTable, store, cfg: ExperimentConfig | None = None, on_step=None) -> Classifier:
+    def fit_store(self, table: ImageTable, store, cfg: ExperimentConfig | None = None, on_step=None, group: str | None = None) -> Classifier:
         """`fit` on a store already built from `table` (the runner's final model reuses its store); `on_step()`
-        after each training step (progress bars)."""
+        after each training step (progress bars). `group`: the column whose groups frozen.C = "auto"'s inner split
+        keeps whole (default: evaluation.group; the runner passes its protocol's)."""
         cfg = cfg or self.config
         check_labelled(table)
         lab = labelled_mask(table.df, table.label)
@@ -159,7 +160,7 @@ class Classifier:
         device = pick_device(cfg.device)
         self._reset(cfg)
         if cfg.mode == "frozen":
-            self._fit_frozen(store, idx, y, device)
+            self._fit_frozen(store, idx, y, device, head_groups(table.df, cfg.evaluation.group if group is None else group, idx))
         else:
             size = cfg.model.input_size or default_input_size(cfg.model.name)
             images = torch.from_numpy(np.asarray(store.images)) if store.decoded or fits_in_memory(store.shape, size) else disk_images(store, size, device)
@@ -168,7 +169,7 @@ class Classifier:
         self._trained_on = trained_on(table, store, len(idx), cfg.seed)
         return self
 
-    def _fit_frozen(self, store, idx: np.ndarray, y: np.ndarray, device: torch.device) -> None:
+    def _fit_frozen(self, store, idx: np.ndarray, y: np.ndarray, device: torch.device, groups: np.ndarray | None = None) -> None:
         """Backbone features (as the runner: cached when the weights are fixed) + the standardised multinomial
         logistic head of features.logistic_head, kept as plain tensors."""
         cfg = self.config
@@ -181,7 +182,9 @@ class Classifier:
                 feats = extract_features(store, m, fz.tta, fz.batch_size, device)[idx]
             else:
                 feats = self._features(torch.from_numpy(np.asarray(store.images))[torch.from_numpy(idx)], device).numpy()
-        scaler, head = fit_logistic_head(feats, y, fz.C, None if fz.class_weight == "none" else "balanced", cfg.seed)
+        cw = None if fz.class_weight == "none" else "balanced"
+        C, _ = head_C(fz.C, feats, y, groups, cw, cfg.seed)
+        scaler, head = fit_logistic_head(feats, y, C, cw, cfg.seed)
         coef, intercept = head.coef_, head.intercept_
         if coef.shape[0] == 1:  # sklearn's binary head: one row for class 1; softmax over (0, z) is its sigmoid
             coef, intercept = np.vstack([np.zeros_like(coef), coef]), np.concatenate([[0.0], intercept])

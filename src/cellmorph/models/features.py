@@ -123,6 +123,53 @@ def cached_backbone(store: Store, model_cfg: ModelConfig, tta: bool, cache: Path
     return load_file(str(weights)), json.loads(spec.read_text())
 
 
+C_GRID = (0.01, 0.1, 1.0, 10.0)  # frozen.C = "auto" chooses among these (fixed before any run was scored)
+INNER_FOLDS = 3
+
+
+def choose_C(features: np.ndarray, y: np.ndarray, groups: np.ndarray | None, class_weight: str | None, seed: int) -> dict:
+    """frozen.C = "auto": the C of C_GRID with the best balanced accuracy over an inner 3-fold split of these (training)
+    rows, grouped like the outer protocol (whole groups, e.g. compounds or slides, when `groups` has 3 or more),
+    else stratified by class; ties go to the smaller C (more regularisation). Returns the choice and every
+    candidate's inner score, for the run's records.
+
+    >>> choose_C(features[train], y[train], compounds[train], "balanced", 0)["C"]
+    1.0"""
+    from sklearn.model_selection import GroupKFold, StratifiedKFold
+
+    y = np.asarray(y)
+    if groups is not None and len(set(np.asarray(groups).astype(str))) >= INNER_FOLDS:
+        splits = list(GroupKFold(INNER_FOLDS).split(features, y, np.asarray(groups).astype(str)))
+        how = f"{INNER_FOLDS}-fold inner split of whole groups"
+    else:
+        k = max(2, min(INNER_FOLDS, int(np.bincount(y).min()) if len(y) else 2))
+        splits = list(StratifiedKFold(k, shuffle=True, random_state=seed).split(features, y))
+        how = f"{k}-fold stratified inner split"
+    n_classes = int(y.max()) + 1
+    scores = {}
+    for C in C_GRID:
+        predicted = np.empty(len(y), dtype=np.int64)
+        for train, test in splits:
+            predicted[test] = logistic_head(features, y, train, test, n_classes, C, class_weight, seed).argmax(1)
+        recalls = [float((predicted[y == k] == k).mean()) for k in np.unique(y)]
+        scores[C] = float(np.mean(recalls))
+    best = max(C_GRID, key=lambda c: (round(scores[c], 12), -c))
+    return {"C": best, "inner_balanced_accuracy": {f"{c:g}": round(v, 4) for c, v in scores.items()}, "inner_split": how}
+
+
+def head_C(C: float | str, features: np.ndarray, y: np.ndarray, groups: np.ndarray | None, class_weight: str | None, seed: int) -> tuple[float, dict | None]:
+    """The head's C: the configured number, or with "auto" the inner-validated choice (and its record)."""
+    if C != "auto":
+        return float(C), None
+    info = choose_C(features, y, groups, class_weight, seed)
+    return info["C"], info
+
+
+def head_groups(df, column: str, idx: np.ndarray) -> np.ndarray | None:
+    """The inner split's groups for frozen.C = "auto": the `column` values of rows `idx` (None: no such column)."""
+    return df[column].to_numpy()[idx] if column and column in df.columns else None
+
+
 def fit_logistic_head(features: np.ndarray, y: np.ndarray, C: float, class_weight: str | None, seed: int):
     """Standardisation + multinomial logistic regression fitted on `features`; returns (scaler, classifier).
 
