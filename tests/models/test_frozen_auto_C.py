@@ -3,6 +3,8 @@ fold, through the real quickstart; refused where it does not apply."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from sklearn.linear_model import LogisticRegression
@@ -62,7 +64,8 @@ def test_quickstart_with_auto_C_records_each_folds_choice(data_dir):
     from cellmorph.config import override
     from cellmorph.engine.runner import cross_validate_config
 
-    cfg = override(load_config("configs/quickstart.toml"), {"frozen.C": "auto"})
+    quickstart = Path(__file__).resolve().parents[2] / "configs" / "quickstart.toml"
+    cfg = override(load_config(quickstart), {"frozen.C": "auto"})
     m = cross_validate_config(cfg, data_dir=data_dir).metrics
     chosen = m.context["frozen_C_chosen"]
     assert len(chosen["per_fold"]) == 18 and set(chosen["per_fold"]) <= set(C_GRID)
