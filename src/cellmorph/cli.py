@@ -53,7 +53,7 @@ def run(
         counts = Counter(c for c in chosen["per_fold"] if c is not None)
         console.print(f"frozen.C = \"auto\" (inner {chosen['score']}): " + ", ".join(f"C {c:g} in {n} fold{'s' if n > 1 else ''}" for c, n in sorted(counts.items())),
                       highlight=False, markup=False)
-    for line in (m.recall_line("image"), balance_line(m.context.get("class_balance", {}), m.context.get("class_balance", {}).get("setting", ""))):
+    for line in (m.recall_line("image"), balance_line(m.context.get("class_balance", {}))):
         if line:
             console.print(line, highlight=False, markup=False)
     if m.novelty:

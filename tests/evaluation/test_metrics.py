@@ -137,13 +137,13 @@ def test_recall_per_class_and_the_imbalance_line():
     # lowest recall first, with the counts behind each
     assert line == "recall per class (images), lowest first: c 30.0% (3/10), b 50.0% (15/30), a 100.0% (60/60)"
     assert m.recall_line("treatment") == ""  # a level not scored: nothing to say
-    b = class_balance(truth, weighted=True)
+    b = class_balance(truth, True, 'frozen.class_weight = "none"')
     assert (b["ratio"], b["largest"], b["smallest"], b["images"]) == (6.0, "a", "c", {"a": 60, "b": 30, "c": 10})
-    on = balance_line(b, 'frozen.class_weight = "none"')
+    on = balance_line(b)
     assert on.startswith("classes differ 6.0x in images (a 60, c 10): class weights on") and 'frozen.class_weight = "none" turns them off' in on
-    off = balance_line(class_balance(truth, weighted=False), "finetune.class_weights = false")
+    off = balance_line(class_balance(truth, False, "finetune.class_weights = false"))
     assert "class weights are OFF (finetune.class_weights = false)" in off
-    assert balance_line(class_balance(["a"] * 20 + ["b"] * 10, weighted=True), "x") == ""  # 2x exactly: not worth a line
+    assert balance_line(class_balance(["a"] * 20 + ["b"] * 10, True, "x")) == ""  # 2x exactly: not worth a line
 
 
 def _multi_seed() -> Metrics:

@@ -145,7 +145,7 @@ def training_balance(cfg: ExperimentConfig, table: ImageTable) -> dict:
     frozen = cfg.mode == "frozen"
     weighted = cfg.frozen.class_weight != "none" if frozen else cfg.finetune.class_weights
     labels = table.df.loc[labelled_mask(table.df, table.label), table.label]
-    return {**class_balance(labels, weighted), "setting": 'frozen.class_weight = "none"' if frozen else "finetune.class_weights = false"}
+    return class_balance(labels, weighted, 'frozen.class_weight = "none"' if frozen else "finetune.class_weights = false")
 
 
 def _finish(out: Path, cfg: ExperimentConfig, plan: Plan, pred: pd.DataFrame, metrics: Metrics) -> None:

@@ -166,22 +166,23 @@ class Metrics:
         return f"recall per class ({level}s{seeds}), lowest first: " + ", ".join(shown) + more
 
 
-def class_balance(labels, weighted: bool) -> dict:
-    """How unequal the classes are (labelled images per class) and whether training weighs them.
+def class_balance(labels, weighted: bool, setting: str) -> dict:
+    """How unequal the classes are (labelled images per class), whether training weighs them, and the config field
+    that switches the weights (`setting`).
 
-    >>> class_balance(["a"] * 30 + ["b"] * 10, weighted=True)["ratio"]
+    >>> class_balance(["a"] * 30 + ["b"] * 10, True, 'frozen.class_weight = "none"')["ratio"]
     3.0"""
     counts = pd.Series(np.asarray(labels, dtype=object).astype(str)).value_counts()
     return {"images": {str(k): int(v) for k, v in counts.sort_index().items()}, "largest": str(counts.index[0]), "smallest": str(counts.index[-1]),
-            "ratio": round(float(counts.iloc[0] / counts.iloc[-1]), 2), "weighted": bool(weighted)}
+            "ratio": round(float(counts.iloc[0] / counts.iloc[-1]), 2), "weighted": bool(weighted), "setting": setting}
 
 
-def balance_line(b: dict, setting: str) -> str:
-    """One console line on class imbalance: said whenever the largest class has more than twice the images
-    of the smallest, with what the training does about it (`setting` names the config field)."""
+def balance_line(b: dict) -> str:
+    """One console line on class imbalance (`class_balance`): said whenever the largest class has more than twice
+    the images of the smallest, with what the training does about it and the field that switches it."""
     if not b or b["ratio"] <= 2:
         return ""
-    n = b["images"]
+    n, setting = b["images"], b["setting"]
     head = f"classes differ {b['ratio']:.1f}x in images ({b['largest']} {n[b['largest']]}, {b['smallest']} {n[b['smallest']]})"
     if b["weighted"]:
         return f"{head}: class weights on (balanced: each class counts equally in the loss; {setting} turns them off)"
