@@ -14,9 +14,10 @@ BUNDLE: a bundle folder (RUN/model of `cellmorph run` with save_model = true): i
     inverted (255 - a held-out real image), and two foreign datasets resized to the model's store shape
     (BBBC021 model: CRCHistoPhenotypes nucleus patches, BBBC013 translocation fields; nuclei model: BBBC021
     subset fields, BBBC013 fields);
-  - scores: "distance" (the cosine kNN distance of novelty.image_distances; AUROC is rank-based so it equals
-    that of 1 - p-value up to ties) and "distance_or_qc" (distance, with any QC flag ranked above every
-    unflagged image); flags at 0.9: distance p-value <= 0.1, and that or a QC flag.
+  - scores: "distance" (the cosine kNN distance of the features alone; AUROC is rank-based so it equals
+    that of 1 - p-value up to ties), "combined" (the shipped score since 2026-12-06: novelty.image_distances with
+    the images' intensity profiles, ranked by 1 - p-value, ties counted half) and "combined_or_qc" (combined, with
+    any QC flag ranked above every unflagged image); flags at 0.9: p-value <= 0.1, and that or a QC flag.
 Nothing here is tuned: the score, the QC thresholds and the flag level were fixed before this was run.
 Also, where the data have at most 50 groups, the false-flag rate leave-one-group-out (each compound held out once,
 against a reference of all the others). Prints one JSON line: per kind the AUROC and flag rate (mean, sd over seeds,
@@ -38,7 +39,7 @@ from PIL import Image
 from sklearn.metrics import roc_auc_score
 
 import cellmorph as cm
-from cellmorph.data.quality import QC_COLUMNS, image_qc, qc_flags
+from cellmorph.data.quality import QC_COLUMNS, image_numbers, qc_flags
 from cellmorph.data.stream import field_batches
 from cellmorph.evaluation.novelty import image_distances, image_group_column, image_reference, reference_sample
 
@@ -118,8 +119,8 @@ def main() -> None:
     cache: dict[int, tuple[np.ndarray, dict]] = {}
 
     def qc_and_feats(batches):
-        out = clf.outputs(batches, features=True, per_batch=lambda im, _: image_qc(im))
-        return out["features"], {k: out[k] for k in QC_COLUMNS}
+        out = clf.outputs(batches, features=True, per_batch=lambda im, _: image_numbers(im))
+        return out["features"], {k: out[k] for k in (*QC_COLUMNS, "profile")}
 
     def real(rows):
         todo = np.array([r for r in rows if r not in cache], dtype=np.int64)
@@ -127,7 +128,7 @@ def main() -> None:
             f, q = qc_and_feats(field_batches(table, size, todo, clf.batch_size))
             for i, r in enumerate(todo):
                 cache[int(r)] = (f[i], {k: q[k][i] for k in q})
-        return np.stack([cache[int(r)][0] for r in rows]), {k: np.array([cache[int(r)][1][k] for r in rows]) for k in QC_COLUMNS}
+        return np.stack([cache[int(r)][0] for r in rows]), {k: np.array([cache[int(r)][1][k] for r in rows]) for k in (*QC_COLUMNS, "profile")}
 
     shape = next(field_batches(table, size, labelled[:1], 1))[1].shape[1:]
     foreign = ({"foreign_bbbc021": bbbc021_fields, "foreign_translocation": translocation} if cfg.dataset.name == "crchisto"
@@ -142,7 +143,7 @@ def main() -> None:
         test = np.sort(rng.choice(test, min(MAX_TEST, len(test)), replace=False))
         ref_rows = train[reference_sample(len(train), seed)]
         f_ref, q_ref = real(ref_rows)
-        ref = image_reference(f_ref, groups[ref_rows], column, "benchmark", q_ref["qc_focus"], len(train))
+        ref = image_reference(f_ref, groups[ref_rows], column, "benchmark", q_ref["qc_focus"], len(train), profiles=q_ref["profile"])
         f_test, q_test = real(test)
         real_pix = np.concatenate([b for _, b in field_batches(table, size, test[: args.n], args.n)])
         kinds = {"blank": synthetic("blank", args.n, shape, rng, real_pix), "noise": synthetic("noise", args.n, shape, rng, real_pix),
@@ -152,24 +153,25 @@ def main() -> None:
         focus_min = float(ref["focus_min"])
 
         def scores(f, q):
-            d, p = image_distances(ref, f)
+            d, p = image_distances({k: v for k, v in ref.items() if k != "profiles"}, f)  # the features alone
+            _, pc = image_distances(ref, f, q["profile"])  # the shipped score
             flags = qc_flags(q, focus_min)
             qc = np.any([flags[k] for k in flags], axis=0)
-            return d, p, qc
+            return d, p, pc, qc
 
-        d0, p0, qc0 = scores(f_test, q_test)
+        d0, p0, pc0, qc0 = scores(f_test, q_test)
         row = {"seed": seed, "held_out_groups": len(held), "reference_images": len(ref_rows), "real_test_images": len(test),
-               "false_flag_distance": float((p0 <= 0.1).mean()), "false_flag_distance_or_qc": float(((p0 <= 0.1) | qc0).mean()),
-               "false_flag_qc": float(qc0.mean()), "kinds": {}}
+               "false_flag_distance": float((p0 <= 0.1).mean()), "false_flag_combined": float((pc0 <= 0.1).mean()),
+               "false_flag_combined_or_qc": float(((pc0 <= 0.1) | qc0).mean()), "false_flag_qc": float(qc0.mean()), "kinds": {}}
         for name, pix in kinds.items():
             f, q = qc_and_feats([(np.arange(len(pix)), pix)])
-            d, p, qc = scores(f, q)
+            d, p, pc, qc = scores(f, q)
             y = np.r_[np.zeros(len(d0)), np.ones(len(d))]
-            big = max(d.max(), d0.max()) + 1
             row["kinds"][name] = {"auroc_distance": float(roc_auc_score(y, np.r_[d0, d])),
-                                  "auroc_distance_or_qc": float(roc_auc_score(y, np.r_[d0 + big * qc0, d + big * qc])),
-                                  "flagged_distance": float((p <= 0.1).mean()), "flagged_distance_or_qc": float(((p <= 0.1) | qc).mean()),
-                                  "flagged_qc": float(qc.mean())}
+                                  "auroc_combined": float(roc_auc_score(y, -np.r_[pc0, pc])),
+                                  "auroc_combined_or_qc": float(roc_auc_score(y, np.r_[2 * qc0 - pc0, 2 * qc - pc])),
+                                  "flagged_distance": float((p <= 0.1).mean()), "flagged_combined": float((pc <= 0.1).mean()),
+                                  "flagged_combined_or_qc": float(((pc <= 0.1) | qc).mean()), "flagged_qc": float(qc.mean())}
         per_seed.append(row)
 
     loco = None
@@ -180,8 +182,9 @@ def main() -> None:
         for g in names:
             out_g = groups[labelled] == g
             rows = np.flatnonzero(~out_g)[reference_sample(int((~out_g).sum()), 0)]
-            ref = image_reference(f_all[rows], groups[labelled][rows], column, "benchmark", q_all["qc_focus"][rows], int((~out_g).sum()))
-            _, p = image_distances(ref, f_all[out_g])
+            ref = image_reference(f_all[rows], groups[labelled][rows], column, "benchmark", q_all["qc_focus"][rows], int((~out_g).sum()),
+                                  profiles=q_all["profile"][rows])
+            _, p = image_distances(ref, f_all[out_g], q_all["profile"][out_g])
             per_group[str(g)] = round(float((p <= 0.1).mean()), 4)
             flagged, total = flagged + int((p <= 0.1).sum()), total + int(out_g.sum())
         loco = {"protocol": f"leave-one-{column or 'image'}-out: each group's images against a reference of all other groups",
@@ -203,12 +206,11 @@ def main() -> None:
            "seeds": [r["seed"] for r in per_seed], "n_per_kind": args.n,
            "real_test_images": [r["real_test_images"] for r in per_seed], "reference_images": [r["reference_images"] for r in per_seed],
            "false_flag_rate_distance": agg([r["false_flag_distance"] for r in per_seed]),
-           "false_flag_rate_distance_or_qc": agg([r["false_flag_distance_or_qc"] for r in per_seed]),
+           "false_flag_rate_combined": agg([r["false_flag_combined"] for r in per_seed]),
+           "false_flag_rate_combined_or_qc": agg([r["false_flag_combined_or_qc"] for r in per_seed]),
            "false_flag_rate_qc": agg([r["false_flag_qc"] for r in per_seed]),
-           "auroc_distance": {k: agg([r["kinds"][k]["auroc_distance"] for r in per_seed]) for k in kinds},
-           "auroc_distance_or_qc": {k: agg([r["kinds"][k]["auroc_distance_or_qc"] for r in per_seed]) for k in kinds},
-           "flagged_at_0.9_distance": {k: agg([r["kinds"][k]["flagged_distance"] for r in per_seed]) for k in kinds},
-           "flagged_at_0.9_distance_or_qc": {k: agg([r["kinds"][k]["flagged_distance_or_qc"] for r in per_seed]) for k in kinds},
+           **{f"auroc_{s}": {k: agg([r["kinds"][k][f"auroc_{s}"] for r in per_seed]) for k in kinds} for s in ("distance", "combined", "combined_or_qc")},
+           **{f"flagged_at_0.9_{s}": {k: agg([r["kinds"][k][f"flagged_{s}"] for r in per_seed]) for k in kinds} for s in ("distance", "combined", "combined_or_qc")},
            "flagged_qc": {k: agg([r["kinds"][k]["flagged_qc"] for r in per_seed]) for k in kinds},
            "false_flag_leave_one_group_out": loco,
            "seconds": round(time.time() - t0, 1), "machine": f"{platform.machine()}, {os.cpu_count()} cores",

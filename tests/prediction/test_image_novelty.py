@@ -21,8 +21,9 @@ from cellmorph.data import quality
 from cellmorph.data.store import open_store
 from cellmorph.data.table import ImageTable
 from cellmorph.models.features import extract_features
-from cellmorph.data.quality import focus_threshold, image_qc, qc_flags
+from cellmorph.data.quality import focus_threshold, image_qc, intensity_profile, qc_flags
 from cellmorph.errors import CellmorphError
+from cellmorph.evaluation.novelty import image_distances, image_reference
 
 
 def _subset_pngs(data_dir, n):
@@ -59,6 +60,7 @@ def test_garbage_images_are_flagged_by_the_quickstart_bundle(quick_run, data_dir
         Image.fromarray(im).save(folder / f"real{i}.png")
         Image.fromarray(np.full((256, 256, 3), rng.integers(20, 230), np.uint8)).save(folder / f"grey{i}.png")
         Image.fromarray(rng.integers(0, 256, (256, 256, 3), dtype=np.uint8)).save(folder / f"noise{i}.png")
+        Image.fromarray(255 - im).save(folder / f"inverted{i}.png")
     out = tmp_path / "pred"
     monkeypatch.setattr(sys, "argv", ["cellmorph", "predict", str(quick_run / "model"), str(folder), "--out", str(out), "--novelty", "distance"])
     with pytest.raises(SystemExit) as e:
@@ -71,10 +73,12 @@ def test_garbage_images_are_flagged_by_the_quickstart_bundle(quick_run, data_dir
     assert not [c for c in p.columns if c.startswith("feature")]  # per image: a few numbers, never the features
     assert (p.loc[kind == "grey", "qc_flags"] == "blank").all() and (p.loc[kind != "grey", "qc_flags"] == "").all()
     assert p.loc[kind == "noise", "none_of_known"].all() and (p.loc[kind == "noise", "distance_pvalue"] <= 0.1).all()
+    assert p.loc[kind == "inverted", "none_of_known"].all()  # bright background: the intensity profile is unlike any training field's
     assert not p.loc[kind == "real", "none_of_known"].any()
     info = json.loads((out / "predict.json").read_text())
     img = info["novelty"]["image"]
     assert img["score"] == "distance" and img["groups_left_out"] == "Metadata_Compound" and img["reference_images"] == 660
+    assert "intensity profile" in img["distance"]
     assert img["qc"]["flagged"]["blank"] == 6 and img["qc"]["focus_min"] > 0
     html = (out / "report.html").read_text()
     assert "blank" in html and "QC" in html
@@ -84,16 +88,21 @@ def test_garbage_images_are_flagged_by_the_quickstart_bundle(quick_run, data_dir
 def test_image_reference_is_checked_on_load(quick_run, tmp_path):
     clf = cm.Classifier.load(quick_run / "model")
     ref = clf.image_reference
-    assert ref["features"].dtype == np.float16 and ref["features"].shape == (660, 1280) and int(ref["version"]) == 1
+    assert ref["features"].dtype == np.float16 and ref["features"].shape == (660, 1280) and int(ref["version"]) == 2
     assert len(ref["calibration"]) == 660 and str(ref["feature_space"]) == "frozen backbone features" and str(ref["metric"]) == "cosine_raw"
+    assert ref["profiles"].shape == (660, 15) and len(ref["profile_calibration"]) == len(ref["combined_calibration"]) == 660
+    clf.image_reference = dict(ref, profiles=ref["profiles"][:10])
+    clf.save(tmp_path / "short-profiles")
+    with pytest.raises(CellmorphError, match="intensity profiles of inconsistent shapes"):
+        cm.Classifier.load(tmp_path / "short-profiles")
     clf.image_reference = dict(ref, metric=np.array("euclid"))
     clf.save(tmp_path / "other-metric")
     with pytest.raises(CellmorphError, match="damaged image reference"):
         cm.Classifier.load(tmp_path / "other-metric")
-    newer = dict(ref, version=np.array(2))
+    newer = dict(ref, version=np.array(3))
     clf.image_reference = newer
     clf.save(tmp_path / "newer")
-    with pytest.raises(CellmorphError, match="image reference version 2, made by a newer cellmorph"):
+    with pytest.raises(CellmorphError, match="image reference version 3, made by a newer cellmorph"):
         cm.Classifier.load(tmp_path / "newer")
     clf.image_reference = dict(ref, features=ref["features"][:, :100])
     clf.save(tmp_path / "narrow")
@@ -111,7 +120,8 @@ def test_training_qc_is_computed_in_the_feature_pass_and_cached(subset_table, tm
     extract_features(store, ModelConfig(name="tf_efficientnet_lite0", init="imagenet", input_size=64), tta=False, batch_size=8,
                      device=torch.device("cpu"), cache=tmp_path)
     cached = quality.cached_store_qc(store)
-    assert cached is not None and all(np.array_equal(cached[k], direct[k]) for k in quality.QC_COLUMNS)
+    assert cached is not None and all(np.array_equal(cached[k], direct[k]) for k in (*quality.QC_COLUMNS, "profile"))
+    assert cached["profile"].shape == (24, 3 * len(quality.PROFILE_QUANTILES))
 
     monkeypatch.setattr(quality, "qc_of_batches", lambda *a, **k: pytest.fail("decoded the images again"))
     assert np.array_equal(quality.store_qc(store)["qc_focus"], direct["qc_focus"])  # warm: from the cache
@@ -121,3 +131,30 @@ def test_training_qc_is_computed_in_the_feature_pass_and_cached(subset_table, tm
     path.write_bytes(path.read_bytes()[:-8] + b"\x00" * 8)  # bytes changed behind cellmorph's back
     assert quality.cached_store_qc(store) is None
     assert np.array_equal(quality.store_qc(store)["qc_std"], direct["qc_std"])
+
+
+def test_intensity_profile_is_exact_per_channel_percentiles(data_dir):
+    """The histogram-based profile equals numpy's lower percentiles of each channel of real fields."""
+    x = np.stack([im.transpose(2, 0, 1) for im in _subset_pngs(data_dir, 3)])
+    prof = intensity_profile(x).reshape(3, 3, -1)
+    want = np.quantile(x.reshape(3, 3, -1), quality.PROFILE_QUANTILES, axis=2, method="inverted_cdf").transpose(1, 2, 0) / 255
+    assert np.allclose(prof, want, atol=1e-6)
+
+
+def test_combined_image_score_keeps_its_level_and_sees_intensity_shifts():
+    """Exchangeable images (features and profiles from one distribution, in groups): about 10% flagged at 0.9 by the
+    combined score, as by the feature distance alone; images whose features are typical but whose intensities are
+    shifted: flagged by the combined score only."""
+    rng = np.random.default_rng(0)
+    n = 1200
+    feats = rng.normal(size=(n, 32)) + 3.0
+    profiles = rng.normal(size=(n, 15)) * 0.05 + 0.3
+    groups = np.repeat(np.arange(n // 20), 20)
+    ref = image_reference(feats[:800], groups[:800], "Metadata_Compound", "test", profiles=profiles[:800])
+    _, p_feat = image_distances({k: v for k, v in ref.items() if k != "profiles"}, feats[800:])
+    _, p = image_distances(ref, feats[800:], profiles[800:])
+    print("false flags at 0.9: features", (p_feat <= 0.1).mean(), "combined", (p <= 0.1).mean())
+    assert 0.05 <= (p <= 0.1).mean() <= 0.15 and 0.05 <= (p_feat <= 0.1).mean() <= 0.15
+    _, p_shift_feat = image_distances({k: v for k, v in ref.items() if k != "profiles"}, feats[800:850])
+    _, p_shift = image_distances(ref, feats[800:850], profiles[800:850] + 0.5)
+    assert (p_shift <= 0.1).all() and (p_shift_feat <= 0.1).mean() < 0.3

@@ -8,6 +8,11 @@ Per image (uint8 C x H x W, as the store and `stream.field_batches` give them):
     qc_focus       variance of the 4-neighbour Laplacian of the channel-mean image: sharp edges give a large
                    variance, a blurred (out-of-focus) field a small one (Pech-Pacheco et al. 2000)
 
+and its intensity profile (`intensity_profile`): per channel, the 1st, 25th, 50th, 75th and 99th percentile of
+its pixel values (divided by 255) — what the image novelty score (evaluation/novelty.py) compares with the training
+images' profiles, so that a field of another stain, exposure or modality is unlike the training images even where
+the network's features are not.
+
 Flags (`qc_flags`):
 
     blank          qc_std < BLANK_STD (a flat field: empty well, missing channel, failed acquisition)
@@ -65,6 +70,28 @@ def image_qc(images: np.ndarray) -> dict[str, np.ndarray]:
     return {"qc_std": std.astype(np.float32), "qc_saturated": saturated.astype(np.float32), "qc_focus": focus.astype(np.float32)}
 
 
+PROFILE_QUANTILES = (0.01, 0.25, 0.5, 0.75, 0.99)
+
+
+def intensity_profile(images: np.ndarray) -> np.ndarray:
+    """Per image of a uint8 N x C x H x W batch: the PROFILE_QUANTILES of each channel's pixel values / 255, as one
+    N x (C * 5) float32 row per image (channel-major). Exact for 8-bit pixels (from each channel's 256-bin histogram).
+
+    >>> intensity_profile(np.full((1, 2, 4, 4), 51, np.uint8))
+    array([[0.2, 0.2, 0.2, 0.2, 0.2, 0.2, 0.2, 0.2, 0.2, 0.2]], dtype=float32)"""
+    x = np.asarray(images)
+    if x.dtype != np.uint8 or x.ndim != 4:
+        raise ValueError(f"intensity_profile: expected a uint8 N x C x H x W batch, got {x.dtype} {x.shape}")
+    n, c = x.shape[:2]
+    q = np.asarray(PROFILE_QUANTILES)
+    out = np.zeros((n, c, len(q)), np.float32)
+    for i in range(n):
+        counts = np.stack([np.bincount(x[i, k].ravel(), minlength=256) for k in range(c)])
+        cdf = counts.cumsum(axis=1) / max(counts[0].sum(), 1)
+        out[i] = (cdf[:, :, None] < q[None, None, :]).sum(axis=1) / 255.0  # the first grey level whose CDF reaches q
+    return out.reshape(n, c * len(q))
+
+
 def focus_threshold(training_focus: np.ndarray) -> float:
     """The out-of-focus threshold from the training images' qc_focus values."""
     return float(np.quantile(np.asarray(training_focus, dtype=np.float64), FOCUS_QUANTILE) / FOCUS_FACTOR)
@@ -80,12 +107,20 @@ def qc_flags(qc: dict[str, np.ndarray], focus_min: float | None = None) -> dict[
     return flags
 
 
-def qc_of_batches(batches, rows: int | None = None) -> dict[str, np.ndarray]:
-    """`image_qc` of a stream of (rows, uint8 batch), concatenated in stream order."""
-    parts = [image_qc(images) for _, images in batches]
+def image_numbers(images: np.ndarray) -> dict[str, np.ndarray]:
+    """`image_qc` of a uint8 batch, plus its `intensity_profile` under "profile" (N x C*5): what the streaming passes keep."""
+    return image_qc(images) | {"profile": intensity_profile(images)}
+
+
+def _joined(parts: list[dict[str, np.ndarray]], channels: int) -> dict[str, np.ndarray]:
     if not parts:
-        return {k: np.zeros(0, np.float32) for k in QC_COLUMNS}
-    return {k: np.concatenate([p[k] for p in parts]) for k in QC_COLUMNS}
+        return {k: np.zeros(0, np.float32) for k in QC_COLUMNS} | {"profile": np.zeros((0, channels * len(PROFILE_QUANTILES)), np.float32)}
+    return {k: np.concatenate([p[k] for p in parts]) for k in (*QC_COLUMNS, "profile")}
+
+
+def qc_of_batches(batches, channels: int = 3) -> dict[str, np.ndarray]:
+    """`image_numbers` of a stream of (rows, uint8 batch), concatenated in stream order (`channels`: for an empty stream)."""
+    return _joined([image_numbers(images) for _, images in batches], channels)
 
 
 def qc_cache_path(store: Store) -> Path:
@@ -95,8 +130,8 @@ def qc_cache_path(store: Store) -> Path:
 
 
 def cached_store_qc(store: Store) -> dict[str, np.ndarray] | None:
-    """The cached QC numbers of every image of `store` (QC_COLUMNS, in row order), or None when absent or when the
-    file does not match its recorded content hash."""
+    """The cached QC numbers of every image of `store` (QC_COLUMNS, in row order, and "profile": N x C*5 intensity
+    profiles), or None when absent, of an older layout, or when the file does not match its recorded content hash."""
     path = qc_cache_path(store)
     if not path.is_file() or not digest_ok(path):
         return None
@@ -104,45 +139,45 @@ def cached_store_qc(store: Store) -> dict[str, np.ndarray] | None:
         arr = np.load(path, allow_pickle=False)
     except (OSError, ValueError):
         return None
-    if arr.shape != (len(QC_COLUMNS), len(store.index)):
+    width = store.shape[1] * len(PROFILE_QUANTILES)
+    if arr.shape != (len(QC_COLUMNS) + width, len(store.index)):
         return None
-    return {k: arr[i] for i, k in enumerate(QC_COLUMNS)}
+    return {k: arr[i] for i, k in enumerate(QC_COLUMNS)} | {"profile": np.ascontiguousarray(arr[len(QC_COLUMNS):].T)}
 
 
 def save_store_qc(store: Store, qc: dict[str, np.ndarray]) -> None:
-    """Cache the QC numbers of every image of `store` (atomically, with a content hash)."""
+    """Cache the QC numbers and intensity profiles of every image of `store` (atomically, with a content hash)."""
     path = qc_cache_path(store)
-    write_npy(path, np.stack([np.asarray(qc[k], np.float32) for k in QC_COLUMNS]), what="cache")
+    rows = [np.asarray(qc[k], np.float32) for k in QC_COLUMNS] + list(np.asarray(qc["profile"], np.float32).T)
+    write_npy(path, np.stack(rows), what="cache")
     write_digest(path)
 
 
 def store_qc(store: Store, batch: int = 64) -> dict[str, np.ndarray]:
-    """The QC numbers of every image of `store`: from the cache, else streamed through `image_qc` and cached."""
+    """The QC numbers and intensity profiles of every image of `store`: from the cache, else streamed through
+    `image_numbers` and cached."""
     hit = cached_store_qc(store)
     if hit is None:
-        hit = qc_of_batches(store.batches(batch))
+        hit = qc_of_batches(store.batches(batch), store.shape[1])
         save_store_qc(store, hit)
     return hit
 
 
 class QCTap:
-    """Passes a stream of (rows, uint8 batch) through unchanged while computing each batch's `image_qc`, so that a
-    pass that decodes every image anyway (the frozen features) leaves their QC numbers too; `result()` after the
-    stream is consumed.
+    """Passes a stream of (rows, uint8 batch) through unchanged while computing each batch's `image_numbers` (QC and
+    intensity profile), so that a pass that decodes every image anyway (the frozen features) leaves them too;
+    `result()` after the stream is consumed.
 
         >>> tap = QCTap(store.batches(32)); feats = forward(tap); save_store_qc(store, tap.result())
     """
 
-    def __init__(self, batches) -> None:
-        self._batches, self._parts = batches, []
+    def __init__(self, batches, channels: int = 3) -> None:
+        self._batches, self._parts, self._channels = batches, [], channels
 
     def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         for rows, images in self._batches:
-            self._parts.append(image_qc(images))
+            self._parts.append(image_numbers(images))
             yield rows, images
 
     def result(self) -> dict[str, np.ndarray]:
-        if not self._parts:
-            return {k: np.zeros(0, np.float32) for k in QC_COLUMNS}
-        return {k: np.concatenate([p[k] for p in self._parts]) for k in QC_COLUMNS}
-
+        return _joined(self._parts, self._channels)

@@ -16,7 +16,7 @@ from cellmorph.config import override as override_config
 from cellmorph.data.store import Store
 from cellmorph.data.store import trained_on as describe_training
 from cellmorph.data.table import PATH_PREFIX, labelled_mask
-from cellmorph.data.quality import image_qc, store_qc
+from cellmorph.data.quality import image_qc, intensity_profile, store_qc
 from cellmorph.engine.plan import Plan
 from cellmorph.engine.runfolder import what_is_computed
 from cellmorph.evaluation.protocols import protocol_group
@@ -102,20 +102,21 @@ def _image_reference(cfg: ExperimentConfig, plan: Plan, store: Store, clf=None, 
     """The image novelty score's reference (novelty.image_reference) of the final model: up to 1,000 of its labelled
     training images (a sample seeded by the config's seed), their features (`feats`: the cached frozen features of
     every row; else computed through `clf`, the fitted final model: a fine-tuned network's pre-logits) and their
-    QC focus (the out-of-focus threshold), calibration groups by novelty.image_group_column."""
+    QC focus (the out-of-focus threshold) and intensity profiles, calibration groups by novelty.image_group_column."""
     table = plan.table
     idx = np.flatnonzero(labelled_mask(table.df, table.label))
     rows = idx[reference_sample(len(idx), cfg.seed_list[0])]
     column = image_group_column(table.df)
     groups = table.df[column].astype(str).to_numpy()[rows] if column else None
     if feats is not None:
-        f, focus = feats[rows], store_qc(store)["qc_focus"][rows]  # cached by the feature pass: no second decode
+        qc = store_qc(store)  # cached by the feature pass: no second decode
+        f, focus, profiles = feats[rows], qc["qc_focus"][rows], qc["profile"][rows]
     else:
         out = clf.outputs(store.batches(clf.batch_size, rows=rows), features=True,
-                          per_batch=lambda images, _: {"qc_focus": image_qc(images)["qc_focus"]})
-        f, focus = out["features"], out["qc_focus"]
+                          per_batch=lambda images, _: {"qc_focus": image_qc(images)["qc_focus"], "profile": intensity_profile(images)})
+        f, focus, profiles = out["features"], out["qc_focus"], out["profile"]
     space = "frozen backbone features" if cfg.mode == "frozen" else "the fine-tuned network's pre-logit features"
-    return image_reference(f, groups, column, space, focus, n_training=len(idx))
+    return image_reference(f, groups, column, space, focus, n_training=len(idx), profiles=profiles)
 
 
 def _save_frozen_from_cache(path: Path, cfg: ExperimentConfig, plan: Plan, store: Store, oof: pd.DataFrame) -> bool:

@@ -33,7 +33,7 @@ import pandas as pd
 
 from cellmorph.config import ExecutionConfig
 from cellmorph.data.omezarr import is_zarr_ref, zarr_ref_stat
-from cellmorph.data.quality import image_qc
+from cellmorph.data.quality import image_qc, intensity_profile
 from cellmorph.data.store import cache_dir
 from cellmorph.data.stream import field_batches
 from cellmorph.data.table import ImageTable
@@ -111,14 +111,15 @@ def shard_fingerprint(table: ImageTable, shard: Shard) -> str:
 
 def per_image_numbers(clf):
     """The per-batch callback of `Classifier.outputs` that adds each image's QC numbers (data.quality.image_qc) and,
-    when the classifier has an image reference, its image_distance and image_distance_pvalue (novelty.image_distances):
+    when the classifier has an image reference, its image_distance and image_distance_pvalue (novelty.image_distances,
+    with the image's intensity profile where the reference holds profiles):
     a few floats per image, computed while its batch is in memory."""
     ref = getattr(clf, "image_reference", None)
 
     def numbers(images: np.ndarray, feats: np.ndarray | None) -> dict[str, np.ndarray]:
         out = image_qc(images)
         if ref is not None and feats is not None:
-            out["image_distance"], out["image_distance_pvalue"] = image_distances(ref, feats)
+            out["image_distance"], out["image_distance_pvalue"] = image_distances(ref, feats, intensity_profile(images))
         return out
 
     numbers.needs_features = ref is not None  # QC alone needs no features (a fine-tuned network's would cost a pass)

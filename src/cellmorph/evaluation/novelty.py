@@ -236,6 +236,14 @@ IMAGE_METRIC = "cosine_raw"  # cosine distance of the raw (not standardised) fea
 IMAGE_SCORE_TEXT = ("1 - the conformal p-value of the cosine distance from the image's features (raw, L2-normalised) to the "
                     "nearest training image (kNN, k = 1); calibrated on the training images' distances to the nearest training "
                     "image of another group (leave-one-group-out)")
+IMAGE_PROFILE_TEXT = ("; combined (the larger of the two calibration ranks, novelty.combined_scores) with the Euclidean distance of "
+                      "its intensity profile (per channel, the 1/25/50/75/99th percentiles) to the nearest training image's, "
+                      "calibrated the same way: flagged when its features or its intensities are unlike every training image's")
+
+
+def image_score_text(ref: dict[str, np.ndarray]) -> str:
+    """How the image novelty score of this reference is computed, in words (predict.json, the predict report)."""
+    return IMAGE_SCORE_TEXT + (IMAGE_PROFILE_TEXT if "profiles" in ref else "")
 
 
 def image_group_column(df: pd.DataFrame) -> str | None:
@@ -252,12 +260,18 @@ def reference_sample(n: int, seed: int = 0, max_images: int = MAX_REFERENCE_IMAG
 
 
 def image_reference(features: np.ndarray, groups: np.ndarray | None, group_column: str | None, feature_space: str,
-                    focus: np.ndarray | None = None, n_training: int | None = None) -> dict[str, np.ndarray]:
+                    focus: np.ndarray | None = None, n_training: int | None = None,
+                    profiles: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """What a bundle stores for the image novelty score (bundle.py's image_reference.npz): the reference images'
     features (float16), their groups, and the calibration distances: each reference image's cosine distance
     (IMAGE_METRIC: raw features, L2-normalised, as Deep kNN, Sun et al. 2022) to the nearest reference image of
     ANOTHER group (as a new image of an unseen compound meets the training images), computed on the stored
     (float16) features; with `focus` (the images' qc_focus), the out-of-focus threshold.
+
+    With `profiles` (data.quality.intensity_profile of the same images), also their intensity profiles, each one's
+    Euclidean distance to the nearest profile of another group (`profile_calibration`), and the calibration of the
+    combined score (`combined_calibration`, see `combined_scores`): a new image is then novel when its features OR
+    its intensity profile are unlike every training image's, at one conformal level.
 
     Unlike the well and treatment score, the features are not standardised: on development kinds never used by
     benchmarks/image_novelty.py (gradients, checkerboards, blurred images, H&E tissue / raw DAPI crops;
@@ -274,16 +288,44 @@ def image_reference(features: np.ndarray, groups: np.ndarray | None, group_colum
     groups = np.arange(len(feats)).astype(str) if groups is None else np.asarray(groups).astype(str)
     if len(set(groups)) < 2:
         groups = np.arange(len(feats)).astype(str)
+    other = groups[:, None] != groups[None, :]
     z = _unit(feats)
     sim = z @ z.T
-    sim[groups[:, None] == groups[None, :]] = -np.inf
+    sim[~other] = -np.inf
     cal = 1.0 - sim.max(axis=1)
     out = {"version": np.array(IMAGE_REFERENCE_VERSION), "metric": np.array(IMAGE_METRIC), "features": feats16, "groups": groups.astype(str),
            "calibration": cal, "group_column": np.array(group_column or ""), "feature_space": np.array(feature_space),
            "n_training": np.array(int(n_training if n_training is not None else len(feats)))}
     if focus is not None:
         out["focus_min"] = np.array(focus_threshold(focus))
+    if profiles is not None:
+        prof16 = np.asarray(profiles, dtype=np.float16)
+        if prof16.shape[0] != len(feats16):
+            raise CellmorphError(f"image novelty: {len(prof16)} intensity profiles for {len(feats16)} reference images.")
+        d = _euclidean(prof16, prof16)
+        d[~other] = np.inf
+        pcal = d.min(axis=1)
+        out |= {"profiles": prof16, "profile_calibration": pcal, "combined_calibration": combined_scores(cal, pcal, cal, pcal)}
     return out
+
+
+def combined_scores(d_features: np.ndarray, d_profiles: np.ndarray, cal_features: np.ndarray, cal_profiles: np.ndarray) -> np.ndarray:
+    """One nonconformity from two distances: the larger of their ranks among the calibration distances (each the
+    fraction of calibration distances <= it), so that being unusual in EITHER space counts, on a common scale.
+    Conformal p-values of this score against the calibration images' own combined scores keep the single-score
+    guarantee (a new image like the training images is flagged at 0.9 with probability <= 0.1).
+
+    >>> combined_scores(np.array([0.5]), np.array([9.0]), np.array([0.1, 0.6]), np.array([1.0, 2.0]))
+    array([1.])"""
+    def rank(d, cal):
+        return np.searchsorted(np.sort(cal), d, side="right") / len(cal)
+    return np.maximum(rank(d_features, cal_features), rank(d_profiles, cal_profiles))
+
+
+def _euclidean(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    sq = (a ** 2).sum(axis=1)[:, None] + (b ** 2).sum(axis=1)[None, :] - 2 * a @ b.T
+    return np.sqrt(np.maximum(sq, 0.0))
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -292,8 +334,15 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return z / np.where(n > 0, n, 1.0)
 
 
-def image_distances(ref: dict[str, np.ndarray], features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def image_distances(ref: dict[str, np.ndarray], features: np.ndarray, profiles: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Per image: the cosine distance of its (raw) features to the nearest reference image, and its conformal
-    p-value against the reference's calibration distances (`distance_p_values`). Cheap per batch (a B x 1000 product)."""
+    p-value against the reference's calibration (`distance_p_values`). Cheap per batch (a B x 1000 product).
+    When the reference holds intensity profiles (`image_reference(..., profiles=)`) and `profiles` are given, the
+    p-value is that of the combined score (`combined_scores`: features or intensity profile unlike the training
+    images'); without them, that of the feature distance alone (bundles saved before profiles existed)."""
     d = 1.0 - (_unit(features) @ _unit(ref["features"]).T).max(axis=1)
-    return d, distance_p_values(d, ref["calibration"])
+    if profiles is None or "profiles" not in ref:
+        return d, distance_p_values(d, ref["calibration"])
+    dp = _euclidean(profiles, ref["profiles"]).min(axis=1)
+    s = combined_scores(d, dp, ref["calibration"], ref["profile_calibration"])
+    return d, distance_p_values(s, ref["combined_calibration"])

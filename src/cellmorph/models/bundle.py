@@ -59,7 +59,7 @@ if TYPE_CHECKING:
     from torch import nn
 
 FORMAT_VERSION = 2
-IMAGE_REFERENCE_VERSION = 1  # image_reference.npz's own version (its keys: novelty.image_reference)
+IMAGE_REFERENCE_VERSION = 2  # image_reference.npz's own version (its keys: novelty.image_reference; 2 adds intensity profiles)
 IMAGE_REFERENCE_KEYS = ("version", "metric", "features", "groups", "calibration", "group_column", "feature_space", "n_training")
 IMAGE_METRICS = ("cosine_raw",)  # distances this cellmorph computes for image_reference.npz (novelty.IMAGE_METRIC)
 WEIGHTS, META, CONFIG, CALIBRATION, REFERENCE, IMAGE_REFERENCE = BUNDLE.files  # REFERENCE: the training units' feature profiles (distance novelty)
@@ -238,6 +238,10 @@ def _read_image_reference(path: Path) -> dict[str, np.ndarray]:
             or str(ref["metric"]) not in IMAGE_METRICS:
         raise CellmorphError(f"{path}: damaged image reference (missing {missing}, or arrays of inconsistent shapes). "
                              "Run the experiment again to rewrite the bundle.")
+    prof = ref.get("profiles")
+    if version >= 2 and prof is not None and (prof.ndim != 2 or len(prof) != len(f) or len(ref.get("profile_calibration", ())) != len(f)
+                                               or len(ref.get("combined_calibration", ())) != len(f)):
+        raise CellmorphError(f"{path}: damaged image reference (intensity profiles of inconsistent shapes). Run the experiment again to rewrite the bundle.")
     return ref
 
 

@@ -64,7 +64,7 @@ from cellmorph.data.quality import FLAG_TEXT as QC_FLAG_TEXT, QC_COLUMNS, qc_fla
 from cellmorph.data.stream import field_batches
 from cellmorph.evaluation.calibration import fit_temperature, temper
 from cellmorph.evaluation.conformal import in_set
-from cellmorph.evaluation.novelty import IMAGE_SCORE_TEXT
+from cellmorph.evaluation.novelty import image_score_text
 from cellmorph.engine.screen import forget, job_key, score_screen
 from cellmorph.data.inputs import match_channels, read_images
 from cellmorph.errors import CellmorphError
@@ -403,7 +403,7 @@ def _image_novelty(units: pd.DataFrame, per_image: dict, clf, novelty: str, conf
     units["novelty"] = np.maximum(units["novelty"], 1 - units["distance_pvalue"]) if softmax and novelty == "combined" else 1 - units["distance_pvalue"]
     units["none_of_known"] = empty | far
     return {**info, "score": novelty, "reference_images": int(len(ref["features"])), "calibration_distances": int(len(ref["calibration"])),
-            "feature_space": str(ref["feature_space"]), "groups_left_out": str(ref["group_column"]) or "each image", "distance": IMAGE_SCORE_TEXT}
+            "feature_space": str(ref["feature_space"]), "groups_left_out": str(ref["group_column"]) or "each image", "distance": image_score_text(ref)}
 
 
 def _conformal(units: pd.DataFrame, cal: pd.DataFrame, level: str, classes: list[str], label: str, how: str, confidence: float) -> dict:
