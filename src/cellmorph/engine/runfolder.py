@@ -40,8 +40,14 @@ NOT_COMPUTED = ("execution", "save_model", "outputs")
 
 def what_is_computed(config_toml: str) -> dict:
     """A resolved config without the settings that do not change the folds' numbers (NOT_COMPUTED): a rerun that
-    differs only there resumes the run folder instead of being refused as another config."""
+    differs only there resumes the run folder instead of being refused as another config. The config is read
+    through this cellmorph's ExperimentConfig first, so a setting added since the run was made (absent from its
+    config.toml) counts as its default, not as a difference."""
     data = tomllib.loads(config_toml)
+    try:
+        data = ExperimentConfig.model_validate(data).model_dump(mode="json")
+    except ValueError:  # not a config this cellmorph reads (pydantic's ValidationError is a ValueError): compared as written
+        pass
     for key in NOT_COMPUTED:
         data.pop(key, None)
     return data
