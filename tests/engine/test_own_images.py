@@ -81,3 +81,21 @@ def test_a_finished_run_adds_its_calibrated_model_without_refitting_the_folds(nu
 
     with pytest.raises(cm.CellmorphError, match="different config .*seed was 0, now 1"):
         cm.run(load_config(tmp_path / "cfg.toml", [*recipe, "seed=1"]), out)
+
+
+def test_a_run_folder_made_before_a_setting_existed_resumes(nuclei_patches, nuclei_config, tmp_path, monkeypatch, capsys):
+    """A run folder's config.toml written by an older cellmorph lacks the settings added since: they count as their
+    defaults (the folder resumes), while giving the new setting another value is still another config."""
+    monkeypatch.delenv("CELLMORPH_DATA", raising=False)
+    (tmp_path / "cfg.toml").write_text(nuclei_config(nuclei_patches))
+    cfg = load_config(tmp_path / "cfg.toml", ["save_model=false"])
+    out = tmp_path / "run"
+    cm.run(cfg, out)
+    written = (out / "config.toml").read_text()
+    assert 'features = "last"' in written
+    (out / "config.toml").write_text(written.replace('features = "last"\n', ""))  # as a cellmorph without frozen.features wrote it
+    capsys.readouterr()
+    cm.run(cfg, out)
+    assert "6 of 6 folds already done" in " ".join(capsys.readouterr().err.split())
+    with pytest.raises(cm.CellmorphError, match="different config .*frozen.features was 'last', now 'stages'"):
+        cm.run(load_config(tmp_path / "cfg.toml", ["save_model=false", "frozen.features=stages"]), out)
