@@ -49,6 +49,9 @@ class FrozenConfig(_Strict):
     # like the protocol, among 0.01, 0.1, 1 and 10, by balanced accuracy (models/features.py: choose_C).
     C: float | str = 1.0
     class_weight: Literal["balanced", "none"] = "balanced"
+    # "last": the backbone's pooled last-layer features; "stages": those plus the global average of every stage's
+    # output (small textures live in early stages; models/backbone.py: StagePooled). Needs a timm network.
+    features: Literal["last", "stages"] = "last"
 
     @field_validator("C")
     @classmethod

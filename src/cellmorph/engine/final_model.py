@@ -90,7 +90,7 @@ def _reference(cfg: ExperimentConfig, plan: Plan, store: Store, feats: np.ndarra
     (their pre-logit features are not what novelty.py measured) and when the features are not cached."""
     if cfg.mode != "frozen" or "Metadata_Compound" not in plan.table.df.columns:
         return None
-    feats = cached_features(store, cfg.model, cfg.frozen.tta) if feats is None else feats
+    feats = cached_features(store, cfg.model, cfg.frozen.tta, stages=cfg.frozen.features == "stages") if feats is None else feats
     if feats is None:
         return None
     table = plan.table
@@ -127,7 +127,8 @@ def _save_frozen_from_cache(path: Path, cfg: ExperimentConfig, plan: Plan, store
     m, fz = cfg.model, cfg.frozen
     if m.init in ("random", "xavier", "gaussian"):
         return False
-    feats, backbone = cached_features(store, m, fz.tta), cached_backbone(store, m, fz.tta)
+    stages = fz.features == "stages"
+    feats, backbone = cached_features(store, m, fz.tta, stages=stages), cached_backbone(store, m, fz.tta, stages=stages)
     if feats is None or backbone is None:
         return False
     weights, spec = backbone

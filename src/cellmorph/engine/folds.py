@@ -56,7 +56,8 @@ class FoldEngine:
     def prepare(self) -> None:
         cfg = self.cfg
         if cfg.mode == "frozen" and self.features is None:
-            self.features = extract_features(self.store, cfg.model, cfg.frozen.tta, cfg.frozen.batch_size, lambda: self.plan.device)
+            self.features = extract_features(self.store, cfg.model, cfg.frozen.tta, cfg.frozen.batch_size, lambda: self.plan.device,
+                                             stages=cfg.frozen.features == "stages")
         elif cfg.mode == "finetune" and self.images is None:
             import torch
 

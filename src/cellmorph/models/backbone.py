@@ -67,6 +67,35 @@ class LinearHead:
         return self.forward_head(self.forward_features(x))
 
 
+class StagePooled(nn.Module):
+    """frozen.features = "stages": a backbone's pooled features (`forward_head(..., pre_logits=True)`) preceded by the
+    global average of each of its stages' outputs (timm's `forward_intermediates`, one per `feature_info` entry), in
+    one pass: small textures (a 27-pixel nucleus, say) live in the early stages, which the last layer has pooled away.
+    For tf_efficientnet_lite0: 16 + 24 + 40 + 112 + 320 stage channels + 1,280 = 1,792 features per image.
+
+        >>> StagePooled(fold_batch_norm(create_model("tf_efficientnet_lite0"))).eval()(x).shape
+        torch.Size([N, 1792])"""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        if not hasattr(net, "forward_intermediates") or not getattr(net, "feature_info", None):
+            raise CellmorphError(f"frozen.features = \"stages\" needs a timm network with forward_intermediates and feature_info; "
+                                 f"{type(net).__name__} has none. Use frozen.features = \"last\".")
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        final, stages = self.net.forward_intermediates(x, indices=len(self.net.feature_info))
+        return torch.cat([s.mean(dim=(2, 3)) for s in stages] + [self.net.forward_head(final, pre_logits=True)], dim=1)
+
+
+def frozen_width(net: nn.Module, stages: bool) -> int | None:
+    """The width of the frozen features `net` gives: its num_features, plus its stages' channels with `stages`."""
+    width = getattr(net, "num_features", None)
+    if not stages or width is None:
+        return width
+    return width + sum(int(f["num_chs"]) for f in net.feature_info)
+
+
 def check_backbone(model: nn.Module, in_chans: int = 3, size: int = 64) -> None:
     """Raise a CellmorphError naming what `model` lacks of the Backbone contract, or what it computes wrong
     (shapes of the logits and the pre-logit features on a batch of 2 zero images)."""

@@ -21,6 +21,7 @@ from cellmorph.config import ExperimentConfig, override
 from cellmorph.data.store import build_store, open_store, trained_on
 from cellmorph.data.table import ImageTable, labelled_mask
 from cellmorph.errors import CellmorphError
+from cellmorph.models.backbone import StagePooled, frozen_width
 from cellmorph.models.bundle import bundle_meta, load_bundle, load_state, save_bundle
 from cellmorph.models.factory import INIT_WORDS, check_model_config, create_model, default_input_size, normalization, pre_logits
 from cellmorph.models.features import extract_features, fit_logistic_head, head_C, head_groups
@@ -179,7 +180,7 @@ class Classifier:
             mean, std = normalization(self._net)
             self._spec = InputSpec(size=m.input_size or default_input_size(m.name), mean=mean, std=std)
             if m.init == "imagenet" or m.init not in INIT_WORDS:  # fixed weights: the runner's cached features are this backbone's
-                feats = extract_features(store, m, fz.tta, fz.batch_size, device)[idx]
+                feats = extract_features(store, m, fz.tta, fz.batch_size, device, stages=fz.features == "stages")[idx]
             else:
                 feats = self._features(torch.from_numpy(np.asarray(store.images))[torch.from_numpy(idx)], device).numpy()
         cw = None if fz.class_weight == "none" else "balanced"
@@ -206,7 +207,8 @@ class Classifier:
         backbone), as the runner's feature extraction computes them."""
         fz = self.config.frozen
         if self._folded is None or self._folded[0] is not self._net:
-            self._folded = (self._net, fold_batch_norm(self._net, self._channels or images.shape[1]))
+            folded = fold_batch_norm(self._net, self._channels or images.shape[1])
+            self._folded = (self._net, StagePooled(folded) if fz.features == "stages" else folded)
         return forward_batches(self._folded[1], images, self._spec, device, fz.batch_size, tta=fz.tta, on_batch=on_batch)
 
     def proba_and_features(self, x: torch.Tensor, on_batch=None) -> tuple[np.ndarray, np.ndarray]:
@@ -450,7 +452,7 @@ class Classifier:
         head = {}
         if frozen:
             load_state(net, {k.removeprefix("backbone."): v for k, v in b.tensors.items() if k.startswith("backbone.")}, where)
-            head = check_head(b.tensors, len(meta["classes"]), getattr(net, "num_features", None), where)
+            head = check_head(b.tensors, len(meta["classes"]), frozen_width(net, cfg.frozen.features == "stages"), where)
         else:
             load_state(net, b.tensors, where)
         clf = cls.__new__(cls)

@@ -21,21 +21,22 @@ from cellmorph.data.store import Store, cache_dir
 FEATURES_VERSION = 2
 
 
-def feature_key(store: Store, model_cfg: ModelConfig, tta: bool) -> str:
+def feature_key(store: Store, model_cfg: ModelConfig, tta: bool, stages: bool = False) -> str:
     init = model_cfg.init
     p = Path(init)
     if p.is_file():  # a weights file: its content decides the features
         st = p.stat()
         init = f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}"
-    blob = json.dumps({"v": FEATURES_VERSION, "store": store.key, "model": model_cfg.name, "init": init, "size": model_cfg.input_size or default_input_size(model_cfg.name), "tta": tta})
+    blob = json.dumps({"v": FEATURES_VERSION, "store": store.key, "model": model_cfg.name, "init": init, "size": model_cfg.input_size or default_input_size(model_cfg.name), "tta": tta}
+                      | ({"stages": True} if stages else {}))  # (last-layer keys unchanged: their caches stay valid)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
-def cached_features(store: Store, model_cfg: ModelConfig, tta: bool, cache: Path | None = None) -> np.ndarray | None:
+def cached_features(store: Store, model_cfg: ModelConfig, tta: bool, cache: Path | None = None, stages: bool = False) -> np.ndarray | None:
     """The cached N x D features of this store and backbone, or None (no torch needed to find out). A cache file
     that does not match its recorded content hash (truncated, emptied, bytes changed) or holds NaN is not used:
     the console says so and the features are extracted again."""
-    path = (cache or cache_dir()) / "features" / f"{feature_key(store, model_cfg, tta)}.npy"
+    path = (cache or cache_dir()) / "features" / f"{feature_key(store, model_cfg, tta, stages)}.npy"
     if not path.is_file():
         return None
     feats = None
@@ -50,24 +51,27 @@ def cached_features(store: Store, model_cfg: ModelConfig, tta: bool, cache: Path
     return feats
 
 
-def extract_features(store: Store, model_cfg: ModelConfig, tta: bool, batch_size: int, device, cache: Path | None = None) -> np.ndarray:
+def extract_features(store: Store, model_cfg: ModelConfig, tta: bool, batch_size: int, device, cache: Path | None = None,
+                     stages: bool = False) -> np.ndarray:
     """N x D float32 features, from the cache when present, else extracted and cached: the one definition of
     cached-or-extract. `device`: a torch device, or a function returning one, called only when the features must
-    be extracted (so a cached frozen run never imports torch)."""
-    hit = cached_features(store, model_cfg, tta, cache)
+    be extracted (so a cached frozen run never imports torch). `stages`: frozen.features = "stages" (StagePooled)."""
+    hit = cached_features(store, model_cfg, tta, cache, stages)
     if hit is not None:
         return hit
     device = device() if callable(device) else device
+    from cellmorph.models.backbone import StagePooled
     from cellmorph.models.factory import create_model, normalization
     from cellmorph.models.train import InputSpec, fold_batch_norm
 
-    path = (cache or cache_dir()) / "features" / f"{feature_key(store, model_cfg, tta)}.npy"
+    path = (cache or cache_dir()) / "features" / f"{feature_key(store, model_cfg, tta, stages)}.npy"
     model = create_model(model_cfg.name, model_cfg.init, num_classes=0, in_chans=store.shape[1])
     mean, std = normalization(model)
     spec = InputSpec(size=model_cfg.input_size or default_input_size(model_cfg.name), mean=mean, std=std)
-    what = f"features {model_cfg.name}" + (" (8x dihedral TTA)" if tta else "")
-    batches = QCTap(store.batches(batch_size))  # every image is decoded here anyway: keep its QC numbers (final model's reference)
-    feats = stream_forward(fold_batch_norm(model, store.shape[1]), batches, spec, device, len(store.index), what, tta=tta)
+    what = f"features {model_cfg.name}" + (" + pooled stages" if stages else "") + (" (8x dihedral TTA)" if tta else "")
+    batches = QCTap(store.batches(batch_size), store.shape[1])  # every image is decoded here anyway: keep its QC numbers (final model's reference)
+    net = fold_batch_norm(model, store.shape[1])
+    feats = stream_forward(StagePooled(net) if stages else net, batches, spec, device, len(store.index), what, tta=tta)
     feats = feats.numpy().astype(np.float32)
     write_npy(path, feats, what="cache")
     write_digest(path)
@@ -112,9 +116,9 @@ def _write_backbone(features_path: Path, model, spec) -> None:
         write_digest(f)
 
 
-def cached_backbone(store: Store, model_cfg: ModelConfig, tta: bool, cache: Path | None = None) -> tuple[dict, dict] | None:
+def cached_backbone(store: Store, model_cfg: ModelConfig, tta: bool, cache: Path | None = None, stages: bool = False) -> tuple[dict, dict] | None:
     """The backbone weights (name -> numpy array) and input spec cached with these features, or None."""
-    path = (cache or cache_dir()) / "features" / f"{feature_key(store, model_cfg, tta)}.npy"
+    path = (cache or cache_dir()) / "features" / f"{feature_key(store, model_cfg, tta, stages)}.npy"
     weights, spec = path.with_suffix(".backbone.safetensors"), path.with_suffix(".backbone.json")
     if not (weights.is_file() and spec.is_file() and digest_ok(weights) and digest_ok(spec)):
         return None  # not cached, or damaged: the final model is then fitted through the Classifier (which caches it again)
