@@ -51,8 +51,9 @@ def run(
         from collections import Counter
 
         counts = Counter(c for c in chosen["per_fold"] if c is not None)
-        console.print(f"frozen.C = \"auto\" (inner {chosen['score']}): " + ", ".join(f"C {c:g} in {n} fold{'s' if n > 1 else ''}" for c, n in sorted(counts.items())),
-                      highlight=False, markup=False)
+        sets = Counter(f for f in chosen.get("features_per_fold", []) if f is not None)
+        console.print(f"frozen \"auto\" (inner {chosen['score']}): " + ", ".join(f"C {c:g} in {n} fold{'s' if n > 1 else ''}" for c, n in sorted(counts.items()))
+                      + "".join(f"; {w} features in {n} fold{'s' if n > 1 else ''}" for w, n in sorted(sets.items())), highlight=False, markup=False)
     for line in (m.recall_line("image"), balance_line(m.context.get("class_balance", {}))):
         if line:
             console.print(line, highlight=False, markup=False)

@@ -51,7 +51,14 @@ class FrozenConfig(_Strict):
     class_weight: Literal["balanced", "none"] = "balanced"
     # "last": the backbone's pooled last-layer features; "stages": those plus the global average of every stage's
     # output (small textures live in early stages; models/backbone.py: StagePooled). Needs a timm network.
-    features: Literal["last", "stages"] = "last"
+    # "auto": the stage-pooled vector is extracted, and each training fold's inner split (as for C = "auto") chooses
+    # whether the head reads all of it or only its last-layer part (models/features.py: choose_C).
+    features: Literal["last", "stages", "auto"] = "last"
+
+    @property
+    def stage_pooled(self) -> bool:
+        """Whether the network's features are the stage-pooled vector (features = "stages" or "auto")."""
+        return self.features != "last"
 
     @field_validator("C")
     @classmethod
@@ -209,6 +216,8 @@ class ExperimentConfig(_Strict):
             raise ValueError(f"finetune.eval_epochs {self.finetune.eval_epochs} go past finetune.epochs = {self.finetune.epochs}")
         if self.frozen.C == "auto" and self.evaluation.protocol == "lomo":
             raise ValueError('frozen.C = "auto" is not available under the lomo protocol; give a number, e.g. frozen.C = 1.0')
+        if self.frozen.features == "auto" and self.evaluation.protocol == "lomo":
+            raise ValueError('frozen.features = "auto" is not available under the lomo protocol; choose "last" or "stages"')
         return self
 
 

@@ -47,9 +47,29 @@ def test_choose_C_picks_the_best_inner_balanced_accuracy_over_whole_groups():
 def test_without_groups_the_inner_split_is_stratified_and_a_number_passes_through():
     X, y, _ = _data(1)
     assert choose_C(X, y, None, "balanced", seed=0)["inner_split"] == "3-fold stratified inner split"
-    assert head_C(0.5, X, y, None, None, 0) == (0.5, None)
-    C, info = head_C("auto", X, y, None, None, 0)
-    assert C in C_GRID and info["C"] == C
+    C, cols, info = head_C(0.5, X, y, None, None, 0)
+    assert (C, info) == (0.5, None) and np.array_equal(cols, np.arange(X.shape[1]))
+    C, cols, info = head_C("auto", X, y, None, None, 0)
+    assert C in C_GRID and info["C"] == C and len(cols) == X.shape[1]
+
+
+def test_auto_features_choose_between_the_whole_vector_and_its_last_part():
+    """frozen.features = "auto": the inner split scores both column sets at every C; with the class signal only in
+    the first columns (the "stages" part), the whole vector wins; with it only in the tail, and the head columns
+    noise, "last" (the tail alone) is at least as good and wins ties."""
+    _, y, groups = _data(1)
+    rng = np.random.default_rng(5)
+    X = rng.normal(size=(len(y), 6))
+    X[:, :2] += 2.0 * np.eye(3)[y][:, :2]  # a clear class signal in 2 of 6 columns
+    early = np.hstack([X, rng.normal(size=(len(X), 8))])  # signal in the leading columns, noise in the 8-column tail
+    got = choose_C(early, y, groups, "balanced", 0, tail=8)
+    assert got["features"] == "stages" and len(got["inner_balanced_accuracy"]) == 2 * len(C_GRID)
+    assert set(got["inner_balanced_accuracy"]) == {f"{w} C={c:g}" for w in ("last", "stages") for c in C_GRID}
+    C, cols, info = head_C(1.0, early, y, groups, "balanced", 0, "auto", 8)
+    assert C == 1.0 and info["features"] == "stages" and len(cols) == early.shape[1]
+    late = np.hstack([rng.normal(size=(len(X), 8)), X])  # the signal in the tail
+    C, cols, info = head_C("auto", late, y, groups, "balanced", 0, "auto", X.shape[1])
+    assert info["features"] == "last" and np.array_equal(cols, np.arange(8, late.shape[1]))
 
 
 def test_auto_C_is_refused_under_lomo(tmp_path):

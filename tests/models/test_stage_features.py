@@ -39,6 +39,25 @@ def test_stage_features_are_stage_means_then_the_pooled_features(subset_table, t
     np.testing.assert_allclose(again.predict_proba(images), staged.predict_proba(images), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.realdata
+def test_auto_features_head_reads_the_chosen_columns_and_round_trips(subset_table, tmp_path):
+    """frozen.features = "auto": the head is fitted on the columns the inner split chose and laid out over the whole
+    stage-pooled vector (unread columns: coefficient 0); the saved bundle predicts the same probabilities."""
+    rows = subset_table.df.groupby("Metadata_MoA").head(6)
+    table = ImageTable(rows, name="bbbc021-subset", label=subset_table.label, source=subset_table.source)
+    clf = cm.Classifier("tf_efficientnet_lite0", init="imagenet", mode="frozen",
+                        overrides={"frozen.C": 1.0, "frozen.features": "auto", "model.input_size": 64}).fit(table)
+    head = {k: v.numpy() for k, v in clf._head.items()}
+    assert head["coef"].shape == (6, 1792) and head["mean"].shape == (1792,)
+    stages_read = np.abs(head["coef"][:, :512]).sum() > 0
+    if not stages_read:  # "last" chosen: the stage columns are laid out as unread (mean 0, scale 1, coefficient 0)
+        assert (head["mean"][:512] == 0).all() and (head["scale"][:512] == 1).all()
+    assert np.abs(head["coef"][:, 512:]).sum() > 0  # the last-layer part is read either way
+    images = build_store(table, 0).images
+    again = cm.Classifier.load(clf.save(tmp_path / "auto"))
+    np.testing.assert_allclose(again.predict_proba(images), clf.predict_proba(images), rtol=1e-5, atol=1e-6)
+
+
 def test_stage_features_need_a_network_with_stages():
     with pytest.raises(CellmorphError, match='frozen.features = "last"'):
         StagePooled(LeNet(num_classes=0))

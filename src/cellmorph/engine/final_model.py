@@ -22,7 +22,7 @@ from cellmorph.engine.runfolder import what_is_computed
 from cellmorph.evaluation.protocols import protocol_group
 from cellmorph.evaluation.novelty import image_group_column, image_reference, reference_profiles, reference_sample
 from cellmorph.models.bundle import META, bundle_meta, save_bundle
-from cellmorph.models.features import cached_backbone, cached_features, fit_logistic_head, head_C, head_groups
+from cellmorph.models.features import cached_backbone, cached_features, frozen_head, head_C, head_groups, last_width
 from cellmorph.progress import console, make_progress
 
 
@@ -90,7 +90,7 @@ def _reference(cfg: ExperimentConfig, plan: Plan, store: Store, feats: np.ndarra
     (their pre-logit features are not what novelty.py measured) and when the features are not cached."""
     if cfg.mode != "frozen" or "Metadata_Compound" not in plan.table.df.columns:
         return None
-    feats = cached_features(store, cfg.model, cfg.frozen.tta, stages=cfg.frozen.features == "stages") if feats is None else feats
+    feats = cached_features(store, cfg.model, cfg.frozen.tta, stages=cfg.frozen.stage_pooled) if feats is None else feats
     if feats is None:
         return None
     table = plan.table
@@ -127,7 +127,7 @@ def _save_frozen_from_cache(path: Path, cfg: ExperimentConfig, plan: Plan, store
     m, fz = cfg.model, cfg.frozen
     if m.init in ("random", "xavier", "gaussian"):
         return False
-    stages = fz.features == "stages"
+    stages = fz.stage_pooled
     feats, backbone = cached_features(store, m, fz.tta, stages=stages), cached_backbone(store, m, fz.tta, stages=stages)
     if feats is None or backbone is None:
         return False
@@ -136,12 +136,9 @@ def _save_frozen_from_cache(path: Path, cfg: ExperimentConfig, plan: Plan, store
     idx = np.flatnonzero(labelled_mask(table.df, table.label))
     y = table.df[table.label].astype(str).map({c: i for i, c in enumerate(plan.classes)}).to_numpy()[idx].astype(np.int64)
     cw = None if fz.class_weight == "none" else "balanced"
-    C, _ = head_C(fz.C, feats[idx], y, head_groups(table.df, protocol_group(cfg.evaluation), idx), cw, cfg.seed)
-    scaler, head = fit_logistic_head(feats[idx], y, C, cw, cfg.seed)
-    coef, intercept = head.coef_, head.intercept_
-    if coef.shape[0] == 1:  # sklearn's binary head, as Classifier.fit_store stores it
-        coef, intercept = np.vstack([np.zeros_like(coef), coef]), np.concatenate([[0.0], intercept])
-    arrays = {"mean": scaler.mean_, "scale": scaler.scale_, "coef": coef, "intercept": intercept}
+    C, cols, _ = head_C(fz.C, feats[idx], y, head_groups(table.df, protocol_group(cfg.evaluation), idx), cw, cfg.seed, fz.features,
+                        last_width(m) if fz.features == "auto" else None)
+    arrays = frozen_head(feats[idx], y, C, cols, cw, cfg.seed)
     tensors = {**{f"backbone.{k}": v for k, v in weights.items()}, **{f"head.{k}": np.ascontiguousarray(v, dtype=np.float64) for k, v in arrays.items()}}
     trained_on = describe_training(table, store, len(idx), cfg.seed)
     calibration, info = _calibration(cfg, plan, store, oof, cfg.seed)

@@ -25,7 +25,7 @@ from cellmorph.evaluation.conformal import evaluate
 from cellmorph.evaluation.metrics import Metrics, compute_metrics
 from cellmorph.evaluation.protocols import protocol_group
 from cellmorph.evaluation.splits import Fold
-from cellmorph.models.features import C_GRID, extract_features, head_C, logistic_head
+from cellmorph.models.features import C_GRID, FEATURE_SETS, extract_features, head_C, last_width, logistic_head
 from cellmorph.models.names import default_input_size
 from cellmorph.progress import console, make_progress
 
@@ -50,6 +50,7 @@ class FoldEngine:
         cls = {c: i for i, c in enumerate(plan.classes)}
         self.y = np.where(lab, self.index[label].astype(str).map(cls).fillna(-1).to_numpy(), -1).astype(np.int64)
         self.features = self.images = None
+        self.tail = None  # frozen.features = "auto": the last-layer width, the tail of the stage-pooled vector
         self.cfg = cfg
         self.execution: dict = {}  # how the folds ran, when not in this process (environment.json)
 
@@ -57,7 +58,8 @@ class FoldEngine:
         cfg = self.cfg
         if cfg.mode == "frozen" and self.features is None:
             self.features = extract_features(self.store, cfg.model, cfg.frozen.tta, cfg.frozen.batch_size, lambda: self.plan.device,
-                                             stages=cfg.frozen.features == "stages")
+                                             stages=cfg.frozen.stage_pooled)
+            self.tail = last_width(cfg.model) if cfg.frozen.features == "auto" else None
         elif cfg.mode == "finetune" and self.images is None:
             import torch
 
@@ -169,9 +171,12 @@ class FoldEngine:
         pred = pd.concat([sink.predictions(i) for i in range(len(folds))], ignore_index=True)
         m = self.score(pred, seed, [sink.curve(i) for i in range(len(folds))])
         chosen = [(h or {}).get("frozen_C") for h in (sink.history(i) for i in range(len(folds)))]
-        if any(chosen):  # frozen.C = "auto": what each fold's inner split chose
-            m.context["frozen_C_chosen"] = {"grid": list(C_GRID), "per_fold": [c and c["C"] for c in chosen],
+        if any(chosen):  # frozen.C or frozen.features = "auto": what each fold's inner split chose
+            m.context["frozen_C_chosen"] = {"grid": list(C_GRID) if self.cfg.frozen.C == "auto" else [float(self.cfg.frozen.C)],
+                                            "per_fold": [c and c["C"] for c in chosen],
                                             "inner": [c for c in chosen], "score": "balanced accuracy of the inner split"}
+            if self.cfg.frozen.features == "auto":
+                m.context["frozen_C_chosen"] |= {"feature_sets": list(FEATURE_SETS), "features_per_fold": [c and c["features"] for c in chosen]}
         return pred, m
 
     def run_protocol(self, seed: int) -> tuple[pd.DataFrame, Metrics, dict]:
@@ -191,8 +196,8 @@ class FoldEngine:
             cw = None if cfg.frozen.class_weight == "none" else "balanced"
             group = protocol_group(cfg.evaluation)
             groups = self.index[group].to_numpy()[fold.train] if group and group in self.index.columns else None
-            C, chosen = head_C(cfg.frozen.C, self.features[fold.train], self.y[fold.train], groups, cw, seed)
-            probs = logistic_head(self.features, self.y, fold.train, fold.test, n_classes, C, cw, seed)
+            C, cols, chosen = head_C(cfg.frozen.C, self.features[fold.train], self.y[fold.train], groups, cw, seed, cfg.frozen.features, self.tail)
+            probs = logistic_head(self.features[:, cols], self.y, fold.train, fold.test, n_classes, C, cw, seed)
             return FoldResult(probs, history={"frozen_C": chosen} if chosen else None), None
         return finetune_fold(cfg, self.images, self.y, n_classes, fold, self.plan.device, seed, progress)
 

@@ -24,7 +24,7 @@ from cellmorph.errors import CellmorphError
 from cellmorph.models.backbone import StagePooled, frozen_width
 from cellmorph.models.bundle import bundle_meta, load_bundle, load_state, save_bundle
 from cellmorph.models.factory import INIT_WORDS, check_model_config, create_model, default_input_size, normalization, pre_logits
-from cellmorph.models.features import extract_features, fit_logistic_head, head_C, head_groups
+from cellmorph.models.features import extract_features, frozen_head, head_C, head_groups, last_width
 from cellmorph.models.heads import check_head, head_proba
 from cellmorph.progress import make_progress, progress_shown
 from cellmorph.models.train import InputSpec, disk_images, fit as _fit, fits_in_memory, fold_batch_norm, forward_batches, make_input_spec, pick_device, resize_uint8_stack
@@ -180,16 +180,12 @@ class Classifier:
             mean, std = normalization(self._net)
             self._spec = InputSpec(size=m.input_size or default_input_size(m.name), mean=mean, std=std)
             if m.init == "imagenet" or m.init not in INIT_WORDS:  # fixed weights: the runner's cached features are this backbone's
-                feats = extract_features(store, m, fz.tta, fz.batch_size, device, stages=fz.features == "stages")[idx]
+                feats = extract_features(store, m, fz.tta, fz.batch_size, device, stages=fz.stage_pooled)[idx]
             else:
                 feats = self._features(torch.from_numpy(np.asarray(store.images))[torch.from_numpy(idx)], device).numpy()
         cw = None if fz.class_weight == "none" else "balanced"
-        C, _ = head_C(fz.C, feats, y, groups, cw, cfg.seed)
-        scaler, head = fit_logistic_head(feats, y, C, cw, cfg.seed)
-        coef, intercept = head.coef_, head.intercept_
-        if coef.shape[0] == 1:  # sklearn's binary head: one row for class 1; softmax over (0, z) is its sigmoid
-            coef, intercept = np.vstack([np.zeros_like(coef), coef]), np.concatenate([[0.0], intercept])
-        arrays = {"mean": scaler.mean_, "scale": scaler.scale_, "coef": coef, "intercept": intercept}
+        C, cols, _ = head_C(fz.C, feats, y, groups, cw, cfg.seed, fz.features, last_width(m) if fz.features == "auto" else None)
+        arrays = frozen_head(feats, y, C, cols, cw, cfg.seed)
         self._head = {k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float64)) for k, v in arrays.items()}
 
     def _fit_finetune(self, images: torch.Tensor, y: np.ndarray, n_classes: int, device: torch.device, on_step=None) -> None:
@@ -208,7 +204,7 @@ class Classifier:
         fz = self.config.frozen
         if self._folded is None or self._folded[0] is not self._net:
             folded = fold_batch_norm(self._net, self._channels or images.shape[1])
-            self._folded = (self._net, StagePooled(folded) if fz.features == "stages" else folded)
+            self._folded = (self._net, StagePooled(folded) if fz.stage_pooled else folded)
         return forward_batches(self._folded[1], images, self._spec, device, fz.batch_size, tta=fz.tta, on_batch=on_batch)
 
     def proba_and_features(self, x: torch.Tensor, on_batch=None) -> tuple[np.ndarray, np.ndarray]:
@@ -452,7 +448,7 @@ class Classifier:
         head = {}
         if frozen:
             load_state(net, {k.removeprefix("backbone."): v for k, v in b.tensors.items() if k.startswith("backbone.")}, where)
-            head = check_head(b.tensors, len(meta["classes"]), frozen_width(net, cfg.frozen.features == "stages"), where)
+            head = check_head(b.tensors, len(meta["classes"]), frozen_width(net, cfg.frozen.stage_pooled), where)
         else:
             load_state(net, b.tensors, where)
         clf = cls.__new__(cls)

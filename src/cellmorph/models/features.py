@@ -128,14 +128,30 @@ def cached_backbone(store: Store, model_cfg: ModelConfig, tta: bool, cache: Path
 
 
 C_GRID = (0.01, 0.1, 1.0, 10.0)  # frozen.C = "auto" chooses among these (fixed before any run was scored)
+FEATURE_SETS = ("last", "stages")  # frozen.features = "auto" chooses between these (the stage-pooled vector's columns)
 INNER_FOLDS = 3
 
 
-def choose_C(features: np.ndarray, y: np.ndarray, groups: np.ndarray | None, class_weight: str | None, seed: int) -> dict:
-    """frozen.C = "auto": the C of C_GRID with the best balanced accuracy over an inner 3-fold split of these (training)
-    rows, grouped like the outer protocol (whole groups, e.g. compounds or slides, when `groups` has 3 or more),
-    else stratified by class; ties go to the smaller C (more regularisation). Returns the choice and every
-    candidate's inner score, for the run's records.
+def last_width(model_cfg: ModelConfig) -> int:
+    """The width of the network's pooled last-layer features: the tail of its stage-pooled vector (StagePooled)."""
+    from cellmorph.models.factory import create_model
+
+    return int(create_model(model_cfg.name, "random", num_classes=0).num_features)
+
+
+def feature_columns(which: str, width: int, tail: int | None) -> np.ndarray:
+    """The columns of a frozen feature vector of `width` that the head reads: every one, or with "last" the last
+    `tail` (the pooled last-layer features of a stage-pooled vector)."""
+    return np.arange(width - tail, width) if which == "last" and tail else np.arange(width)
+
+
+def choose_C(features: np.ndarray, y: np.ndarray, groups: np.ndarray | None, class_weight: str | None, seed: int,
+             Cs: tuple[float, ...] = C_GRID, tail: int | None = None) -> dict:
+    """frozen.C = "auto" (and frozen.features = "auto"): the C of `Cs` (and, with `tail`, the feature set of
+    FEATURE_SETS: the stage-pooled vector, or its last `tail` columns) with the best balanced accuracy over an inner
+    3-fold split of these (training) rows, grouped like the outer protocol (whole groups, e.g. compounds or slides,
+    when `groups` has 3 or more), else stratified by class; ties go to the smaller C (more regularisation), then to
+    "last" (fewer features). Returns the choice and every candidate's inner score, for the run's records.
 
     >>> choose_C(features[train], y[train], compounds[train], "balanced", 0)["C"]
     1.0"""
@@ -150,23 +166,31 @@ def choose_C(features: np.ndarray, y: np.ndarray, groups: np.ndarray | None, cla
         splits = list(StratifiedKFold(k, shuffle=True, random_state=seed).split(features, y))
         how = f"{k}-fold stratified inner split"
     n_classes = int(y.max()) + 1
+    sets = FEATURE_SETS if tail else (None,)
     scores = {}
-    for C in C_GRID:
-        predicted = np.empty(len(y), dtype=np.int64)
-        for train, test in splits:
-            predicted[test] = logistic_head(features, y, train, test, n_classes, C, class_weight, seed).argmax(1)
-        recalls = [float((predicted[y == k] == k).mean()) for k in np.unique(y)]
-        scores[C] = float(np.mean(recalls))
-    best = max(C_GRID, key=lambda c: (round(scores[c], 12), -c))
-    return {"C": best, "inner_balanced_accuracy": {f"{c:g}": round(v, 4) for c, v in scores.items()}, "inner_split": how}
+    for which in sets:
+        cols = feature_columns(which, features.shape[1], tail)
+        for C in Cs:
+            predicted = np.empty(len(y), dtype=np.int64)
+            for train, test in splits:
+                predicted[test] = logistic_head(features[:, cols], y, train, test, n_classes, C, class_weight, seed).argmax(1)
+            recalls = [float((predicted[y == k] == k).mean()) for k in np.unique(y)]
+            scores[(which, C)] = float(np.mean(recalls))
+    which, best = max(scores, key=lambda wc: (round(scores[wc], 12), -wc[1], wc[0] == "last"))
+    name = (lambda w, c: f"{c:g}") if not tail else (lambda w, c: f"{w} C={c:g}")
+    out = {"C": best, "inner_balanced_accuracy": {name(w, c): round(v, 4) for (w, c), v in scores.items()}, "inner_split": how}
+    return out | ({"features": which} if tail else {})
 
 
-def head_C(C: float | str, features: np.ndarray, y: np.ndarray, groups: np.ndarray | None, class_weight: str | None, seed: int) -> tuple[float, dict | None]:
-    """The head's C: the configured number, or with "auto" the inner-validated choice (and its record)."""
-    if C != "auto":
-        return float(C), None
-    info = choose_C(features, y, groups, class_weight, seed)
-    return info["C"], info
+def head_C(C: float | str, features: np.ndarray, y: np.ndarray, groups: np.ndarray | None, class_weight: str | None, seed: int,
+           features_setting: str = "last", tail: int | None = None) -> tuple[float, np.ndarray, dict | None]:
+    """The head's C and the feature columns it reads: the configured ones, or with "auto" (frozen.C, frozen.features)
+    the inner-validated choice (and its record). `tail`: the last-layer width, needed by frozen.features = "auto"."""
+    choose_features = features_setting == "auto"
+    if C != "auto" and not choose_features:
+        return float(C), np.arange(features.shape[1]), None
+    info = choose_C(features, y, groups, class_weight, seed, C_GRID if C == "auto" else (float(C),), tail if choose_features else None)
+    return info["C"], feature_columns(info.get("features", "stages"), features.shape[1], tail if choose_features else None), info
 
 
 def head_groups(df, column: str, idx: np.ndarray) -> np.ndarray | None:
@@ -189,6 +213,21 @@ def fit_logistic_head(features: np.ndarray, y: np.ndarray, C: float, class_weigh
         clf = LogisticRegression(C=C, class_weight=class_weight, max_iter=3000, random_state=seed)
         clf.fit(scaler.transform(features), y)
     return scaler, clf
+
+
+def frozen_head(features: np.ndarray, y: np.ndarray, C: float, cols: np.ndarray, class_weight: str | None, seed: int) -> dict[str, np.ndarray]:
+    """The standardised logistic head of a Classifier or bundle (mean, scale, coef, intercept; classes x width),
+    fitted on the columns `cols` and laid out over the full feature width: unread columns get mean 0, scale 1 and
+    coefficient 0, so one network (the stage-pooled one) serves a head that reads only its last-layer features.
+    sklearn's binary head (one row, for class 1) becomes two rows (softmax over (0, z) is its sigmoid)."""
+    scaler, head = fit_logistic_head(features[:, cols], y, C, class_weight, seed)
+    coef, intercept = head.coef_, head.intercept_
+    if coef.shape[0] == 1:
+        coef, intercept = np.vstack([np.zeros_like(coef), coef]), np.concatenate([[0.0], intercept])
+    width = features.shape[1]
+    mean, scale, full = np.zeros(width), np.ones(width), np.zeros((coef.shape[0], width))
+    mean[cols], scale[cols], full[:, cols] = scaler.mean_, scaler.scale_, coef
+    return {"mean": mean, "scale": scale, "coef": full, "intercept": np.asarray(intercept, dtype=np.float64)}
 
 
 def logistic_head(features: np.ndarray, y: np.ndarray, train: np.ndarray, test: np.ndarray, n_classes: int, C: float, class_weight: str | None, seed: int) -> np.ndarray:

@@ -106,7 +106,7 @@ def _embed_run(run: Path, data) -> tuple[pd.DataFrame, str]:
         from cellmorph.models.features import extract_features
 
         feats = extract_features(store, cfg.model, cfg.frozen.tta, cfg.frozen.batch_size, lambda: plan.device,
-                                 stages=cfg.frozen.features == "stages")
+                                 stages=cfg.frozen.stage_pooled)
         how = f"frozen {cfg.model.name} (init {cfg.model.init}) pooled features" + (" (8x dihedral TTA)" if cfg.frozen.tta else "") + "; the same for every fold (the backbone is never trained)"
         return embeddings_table(plan.table.df, feats, cfg.model.name), how
     return _embed_folds(cfg, plan, store, paths), f"fine-tuned {cfg.model.name}: each image by the {cfg.evaluation.protocol} fold model that held it out (pooled pre-logit features)"
