@@ -75,6 +75,10 @@ class AugmentConfig(_Strict):
     jitter_shift: float = Field(0.05, ge=0)
     blur_p: float = Field(0.25, ge=0, le=1)
     noise_std: float = Field(0.02, ge=0)
+    # H&E stain jitter (Tellez et al. 2018): each image's haematoxylin, eosin and DAB optical densities (Ruifrok &
+    # Johnston's colour deconvolution) scaled by U(1-s, 1+s) and shifted by U(-s, s); 0 = off, 0.05 = "HED-light".
+    # RGB brightfield only (3 channels).
+    hed_jitter: float = Field(0.0, ge=0, le=1)
 
 
 class FinetuneConfig(_Strict):

@@ -138,3 +138,44 @@ def test_iteration_hook_and_one_sample_tail():
     spec = InputSpec(size=32, mean=(0.5,) * 3, std=(0.25,) * 3)
     fit(model, images, labels, 2, cfg, spec, torch.device("cpu"), seed=0, on_iteration=lambda it, m: seen.append((it, m.training)))
     assert seen == [(i, True) for i in range(1, 5)]  # 11 = 5 + 5 + (1 dropped), two epochs
+
+
+def _he_patches(data_dir, n=4):
+    import glob
+
+    from PIL import Image
+
+    files = sorted(glob.glob(str(data_dir / "crchistophenotypes" / "img*" / "img*.png")))[:n]
+    return torch.from_numpy(np.stack([np.asarray(Image.open(f).convert("RGB"))[:96, :96].transpose(2, 0, 1) for f in files]))
+
+
+def test_hed_jitter_is_identity_at_zero_and_recolours_real_he_patches_keeping_their_structure(data_dir):
+    """Stain jitter on real H&E fields (CRCHistoPhenotypes): alpha 1, beta 0 gives the image back; sigma 0.05 changes
+    each image's colour by a few grey levels on average, never its structure (the Laplacian stays correlated)."""
+    from cellmorph.models.augment import hed_jitter
+
+    x = _he_patches(data_dir).float() / 255
+    same = hed_jitter(x, 0.05, alpha=torch.ones(len(x), 3), beta=torch.zeros(len(x), 3))
+    assert (same - x.clamp_min(1e-6)).abs().max() < 1e-5
+    y = hed_jitter(x, 0.05, torch.Generator().manual_seed(0))
+    change = (y - x).abs().mean(dim=(1, 2, 3))
+    print("mean |change| per image (0-1 scale):", change.numpy().round(4))
+    assert (change > 0.002).all() and (change < 0.1).all()
+
+    def lap(t):
+        g = t.mean(1)
+        return (g[:, :-2, 1:-1] + g[:, 2:, 1:-1] + g[:, 1:-1, :-2] + g[:, 1:-1, 2:] - 4 * g[:, 1:-1, 1:-1]).flatten(1)
+
+    for a, b in zip(lap(x), lap(y)):
+        assert np.corrcoef(a.numpy(), b.numpy())[0, 1] > 0.9
+
+
+def test_hed_jitter_in_the_training_augmentation_and_refused_for_fluorescence(data_dir):
+    from cellmorph.config import AugmentConfig
+    from cellmorph.errors import CellmorphError
+
+    x = _he_patches(data_dir)
+    out = augment(x, AugmentConfig(hed_jitter=0.05), torch.Generator().manual_seed(0))
+    assert out.shape == x.shape and out.dtype == torch.float32 and 0 <= out.min() and out.max() <= 1
+    with pytest.raises(CellmorphError, match="needs RGB"):
+        augment(x[:, :1], AugmentConfig(hed_jitter=0.05))
