@@ -139,10 +139,10 @@ def last_width(model_cfg: ModelConfig) -> int:
     return int(create_model(model_cfg.name, "random", num_classes=0).num_features)
 
 
-def feature_columns(which: str, width: int, tail: int | None) -> np.ndarray:
-    """The columns of a frozen feature vector of `width` that the head reads: every one, or with "last" the last
-    `tail` (the pooled last-layer features of a stage-pooled vector)."""
-    return np.arange(width - tail, width) if which == "last" and tail else np.arange(width)
+def feature_columns(which: str, width: int, tail: int | None) -> slice:
+    """The columns of a frozen feature vector of `width` that the head reads, as a slice (views, no copies): every
+    one, or with "last" the last `tail` (the pooled last-layer features of a stage-pooled vector)."""
+    return slice(width - tail, width) if which == "last" and tail else slice(0, width)
 
 
 def choose_C(features: np.ndarray, y: np.ndarray, groups: np.ndarray | None, class_weight: str | None, seed: int,
@@ -183,12 +183,12 @@ def choose_C(features: np.ndarray, y: np.ndarray, groups: np.ndarray | None, cla
 
 
 def head_C(C: float | str, features: np.ndarray, y: np.ndarray, groups: np.ndarray | None, class_weight: str | None, seed: int,
-           features_setting: str = "last", tail: int | None = None) -> tuple[float, np.ndarray, dict | None]:
+           features_setting: str = "last", tail: int | None = None) -> tuple[float, slice, dict | None]:
     """The head's C and the feature columns it reads: the configured ones, or with "auto" (frozen.C, frozen.features)
     the inner-validated choice (and its record). `tail`: the last-layer width, needed by frozen.features = "auto"."""
     choose_features = features_setting == "auto"
     if C != "auto" and not choose_features:
-        return float(C), np.arange(features.shape[1]), None
+        return float(C), slice(0, features.shape[1]), None
     info = choose_C(features, y, groups, class_weight, seed, C_GRID if C == "auto" else (float(C),), tail if choose_features else None)
     return info["C"], feature_columns(info.get("features", "stages"), features.shape[1], tail if choose_features else None), info
 
@@ -215,7 +215,7 @@ def fit_logistic_head(features: np.ndarray, y: np.ndarray, C: float, class_weigh
     return scaler, clf
 
 
-def frozen_head(features: np.ndarray, y: np.ndarray, C: float, cols: np.ndarray, class_weight: str | None, seed: int) -> dict[str, np.ndarray]:
+def frozen_head(features: np.ndarray, y: np.ndarray, C: float, cols: slice, class_weight: str | None, seed: int) -> dict[str, np.ndarray]:
     """The standardised logistic head of a Classifier or bundle (mean, scale, coef, intercept; classes x width),
     fitted on the columns `cols` and laid out over the full feature width: unread columns get mean 0, scale 1 and
     coefficient 0, so one network (the stage-pooled one) serves a head that reads only its last-layer features.
