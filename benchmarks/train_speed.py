@@ -13,6 +13,8 @@ default FinetuneConfig (augmentation on: dihedral flips, intensity jitter, blur,
 included; the one-off resize excluded), the best epoch after the first. The two alternate `--repeats` times
 and the best of each is reported with every measurement. ratio = cellmorph / the bare loop in the same layout
 (`ratio`), and / the faster bare layout (`ratio_vs_best_layout`).
+With `--compile`, also the bare loop of `torch.compile(model)` (inductor, channels_last; its compile time, taken in
+the warm-up steps, is reported apart): whether compiling would raise the ceiling on this device.
 
 Prints one JSON line.
 """
@@ -31,8 +33,10 @@ import torch
 import torch.nn.functional as F
 
 
-def bare_loop(model_name: str, classes: int, batch: int, size: int, steps: int, warmup: int, dev: torch.device, channels_last: bool) -> float:
-    """Images/s of plain training steps of the network on one fixed, normalised batch."""
+def bare_loop(model_name: str, classes: int, batch: int, size: int, steps: int, warmup: int, dev: torch.device, channels_last: bool,
+              compile_: bool = False, timings: dict | None = None) -> float:
+    """Images/s of plain training steps of the network on one fixed, normalised batch (`compile_`: through
+    torch.compile; the warm-up's seconds go to `timings["warmup_s"]`)."""
     from cellmorph.models.factory import create_model
 
     model = create_model(model_name, "imagenet", num_classes=classes).to(dev).train()
@@ -42,15 +46,19 @@ def bare_loop(model_name: str, classes: int, batch: int, size: int, steps: int, 
         x = x.contiguous(memory_format=torch.channels_last)
     y = torch.arange(batch, device=dev) % classes
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    run = torch.compile(model) if compile_ else model
 
     def step():
-        loss = F.cross_entropy(model(x).float(), y)
+        loss = F.cross_entropy(run(x).float(), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
+    t_warm = time.perf_counter()
     for _ in range(warmup):
         step()
+    if timings is not None:
+        timings["warmup_s"] = round(time.perf_counter() - t_warm, 1)
     if dev.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -89,6 +97,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=0, help="torch threads; 0 = torch's default (the cores)")
     ap.add_argument("--data", default=None, help="datasets folder (default $CELLMORPH_DATA)")
+    ap.add_argument("--compile", action="store_true", help="also time the bare loop through torch.compile (channels_last)")
     args = ap.parse_args(argv)
 
     from cellmorph.data.catalog import load_dataset
@@ -117,6 +126,10 @@ def main(argv: list[str] | None = None) -> dict:
         best, per_epoch = cellmorph_fit(images, labels, len(classes), args.model, args.size, args.batch, args.epochs, dev)
         ours.append(best)
         epochs.append(per_epoch)
+    compiled, compile_info = [], {}
+    if args.compile:
+        for _ in range(max(1, args.repeats)):
+            compiled.append(bare_loop(args.model, len(classes), args.batch, args.size, args.steps, args.warmup, dev, True, True, compile_info))
     same = "channels_last" if ours_layout else "contiguous"
     best_bare = {k: max(v) for k, v in bare.items()}
     out = {
@@ -130,6 +143,10 @@ def main(argv: list[str] | None = None) -> dict:
         "ratio": round(max(ours) / best_bare[same], 3), "ratio_vs_best_layout": round(max(ours) / max(best_bare.values()), 3),
         "target_ratio": 0.9,
     }
+    if compiled:
+        out |= {"bare_compiled_images_per_s": round(max(compiled), 2), "bare_compiled_all": [round(x, 2) for x in compiled],
+                "compile_warmup_s_last": compile_info.get("warmup_s"),
+                "compiled_vs_eager_channels_last": round(max(compiled) / best_bare["channels_last"], 3)}
     print(json.dumps(out))
     return out
 
