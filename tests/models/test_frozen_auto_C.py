@@ -91,3 +91,16 @@ def test_quickstart_with_auto_C_records_each_folds_choice(data_dir):
     assert len(chosen["per_fold"]) == 18 and set(chosen["per_fold"]) <= set(C_GRID)
     assert all(c["inner_split"] == "3-fold inner split of whole groups" for c in chosen["inner"])  # compounds kept whole
     assert m.level("treatment").total == 55 and m.level("treatment").correct >= 50
+
+
+def test_the_report_shows_each_folds_inner_scores_with_the_choice_in_bold():
+    from cellmorph.reporting.sections import inner_choice_html
+
+    X, y, groups = _data(2)
+    chosen = [choose_C(X, y, groups, "balanced", 0, tail=10), choose_C(X[::-1], y[::-1], groups[::-1], "balanced", 1, tail=10)]
+    page = inner_choice_html({"frozen_C_chosen": {"inner": chosen}})
+    assert "Recipe chosen inside each fold" in page and page.count("<tr>") == 3  # header + 2 folds
+    for c in chosen:
+        key = "{} C={:g}".format(c["features"], c["C"])
+        assert "<b>{:.3f}</b>".format(c["inner_balanced_accuracy"][key]) in page
+    assert inner_choice_html({}) == ""

@@ -148,6 +148,29 @@ def group_spread_html(pred: pd.DataFrame, label: str) -> str:
             f"on average can still fail one patient, plate or compound.</p><table><tr>{th}</tr>{body}</table>")
 
 
+def inner_choice_html(context: dict) -> str:
+    """frozen C or features = "auto": what each fold's inner split chose and every candidate's inner balanced accuracy
+    (metrics.json's context.frozen_C_chosen), as a table with the chosen candidate in bold; "" for other runs."""
+    chosen = context.get("frozen_C_chosen") or {}
+    inner = [c for c in chosen.get("inner", []) if c]
+    if not inner:
+        return ""
+    candidates = list(inner[0]["inner_balanced_accuracy"])
+    shown = inner[:30]
+
+    def pick(c: dict) -> str:
+        return f"{c['features']} C={c['C']:g}" if "features" in c else f"{c['C']:g}"
+
+    th = "".join(f"<th>{html.escape(k)}</th>" for k in ["fold", *candidates])
+    body = "".join("<tr><td>" + str(i + 1) + "</td>" + "".join(
+        f"<td>{'<b>' if k == pick(c) else ''}{c['inner_balanced_accuracy'].get(k, float('nan')):.3f}{'</b>' if k == pick(c) else ''}</td>"
+        for k in candidates) + "</tr>" for i, c in enumerate(shown))
+    more = f"<p>(first {len(shown)} of {len(inner)} folds; all in metrics.json)</p>" if len(inner) > len(shown) else ""
+    return (f"<h2 id='inner'>Recipe chosen inside each fold</h2><p>Every candidate's balanced accuracy on the fold's "
+            f"{html.escape(inner[0].get('inner_split', 'inner split'))} of its training rows (bold: the one chosen, then refitted "
+            f"on the whole training fold); the outer scores above never saw these choices.</p><table><tr>{th}</tr>{body}</table>{more}")
+
+
 def roc_auc(pred: pd.DataFrame, label: str, levels: list[str], classes: list[str], how: str = "median") -> dict[str, float]:
     """Binary tasks: ROC AUC of prob_<second class> at each level ({} for more than 2 classes, or one class present)."""
     if len(classes) != 2:
