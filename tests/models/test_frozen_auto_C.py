@@ -104,3 +104,10 @@ def test_the_report_shows_each_folds_inner_scores_with_the_choice_in_bold():
         key = "{} C={:g}".format(c["features"], c["C"])
         assert "<b>{:.3f}</b>".format(c["inner_balanced_accuracy"][key]) in page
     assert inner_choice_html({}) == ""
+
+
+def test_auto_features_are_refused_under_lomo(tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('name = "x"\nmode = "frozen"\n[dataset]\nname = "bbbc021-subset"\n[frozen]\nfeatures = "auto"\nC = 1.0\n[evaluation]\nprotocol = "lomo"\n')
+    with pytest.raises(CellmorphError, match='frozen.features = "auto" is not available under the lomo protocol'):
+        load_config(cfg)
