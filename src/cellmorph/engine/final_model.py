@@ -16,7 +16,7 @@ from cellmorph.config import override as override_config
 from cellmorph.data.store import Store
 from cellmorph.data.store import trained_on as describe_training
 from cellmorph.data.table import PATH_PREFIX, labelled_mask
-from cellmorph.data.quality import image_qc, intensity_profile, store_qc
+from cellmorph.data.quality import image_numbers, store_qc
 from cellmorph.engine.plan import Plan
 from cellmorph.engine.runfolder import what_is_computed
 from cellmorph.evaluation.protocols import protocol_group
@@ -112,8 +112,7 @@ def _image_reference(cfg: ExperimentConfig, plan: Plan, store: Store, clf=None, 
         qc = store_qc(store)  # cached by the feature pass: no second decode
         f, focus, profiles = feats[rows], qc["qc_focus"][rows], qc["profile"][rows]
     else:
-        out = clf.outputs(store.batches(clf.batch_size, rows=rows), features=True,
-                          per_batch=lambda images, _: {"qc_focus": image_qc(images)["qc_focus"], "profile": intensity_profile(images)})
+        out = clf.outputs(store.batches(clf.batch_size, rows=rows), features=True, per_batch=lambda images, _: image_numbers(images))
         f, focus, profiles = out["features"], out["qc_focus"], out["profile"]
     space = "frozen backbone features" if cfg.mode == "frozen" else "the fine-tuned network's pre-logit features"
     return image_reference(f, groups, column, space, focus, n_training=len(idx), profiles=profiles)

@@ -119,7 +119,8 @@ def per_image_numbers(clf):
     def numbers(images: np.ndarray, feats: np.ndarray | None) -> dict[str, np.ndarray]:
         out = image_qc(images)
         if ref is not None and feats is not None:
-            out["image_distance"], out["image_distance_pvalue"] = image_distances(ref, feats, intensity_profile(images))
+            profiles = intensity_profile(images) if "profiles" in ref else None  # a version-1 reference: features alone
+            out["image_distance"], out["image_distance_pvalue"] = image_distances(ref, feats, profiles)
         return out
 
     numbers.needs_features = ref is not None  # QC alone needs no features (a fine-tuned network's would cost a pass)

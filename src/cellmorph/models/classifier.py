@@ -24,7 +24,7 @@ from cellmorph.errors import CellmorphError
 from cellmorph.models.backbone import StagePooled, frozen_width
 from cellmorph.models.bundle import bundle_meta, load_bundle, load_state, save_bundle
 from cellmorph.models.factory import INIT_WORDS, check_model_config, create_model, default_input_size, normalization, pre_logits
-from cellmorph.models.features import extract_features, frozen_head, head_C, head_groups, last_width
+from cellmorph.models.features import extract_features, frozen_head, head_C, head_groups
 from cellmorph.models.heads import check_head, head_proba
 from cellmorph.progress import make_progress, progress_shown
 from cellmorph.models.train import InputSpec, disk_images, fit as _fit, fits_in_memory, fold_batch_norm, forward_batches, make_input_spec, pick_device, resize_uint8_stack
@@ -184,7 +184,7 @@ class Classifier:
             else:
                 feats = self._features(torch.from_numpy(np.asarray(store.images))[torch.from_numpy(idx)], device).numpy()
         cw = None if fz.class_weight == "none" else "balanced"
-        C, cols, _ = head_C(fz.C, feats, y, groups, cw, cfg.seed, fz.features, last_width(m) if fz.features == "auto" else None)
+        C, cols, _ = head_C(fz.C, feats, y, groups, cw, cfg.seed, fz.features, self._net.num_features if fz.features == "auto" else None)
         arrays = frozen_head(feats, y, C, cols, cw, cfg.seed)
         self._head = {k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float64)) for k, v in arrays.items()}
 

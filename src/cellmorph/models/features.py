@@ -178,7 +178,8 @@ def choose_C(features: np.ndarray, y: np.ndarray, groups: np.ndarray | None, cla
             scores[(which, C)] = float(np.mean(recalls))
     which, best = max(scores, key=lambda wc: (round(scores[wc], 12), -wc[1], wc[0] == "last"))
     name = (lambda w, c: f"{c:g}") if not tail else (lambda w, c: f"{w} C={c:g}")
-    out = {"C": best, "inner_balanced_accuracy": {name(w, c): round(v, 4) for (w, c), v in scores.items()}, "inner_split": how}
+    out = {"C": best, "chosen": name(which, best), "inner_balanced_accuracy": {name(w, c): round(v, 4) for (w, c), v in scores.items()},
+           "inner_split": how}
     return out | ({"features": which} if tail else {})
 
 

@@ -158,8 +158,8 @@ def inner_choice_html(context: dict) -> str:
     candidates = list(inner[0]["inner_balanced_accuracy"])
     shown = inner[:30]
 
-    def pick(c: dict) -> str:
-        return f"{c['features']} C={c['C']:g}" if "features" in c else f"{c['C']:g}"
+    def pick(c: dict) -> str:  # runs recorded before choose_C named its choice: the C alone
+        return c.get("chosen") or f"{c['C']:g}"
 
     th = "".join(f"<th>{html.escape(k)}</th>" for k in ["fold", *candidates])
     body = "".join("<tr><td>" + str(i + 1) + "</td>" + "".join(
