@@ -203,7 +203,8 @@ class Suite:
         the best (ties: the first listed) then trains on the whole training split and is tested once."""
         val = {}
         for name in job.info["candidates"]:
-            m = self.cellmorph_run(f"nuclei/recipes/{name}", over, folder / "validation" / name)
+            # a candidate's own final model is never used: only the winner is trained again, on the whole training split
+            m = self.cellmorph_run(f"nuclei/recipes/{name}", {**over, "save_model": False}, folder / "validation" / name)
             if m is None:
                 return None
             val[name] = round(m.level("image").accuracy, 4)

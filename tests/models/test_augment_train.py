@@ -5,7 +5,7 @@ import torch
 from cellmorph.models.augment import augment, blur3x3, dihedral, gaussian_noise, random_dihedral
 from cellmorph.config import AugmentConfig, FinetuneConfig
 from cellmorph.models.factory import create_model
-from cellmorph.models.train import InputSpec, class_weights, fit, predict_proba
+from cellmorph.models.train import InputSpec, class_weights, fit, make_optimizer, predict_proba
 
 
 def test_dihedral_group_has_eight_distinct_elements():
@@ -179,3 +179,26 @@ def test_hed_jitter_in_the_training_augmentation_and_refused_for_fluorescence(da
     assert out.shape == x.shape and out.dtype == torch.float32 and 0 <= out.min() and out.max() <= 1
     with pytest.raises(CellmorphError, match="needs RGB"):
         augment(x[:, :1], AugmentConfig(hed_jitter=0.05))
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam", "adamw"])
+def test_cpu_optimizers_are_fused_and_take_the_same_steps(name):
+    """On CPU the optimizer is torch's fused kernel, and its steps are those of torch's per-tensor loop."""
+    torch.manual_seed(0)
+    model = create_model("resnet18", num_classes=3, init="random")
+    twin = create_model("resnet18", num_classes=3, init="random")
+    twin.load_state_dict(model.state_dict())
+    cfg = FinetuneConfig(optimizer=name, lr=1e-3, weight_decay=1e-4)
+    fused = make_optimizer(model, cfg)
+    assert fused.defaults["fused"] is True
+    same = {k: v for k, v in fused.defaults.items() if k != "decoupled_weight_decay"}  # AdamW's own, not an argument
+    loop = type(fused)(twin.parameters(), **{**same, "fused": None, "foreach": False})
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(3):  # the same gradients for both: only the update rule (and rounding) can differ
+        grads = [torch.randn(p.shape, generator=gen) for p in model.parameters()]
+        for net, opt in ((model, fused), (twin, loop)):
+            for p, g in zip(net.parameters(), grads):
+                p.grad = g.clone()
+            opt.step()
+    worst = max(float((a - b).detach().abs().max()) for a, b in zip(model.parameters(), twin.parameters()))
+    assert worst < 1e-6, worst

@@ -14,7 +14,8 @@ from cellmorph.reporting.summary import summarize_runs
 REPO = Path(__file__).resolve().parents[2]
 
 SMOKE = REPO / "configs" / "finetune-cpu-smoke.toml"
-TINY = ["dataset.image_size=32", "model.input_size=32", "finetune.epochs=2", "finetune.eval_every_epoch=true", "finetune.save_models=true", "model.name=resnet18", "model.init=xavier"]
+TINY = ["dataset.image_size=32", "model.input_size=32", "finetune.epochs=2", "finetune.eval_every_epoch=true", "finetune.save_models=true", "model.name=resnet18", "model.init=xavier",
+        "finetune.batch_size=64", "save_model=false"]  # few optimiser steps, no final model: the folds are what is tested
 
 
 @pytest.fixture(scope="module")
