@@ -33,10 +33,11 @@ def _sync(dev: torch.device) -> None:
 
 def bare_loop(model_name: str, batch: int, size: int, steps: int, warmup: int, compile_: bool, dev: torch.device) -> float:
     import timm
+    from cellmorph.models.train import FUSED_DEVICES
 
     model = timm.create_model(model_name, num_classes=6).to(dev).to(memory_format=torch.channels_last).train()
     net = torch.compile(model) if compile_ else model
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, fused=dev.type in ("cpu", "cuda") or None)  # as train.make_optimizer
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, fused=dev.type in FUSED_DEVICES or None)  # as train.make_optimizer
     x = torch.randn(batch, 3, size, size, device=dev).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 6, (batch,), device=dev)
     for i in range(warmup + steps):

@@ -38,6 +38,7 @@ def bare_loop(model_name: str, classes: int, batch: int, size: int, steps: int, 
     """Images/s of plain training steps of the network on one fixed, normalised batch (`compile_`: through
     torch.compile; the warm-up's seconds go to `timings["warmup_s"]`)."""
     from cellmorph.models.factory import create_model
+    from cellmorph.models.train import FUSED_DEVICES
 
     model = create_model(model_name, "imagenet", num_classes=classes).to(dev).train()
     x = torch.randn(batch, 3, size, size, device=dev)
@@ -45,7 +46,7 @@ def bare_loop(model_name: str, classes: int, batch: int, size: int, steps: int, 
         model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
     y = torch.arange(batch, device=dev) % classes
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, fused=dev.type in ("cpu", "cuda") or None)  # as train.make_optimizer
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, fused=dev.type in FUSED_DEVICES or None)  # as train.make_optimizer
     run = torch.compile(model) if compile_ else model
 
     def step():
