@@ -29,6 +29,7 @@ _LAZY = {
     "cross_validate": "cellmorph.api",
     "load_dataset": "cellmorph.api",
     "run": "cellmorph.api",
+    "tune": "cellmorph.api",
     "CVResult": "cellmorph.engine.runner",
     "ExperimentConfig": "cellmorph.config",
     "load_config": "cellmorph.config",

@@ -11,10 +11,11 @@ from cellmorph.config import ExperimentConfig, load_config, override
 from cellmorph.data.catalog import load_dataset as _load_dataset
 from cellmorph.data.table import ImageTable
 from cellmorph.engine.runner import CVResult, cross_validate_config, run_experiment
+from cellmorph.engine.tune import tune as _tune
 from cellmorph.evaluation.metrics import Metrics
 from cellmorph.models.classifier import Classifier
 
-__all__ = ["Classifier", "cross_validate", "load_dataset", "run"]
+__all__ = ["Classifier", "cross_validate", "load_dataset", "run", "tune"]
 
 
 def load_dataset(name: str, data: str | Path | None = None, label: str | None = None, **options) -> ImageTable:
@@ -57,6 +58,28 @@ def run(config: str | Path | ExperimentConfig, out: str | Path, data: str | Path
     """
     cfg = config if isinstance(config, ExperimentConfig) else load_config(config)
     return run_experiment(cfg, out, data)
+
+
+def tune(config: str | Path | ExperimentConfig, out: str | Path, data: str | Path | None = None, budget_min: float = 45.0,
+         candidates: list[str] | None = None) -> Metrics:
+    """Choose a recipe by nested validation and score it once on the outer split, exactly as `cellmorph tune`.
+
+    Args:
+        config: a config file (TOML) or an `ExperimentConfig` with a single-split protocol (random, image-grouped,
+            holdout-25); its dataset, label, split, seed and frozen network are kept.
+        out: the tune folder: candidates/<name>/ (each scored on the inner split), final/ (the chosen recipe).
+        data: the folder holding the datasets; None means $CELLMORPH_DATA.
+        budget_min: minutes for the whole call; candidates start only within the first half.
+        candidates: try only these (cellmorph.engine.tune.CANDIDATE_NAMES); None = all.
+    Returns:
+        The outer split's `Metrics`; `.context["tune"]` holds every candidate's inner scores and the choice.
+
+    Example:
+        >>> m = tune("configs/nuclei/auto-image-grouped.toml", "runs/nuclei-tune")
+        >>> m.context["tune"]["chosen"], round(m.level("image").accuracy, 3)
+    """
+    cfg = config if isinstance(config, ExperimentConfig) else load_config(config)
+    return _tune(cfg, out, data, budget_min, candidates)
 
 
 def cross_validate(clf: Classifier | ExperimentConfig, table: ImageTable | None = None, protocol: str | None = None, *,

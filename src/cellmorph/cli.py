@@ -88,6 +88,38 @@ def sweep(
     console.print(f"{len(runs)} run folders in {out}; summary: {out}/summary/summary.csv, summary.md")
 
 
+@app.command()
+def tune(
+    config: Path = typer.Argument(..., help="Experiment config (TOML) with a single-split protocol (random, image-grouped, holdout-25), e.g. configs/nuclei/auto-image-grouped.toml."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Tune folder: candidates/<name>/ (inner split) and final/ (the chosen recipe, outer split). Default: runs/<config name>-tune. Rerun to resume."),
+    budget_min: float = typer.Option(45.0, "--budget-min", min=1, help="Minutes for the whole command: candidates start only within the first half; the rest is for the chosen recipe's outer run and final model."),
+    candidate: list[str] = typer.Option([], "--candidate", "-c", help="Try only this candidate (repeat for more): frozen, lenet-scratch, resnet18-scratch, finetune-1x, finetune-2x."),
+    data: Optional[Path] = typer.Option(None, "--data", "-d", help=DATA_HELP),
+    set_: list[str] = typer.Option([], "--set", help="Override a field of the config before the candidates are made, e.g. --set seed=1."),
+) -> None:
+    """Choose a recipe by nested validation: frozen head, LeNet and ResNet18 from scratch, fine-tuning at 1x and 2x,
+    each scored on an inner split of the training rows; the best (balanced accuracy) runs once on the outer split.
+
+    The outer score is the honest one; final/model is trained with the chosen recipe. Candidates and rules:
+    cellmorph.engine.tune (docs/own-images.md).
+
+    Example: cellmorph tune configs/nuclei/auto-image-grouped.toml --out runs/nuclei-tune --budget-min 45
+    """
+    from cellmorph.config import load_config
+    from cellmorph.engine.tune import tune as run_tune
+
+    cfg = load_config(config, set_)
+    out = out or Path("runs") / f"{config.stem}-tune"
+    m = run_tune(cfg, out, data, budget_min, candidate or None)
+    rec = m.context["tune"]
+    for r in rec["candidates"]:
+        score = f"inner balanced accuracy {r['inner']['balanced_accuracy']:.3f}, accuracy {r['inner']['accuracy']:.3f}, {r['seconds']:.0f} s" if r["status"] == "ran" else r["status"]
+        console.print(f"  {'*' if r['chosen'] else ' '} {r['name']}: {score}", highlight=False, markup=False)
+    console.print(f"[bold green]{cfg.name}[/] with {rec['chosen']} (outer split): {m.summary_line()}")
+    console.print(m.recall_line("image"), highlight=False, markup=False)
+    console.print(f"tune folder: {out} (final/report.html, final/metrics.json; final/model when save_model)")
+
+
 BACKEND_HELP = "Where the shards (a plate, or 2,048 of its fields, each) run: local (here) or ray (one Ray task per shard; pip install 'cellmorph[ray]')."
 ADDRESS_HELP = "Ray: an existing cluster to join (e.g. auto, ray://head:10001); empty: start a local one (127.0.0.1 only) and stop it after."
 

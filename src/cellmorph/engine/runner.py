@@ -32,13 +32,14 @@ from cellmorph.reporting.sections import write_training_curves
 from cellmorph.storage import MODEL_DIR, RUN, claim, locked, seed_folder
 
 
-def run_experiment(cfg: ExperimentConfig, out: str | Path, data_dir: str | Path | None = None) -> Metrics:
+def run_experiment(cfg: ExperimentConfig, out: str | Path, data_dir: str | Path | None = None, context: dict | None = None) -> Metrics:
     """Run (or resume) the experiment into the run folder `out`; return its metrics.
 
     Args:
         cfg: a validated config (`cellmorph.config.load_config`).
         out: the run folder; a rerun with the same folder resumes at the first missing fold.
         data_dir: the folder holding the datasets (default: $CELLMORPH_DATA).
+        context: more entries for metrics.json's context (e.g. `cellmorph tune`'s record of its candidates).
     Returns:
         The run's `Metrics` (also written to out/metrics.json).
 
@@ -66,10 +67,10 @@ def run_experiment(cfg: ExperimentConfig, out: str | Path, data_dir: str | Path 
                 out.rmdir()
             raise
         claim_run_folder(out, cfg, store.key, len(store.index))
-        return _run(out, cfg, plan, store, engine)
+        return _run(out, cfg, plan, store, engine, context or {})
 
 
-def _run(out: Path, cfg: ExperimentConfig, plan, store: Store, engine: FoldEngine) -> Metrics:
+def _run(out: Path, cfg: ExperimentConfig, plan, store: Store, engine: FoldEngine, context: dict) -> Metrics:
     console.print(f"split: {plan.description}", highlight=False, markup=False)  # once the run has started (an error stays one line)
     env = environment(cfg, plan.device_setting)
     write_json(out / "environment.json", env)
@@ -99,6 +100,7 @@ def _run(out: Path, cfg: ExperimentConfig, plan, store: Store, engine: FoldEngin
     metrics = combine_seeds(per_seed) if len(per_seed) > 1 else per_seed[0]
     metrics.context["seconds_in_folds_this_invocation"] = round(time.perf_counter() - t0, 2)
     metrics.context["class_balance"] = training_balance(cfg, plan.table)
+    metrics.context.update(context)
     if plan.resolved_device is not None:  # a network ran: record the device it ran on
         write_json(out / "environment.json", {**env, "device": str(plan.resolved_device), **device_details(plan.resolved_device)})
     pred = pd.concat(preds, ignore_index=True)

@@ -15,7 +15,7 @@ from cellmorph.io import atomic_path, write_text
 from cellmorph.data.table import labelled_rows
 from cellmorph.data.table import ImageTable
 from cellmorph.evaluation.metrics import LEVELS, Metrics, confusion
-from cellmorph.reporting.sections import (CURVES_PNG, confusion_rates_html, examples_html, group_spread_html, inner_choice_html, roc_auc,
+from cellmorph.reporting.sections import (CURVES_PNG, confusion_rates_html, examples_html, group_spread_html, inner_choice_html, roc_auc, tune_html,
                                           wall_time_text)
 
 _PLURAL = {"image": "images", "well": "wells", "treatment": "treatments"}
@@ -337,7 +337,7 @@ table.rates td{{text-align:right;min-width:3em}}div.mistakes figure{{width:150px
 <table>{about_html}</table>
 <h2>Scores per level</h2>{scores}
 <h2>Per class ({html.escape(_PLURAL[head])})</h2>{per_class}
-{rates}{groups}{inner_choice_html(ctx)}
+{rates}{groups}{tune_html(ctx)}{inner_choice_html(ctx)}
 <h2>Misclassified {html.escape(_PLURAL[head])}</h2><ul>{wrong_html}</ul>
 {examples}
 {excluded_html}

@@ -171,6 +171,30 @@ def inner_choice_html(context: dict) -> str:
             f"on the whole training fold); the outer scores above never saw these choices.</p><table><tr>{th}</tr>{body}</table>{more}")
 
 
+def tune_html(context: dict) -> str:
+    """`cellmorph tune`: every candidate recipe's inner-split scores and wall time, the chosen one in bold
+    (metrics.json's context.tune); "" for other runs."""
+    rec = context.get("tune") or {}
+    if not rec.get("candidates"):
+        return ""
+
+    def cells(r: dict) -> list[str]:
+        inner = r.get("inner") or {}
+        nums = [f"{inner[k]:.3f}" if inner.get(k) is not None else "–" for k in ("balanced_accuracy", "accuracy", "ece")]
+        return [r["name"], *nums, f"{r['seconds']:.0f} s" if r.get("seconds") is not None else "–",
+                "chosen" if r.get("chosen") else r.get("status", "")]
+
+    th = "".join(f"<th>{h}</th>" for h in ("candidate", "inner balanced accuracy", "inner accuracy", "inner ECE", "wall", ""))
+    body = "".join("<tr>" + "".join(f"<td>{'<b>' if r.get('chosen') else ''}{html.escape(c)}{'</b>' if r.get('chosen') else ''}</td>"
+                                    for c in cells(r)) + "</tr>" for r in rec["candidates"])
+    return (f"<h2 id='tune'>Recipe chosen by nested validation</h2><p>Each candidate was scored on the inner split "
+            f"({html.escape(rec.get('inner_split', ''))}); the best by {html.escape(rec.get('score', ''))} "
+            f"(bold) was then run once on the outer split: the scores above are that run's, and the final model is trained "
+            f"with it. Native image size {rec.get('native_px')} px; budget {rec.get('budget_min'):g} min, of which the "
+            f"selection took {rec.get('seconds_selecting', 0) / 60:.1f} min. Recipes: metrics.json (context.tune).</p>"
+            f"<table><tr>{th}</tr>{body}</table>")
+
+
 def roc_auc(pred: pd.DataFrame, label: str, levels: list[str], classes: list[str], how: str = "median") -> dict[str, float]:
     """Binary tasks: ROC AUC of prob_<second class> at each level ({} for more than 2 classes, or one class present)."""
     if len(classes) != 2:
