@@ -147,7 +147,7 @@ def tune(cfg: ExperimentConfig, out: str | Path, data_dir: str | Path | None = N
     for r in rows:
         r["chosen"] = r is best
     selecting = round(time.perf_counter() - t0, 1)
-    record = {"score": f"image {SCORE} on the inner split", "native_px": native, "budget_min": budget_min,
+    record = {"score": "image balanced accuracy on the inner split", "native_px": native, "budget_min": budget_min,
               "inner_split": "the outer split's training rows split again by the protocol's own rule (split seed + 1); the outer test rows unused",
               "chosen": best["name"], "seconds_selecting": selecting, "candidates": rows}
     console.print(f"tune: chose {best['name']} (inner balanced accuracy {best['inner'][SCORE]:.3f}); now the outer split -> {out / 'final'}",
