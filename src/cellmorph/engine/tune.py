@@ -14,7 +14,7 @@ The candidates, in the order they run (`native` = the images' side in pixels as 
 
 | name | what |
 |---|---|
-| frozen | the config's network frozen, logistic head; stage-pooled or last-layer features and C chosen by an inner split (frozen.features = frozen.C = "auto") |
+| frozen | the config's ImageNet network (EfficientNet-Lite0 when the config's is not pretrained) frozen, logistic head; stage-pooled or last-layer features and C chosen by an inner split (frozen.features = frozen.C = "auto") |
 | lenet-scratch | the course lab's LeNet, Glorot init, at max(native, 64) px; Adam 1e-3, cosine, 10 epochs |
 | resnet18-scratch | ResNet18 (timm), Glorot init, at native px; Adam 1e-3, cosine, 8 epochs |
 | finetune-1x | the config's ImageNet network fine-tuned at native px (capped at 224); Adam 3e-4, cosine, 3 epochs |
@@ -43,7 +43,7 @@ from cellmorph.engine.runner import run_experiment
 from cellmorph.errors import CellmorphError
 from cellmorph.evaluation.protocols import get as get_protocol
 from cellmorph.evaluation.metrics import Metrics
-from cellmorph.models.names import is_local
+from cellmorph.models.names import TORCHVISION_MODELS, is_local
 from cellmorph.progress import console
 
 SCORE = "balanced_accuracy"  # of the image level, on the inner split
@@ -69,8 +69,9 @@ def candidates(cfg: ExperimentConfig, native: int) -> dict[str, dict]:
         ['frozen', 'lenet-scratch', 'resnet18-scratch', 'finetune-1x', 'finetune-2x']
     """
     pretrained = cfg.model.name if cfg.model.init == "imagenet" and not is_local(cfg.model.name) else "tf_efficientnet_lite0"
-    frozen = {"mode": "frozen", "frozen.C": "auto", "frozen.features": "last" if is_local(cfg.model.name) else "auto"}
-    if cfg.model.init != "imagenet":
+    # stage-pooled features need a timm network (models/backbone.py: StagePooled); torchvision's read the last layer
+    frozen = {"mode": "frozen", "frozen.C": "auto", "frozen.features": "last" if pretrained in TORCHVISION_MODELS else "auto"}
+    if pretrained != cfg.model.name or cfg.model.init != "imagenet":
         frozen.update({"model.name": pretrained, "model.init": "imagenet", "model.input_size": 0})
     one, two = min(native, MAX_FINETUNE_SIZE), min(2 * native, MAX_FINETUNE_SIZE)
     out = {"frozen": frozen,
