@@ -119,7 +119,7 @@ def main() -> None:
     cache: dict[int, tuple[np.ndarray, dict]] = {}
 
     def qc_and_feats(batches):
-        out = clf.outputs(batches, features=True, per_batch=lambda im, _: image_numbers(im))
+        out = clf.outputs(batches, features=True, per_batch=lambda im, _, __: image_numbers(im))
         return out["features"], {k: out[k] for k in (*QC_COLUMNS, "profile")}
 
     def real(rows):

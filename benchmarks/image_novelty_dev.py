@@ -78,7 +78,7 @@ def main() -> None:
         return clf.outputs(batches, features=True)["features"]
 
     def feats_profiles(batches):
-        out = clf.outputs(batches, features=True, per_batch=lambda im, _: {"profile": intensity_profile(im)})
+        out = clf.outputs(batches, features=True, per_batch=lambda im, _, __: {"profile": intensity_profile(im)})
         return out["features"].astype(np.float16), out["profile"]
 
     shape = next(field_batches(table, size, labelled[:1], 1))[1].shape[1:]

@@ -35,27 +35,46 @@ def test_interrupted_predict_resumes_with_its_finished_shards(screen_world, tmp_
     assert code == 0, text
     assert not list((tmp_path / "cache").glob("screens/*/*.npz"))  # a finished job leaves no shard behind
 
-    real, calls = screen.score_shard, []
+    real, calls = screen._write_shard, []
 
-    def dies_at_the_fourth(*args, **kw):
-        calls.append(args[3].index)
+    def dies_at_the_fourth(*args, **kw):  # frozen models score the shards as one stream: stop at a shard's end
+        calls.append(args[0])
         if len(calls) == 4:
             raise KeyboardInterrupt  # as a Ctrl-C (or a kill) in the middle of the screen
         return real(*args, **kw)
 
-    monkeypatch.setattr(screen, "score_shard", dies_at_the_fourth)
+    monkeypatch.setattr(screen, "_write_shard", dies_at_the_fourth)
     with pytest.raises(KeyboardInterrupt):
         from cellmorph.prediction.predict import predict_images
 
         predict_images(bundle, csv, tmp_path / "again")
     assert not (tmp_path / "again").exists()  # the output appears whole or not at all
     assert len(list((tmp_path / "cache").glob("screens/*/*.npz"))) == 3
-    monkeypatch.setattr(screen, "score_shard", real)
+    monkeypatch.setattr(screen, "_write_shard", real)
     calls.clear()
     code, text = cli(monkeypatch, capsys, "predict", bundle, csv, "--out", tmp_path / "again")
     assert code == 0 and "resuming: 3 of" in text, text
     a, b = pd.read_parquet(tmp_path / "whole" / "predictions.parquet"), pd.read_parquet(tmp_path / "again" / "predictions.parquet")
     pd.testing.assert_frame_equal(a, b)
+
+
+def test_frozen_shards_streamed_as_one_equal_shard_by_shard(screen_world, monkeypatch):
+    """The frozen path scores all shards as one stream (decoding runs on across plate ends, several batches at once
+    on the cores); every shard's outputs are the bytes `score_shard` gives it alone (what a Ray task computes)."""
+    from cellmorph.data.inputs import read_images
+    from cellmorph.models.classifier import Classifier
+
+    clf = Classifier.load(screen_world / "bundle")
+    table = read_images(screen_world / "load_data.csv")
+    shards = plan_shards(table.df, max_rows=5)  # short shards: a batch never spans two
+    got: dict = {}
+    screen.score_shards_streamed(clf, table, 0, shards, features=True, quality=True, finished=lambda s, out: got.setdefault(s.index, out))
+    assert sorted(got) == [s.index for s in shards]
+    for s in shards:
+        alone = screen.score_shard(clf, table, 0, s, features=True, quality=True)
+        assert got[s.index].keys() == alone.keys() and {"probs", "features", "qc_focus"} <= alone.keys()
+        for k in alone:
+            assert np.array_equal(got[s.index][k], alone[k]), (s.name, k)
 
 
 def test_a_changed_file_changes_its_shard_fingerprint(screen_world, tmp_path):

@@ -22,7 +22,7 @@ import os
 from pathlib import Path
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -37,9 +37,12 @@ def default_workers() -> int:
 
 
 def field_batches(table: ImageTable, image_size: int = 0, rows: np.ndarray | None = None, batch: int = 32,
-                  workers: int | None = None, prefetch: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+                  workers: int | None = None, prefetch: int | None = None,
+                  annotate: Callable[[np.ndarray], dict] | None = None, chunks: list[np.ndarray] | None = None) -> Iterator[tuple]:
     """(row positions, uint8 B x C x H x W) for `rows` of `table` (all rows when None), in that order, `batch` at
     a time; every batch has the first one's C x H x W or a one-line CellmorphError names the files that differ.
+    With `annotate`, (row positions, batch, annotate(batch)): per-image numbers of the pixels (e.g. the QC
+    numbers, `quality.image_numbers`) computed in the decoding thread, beside the network rather than before it.
 
     Args:
         table: the ImageTable (one field per row, or one patch per row when `table.patch_size`).
@@ -47,13 +50,19 @@ def field_batches(table: ImageTable, image_size: int = 0, rows: np.ndarray | Non
         rows: row positions into table.df.
         batch: rows per batch (the consumer's batch size: the network then sees the same batches as from an array).
         workers: decoding threads (default `default_workers()`); prefetch: batches decoded ahead (default 2 x workers).
+        annotate: a function of a uint8 batch run in the decoding thread (numpy releases the GIL in it).
+        chunks: the batches' row positions, given whole (then `rows` and `batch` are not used): e.g. several
+            shards' batches as one stream, so that decoding runs ahead across their boundaries.
     """
-    rows = np.arange(len(table.df)) if rows is None else np.asarray(rows, dtype=np.int64)
-    chunks = [rows[s : s + batch] for s in range(0, len(rows), batch)]
+    if chunks is None:
+        rows = np.arange(len(table.df)) if rows is None else np.asarray(rows, dtype=np.int64)
+        chunks = [rows[s : s + batch] for s in range(0, len(rows), batch)]
     if table.store_dir is not None:
         decode = _store_decoder(table, image_size)
     else:
         decode = _patch_decoder(table, image_size) if table.patch_size else _field_decoder(table, image_size)
+    if annotate is not None:
+        decode = _annotated(decode, annotate)
     workers = workers or default_workers()
     prefetch = max(1, prefetch or 2 * workers)
     first: tuple | None = None
@@ -71,14 +80,25 @@ def field_batches(table: ImageTable, image_size: int = 0, rows: np.ndarray | Non
                 if nxt is not None:
                     pending.append((nxt, pool.submit(decode, nxt)))
                 images = future.result()
+                notes = None
+                if annotate is not None:
+                    images, notes = images
                 if first is None:
                     first = (chunk[0], images.shape[1:])
                 elif images.shape[1:] != first[1]:
                     raise CellmorphError(shape_mismatch(_paths(table, chunk[0]), images.shape[1:], _paths(table, first[0]), first[1]))
-                yield chunk, images
+                yield (chunk, images) if annotate is None else (chunk, images, notes)
         finally:  # the consumer stopped early (an error, Ctrl-C): drop what is queued, wait for what runs
             for _, future in pending:
                 future.cancel()
+
+
+def _annotated(decode, annotate):
+    def both(chunk: np.ndarray) -> tuple[np.ndarray, dict]:
+        images = decode(chunk)
+        return images, annotate(images)
+
+    return both
 
 
 def _paths(table: ImageTable, row: int) -> list[str]:

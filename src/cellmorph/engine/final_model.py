@@ -112,7 +112,7 @@ def _image_reference(cfg: ExperimentConfig, plan: Plan, store: Store, clf=None, 
         qc = store_qc(store)  # cached by the feature pass: no second decode
         f, focus, profiles = feats[rows], qc["qc_focus"][rows], qc["profile"][rows]
     else:
-        out = clf.outputs(store.batches(clf.batch_size, rows=rows), features=True, per_batch=lambda images, _: image_numbers(images))
+        out = clf.outputs(store.batches(clf.batch_size, rows=rows), features=True, per_batch=lambda images, _, __: image_numbers(images))
         f, focus, profiles = out["features"], out["qc_focus"], out["profile"]
     space = "frozen backbone features" if cfg.mode == "frozen" else "the fine-tuned network's pre-logit features"
     return image_reference(f, groups, column, space, focus, n_training=len(idx), profiles=profiles)

@@ -33,13 +33,13 @@ import pandas as pd
 
 from cellmorph.config import ExecutionConfig
 from cellmorph.data.omezarr import is_zarr_ref, zarr_ref_stat
-from cellmorph.data.quality import image_qc, intensity_profile
+from cellmorph.data.quality import QC_COLUMNS, image_numbers
 from cellmorph.data.store import cache_dir
 from cellmorph.data.stream import field_batches
 from cellmorph.data.table import ImageTable
 from cellmorph.engine.plan import torch_threads
 from cellmorph.errors import CellmorphError
-from cellmorph.evaluation.novelty import image_distances
+from cellmorph.evaluation.novelty import image_distances, with_unit_features
 from cellmorph.io import atomic_path
 from cellmorph.progress import console, make_progress
 from cellmorph.storage import digest_ok, write_digest
@@ -110,16 +110,19 @@ def shard_fingerprint(table: ImageTable, shard: Shard) -> str:
 
 
 def per_image_numbers(clf):
-    """The per-batch callback of `Classifier.outputs` that adds each image's QC numbers (data.quality.image_qc) and,
-    when the classifier has an image reference, its image_distance and image_distance_pvalue (novelty.image_distances,
-    with the image's intensity profile where the reference holds profiles):
-    a few floats per image, computed while its batch is in memory."""
+    """The per-batch callback of `Classifier.outputs` that adds each image's QC numbers (data.quality.image_numbers,
+    taken from the batch's notes when the decoding threads computed them, `field_batches(..., annotate=)`) and, when
+    the classifier has an image reference, its image_distance and image_distance_pvalue (novelty.image_distances,
+    with the image's intensity profile where the reference holds profiles): a few floats per image, computed while
+    its batch is in memory."""
     ref = getattr(clf, "image_reference", None)
+    ref = None if ref is None else with_unit_features(ref)
 
-    def numbers(images: np.ndarray, feats: np.ndarray | None) -> dict[str, np.ndarray]:
-        out = image_qc(images)
+    def numbers(images: np.ndarray, feats: np.ndarray | None, pixels: dict | None = None) -> dict[str, np.ndarray]:
+        pixels = image_numbers(images) if pixels is None else pixels  # usually computed in the decoding threads
+        out = {k: pixels[k] for k in QC_COLUMNS}
         if ref is not None and feats is not None:
-            profiles = intensity_profile(images) if "profiles" in ref else None  # a version-1 reference: features alone
+            profiles = pixels["profile"] if "profiles" in ref else None  # a version-1 reference: features alone
             out["image_distance"], out["image_distance_pvalue"] = image_distances(ref, feats, profiles)
         return out
 
@@ -131,9 +134,34 @@ def score_shard(clf, table: ImageTable, image_size: int, shard: Shard, *, featur
                 fold_models=(), on_batch=None, quality: bool = False) -> dict[str, np.ndarray]:
     """One shard's per-image outputs (`Classifier.outputs` over its streamed batches); with `quality`, each image's
     QC numbers and image novelty (`per_image_numbers`)."""
-    batches = field_batches(table, image_size, shard.rows, clf.batch_size)
+    batches = field_batches(table, image_size, shard.rows, clf.batch_size, annotate=image_numbers if quality else None)
     return clf.outputs(batches, features=features, mc_dropout=mc_dropout, seed=clf.config.seed + shard.index,
                        fold_models=fold_models, on_batch=on_batch, per_batch=per_image_numbers(clf) if quality else None)
+
+
+def score_shards_streamed(clf, table: ImageTable, image_size: int, shards: list[Shard], *, features: bool, quality: bool,
+                          finished, on_batch=None) -> None:
+    """Frozen models: `shards` scored as one stream of batches (each shard cut into batches as `score_shard` cuts
+    it, so every batch, and so every number, is the one `score_shard` gives, here or on Ray), and `finished(shard,
+    outputs)` called as soon as a shard's last batch is out. Decoding and the network run ahead across shard
+    boundaries: a screen of many small plates (or a plate's last short batch) does not drain the pipeline."""
+    size = clf.batch_size
+    chunks, owner = [], []
+    for s in shards:
+        for i in range(0, len(s.rows), size):
+            chunks.append(s.rows[i : i + size])
+            owner.append(s)
+    stream = field_batches(table, image_size, chunks=chunks, annotate=image_numbers if quality else None)
+    parts: dict[str, list] = {}
+    outs = clf.output_batches(stream, features=features, per_batch=per_image_numbers(clf) if quality else None)
+    for k, (shard, out) in enumerate(zip(owner, outs)):
+        for name, v in out.items():
+            parts.setdefault(name, []).append(v)
+        if on_batch is not None:
+            on_batch(len(out["probs"]))
+        if k + 1 == len(owner) or owner[k + 1] is not shard:
+            finished(shard, {name: np.concatenate(v) for name, v in parts.items()})
+            parts = {}
 
 
 def screen_folder(resume: str) -> Path:
@@ -205,9 +233,13 @@ def score_screen(clf, table: ImageTable, image_size: int, *, features: bool = Fa
         else:
             threads = execution.threads if execution is not None and execution.threads else 0
             with torch_threads(threads):
-                for s in todo:
-                    finished(s, score_shard(clf, table, image_size, s, features=features, mc_dropout=mc_dropout, fold_models=fold_models,
-                                            on_batch=lambda n: progress.advance(task, n * passes), quality=quality))
+                if clf.config.mode == "frozen":  # one stream over the shards: decoding never waits at a plate's end
+                    score_shards_streamed(clf, table, image_size, todo, features=features, quality=quality, finished=finished,
+                                          on_batch=lambda n: progress.advance(task, n))
+                else:
+                    for s in todo:
+                        finished(s, score_shard(clf, table, image_size, s, features=features, mc_dropout=mc_dropout, fold_models=fold_models,
+                                                on_batch=lambda n: progress.advance(task, n * passes), quality=quality))
     return assemble(shards, results, len(table.df))
 
 

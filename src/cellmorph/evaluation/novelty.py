@@ -334,13 +334,20 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return z / np.where(n > 0, n, 1.0)
 
 
+def with_unit_features(ref: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """`ref` with its features scaled to unit length once ("unit_features"), for `image_distances` over many batches
+    (otherwise each batch scales the whole reference again: ~5 ms for 660 x 1,280 features)."""
+    return ref | {"unit_features": _unit(ref["features"])}
+
+
 def image_distances(ref: dict[str, np.ndarray], features: np.ndarray, profiles: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Per image: the cosine distance of its (raw) features to the nearest reference image, and its conformal
     p-value against the reference's calibration (`distance_p_values`). Cheap per batch (a B x 1000 product).
     When the reference holds intensity profiles (`image_reference(..., profiles=)`) and `profiles` are given, the
     p-value is that of the combined score (`combined_scores`: features or intensity profile unlike the training
     images'); without them, that of the feature distance alone (bundles saved before profiles existed)."""
-    d = 1.0 - (_unit(features) @ _unit(ref["features"]).T).max(axis=1)
+    unit = ref["unit_features"] if "unit_features" in ref else _unit(ref["features"])
+    d = 1.0 - (_unit(features) @ unit.T).max(axis=1)
     if profiles is None or "profiles" not in ref:
         return d, distance_p_values(d, ref["calibration"])
     dp = _euclidean(profiles, ref["profiles"]).min(axis=1)

@@ -10,6 +10,8 @@ fine-tuning by `train.fit`.
 
 from __future__ import annotations
 
+import threading
+from typing import Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
@@ -26,11 +28,18 @@ from cellmorph.models.bundle import bundle_meta, load_bundle, load_state, save_b
 from cellmorph.models.factory import INIT_WORDS, check_model_config, create_model, default_input_size, normalization, pre_logits
 from cellmorph.models.features import extract_features, frozen_head, head_C, head_groups
 from cellmorph.models.heads import check_head, head_proba
+from cellmorph.models.inference import map_batches, plan_workers
 from cellmorph.progress import make_progress, progress_shown
 from cellmorph.models.train import InputSpec, disk_images, fit as _fit, fits_in_memory, fold_batch_norm, forward_batches, make_input_spec, pick_device, resize_uint8_stack
 
 DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
 BATCH_NORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+_FOLD_LOCK = threading.Lock()
+
+
+def join_outputs(parts: dict[str, list[np.ndarray]]) -> dict[str, np.ndarray]:
+    """{name: list of per-batch arrays} -> {name: one array} (names with no batch left out)."""
+    return {k: np.concatenate(v) for k, v in parts.items() if v}
 
 
 class Classifier:
@@ -198,14 +207,17 @@ class Classifier:
             self._spec = make_input_spec(self._net, size, cfg.finetune.normalize, x)
             _fit(self._net, x, y, n_classes, cfg.finetune, self._spec, device, cfg.seed, on_step=on_step)
 
-    def _features(self, images: torch.Tensor, device: torch.device, on_batch=None) -> torch.Tensor:
+    def _features(self, images: torch.Tensor, device: torch.device, on_batch=None, batch: int | None = None) -> torch.Tensor:
         """Frozen: the backbone's features, through its batch-norm-folded copy (`fold_batch_norm`, made once per
-        backbone), as the runner's feature extraction computes them."""
+        backbone), as the runner's feature extraction computes them (`batch`: images per forward pass, default
+        frozen.batch_size)."""
         fz = self.config.frozen
-        if self._folded is None or self._folded[0] is not self._net:
-            folded = fold_batch_norm(self._net, self._channels or images.shape[1])
-            self._folded = (self._net, StagePooled(folded) if fz.stage_pooled else folded)
-        return forward_batches(self._folded[1], images, self._spec, device, fz.batch_size, tta=fz.tta, on_batch=on_batch)
+        with _FOLD_LOCK:  # output_batches runs batches in threads: one fold, in channels_last once
+            if self._folded is None or self._folded[0] is not self._net:
+                folded = fold_batch_norm(self._net, self._channels or images.shape[1]).to(device).eval()
+                folded.to(memory_format=torch.channels_last)  # as forward_batches wants it: no relayout per batch
+                self._folded = (self._net, StagePooled(folded) if fz.stage_pooled else folded)
+        return forward_batches(self._folded[1], images, self._spec, device, batch or fz.batch_size, tta=fz.tta, on_batch=on_batch)
 
     def proba_and_features(self, x: torch.Tensor, on_batch=None) -> tuple[np.ndarray, np.ndarray]:
         """Frozen: the probabilities and the backbone features of checked uint8 images from ONE backbone pass
@@ -259,56 +271,76 @@ class Classifier:
         reads: frozen backbone, or fine-tuned pre-logits), with mc_dropout=N "std" (over N dropout passes, seeded by
         `seed`; "probs" is then their mean), with fold_models (`nn.Module`s of the same architecture) the mean of
         their probabilities}. Batch by batch the same numbers as `proba`/`embed` on the whole array.
-        `per_batch(images, feats)`: called with each uint8 batch and its features (computed for it even when
-        features=False, unless per_batch.needs_features is False: then feats may be None), returns {name: one small number per image} (QC, image novelty),
-        concatenated into the result: per-image numbers are derived while the batch is in memory, never kept as pixels.
+        `per_batch(images, feats, notes)`: called with each uint8 batch, its features (computed for it even when
+        features=False, unless per_batch.needs_features is False: then feats may be None) and the batch's notes
+        (the third item of an annotated stream, `field_batches(..., annotate=)`, else None), returns {name: one small
+        number per image} (QC, image novelty), concatenated into the result: per-image numbers are derived while the
+        batch is in memory, never kept as pixels.
 
         Example:
             >>> out = clf.outputs(field_batches(table, 0, batch=clf.batch_size), features=True)
             >>> out["probs"].shape, out["features"].shape
             ((660, 6), (660, 1280))
         """
+        parts: dict[str, list] = {}
+        for out in self.output_batches(batches, features=features, mc_dropout=mc_dropout, seed=seed, fold_models=fold_models, per_batch=per_batch):
+            for k, v in out.items():
+                parts.setdefault(k, []).append(v)
+            if on_batch is not None:
+                on_batch(len(out["probs"]))
+        return join_outputs(parts)
+
+    def output_batches(self, batches, *, features: bool = False, mc_dropout: int = 0, seed: int = 0, fold_models=(),
+                       per_batch=None) -> Iterator[dict[str, np.ndarray]]:
+        """`outputs` batch by batch: one dict of per-image arrays per batch of `batches`, in stream order (frozen, on
+        a CPU: several batches at once, `models.inference.map_batches`; the same numbers as one batch at a time
+        to float rounding, see `forward_batches`)."""
         if self._net is None:
             raise CellmorphError(f"{self._source} is not fitted: call fit(table) or Classifier.load(path) first.")
         device = pick_device(self.config.device)
         frozen = self.config.mode == "frozen"
         if mc_dropout and frozen:
             raise CellmorphError(f"{self._source}: MC dropout needs a fine-tuned model (mode = \"finetune\"); this one is frozen (a logistic head).")
+        if frozen:  # on a CPU, one stream batch per core at once, each in parts: one batch's memory in all
+            workers = plan_workers(device)[0]
+            part = -(-self.config.frozen.batch_size // workers)
+
+            def frozen_batch(item) -> dict:
+                images, notes = item[1], (item[2] if len(item) > 2 else None)
+                feats = self._features(self.as_images(images), device, batch=part)
+                out = {"probs": head_proba(feats, self._head)}
+                feats = feats.numpy().astype(np.float32, copy=False)
+                if features:
+                    out["features"] = feats
+                if per_batch is not None:
+                    out.update({k: np.asarray(v) for k, v in per_batch(np.asarray(images), feats, notes).items()})
+                return out
+
+            yield from map_batches(frozen_batch, batches, device)
+            return
         nets = list(fold_models) or [self._net]
         for net in nets:
             net.to(device).eval().to(memory_format=torch.channels_last)
-        parts: dict[str, list] = {"probs": [], "features": [], "std": []}
-        want = features or (per_batch is not None and getattr(per_batch, "needs_features", True))  # fine-tuned: one more pass
+        want = features or (per_batch is not None and getattr(per_batch, "needs_features", True))  # one more pass
         with _seeded(device, seed):
-            for _, images in batches:
-                x = self.as_images(images)
-                feats = None
-                if frozen:
-                    feats = self._features(x, device)
-                    parts["probs"].append(head_proba(feats, self._head))
-                    feats = feats.numpy().astype(np.float32, copy=False)
-                    if features:
-                        parts["features"].append(feats)
+            for item in batches:
+                images, notes = item[1], (item[2] if len(item) > 2 else None)
+                x = resize_uint8_stack(self.as_images(images).to(device), self._spec.size)
+                out: dict = {}
+                if mc_dropout:
+                    out["probs"], out["std"] = self._mc_dropout(x, mc_dropout, device, len(x), reseed=False)
                 else:
-                    x = resize_uint8_stack(x.to(device), self._spec.size)
-                    if mc_dropout:
-                        mean, std = self._mc_dropout(x, mc_dropout, device, len(x), reseed=False)
-                        parts["probs"].append(mean)
-                        parts["std"].append(std)
-                    else:
-                        probs = [forward_batches(net, x, self._spec, device, len(x)).softmax(dim=1).numpy() for net in nets]
-                        parts["probs"].append(np.mean(np.asarray(probs, np.float64), axis=0) if len(nets) > 1 else probs[0].astype(np.float32, copy=False))
-                    if want:
-                        net = pre_logits(self._net, self._source)
-                        feats = forward_batches(net, x, self._spec, device, len(x)).numpy().astype(np.float32, copy=False)
-                        if features:
-                            parts["features"].append(feats)
+                    probs = [forward_batches(net, x, self._spec, device, len(x)).softmax(dim=1).numpy() for net in nets]
+                    out["probs"] = np.mean(np.asarray(probs, np.float64), axis=0) if len(nets) > 1 else probs[0].astype(np.float32, copy=False)
+                feats = None
+                if want:
+                    net = pre_logits(self._net, self._source)
+                    feats = forward_batches(net, x, self._spec, device, len(x)).numpy().astype(np.float32, copy=False)
+                    if features:
+                        out["features"] = feats
                 if per_batch is not None:
-                    for k, v in per_batch(np.asarray(images), feats).items():
-                        parts.setdefault(k, []).append(np.asarray(v))
-                if on_batch is not None:
-                    on_batch(len(images))
-        return {k: np.concatenate(v) for k, v in parts.items() if v}
+                    out.update({k: np.asarray(v) for k, v in per_batch(np.asarray(images), feats, notes).items()})
+                yield out
 
     def _mc_dropout(self, x: torch.Tensor, passes: int, device: torch.device, batch: int, on_batch=None, reseed: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """Monte Carlo dropout (Gal & Ghahramani 2016): dropout active at inference, batch norm in eval mode,

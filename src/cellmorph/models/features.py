@@ -89,16 +89,23 @@ def stream_forward(model, batches, spec, device, total: int, what: str, tta: boo
     applied per batch (e.g. a classifier head on features), so only its outputs accumulate."""
     import torch
 
+    from cellmorph.models.inference import map_batches, plan_workers
     from cellmorph.models.train import forward_batches
 
     model.to(device).eval().to(memory_format=torch.channels_last)
+    workers = plan_workers(device)[0]
+
+    def one(item) -> tuple[int, torch.Tensor]:  # a stream batch, in `workers` parts one after another
+        images = item[1]
+        out = forward_batches(model, torch.from_numpy(images), spec, device, -(-len(images) // workers), tta=tta)
+        return len(images), (out if head is None else head(out))
+
     outs = []
     with make_progress() as progress:
         task = progress.add_task(what, total=total)
-        for _, images in batches:
-            out = forward_batches(model, torch.from_numpy(images), spec, device, len(images), tta=tta)
-            outs.append(out if head is None else head(out))
-            progress.advance(task, len(images))
+        for n, out in map_batches(one, batches, device):  # on a CPU, one stream batch per core at once
+            outs.append(out)
+            progress.advance(task, n)
     return torch.cat(outs) if outs else torch.empty(0)
 
 

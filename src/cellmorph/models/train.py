@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cellmorph.models.augment import augment, dihedral
+from cellmorph.models.inference import map_batches, plan_workers
 from cellmorph.config import AugmentConfig, FinetuneConfig
 from cellmorph.errors import CellmorphError
 
@@ -392,31 +393,41 @@ def forward_batches(model: nn.Module, images: torch.Tensor, spec: InputSpec, dev
     channels_last weights and inputs on every device (oneDNN's fast layout on CPU, cuDNN's on CUDA;
     the outputs differ from the contiguous layout's in the last float bits only), under inference_mode.
     On CPU the model's parameters get their layout back afterwards, so a model still being trained is
-    left as it came; on CUDA they stay channels_last, the layout `fit` uses there too."""
+    left as it came; on CUDA they stay channels_last, the layout `fit` uses there too. On a CPU each batch is cut
+    into one part per core (up to 8), run at once, one torch thread each (`models.inference.map_batches`): the
+    same memory as one batch. Outputs repeat bit for bit at the same thread count (a Ray task with
+    cpus_per_task = N equals a local run with N threads); across thread counts they differ by float rounding."""
     model.to(device).eval()
     cuda = device.type == "cuda"
     was_contiguous = not cuda and any(p.dim() == 4 and not p.is_contiguous(memory_format=torch.channels_last) for p in model.parameters())
     # Outside inference_mode: converted parameters must stay ordinary (trainable) tensors.
     model.to(memory_format=torch.channels_last)
+
+    workers = plan_workers(device)[0]
+    step = -(-batch_size // workers)  # CPU: the batch in `workers` parts at once, as much memory as one batch
+
+    def one(start: int) -> torch.Tensor:
+        with torch.inference_mode():  # thread-local: entered in the thread that runs the part
+            chunk = images[start : start + step].to(device)
+            real = len(chunk)
+            if cuda and real < batch_size and len(images) > batch_size:  # pad: one shape, one cuDNN autotune
+                chunk = torch.cat([chunk, chunk[-1:].expand(batch_size - real, *chunk.shape[1:])])
+            x = spec(chunk.float().div_(255))
+            views = [dihedral(x, k) for k in range(8)] if tta else [x]
+            acc = None
+            for v in views:
+                v = v.contiguous(memory_format=torch.channels_last)
+                with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cuda):
+                    out = model(v).float()
+                acc = out if acc is None else acc + out
+            return (acc[:real] / len(views)).cpu()
+
     outs = []
     try:
-        with torch.inference_mode():
-            for s in range(0, len(images), batch_size):
-                chunk = images[s : s + batch_size].to(device)
-                real = len(chunk)
-                if cuda and real < batch_size and len(images) > batch_size:  # pad: one shape, one cuDNN autotune
-                    chunk = torch.cat([chunk, chunk[-1:].expand(batch_size - real, *chunk.shape[1:])])
-                x = spec(chunk.float().div_(255))
-                views = [dihedral(x, k) for k in range(8)] if tta else [x]
-                acc = None
-                for v in views:
-                    v = v.contiguous(memory_format=torch.channels_last)
-                    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cuda):
-                        out = model(v).float()
-                    acc = out if acc is None else acc + out
-                outs.append((acc[:real] / len(views)).cpu())
-                if on_batch is not None:
-                    on_batch(real)
+        for out in map_batches(one, range(0, len(images), step), device):
+            outs.append(out)
+            if on_batch is not None:
+                on_batch(len(out))
     finally:
         if was_contiguous:
             model.to(memory_format=torch.contiguous_format)
