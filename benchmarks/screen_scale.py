@@ -18,6 +18,9 @@ Per N, one JSON line:
   memory, the same torch threads, measured in this run just before the predict runs; ratio = the two;
 - bare_loop_folded_images_per_s: the same loop on the batch-norm-folded copy (`train.fold_batch_norm`), the
   network cellmorph's frozen path actually runs, so ratio_command_to_bare_folded compares like with like;
+- bare_loop_folded_concurrent_images_per_s: the folded loop with one batch per torch thread at once (plain
+  threads, one torch thread each): how cellmorph runs it on a CPU since 2026-12-06 (`models.inference`), so the
+  last ratio is the strictest;
 - load_avg_1min_at_start: this machine is shared; say the load beside each figure.
 """
 
@@ -69,9 +72,13 @@ def make_screen(data: Path, n: int, folder: Path) -> Path:
     return csv
 
 
-def bare_loop(images: int = 640, batch: int = 32, folded: bool = False) -> float:
+def bare_loop(images: int = 640, batch: int = 32, folded: bool = False, concurrent: bool = False) -> float:
     """Images/s of a bare channels_last forward loop of the backbone at 224 px (after one warm-up batch): timm's
-    module as it comes, or (folded=True) the batch-norm-folded copy cellmorph's frozen path runs."""
+    module as it comes, or (folded=True) the batch-norm-folded copy cellmorph's frozen path runs; with
+    concurrent=True, one Python thread per torch thread, each running its share of the batches on one torch
+    thread (what cellmorph's models.inference does on a CPU), written here with plain threads."""
+    import threading
+
     import torch
 
     from cellmorph.models.factory import create_model
@@ -80,12 +87,28 @@ def bare_loop(images: int = 640, batch: int = 32, folded: bool = False) -> float
     model = create_model("tf_efficientnet_lite0", "imagenet", num_classes=0, in_chans=3).eval()
     model = (fold_batch_norm(model) if folded else model).to(memory_format=torch.channels_last)
     x = torch.randint(0, 256, (batch, 3, 224, 224), dtype=torch.uint8)
-    with torch.inference_mode():
-        model(x.float().div(255).contiguous(memory_format=torch.channels_last))
+    threads = torch.get_num_threads() if concurrent else 1
+    steps = images // batch // threads
+
+    def loop(k: int) -> None:
+        with torch.inference_mode():
+            for _ in range(k):
+                model(x.float().div(255).contiguous(memory_format=torch.channels_last))
+
+    before = torch.get_num_threads()
+    if concurrent:
+        torch.set_num_threads(1)
+    try:
+        loop(1)
+        workers = [threading.Thread(target=loop, args=(steps,)) for _ in range(threads)]
         t0 = time.perf_counter()
-        for _ in range(images // batch):
-            model(x.float().div(255).contiguous(memory_format=torch.channels_last))
-        return images // batch * batch / (time.perf_counter() - t0)
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        return steps * threads * batch / (time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(before)
 
 
 def main() -> None:
@@ -106,7 +129,7 @@ def main() -> None:
         for n in args.n:
             csv = make_screen(data, n, tmp / "screen")
             load = os.getloadavg()[0]
-            bare, bare_folded = bare_loop(), bare_loop(folded=True)
+            bare, bare_folded, bare_concurrent = bare_loop(), bare_loop(folded=True), bare_loop(folded=True, concurrent=True)
             t0 = time.perf_counter()
             res = subprocess.run([sys.executable, "-c", _CHILD, "predict", str(bundle), str(csv), "--out", str(tmp / f"pred-{n}")],
                                  capture_output=True, text=True)
@@ -124,6 +147,8 @@ def main() -> None:
                 "images_per_s_command": round(rate, 2), "images_per_s_decode_and_predict": info["images_per_s"],
                 "bare_loop_images_per_s": round(bare, 2), "ratio_command_to_bare": round(rate / bare, 3),
                 "bare_loop_folded_images_per_s": round(bare_folded, 2), "ratio_command_to_bare_folded": round(rate / bare_folded, 3),
+                "bare_loop_folded_concurrent_images_per_s": round(bare_concurrent, 2),
+                "ratio_command_to_bare_folded_concurrent": round(rate / bare_concurrent, 3),
                 "load_avg_1min_at_start": round(load, 2),
             }), flush=True)
             for f in (tmp / "screen").glob("screen-*.csv"):
