@@ -1,5 +1,5 @@
-"""models.inference: several batches at once on a CPU, in order, memory bounded, torch's threads given back;
-and forward_batches' outputs agree across core counts to float rounding and repeat bit for bit."""
+"""models.inference: several parts at once on a CPU, in order, memory bounded, torch's threads given back;
+and forward_batches' outputs are the same bits on any number of cores and for any batch size."""
 
 from __future__ import annotations
 
@@ -9,14 +9,17 @@ import time
 import pytest
 import torch
 
-from cellmorph.models.inference import MAX_WORKERS, map_batches, plan_workers
+from cellmorph.models.inference import CPU_PART, MAX_WORKERS, map_batches, part_size, plan_workers
 
 
-def test_plan_gives_one_batch_per_core_on_cpu_and_one_at_a_time_elsewhere():
+def test_plan_gives_one_part_per_core_on_one_thread_on_cpu_and_whole_batches_elsewhere():
     assert plan_workers(torch.device("cpu"), 2) == (2, 1)
-    assert plan_workers(torch.device("cpu"), 32) == (MAX_WORKERS, 4)
+    assert plan_workers(torch.device("cpu"), 32) == (32, 1)
+    assert plan_workers(torch.device("cpu"), 1000) == (MAX_WORKERS, 1)  # never more than one thread per part
     assert plan_workers(torch.device("cpu"), 1) == (1, 1)
     assert plan_workers(torch.device("cuda"), 16) == (1, 16)
+    assert part_size(torch.device("cpu"), 256) == part_size(torch.device("cpu"), 3) == CPU_PART
+    assert part_size(torch.device("cuda"), 256) == 256
 
 
 def test_map_batches_keeps_order_runs_at_once_and_restores_threads():
@@ -58,23 +61,27 @@ def test_map_batches_raises_the_items_error_and_gives_threads_back():
     assert torch.get_num_threads() == before
 
 
-def test_forward_batches_agree_across_thread_counts_and_repeat_bit_for_bit(subset_table):
+def test_forward_batches_same_bits_on_any_core_count_and_batch_size(subset_table):
     from cellmorph.data.store import build_store
     from cellmorph.models.factory import create_model, normalization
     from cellmorph.models.train import InputSpec, fold_batch_norm, forward_batches
 
     net = fold_batch_norm(create_model("tf_efficientnet_lite0", "imagenet", num_classes=0, in_chans=3))
     spec = InputSpec(224, *normalization(net))
-    images = torch.from_numpy(build_store(subset_table.subset(range(24)) if hasattr(subset_table, "subset") else
-                                          type(subset_table)(subset_table.df.iloc[:24], name="s24", label=subset_table.label, source="t"), 0).images)
+    table = type(subset_table)(subset_table.df.iloc[:20], name="s20", label=subset_table.label, source="t")
+    images = torch.from_numpy(build_store(table, 0).images)
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
-        two = forward_batches(net, images, spec, torch.device("cpu"), 8)
-        again = forward_batches(net, images, spec, torch.device("cpu"), 8)
+        two = forward_batches(net, images, spec, torch.device("cpu"), 32)
         torch.set_num_threads(1)
-        one = forward_batches(net, images, spec, torch.device("cpu"), 24)
+        one = forward_batches(net, images, spec, torch.device("cpu"), 7)
+        with torch.inference_mode():  # the plain network on all 20 at once, 2 threads: other sums, same values
+            torch.set_num_threads(2)
+            x = spec(images.float().div_(255)).contiguous(memory_format=torch.channels_last)
+            whole = net.to(memory_format=torch.channels_last)(x)
     finally:
         torch.set_num_threads(before)
-    assert two.shape == (24, 1280) and torch.equal(two, again)  # same cores, same cut: the same bits
-    assert torch.allclose(one, two, rtol=1e-4, atol=1e-5)  # other cuts: float rounding only
+    assert two.shape == (20, 1280)
+    assert torch.equal(one, two)  # 1 or 2 cores, batch 7 or 32: the same bits
+    assert torch.allclose(whole, two, rtol=1e-4, atol=1e-5)  # and the network's own numbers to float rounding

@@ -11,13 +11,12 @@ fine-tuning by `train.fit`.
 from __future__ import annotations
 
 import threading
+from contextlib import contextmanager
 from typing import Iterator
-from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
 from cellmorph.config import ExperimentConfig, override
 from cellmorph.data.store import build_store, open_store, trained_on
@@ -28,12 +27,11 @@ from cellmorph.models.bundle import bundle_meta, load_bundle, load_state, save_b
 from cellmorph.models.factory import INIT_WORDS, check_model_config, create_model, default_input_size, normalization, pre_logits
 from cellmorph.models.features import extract_features, frozen_head, head_C, head_groups
 from cellmorph.models.heads import check_head, head_proba
-from cellmorph.models.inference import map_batches, plan_workers
+from cellmorph.models.inference import map_batches
+from cellmorph.models.mc_dropout import mc_dropout_proba, seeded
 from cellmorph.progress import make_progress, progress_shown
 from cellmorph.models.train import InputSpec, disk_images, fit as _fit, fits_in_memory, fold_batch_norm, forward_batches, make_input_spec, pick_device, resize_uint8_stack
 
-DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
-BATCH_NORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 _FOLD_LOCK = threading.Lock()
 
 
@@ -184,7 +182,7 @@ class Classifier:
         logistic head of features.logistic_head, kept as plain tensors."""
         cfg = self.config
         m, fz = cfg.model, cfg.frozen
-        with _seeded(device, cfg.seed):  # random/xavier/gaussian backbones: reproducible from the seed
+        with seeded(device, cfg.seed):  # random/xavier/gaussian backbones: reproducible from the seed
             self._net = create_model(m.name, m.init, num_classes=0, in_chans=store.shape[1])
             mean, std = normalization(self._net)
             self._spec = InputSpec(size=m.input_size or default_input_size(m.name), mean=mean, std=std)
@@ -201,23 +199,22 @@ class Classifier:
         """Every layer trained with the config's recipe, as one fold of the runner."""
         cfg = self.config
         size = cfg.model.input_size or default_input_size(cfg.model.name)
-        with _seeded(device, cfg.seed):
+        with seeded(device, cfg.seed):
             self._net = create_model(cfg.model.name, cfg.model.init, num_classes=n_classes, in_chans=images.shape[1], drop_rate=cfg.model.drop_rate)
             x = resize_uint8_stack(images.to(device), size)
             self._spec = make_input_spec(self._net, size, cfg.finetune.normalize, x)
             _fit(self._net, x, y, n_classes, cfg.finetune, self._spec, device, cfg.seed, on_step=on_step)
 
-    def _features(self, images: torch.Tensor, device: torch.device, on_batch=None, batch: int | None = None) -> torch.Tensor:
+    def _features(self, images: torch.Tensor, device: torch.device, on_batch=None) -> torch.Tensor:
         """Frozen: the backbone's features, through its batch-norm-folded copy (`fold_batch_norm`, made once per
-        backbone), as the runner's feature extraction computes them (`batch`: images per forward pass, default
-        frozen.batch_size)."""
+        backbone), as the runner's feature extraction computes them (frozen.batch_size images per batch)."""
         fz = self.config.frozen
         with _FOLD_LOCK:  # output_batches runs batches in threads: one fold, in channels_last once
             if self._folded is None or self._folded[0] is not self._net:
                 folded = fold_batch_norm(self._net, self._channels or images.shape[1]).to(device).eval()
                 folded.to(memory_format=torch.channels_last)  # as forward_batches wants it: no relayout per batch
                 self._folded = (self._net, StagePooled(folded) if fz.stage_pooled else folded)
-        return forward_batches(self._folded[1], images, self._spec, device, batch or fz.batch_size, tta=fz.tta, on_batch=on_batch)
+        return forward_batches(self._folded[1], images, self._spec, device, fz.batch_size, tta=fz.tta, on_batch=on_batch)
 
     def proba_and_features(self, x: torch.Tensor, on_batch=None) -> tuple[np.ndarray, np.ndarray]:
         """Frozen: the probabilities and the backbone features of checked uint8 images from ONE backbone pass
@@ -255,7 +252,7 @@ class Classifier:
         if not mc_dropout:
             x = resize_uint8_stack(x.to(device), self._spec.size)
             return forward_batches(self._net, x, self._spec, device, batch, on_batch=on_batch).softmax(dim=1).numpy().astype(np.float32, copy=False)
-        return self._mc_dropout(x, mc_dropout, device, batch, on_batch)
+        return mc_dropout_proba(self._net, self._spec, x, mc_dropout, device, batch, self.config.seed, self.config.model.drop_rate, self._source, on_batch)
 
     @property
     def batch_size(self) -> int:
@@ -293,21 +290,19 @@ class Classifier:
     def output_batches(self, batches, *, features: bool = False, mc_dropout: int = 0, seed: int = 0, fold_models=(),
                        per_batch=None) -> Iterator[dict[str, np.ndarray]]:
         """`outputs` batch by batch: one dict of per-image arrays per batch of `batches`, in stream order (frozen, on
-        a CPU: several batches at once, `models.inference.map_batches`; the same numbers as one batch at a time
-        to float rounding, see `forward_batches`)."""
+        a CPU: several batches at once, `models.inference.map_batches`; the same bits as one batch at a time, on
+        any number of cores, see `forward_batches`)."""
         if self._net is None:
             raise CellmorphError(f"{self._source} is not fitted: call fit(table) or Classifier.load(path) first.")
         device = pick_device(self.config.device)
         frozen = self.config.mode == "frozen"
         if mc_dropout and frozen:
             raise CellmorphError(f"{self._source}: MC dropout needs a fine-tuned model (mode = \"finetune\"); this one is frozen (a logistic head).")
-        if frozen:  # on a CPU, one stream batch per core at once, each in parts: one batch's memory in all
-            workers = plan_workers(device)[0]
-            part = -(-self.config.frozen.batch_size // workers)
+        if frozen:  # on a CPU, one stream batch per core at once, each in parts of models.inference.CPU_PART images
 
             def frozen_batch(item) -> dict:
                 images, notes = item[1], (item[2] if len(item) > 2 else None)
-                feats = self._features(self.as_images(images), device, batch=part)
+                feats = self._features(self.as_images(images), device)
                 out = {"probs": head_proba(feats, self._head)}
                 feats = feats.numpy().astype(np.float32, copy=False)
                 if features:
@@ -322,13 +317,13 @@ class Classifier:
         for net in nets:
             net.to(device).eval().to(memory_format=torch.channels_last)
         want = features or (per_batch is not None and getattr(per_batch, "needs_features", True))  # one more pass
-        with _seeded(device, seed):
+        with seeded(device, seed):
             for item in batches:
                 images, notes = item[1], (item[2] if len(item) > 2 else None)
                 x = resize_uint8_stack(self.as_images(images).to(device), self._spec.size)
                 out: dict = {}
                 if mc_dropout:
-                    out["probs"], out["std"] = self._mc_dropout(x, mc_dropout, device, len(x), reseed=False)
+                    out["probs"], out["std"] = mc_dropout_proba(self._net, self._spec, x, mc_dropout, device, len(x), None, self.config.model.drop_rate, self._source)
                 else:
                     probs = [forward_batches(net, x, self._spec, device, len(x)).softmax(dim=1).numpy() for net in nets]
                     out["probs"] = np.mean(np.asarray(probs, np.float64), axis=0) if len(nets) > 1 else probs[0].astype(np.float32, copy=False)
@@ -341,36 +336,6 @@ class Classifier:
                 if per_batch is not None:
                     out.update({k: np.asarray(v) for k, v in per_batch(np.asarray(images), feats, notes).items()})
                 yield out
-
-    def _mc_dropout(self, x: torch.Tensor, passes: int, device: torch.device, batch: int, on_batch=None, reseed: bool = True) -> tuple[np.ndarray, np.ndarray]:
-        """Monte Carlo dropout (Gal & Ghahramani 2016): dropout active at inference, batch norm in eval mode,
-        `passes` forward passes (seeded by the config's seed, or by the caller's seeding when reseed=False);
-        mean and standard deviation of the softmax."""
-        net = self._net.to(device)
-        drop = self.config.model.drop_rate > 0 or any(isinstance(m, DROPOUT) and m.p > 0 for m in net.modules())
-        if not drop:
-            raise CellmorphError(f"{self._source}: the model has no dropout (model.drop_rate = 0), so MC dropout would repeat one answer. "
-                                 "Fine-tune with model.drop_rate > 0 (e.g. 0.2), or predict without --mc-dropout.")
-        x = resize_uint8_stack(x.to(device), self._spec.size)
-        runs = []
-        with _seeded(device, self.config.seed) if reseed else nullcontext(), torch.inference_mode():
-            net.train()  # timm applies its head dropout when the model is training; every batch norm stays in eval mode
-            for m in net.modules():
-                if isinstance(m, BATCH_NORM):
-                    m.eval()
-            try:
-                for _ in range(passes):
-                    out = []
-                    for s in range(0, len(x), batch):
-                        chunk = self._spec(x[s : s + batch].float().div_(255))
-                        out.append(net(chunk).float().softmax(dim=1).cpu())
-                        if on_batch is not None:
-                            on_batch(len(chunk))
-                    runs.append(torch.cat(out))
-            finally:
-                net.eval()
-        stack = torch.stack(runs).double()
-        return stack.mean(0).numpy().astype(np.float32), stack.std(0, unbiased=passes > 1).numpy().astype(np.float32)
 
     def predict(self, images: np.ndarray | torch.Tensor | ImageTable) -> list[str]:
         """The most probable class of each image.
@@ -474,7 +439,7 @@ class Classifier:
         meta, spec = b.meta, b.meta["input"]
         cfg = override(b.config, {"device": device}) if device is not None else b.config
         frozen = cfg.mode == "frozen"
-        with _seeded(torch.device("cpu"), 0):  # only the architecture: the weights come from the bundle
+        with seeded(torch.device("cpu"), 0):  # only the architecture: the weights come from the bundle
             net = create_model(cfg.model.name, "random", num_classes=0 if frozen else len(meta["classes"]), in_chans=spec["channels"], drop_rate=cfg.model.drop_rate)
         where = str(b.path / "model.safetensors")
         head = {}
@@ -509,11 +474,3 @@ def check_labelled(table: ImageTable) -> None:
     if not table.labelled:
         raise CellmorphError(f"{table.source}: no labelled rows in column '{table.label}' to train on. Load the table with its label "
                              "column (load_dataset(..., label=\"Metadata_...\")); a table without labels can only be predicted.")
-
-
-@contextmanager
-def _seeded(device: torch.device, seed: int):
-    """Seed torch's RNG for the block and restore the caller's RNG state afterwards."""
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        yield

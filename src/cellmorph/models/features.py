@@ -89,15 +89,14 @@ def stream_forward(model, batches, spec, device, total: int, what: str, tta: boo
     applied per batch (e.g. a classifier head on features), so only its outputs accumulate."""
     import torch
 
-    from cellmorph.models.inference import map_batches, plan_workers
+    from cellmorph.models.inference import map_batches
     from cellmorph.models.train import forward_batches
 
     model.to(device).eval().to(memory_format=torch.channels_last)
-    workers = plan_workers(device)[0]
 
-    def one(item) -> tuple[int, torch.Tensor]:  # a stream batch, in `workers` parts one after another
+    def one(item) -> tuple[int, torch.Tensor]:  # a stream batch (on a CPU: in parts of CPU_PART, one after another)
         images = item[1]
-        out = forward_batches(model, torch.from_numpy(images), spec, device, -(-len(images) // workers), tta=tta)
+        out = forward_batches(model, torch.from_numpy(images), spec, device, len(images), tta=tta)
         return len(images), (out if head is None else head(out))
 
     outs = []

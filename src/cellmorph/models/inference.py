@@ -1,17 +1,20 @@
-"""Inference over a stream of batches on every core: several batches through the network at once on a CPU.
+"""Inference on a CPU's cores: forward passes in parts of CPU_PART images, one torch thread each, several at once.
 
 A CPU forward pass of a small network (EfficientNet-Lite0 at 224 px) on T intra-op threads spends part of its
 time at the barriers between operators, and the image-decoding threads of `stream.field_batches` pre-empt one of
-the T threads at a time while the others wait for it. Running W batches side by side, each on T / W threads
-(T / W = 1 on a laptop), keeps every core busy instead: measured on this project's 2-core CPU, 103 against 90
-images/s for the bare network, and 59 -> 81 images/s for the decoding and scoring of `cellmorph predict`
-(benchmarks/RESULTS.md, 2026-12-06). The same work on the same number of cores gives the same bits every time;
-against one batch at a time on all cores the outputs differ by float rounding (~1e-7 in probabilities here).
+the T threads at a time while the others wait for it. Running one part per core at once, each on one thread,
+keeps every core busy instead (measured on this project's 2-core CPU: benchmarks/RESULTS.md, 2026-12-06).
 
-On a GPU the batches go one at a time (the device is the parallelism).
+It also makes the numbers independent of the machine's size. A float32 convolution's sums depend on the thread
+count and, above about a dozen images on one thread here, on the batch size too (oneDNN picks other kernels): so
+every CPU forward is cut into parts of CPU_PART images, each run on ONE thread, whatever the number of cores.
+A 2-core laptop, a 64-core node and a Ray task with any cpus_per_task give the same bits for the same images on
+the same kind of CPU (not across instruction sets: AVX2 and AVX-512 kernels sum in other orders).
+
+On a GPU the batches go whole, one at a time (the device is the parallelism).
 
 Example:
-    >>> outs = list(map_batches(lambda item: net(item[1]), batches, torch.device("cpu")))  # in stream order
+    >>> outs = list(map_batches(lambda start: net(x[start : start + CPU_PART]), range(0, len(x), CPU_PART), torch.device("cpu")))
 """
 
 from __future__ import annotations
@@ -24,25 +27,30 @@ import torch
 
 T = TypeVar("T")
 R = TypeVar("R")
-MAX_WORKERS = 8  # concurrent batches: beyond this, more threads per batch (activation memory grows with workers)
+CPU_PART = 8  # images per forward pass on a CPU: per image as fast as 16 or 32 on one thread here, and batch-size invariant
+MAX_WORKERS = 64  # parts at once: one per core, each holding only CPU_PART images' activations
+
+
+def part_size(device: torch.device, batch_size: int) -> int:
+    """Images per forward pass: CPU_PART on a CPU (whatever the batch size asked for), the batch size elsewhere."""
+    return CPU_PART if device.type == "cpu" else batch_size
 
 
 def plan_workers(device: torch.device, threads: int | None = None) -> tuple[int, int]:
-    """(batches at once, torch threads per batch) for `threads` cores (default: torch's current thread count)."""
+    """(parts at once, torch threads per part) for `threads` cores (default: torch's current thread count)."""
     threads = threads or torch.get_num_threads()
-    if device.type != "cpu" or threads <= 1:
+    if device.type != "cpu":
         return 1, threads
-    workers = min(threads, MAX_WORKERS)
-    return workers, max(1, threads // workers)
+    return min(threads, MAX_WORKERS), 1
 
 
 def map_batches(fn: Callable[[T], R], items: Iterable[T], device: torch.device) -> Iterator[R]:
-    """fn(item) for every item, in the items' order, up to `plan_workers(device)[0]` at a time in threads (each
-    with torch's intra-op threads set to the plan's share while the map runs, restored after). Items are drawn
-    from `items` at most 2 x workers ahead, so a stream's memory stays bounded. An error in fn is raised at its
-    item, after the running ones finish."""
+    """fn(item) for every item, in the items' order, up to `plan_workers(device)[0]` at a time in threads, torch
+    on one intra-op thread while the map runs (restored after). Items are drawn from `items` at most 2 x workers
+    ahead, so a stream's memory stays bounded. An error in fn is raised at its item, after the running ones
+    finish. Called inside a map (one thread left), it runs the items one after another on that thread."""
     workers, per = plan_workers(device)
-    if workers == 1:
+    if workers == 1:  # a GPU, or a CPU on one thread already
         yield from map(fn, items)
         return
     before = torch.get_num_threads()

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cellmorph.models.augment import augment, dihedral
-from cellmorph.models.inference import map_batches, plan_workers
+from cellmorph.models.inference import map_batches, part_size
 from cellmorph.config import AugmentConfig, FinetuneConfig
 from cellmorph.errors import CellmorphError
 
@@ -393,18 +393,17 @@ def forward_batches(model: nn.Module, images: torch.Tensor, spec: InputSpec, dev
     channels_last weights and inputs on every device (oneDNN's fast layout on CPU, cuDNN's on CUDA;
     the outputs differ from the contiguous layout's in the last float bits only), under inference_mode.
     On CPU the model's parameters get their layout back afterwards, so a model still being trained is
-    left as it came; on CUDA they stay channels_last, the layout `fit` uses there too. On a CPU each batch is cut
-    into one part per core (up to 8), run at once, one torch thread each (`models.inference.map_batches`): the
-    same memory as one batch. Outputs repeat bit for bit at the same thread count (a Ray task with
-    cpus_per_task = N equals a local run with N threads); across thread counts they differ by float rounding."""
+    left as it came; on CUDA they stay channels_last, the layout `fit` uses there too. On a CPU the images go in
+    parts of `models.inference.CPU_PART`, each on one torch thread, one part per core at once (`map_batches`),
+    whatever `batch_size` says: the outputs are the same bits on any number of cores (a Ray task with any
+    cpus_per_task equals a local run) and for any batch size, on the same kind of CPU."""
     model.to(device).eval()
     cuda = device.type == "cuda"
     was_contiguous = not cuda and any(p.dim() == 4 and not p.is_contiguous(memory_format=torch.channels_last) for p in model.parameters())
     # Outside inference_mode: converted parameters must stay ordinary (trainable) tensors.
     model.to(memory_format=torch.channels_last)
 
-    workers = plan_workers(device)[0]
-    step = -(-batch_size // workers)  # CPU: the batch in `workers` parts at once, as much memory as one batch
+    step = part_size(device, batch_size)  # CPU: parts of CPU_PART images, one per core at once
 
     def one(start: int) -> torch.Tensor:
         with torch.inference_mode():  # thread-local: entered in the thread that runs the part
