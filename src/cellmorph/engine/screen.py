@@ -4,8 +4,9 @@ Ray tasks, each shard's outputs kept on disk as it finishes so that a killed job
 A shard is streamed (`stream.field_batches`: decoded by threads ahead of the network, one batch of pixels in memory
 at a time) through `Classifier.outputs`; what it returns per image (probabilities, features, MC-dropout std) is all
 that accumulates. The shards, their batches and their seeds (MC dropout: the config's seed + the shard's index)
-are the same whichever process computes them, so a screen scored on Ray equals the local one byte for byte at
-the same torch thread count (`[execution] threads`; tests/engine/test_screen.py).
+are the same whichever process computes them, so a screen scored on Ray equals the local one byte for byte on
+the same kind of CPU (any thread count: `models.inference` runs every CPU forward in parts of 8 images on one
+thread; MC dropout's passes at the same torch thread count, `[execution] threads`; tests/engine/test_screen.py).
 
 Resume: with `resume` (a key naming the job: the model and the options), each finished shard is written to
 $CELLMORPH_CACHE/screens/KEY/NNNNN-FINGERPRINT.npz (atomically, with its content hash), where FINGERPRINT hashes
@@ -244,10 +245,11 @@ def score_screen(clf, table: ImageTable, image_size: int, *, features: bool = Fa
 
 
 def assemble(shards: list[Shard], results: dict[int, dict[str, np.ndarray]], n: int) -> dict[str, np.ndarray]:
-    """The shards' outputs placed at their rows: one array per output, in table order."""
+    """The shards' outputs placed at their rows: one array per output, in table order. Each shard's arrays are taken
+    out of `results` as they are copied, so a screen's features are held once, not twice."""
     out: dict[str, np.ndarray] = {}
     for s in shards:
-        for k, v in results[s.index].items():
+        for k, v in results.pop(s.index).items():
             if k not in out:
                 out[k] = np.empty((n, *v.shape[1:]), dtype=v.dtype)
             out[k][s.rows] = v

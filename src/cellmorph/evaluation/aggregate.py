@@ -94,6 +94,45 @@ def _group(df: pd.DataFrame, keys: list[str], carry, columns: list[str], how: st
     return units.reset_index(), grouped.ngroup().to_numpy()
 
 
+def aggregate_matrix(df: pd.DataFrame, level: str, values: np.ndarray, how: str = "median", carry: list[str] | tuple[str, ...] = ()
+                     ) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
+    """`aggregate_units` for a matrix of per-row values (image features: 1,280 per image) kept out of the table: the
+    same units and the same float64 numbers in the same order, the values reduced a few columns at a time, so a
+    screen's features are never copied whole (as a float64 DataFrame they cost ~10 KB per image, several times).
+
+    Returns (units, profiles, unit_of_row): units holds the key and carried columns and n; profiles is
+    len(units) x values.shape[1] float64.
+
+    >>> wells, profiles, unit_of_row = aggregate_matrix(pred, "well", features, carry=["Metadata_MoA"])"""
+    if how not in ("median", "mean"):
+        raise CellmorphError(f"aggregation {how!r} is not known: use \"median\" or \"mean\".")
+    if level not in ("well", "treatment"):
+        raise CellmorphError(f"units are wells or treatments, not {level!r}.")
+    wells, row_well = _group_keys(df, unit_keys(df, "well"), carry)
+    well_values = _reduce(values, row_well, len(wells), how)
+    if level == "well":
+        return wells, well_values, row_well
+    treatments, well_treatment = _group_keys(wells.drop(columns=["n"]), unit_keys(wells, "treatment"), carry)
+    return treatments, _reduce(well_values, well_treatment, len(treatments), how), well_treatment[row_well]
+
+
+def _group_keys(df: pd.DataFrame, keys: list[str], carry) -> tuple[pd.DataFrame, np.ndarray]:
+    """`_group` without values: the units' key (and carried) columns with n, and each row's unit."""
+    keys = keys + [c for c in carry if c not in keys]
+    grouped = df[keys].groupby(keys, sort=True, observed=True, dropna=False)
+    return grouped.size().rename("n").reset_index(), grouped.ngroup().to_numpy()
+
+
+def _reduce(values: np.ndarray, unit_of_row: np.ndarray, n_units: int, how: str, step: int = 64) -> np.ndarray:
+    """Per unit, the median (mean) over its rows of `values` in float64, by pandas' grouped reductions (the numbers
+    of `aggregate_units`, NaN skipped alike), `step` columns at a time: a float64 copy of only N x step values."""
+    out = np.empty((n_units, values.shape[1]), np.float64)
+    for j in range(0, values.shape[1], step):
+        part = pd.DataFrame(np.asarray(values[:, j : j + step], np.float64))
+        out[:, j : j + step] = getattr(part.groupby(unit_of_row, sort=True), how)().to_numpy()
+    return out
+
+
 def aggregate(pred: pd.DataFrame, level: str, label: str, how: str = "median") -> pd.DataFrame:
     """One row per unit of `level`: its key columns, `label`, prob_<class> (median, or mean with
     how="mean"), n (images per well, wells per treatment) and predicted (the argmax class name).

@@ -71,17 +71,14 @@ def unit_profiles(features: np.ndarray, df: pd.DataFrame, level: str, label: str
     >>> prof = unit_profiles(features, table.df, "treatment", "Metadata_MoA")
     >>> prof.profiles.shape  # BBBC021 subset, EfficientNet-Lite0
     (55, 1280)"""
-    from cellmorph.evaluation.aggregate import aggregate_units
+    from cellmorph.evaluation.aggregate import aggregate_matrix
 
     meta = [c for c in df.columns if c.startswith("Metadata_")] + ([label] if not label.startswith("Metadata_") else [])
     base = df[meta].reset_index(drop=True)
-    feats = np.asarray(features, dtype=np.float64)
     if level == "image":
-        return UnitProfiles(level, np.arange(len(df)), feats, base)
-    cols = [f"_f{j}" for j in range(feats.shape[1])]
-    t = pd.concat([base, pd.DataFrame(feats, columns=cols)], axis=1)
-    units, unit_of_row = aggregate_units(t, level, cols, how, carry=[label])
-    return UnitProfiles(level, unit_of_row, units[cols].to_numpy(), units.drop(columns=cols + ["n"]))
+        return UnitProfiles(level, np.arange(len(df)), np.asarray(features, dtype=np.float64), base)
+    units, profiles, unit_of_row = aggregate_matrix(base, level, features, how, carry=[label])
+    return UnitProfiles(level, unit_of_row, profiles, units.drop(columns=["n"]))
 
 
 def nearest_distance(features: np.ndarray, prof: UnitProfiles, reference: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
