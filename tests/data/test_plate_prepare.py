@@ -193,7 +193,9 @@ def test_five_channel_plate_prepare_run_predict(tmp_path, cli, monkeypatch, caps
     code, said = cli(monkeypatch, capsys, "predict", tmp_path / "run" / "model", tmp_path / "swapped", "--out", tmp_path / "pred_swapped")
     assert code == 0, said
     swapped = pd.read_parquet(tmp_path / "pred_swapped" / "predictions.parquet")
-    assert np.abs(swapped["prob_up"].to_numpy() - pred["prob_up"].to_numpy()).max() > 1e-3
+    # (the same pixels give the same bits, models.inference: any difference is the channels; a 1-epoch network's
+    # probabilities move by ~1e-4 here)
+    assert np.abs(swapped["prob_up"].to_numpy() - pred["prob_up"].to_numpy()).max() > 1e-5
     # the raw files of the new plate are refused: the model was trained on prepared images
     code, said = cli(monkeypatch, capsys, "predict", tmp_path / "run" / "model", new_ld, "--out", tmp_path / "raw_pred")
     assert code == 2 and "trained on a store made by `cellmorph prepare`" in said and not (tmp_path / "raw_pred").exists()
