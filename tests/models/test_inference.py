@@ -18,8 +18,7 @@ def test_plan_gives_one_part_per_core_on_one_thread_on_cpu_and_whole_batches_els
     assert plan_workers(torch.device("cpu"), 1000) == (MAX_WORKERS, 1)  # never more than one thread per part
     assert plan_workers(torch.device("cpu"), 1) == (1, 1)
     assert plan_workers(torch.device("cuda"), 16) == (1, 16)
-    assert part_size(torch.device("cpu"), 256) == part_size(torch.device("cpu"), 3) == CPU_PART  # input size alone
-    assert part_size(torch.device("cpu"), 256, 32) == part_size(torch.device("cpu"), 3, 32) == 4 * CPU_PART
+    assert part_size(torch.device("cpu"), 256) == part_size(torch.device("cpu"), 3) == CPU_PART
     assert part_size(torch.device("cuda"), 256) == 256
 
 

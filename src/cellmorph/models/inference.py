@@ -7,8 +7,7 @@ keeps every core busy instead (measured on this project's 2-core CPU: benchmarks
 
 It also makes the numbers independent of the machine's size. A float32 convolution's sums depend on the thread
 count and, above about a dozen images on one thread here, on the batch size too (oneDNN picks other kernels): so
-every CPU forward is cut into parts whose size depends on the input size alone (`part_size`: CPU_PART images at
-224 px), each run on ONE thread, whatever the number of cores.
+every CPU forward is cut into parts of CPU_PART images, each run on ONE thread, whatever the number of cores.
 A 2-core laptop, a 64-core node and a Ray task with any cpus_per_task give the same bits for the same images on
 the same kind of CPU (not across instruction sets: AVX2 and AVX-512 kernels sum in other orders).
 
@@ -28,17 +27,16 @@ import torch
 
 T = TypeVar("T")
 R = TypeVar("R")
-CPU_PART = 8  # images per forward pass on a CPU at 224 px: faster per image than 16 or 32 on one thread here
+CPU_PART = 8  # images per forward pass on a CPU: at 224 px faster per image than 16 or 32 on one thread here
 MAX_WORKERS = 64  # parts at once: one per core, each holding only CPU_PART images' activations
 
 
-def part_size(device: torch.device, batch_size: int, size: int = 224) -> int:
-    """Images per forward pass: on a CPU a function of the input size alone (whatever the batch size asked for),
-    CPU_PART at 224 px and more for smaller inputs, up to 4 x CPU_PART (at 32 px, parts of 8 ran at 770 images/s
-    against 1,800 for parts of 32 here: per-pass overhead); the batch size elsewhere."""
-    if device.type != "cpu":
-        return batch_size
-    return max(CPU_PART, min(4 * CPU_PART, CPU_PART * 224 * 224 // max(1, size * size)))
+def part_size(device: torch.device, batch_size: int) -> int:
+    """Images per forward pass: CPU_PART on a CPU, whatever the batch size asked for (a stream of batches of 8, 16,
+    32 ... is then cut exactly as the same images in one array); the batch size elsewhere. Small inputs pay for it
+    (32 px: parts of 8 ran at 770 images/s against 1,800 for parts of 32 here); larger parts would make the
+    numbers depend on how a caller batches its images."""
+    return CPU_PART if device.type == "cpu" else batch_size
 
 
 def plan_workers(device: torch.device, threads: int | None = None) -> tuple[int, int]:

@@ -394,7 +394,7 @@ def forward_batches(model: nn.Module, images: torch.Tensor, spec: InputSpec, dev
     the outputs differ from the contiguous layout's in the last float bits only), under inference_mode.
     On CPU the model's parameters get their layout back afterwards, so a model still being trained is
     left as it came; on CUDA they stay channels_last, the layout `fit` uses there too. On a CPU the images go in
-    parts of `models.inference.part_size` (8 at 224 px), each on one torch thread, one part per core at once (`map_batches`),
+    parts of `models.inference.CPU_PART` (8), each on one torch thread, one part per core at once (`map_batches`),
     whatever `batch_size` says: the outputs are the same bits on any number of cores (a Ray task with any
     cpus_per_task equals a local run) and for any batch size, on the same kind of CPU."""
     model.to(device).eval()
@@ -403,7 +403,7 @@ def forward_batches(model: nn.Module, images: torch.Tensor, spec: InputSpec, dev
     # Outside inference_mode: converted parameters must stay ordinary (trainable) tensors.
     model.to(memory_format=torch.channels_last)
 
-    step = part_size(device, batch_size, spec.size)  # CPU: parts by input size alone, one per core at once
+    step = part_size(device, batch_size)  # CPU: parts of CPU_PART images, one per core at once
 
     def one(start: int) -> torch.Tensor:
         with torch.inference_mode():  # thread-local: entered in the thread that runs the part
