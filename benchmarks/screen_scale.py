@@ -10,7 +10,8 @@ EfficientNet-Lite0 + logistic head, 224 px input; its conformal and distance-nov
 1,280 features are kept), made once into a temporary folder unless --bundle is given.
 
 Per N, one JSON line:
-- peak_rss_mb: the predict process's peak resident memory (its own getrusage, process start to exit);
+- peak_rss_mb: the predict process's peak resident memory (VmHWM in its /proc/self/status at exit: from its exec
+  to its end, none of this benchmark's own memory);
 - images_per_s_command: N / the wall seconds of the whole command (process start, imports, model load,
   decoding, inference, aggregation, conformal sets, report, writing);
 - bare_loop_images_per_s: a channels_last, inference_mode forward loop of the same backbone (create_model +
@@ -40,15 +41,22 @@ from pathlib import Path
 import pandas as pd
 
 REPO = Path(__file__).resolve().parents[1]
+# The predict process reports its own peak: VmHWM of /proc/self/status, the high-water mark of the memory it mapped
+# since its exec. (getrusage's ru_maxrss is not that: Linux carries the spawning process's high-water mark across
+# the fork and exec, so it reported this benchmark's own peak, ~1.9-2.1 GB after its bare loops, whenever that was
+# the larger; the lines before 2026-12-07 have that fault.)
 _CHILD = """
-import resource, sys, time
-t0 = time.perf_counter()
+import resource, sys
 from cellmorph.cli import main
 try:
     main()
 except SystemExit as e:
     code = e.code
-print("BENCH", code, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)
+try:
+    kb = next(int(x.split()[1]) for x in open("/proc/self/status") if x.startswith("VmHWM:"))
+except OSError:  # not Linux: no /proc; ru_maxrss is then the best there is
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print("BENCH", code, kb, file=sys.stderr)
 """
 
 

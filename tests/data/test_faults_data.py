@@ -329,16 +329,28 @@ def _png_bomb(path: Path, side: int = 16000) -> Path:
     return path
 
 
+# cellmorph's CLI, then the process's own peak resident memory (VmHWM: since its exec) into $PEAK_FILE. Not the
+# child's ru_maxrss from wait4: Linux carries the spawning process's high-water mark (this test session's, GBs)
+# across fork and exec, so that figure would be the session's whatever the child did.
+_PEAK_CHILD = """
+import os
+from cellmorph.cli import main
+try:
+    main()
+finally:
+    with open(os.environ["PEAK_FILE"], "w") as f:
+        f.write(next(x.split()[1] for x in open("/proc/self/status") if x.startswith("VmHWM:")))
+"""
+
+
 def _peak_cli(*args, cwd: Path) -> tuple[int, str, float]:
-    """`python -m cellmorph ARGS`: (exit code, output, the process's peak resident memory in MB)."""
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "CELLMORPH_CACHE": str(cwd / "cache"), "CELLMORPH_DATA": str(cwd)}
+    """`cellmorph ARGS` in a new process: (exit code, output, the process's peak resident memory in MB)."""
+    peak = cwd / "peak.kb"
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "CELLMORPH_CACHE": str(cwd / "cache"), "CELLMORPH_DATA": str(cwd), "PEAK_FILE": str(peak)}
     env.pop("CELLMORPH_MAX_PIXELS", None)
-    with open(cwd / "cli.out", "w+") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "cellmorph", *map(str, args)], stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd)
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        out.seek(0)
-        return proc.returncode, out.read().strip(), usage.ru_maxrss / 1024
+    proc = subprocess.run([sys.executable, "-c", _PEAK_CHILD, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          env=env, cwd=cwd)
+    return proc.returncode, proc.stdout.strip(), int(peak.read_text()) / 1024
 
 
 @pytest.mark.parametrize("kind", ["tiff", "png"])
