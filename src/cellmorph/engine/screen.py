@@ -204,23 +204,23 @@ def score_screen(clf, table: ImageTable, image_size: int, *, features: bool = Fa
     With `quality`, also each image's QC numbers and image novelty (`per_image_numbers`)."""
     shards = plan_shards(table.df)
     folder = screen_folder(resume) if resume else None
-    results: dict[int, dict[str, np.ndarray]] = {}
+    results = Outputs(len(table.df))
     paths: dict[int, Path] = {}
     if folder is not None:
         for s in shards:
             paths[s.index] = _shard_path(folder, s, shard_fingerprint(table, s))
             got = _read_shard(paths[s.index])
             if got is not None:
-                results[s.index] = got
-        if results:
-            console.print(f"resuming: {len(results)} of {len(shards)} shards already scored ({folder})")
+                results.place(s, got)
+        if results.done:
+            console.print(f"resuming: {len(results.done)} of {len(shards)} shards already scored ({folder})")
 
     def finished(s: Shard, out: dict[str, np.ndarray]) -> None:
-        results[s.index] = out
         if folder is not None:
             _write_shard(paths[s.index], out)
+        results.place(s, out)
 
-    todo = [s for s in shards if s.index not in results]
+    todo = [s for s in shards if s.index not in results.done]
     n_todo = int(sum(len(s.rows) for s in todo))
     passes = max(1, mc_dropout, len(fold_models))
     label = f"{what} {len(table.df)} images" + (f" ({mc_dropout} MC dropout passes)" if mc_dropout else f" with {len(fold_models)} fold models" if fold_models else "")
@@ -241,19 +241,27 @@ def score_screen(clf, table: ImageTable, image_size: int, *, features: bool = Fa
                     for s in todo:
                         finished(s, score_shard(clf, table, image_size, s, features=features, mc_dropout=mc_dropout, fold_models=fold_models,
                                                 on_batch=lambda n: progress.advance(task, n * passes), quality=quality))
-    return assemble(shards, results, len(table.df))
+    missing = [s.name for s in shards if s.index not in results.done]
+    if missing:  # every path above ends each shard in `finished` or raises: this would be a bug of ours
+        raise CellmorphError(f"internal error: shards without outputs after scoring: {', '.join(missing[:3])}")
+    return results.arrays
 
 
-def assemble(shards: list[Shard], results: dict[int, dict[str, np.ndarray]], n: int) -> dict[str, np.ndarray]:
-    """The shards' outputs placed at their rows: one array per output, in table order. Each shard's arrays are taken
-    out of `results` as they are copied, so a screen's features are held once, not twice."""
-    out: dict[str, np.ndarray] = {}
-    for s in shards:
-        for k, v in results.pop(s.index).items():
-            if k not in out:
-                out[k] = np.empty((n, *v.shape[1:]), dtype=v.dtype)
-            out[k][s.rows] = v
-    return out
+class Outputs:
+    """The screen's outputs, one array per output in table order, filled shard by shard as each finishes: a field's
+    outputs are copied once into arrays allocated once for the whole screen, and the shard's own arrays are freed
+    at once. (Keeping every shard's arrays to the end and copying them then peaked higher: 1,580 against 1,507 MB
+    for `cellmorph predict` of 19,800 fields with the quickstart bundle, same outputs; benchmarks/RESULTS.md.)"""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.arrays, self.done = n, {}, set()
+
+    def place(self, shard: Shard, out: dict[str, np.ndarray]) -> None:
+        for k, v in out.items():
+            if k not in self.arrays:
+                self.arrays[k] = np.empty((self.n, *v.shape[1:]), dtype=v.dtype)
+            self.arrays[k][shard.rows] = v
+        self.done.add(shard.index)
 
 
 def forget(resume: str | None) -> None:
