@@ -44,7 +44,7 @@ REPO = Path(__file__).resolve().parents[1]
 # The predict process reports its own peak: VmHWM of /proc/self/status, the high-water mark of the memory it mapped
 # since its exec. (getrusage's ru_maxrss is not that: Linux carries the spawning process's high-water mark across
 # the fork and exec, so it reported this benchmark's own peak, ~1.9-2.1 GB after its bare loops, whenever that was
-# the larger; the lines before 2026-12-07 have that fault.)
+# the larger; RESULTS.md lines logged before "2026-12-06 (night)" have that fault.)
 _CHILD = """
 import resource, sys
 from cellmorph.cli import main
