@@ -76,10 +76,7 @@ def aggregate_units(df: pd.DataFrame, level: str, columns: list[str], how: str =
     each row of `df`.
 
     >>> wells, unit_of_row = aggregate_units(pred, "well", prob_columns(pred), carry=["Metadata_MoA"])"""
-    if how not in ("median", "mean"):
-        raise CellmorphError(f"aggregation {how!r} is not known: use \"median\" or \"mean\".")
-    if level not in ("well", "treatment"):
-        raise CellmorphError(f"units are wells or treatments, not {level!r}.")
+    _check(level, how)
     wells, row_well = _group(df, unit_keys(df, "well"), carry, columns, how, count if level == "well" else "n")
     if level == "well":
         return wells, row_well
@@ -87,9 +84,20 @@ def aggregate_units(df: pd.DataFrame, level: str, columns: list[str], how: str =
     return treatments, well_treatment[row_well]
 
 
+def _check(level: str, how: str) -> None:
+    if how not in ("median", "mean"):
+        raise CellmorphError(f"aggregation {how!r} is not known: use \"median\" or \"mean\".")
+    if level not in ("well", "treatment"):
+        raise CellmorphError(f"units are wells or treatments, not {level!r}.")
+
+
+def _grouped(df: pd.DataFrame, keys: list[str], carry):
+    """`df` grouped by a unit's keys and the carried columns: sorted by them, missing keys kept as a unit."""
+    return df.groupby(keys + [c for c in carry if c not in keys], sort=True, observed=True, dropna=False)
+
+
 def _group(df: pd.DataFrame, keys: list[str], carry, columns: list[str], how: str, count: str) -> tuple[pd.DataFrame, np.ndarray]:
-    keys = keys + [c for c in carry if c not in keys]
-    grouped = df.groupby(keys, sort=True, observed=True, dropna=False)
+    grouped = _grouped(df, keys, carry)
     units = pd.concat([getattr(grouped[columns], how)(), grouped.size().rename(count)], axis=1)
     return units.reset_index(), grouped.ngroup().to_numpy()
 
@@ -104,10 +112,7 @@ def aggregate_matrix(df: pd.DataFrame, level: str, values: np.ndarray, how: str 
     len(units) x values.shape[1] float64.
 
     >>> wells, profiles, unit_of_row = aggregate_matrix(pred, "well", features, carry=["Metadata_MoA"])"""
-    if how not in ("median", "mean"):
-        raise CellmorphError(f"aggregation {how!r} is not known: use \"median\" or \"mean\".")
-    if level not in ("well", "treatment"):
-        raise CellmorphError(f"units are wells or treatments, not {level!r}.")
+    _check(level, how)
     wells, row_well = _group_keys(df, unit_keys(df, "well"), carry)
     well_values = _reduce(values, row_well, len(wells), how)
     if level == "well":
@@ -118,8 +123,7 @@ def aggregate_matrix(df: pd.DataFrame, level: str, values: np.ndarray, how: str 
 
 def _group_keys(df: pd.DataFrame, keys: list[str], carry) -> tuple[pd.DataFrame, np.ndarray]:
     """`_group` without values: the units' key (and carried) columns with n, and each row's unit."""
-    keys = keys + [c for c in carry if c not in keys]
-    grouped = df[keys].groupby(keys, sort=True, observed=True, dropna=False)
+    grouped = _grouped(df, keys, carry)
     return grouped.size().rename("n").reset_index(), grouped.ngroup().to_numpy()
 
 

@@ -34,6 +34,7 @@ import pandas as pd
 
 from cellmorph.data.quality import focus_threshold
 from cellmorph.errors import CellmorphError
+from cellmorph.evaluation.aggregate import aggregate_matrix, available_levels
 from cellmorph.evaluation.stats import mean_sem
 from cellmorph.models.bundle import IMAGE_REFERENCE_VERSION
 
@@ -71,8 +72,6 @@ def unit_profiles(features: np.ndarray, df: pd.DataFrame, level: str, label: str
     >>> prof = unit_profiles(features, table.df, "treatment", "Metadata_MoA")
     >>> prof.profiles.shape  # BBBC021 subset, EfficientNet-Lite0
     (55, 1280)"""
-    from cellmorph.evaluation.aggregate import aggregate_matrix
-
     meta = [c for c in df.columns if c.startswith("Metadata_")] + ([label] if not label.startswith("Metadata_") else [])
     base = df[meta].reset_index(drop=True)
     if level == "image":
@@ -134,8 +133,6 @@ def reference_profiles(features: np.ndarray, df: pd.DataFrame, label: str, how: 
     >>> ref = reference_profiles(features, table.df, "Metadata_MoA")
     >>> ref["treatment_profiles"].shape  # BBBC021 subset, EfficientNet-Lite0
     (55, 1280)"""
-    from cellmorph.evaluation.aggregate import available_levels
-
     if group not in df.columns:
         raise CellmorphError(f"distance novelty: the training table has no {group} column (the reference units' groups).")
     feats = np.asarray(features, dtype=np.float64)
