@@ -239,8 +239,13 @@ def _map_tasks(ray, ex: ExecutionConfig, fn, calls: dict, what, done, kept: str)
                     raise CellmorphError(out["error"])
                 done(job, out)
     finally:
-        for r in pending:  # a failure or Ctrl-C: stop the rest (each fold folder / shard file is whole or absent)
-            ray.cancel(r)
+        # A failure or Ctrl-C: stop the rest (each fold folder / shard file is whole or absent). force=True ends the
+        # worker process of a running task: a plain cancel raises KeyboardInterrupt inside the task, and one that
+        # lands in the middle of an import (say scipy.stats, first used in that fold) leaves the worker alive with
+        # half-imported modules, which Ray then reuses: the rerun's tasks failed there with "NameError: name
+        # '_ndimage_api' is not defined" (seen in tests/engine/test_scale.py::test_task_that_keeps_failing_...).
+        for r in pending:
+            ray.cancel(r, force=True)
 
 
 SHARD_CRASH_ENV = "CELLMORPH_TEST_CRASH_SHARD"  # tests: as CRASH_HOOK_ENV, for a screen's shard indices
