@@ -112,6 +112,10 @@ class FinetuneConfig(_Strict):
     eval_every_iterations: int = Field(0, ge=0)
     # Keep each fold's trained weights (folds/NN/model.pt), e.g. for `cellmorph explain`.
     save_models: bool = False
+    # Test-time augmentation: average the network's outputs (logits; pre-logit features for embeddings) over the
+    # 8 dihedral transforms of each image when scoring test folds and predicting: the symmetries that
+    # augment.dihedral trains for. 8x the inference cost; MC dropout passes are not augmented.
+    tta: bool = False
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
 
 

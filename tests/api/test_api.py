@@ -85,6 +85,22 @@ def test_finetune_round_trip_is_bit_identical(tiny_bundle, toy):
     assert loaded.predict(images) == [clf.classes[i] for i in probs.argmax(1)]
 
 
+def test_finetune_tta_is_the_mean_over_the_eight_dihedral_views_and_survives_a_save(toy, tmp_path, tiny_finetune):
+    # finetune.tta averages the logits over the 8 dihedral views: the probabilities of a quarter-turned or mirrored
+    # image are then those of the image itself (the plain network's are not), and the setting travels in the bundle.
+    from cellmorph.models.augment import dihedral
+
+    clf = cm.Classifier("resnet18", init="random", mode="finetune", overrides={**tiny_finetune, "finetune.tta": True}).fit(toy)
+    x = torch.from_numpy(np.random.default_rng(1).integers(0, 256, (3, 3, 32, 32), dtype=np.uint8))
+    p = clf.predict_proba(x)
+    for k in (1, 5):
+        assert np.allclose(clf.predict_proba(dihedral(x, k)), p, atol=1e-5), k
+    loaded = cm.Classifier.load(clf.save(tmp_path / "tta"))
+    assert loaded.config.finetune.tta and np.allclose(loaded.predict_proba(x), p, atol=1e-6)
+    plain = cm.Classifier("resnet18", init="random", mode="finetune", overrides=tiny_finetune).fit(toy)
+    assert not np.allclose(plain.predict_proba(dihedral(x, 1)), plain.predict_proba(x), atol=1e-4)
+
+
 def test_frozen_binary_head_is_the_runners_and_survives_a_save(toy, tmp_path, tiny_finetune):
     # Two classes: sklearn keeps one coefficient row; the saved head must still give both columns.
     from cellmorph.models.features import logistic_head

@@ -99,6 +99,8 @@ def test_refusals_name_the_fix(data_dir, tmp_path):
     small = candidates(cfg, 32)
     assert (small["finetune-1x"]["model.input_size"], small["finetune-2x"]["model.input_size"]) == (32, 64)
     assert small["lenet-scratch"]["model.input_size"] == 64 and small["frozen"]["frozen.C"] == "auto"
+    # every trained candidate is scored (and its bundle predicts) with the 8 dihedral views it was trained on
+    assert all(bool(v.get("finetune.tta")) is (v["mode"] == "finetune") for v in small.values())
     # a from-scratch config's frozen candidate is the ImageNet Lite0 with stage features; its own network is kept when pretrained
     scratch = candidates(load_config(QUICKSTART, SMALL + ["model.name=lenet", "model.init=xavier"]), 32)["frozen"]
     assert (scratch["model.name"], scratch["model.init"], scratch["frozen.features"]) == ("tf_efficientnet_lite0", "imagenet", "auto")

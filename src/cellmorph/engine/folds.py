@@ -264,7 +264,7 @@ def finetune_fold(cfg: ExperimentConfig, images: torch.Tensor, y: np.ndarray, n_
     steps_per_epoch = max(1, len(fold.train) // min(ft.batch_size, len(fold.train)))
     task = progress.add_task(f"  training on {len(fold.train)} images", total=ft.epochs * steps_per_epoch)
     test_images = images[torch.as_tensor(fold.test, device=images.device)]
-    score = lambda: predict_proba(model, test_images, spec, device, batch_size=max(ft.batch_size, 64))  # noqa: E731
+    score = lambda: predict_proba(model, test_images, spec, device, batch_size=max(ft.batch_size, 64), tta=ft.tta)  # noqa: E731
     xs, points = [], []
     eval_epochs = set(range(1, ft.epochs + 1)) if ft.eval_every_epoch else set(ft.eval_epochs)
 

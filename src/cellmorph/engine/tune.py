@@ -17,11 +17,12 @@ The candidates, in the order they run (`native` = the images' side in pixels as 
 | frozen | the config's ImageNet network (EfficientNet-Lite0 when the config's is not pretrained) frozen, logistic head; stage-pooled or last-layer features and C chosen by an inner split (frozen.features = frozen.C = "auto") |
 | lenet-scratch | the course lab's LeNet, Glorot init, at max(native, 64) px; Adam 1e-3, cosine, 10 epochs |
 | resnet18-scratch | ResNet18 (timm), Glorot init, at native px; Adam 1e-3, cosine, 8 epochs |
-| finetune-1x | the config's ImageNet network fine-tuned at native px (capped at 224); Adam 3e-4, cosine, 3 epochs |
-| finetune-2x | the same at 2 x native px (capped at 224; absent when that equals finetune-1x) |
+| finetune-1x | the config's ImageNet network fine-tuned at native px (capped at 224); Adam 3e-4, cosine, 3 epochs (a quick look at the native scale) |
+| finetune-2x | the same at 2 x native px (capped at 224; absent when that equals finetune-1x), 10 epochs |
 
-Every fine-tuning candidate: dihedral augmentation only (no intensity jitter), training-mean subtraction
-(`normalize = "mean"`), batch 100 at <= 64 px and 32 above, class weights as the config says, no curves.
+Every fine-tuning candidate: dihedral augmentation only (no intensity jitter) and the same 8 dihedral views
+averaged at test and prediction time (`finetune.tta`), training-mean subtraction (`normalize = "mean"`), batch 100
+at <= 64 px and 32 above, class weights as the config says, no curves.
 Budget: a candidate starts only while the selection has used less than half of `budget_min`; the other
 half is kept for the chosen recipe's outer run and final model. A candidate that does not start is listed
 as skipped, with the reason. Rerunning the same command resumes: finished candidates are read back.
@@ -57,7 +58,7 @@ def _finetune(size: int, name: str, init: str, lr: float, epochs: int) -> dict:
             "finetune.batch_size": 100 if size <= 64 else 32, "finetune.normalize": "mean",
             "finetune.head_lr_mult": 1.0, "finetune.backbone_lr_mult": 1.0,
             "finetune.eval_every_epoch": False, "finetune.eval_epochs": [], "finetune.eval_every_iterations": 0,
-            "finetune.augment.dihedral": True, "finetune.augment.jitter_scale": 0.0, "finetune.augment.jitter_shift": 0.0,
+            "finetune.augment.dihedral": True, "finetune.tta": True, "finetune.augment.jitter_scale": 0.0, "finetune.augment.jitter_shift": 0.0,
             "finetune.augment.blur_p": 0.0, "finetune.augment.noise_std": 0.0}
 
 
@@ -79,7 +80,7 @@ def candidates(cfg: ExperimentConfig, native: int) -> dict[str, dict]:
            "resnet18-scratch": _finetune(native, "resnet18", "xavier", 1e-3, 8),
            "finetune-1x": _finetune(one, pretrained, "imagenet", 3e-4, 3)}
     if two != one:
-        out["finetune-2x"] = _finetune(two, pretrained, "imagenet", 3e-4, 3)
+        out["finetune-2x"] = _finetune(two, pretrained, "imagenet", 3e-4, 10)
     return out
 
 

@@ -251,7 +251,7 @@ class Classifier:
         batch = max(ft.batch_size, 64)
         if not mc_dropout:
             x = resize_uint8_stack(x.to(device), self._spec.size)
-            return forward_batches(self._net, x, self._spec, device, batch, on_batch=on_batch).softmax(dim=1).numpy().astype(np.float32, copy=False)
+            return forward_batches(self._net, x, self._spec, device, batch, tta=ft.tta, on_batch=on_batch).softmax(dim=1).numpy().astype(np.float32, copy=False)
         return mc_dropout_proba(self._net, self._spec, x, mc_dropout, device, batch, self.config.seed, self.config.model.drop_rate, self._source, on_batch)
 
     @property
@@ -314,6 +314,7 @@ class Classifier:
             yield from map_batches(frozen_batch, batches, device)
             return
         nets = list(fold_models) or [self._net]
+        tta = self.config.finetune.tta
         for net in nets:
             net.to(device).eval().to(memory_format=torch.channels_last)
         want = features or (per_batch is not None and getattr(per_batch, "needs_features", True))  # one more pass
@@ -325,12 +326,12 @@ class Classifier:
                 if mc_dropout:
                     out["probs"], out["std"] = mc_dropout_proba(self._net, self._spec, x, mc_dropout, device, len(x), None, self.config.model.drop_rate, self._source)
                 else:
-                    probs = [forward_batches(net, x, self._spec, device, len(x)).softmax(dim=1).numpy() for net in nets]
+                    probs = [forward_batches(net, x, self._spec, device, len(x), tta=tta).softmax(dim=1).numpy() for net in nets]
                     out["probs"] = np.mean(np.asarray(probs, np.float64), axis=0) if len(nets) > 1 else probs[0].astype(np.float32, copy=False)
                 feats = None
                 if want:
                     net = pre_logits(self._net, self._source)
-                    feats = forward_batches(net, x, self._spec, device, len(x)).numpy().astype(np.float32, copy=False)
+                    feats = forward_batches(net, x, self._spec, device, len(x), tta=tta).numpy().astype(np.float32, copy=False)
                     if features:
                         out["features"] = feats
                 if per_batch is not None:
@@ -370,7 +371,7 @@ class Classifier:
             return self._features(x, device).numpy().astype(np.float32, copy=False)
         x = resize_uint8_stack(x.to(device), self._spec.size)
         net = pre_logits(self._net, self._source)
-        return forward_batches(net, x, self._spec, device, max(self.config.finetune.batch_size, 64)).numpy().astype(np.float32, copy=False)
+        return forward_batches(net, x, self._spec, device, max(self.config.finetune.batch_size, 64), tta=self.config.finetune.tta).numpy().astype(np.float32, copy=False)
 
     def as_images(self, images) -> torch.Tensor:
         """`images` checked and as the uint8 N x C x H x W tensor the other methods take (an ImageTable is

@@ -433,8 +433,8 @@ def forward_batches(model: nn.Module, images: torch.Tensor, spec: InputSpec, dev
     return torch.cat(outs)
 
 
-def predict_proba(model: nn.Module, images: torch.Tensor, spec: InputSpec, device: torch.device, batch_size: int = 64) -> np.ndarray:
-    logits = forward_batches(model, images, spec, device, batch_size)
+def predict_proba(model: nn.Module, images: torch.Tensor, spec: InputSpec, device: torch.device, batch_size: int = 64, tta: bool = False) -> np.ndarray:
+    logits = forward_batches(model, images, spec, device, batch_size, tta=tta)
     return logits.softmax(dim=1).numpy()
 
 

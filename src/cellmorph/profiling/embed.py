@@ -146,7 +146,7 @@ def _embed_folds(cfg, plan, store, paths: list[Path]) -> pd.DataFrame:
         model = load_fold_model(cfg.model, path, len(plan.classes), images.shape[1])
         net = pre_logits(model, f"{cfg.model.name} ({path})")
         spec = make_input_spec(model, size, cfg.finetune.normalize, images[torch.from_numpy(fold.train)])
-        feats = forward_batches(net, images[torch.from_numpy(fold.test)], spec, device, max(cfg.finetune.batch_size, 64)).numpy()
+        feats = forward_batches(net, images[torch.from_numpy(fold.test)], spec, device, max(cfg.finetune.batch_size, 64), tta=cfg.finetune.tta).numpy()
         meta = plan.table.df.iloc[fold.test].assign(Metadata_Fold=i, Metadata_Fold_HeldOut=str(fold.name))
         parts.append(embeddings_table(meta, feats, cfg.model.name))
         console.print(f"fold {i + 1}/{len(paths)} ({fold.name}): {len(fold.test)} images embedded")
