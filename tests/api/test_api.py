@@ -97,6 +97,9 @@ def test_finetune_tta_is_the_mean_over_the_eight_dihedral_views_and_survives_a_s
         assert np.allclose(clf.predict_proba(dihedral(x, k)), p, atol=1e-5), k
     loaded = cm.Classifier.load(clf.save(tmp_path / "tta"))
     assert loaded.config.finetune.tta and np.allclose(loaded.predict_proba(x), p, atol=1e-6)
+    res = cm.predict_images(loaded, toy, tmp_path / "pred")  # predict says so, in predict.json and the report
+    assert json.loads((tmp_path / "pred" / "predict.json").read_text())["tta"] is True
+    assert "mean over the 8 dihedral views" in (tmp_path / "pred" / "report.html").read_text() and res.info["tta"]
     plain = cm.Classifier("resnet18", init="random", mode="finetune", overrides=tiny_finetune).fit(toy)
     assert not np.allclose(plain.predict_proba(dihedral(x, 1)), plain.predict_proba(x), atol=1e-4)
 

@@ -336,6 +336,7 @@ def test_mc_dropout_on_a_tiny_finetuned_bundle(tmp_path, toy_table_maker, tiny_f
     plain = cm.predict_images(bundle, toy)
     assert not np.allclose(plain.images[["prob_bright", "prob_dark"]].to_numpy(), probs)  # dropout was active
     assert json.loads((tmp_path / "out" / "predict.json").read_text())["mc_dropout"] == 6
+    assert json.loads((tmp_path / "out" / "predict.json").read_text())["tta"] is False  # no 8-view mean here
     no_drop = cm.Classifier("resnet18", init="random", mode="finetune", overrides=tiny_finetune).fit(toy)
     with pytest.raises(cm.CellmorphError, match="no dropout"):
         cm.predict_images(no_drop, toy, mc_dropout=3)

@@ -193,6 +193,7 @@ def _predict(model, images, confidence: float, mc_dropout: int, novelty: str | N
         "aggregate": clf.config.evaluation.aggregate,
         "levels": [lv for lv in ("image", "well", "treatment") if result.level(lv) is not None],
         "calibration": result.calibration, "mc_dropout": mc_dropout,
+        "tta": bool(clf.config.frozen.tta if clf.config.mode == "frozen" else clf.config.finetune.tta and not mc_dropout),
         "seconds_decode_and_predict": round(seconds, 2), "images_per_s": round(n / seconds, 2) if seconds > 0 else None,
         "execution": {"backend": execution.backend if execution is not None else "local",
                       **({"cpus_per_task": execution.cpus_per_task, "threads": execution.threads or execution.cpus_per_task}

@@ -97,7 +97,7 @@ def write_predict_report(path: Path, result) -> None:
 <style>body{{font-family:sans-serif;margin:2em}}td,th{{padding:3px 10px;text-align:left;vertical-align:middle;border-bottom:1px solid #ddd}}
 tr.novel{{background:#fff1d6}}td.thumbs{{white-space:nowrap}}img{{margin-right:3px;width:{THUMB_PX}px;height:{THUMB_PX}px;image-rendering:auto}}</style></head>
 <body><h1>Predictions: {html.escape(str(info.get('input', '')))}</h1>
-<p>Model {html.escape(str(info.get('model', '')))} ({html.escape(str(info.get('architecture', '')))}, {html.escape(str(info.get('mode', '')))}),
+<p>Model {html.escape(str(info.get('model', '')))} ({html.escape(str(info.get('architecture', '')))}, {html.escape(str(info.get('mode', '')))}{', mean over the 8 dihedral views of each image' if info.get('tta') else ''}),
 {info.get('images', len(images))} images; {html.escape(str(info.get('aggregate', 'median')))} of image probabilities per well, then per treatment.</p>
 {summary}
 <p>Calibration ({_PLURAL[level]}): {html.escape(str(cal_text))}.</p>
